@@ -1,0 +1,645 @@
+"""The ``otterscale.yaml`` configuration: models, loading and validation a person can act on.
+
+The file format is the original Go service's, unchanged::
+
+    keycloak:  {realm_url, client_id}
+    tunnel:    {server: {host, port, key_seed | key_file}}
+    clusters:  {<name>: {agent: {auth: {user, pass}, fingerprint, tunnel_port, api_port}}}
+
+Ports may be integers or quoted strings (``"8300"``). New, optional keys (all under ``keycloak``):
+``audience`` (default: ``client_id``), ``subject_claim`` (``sub``), ``groups_claim`` (``groups``),
+``groups_prefix`` (empty), ``leeway_seconds`` (30), ``timeout_seconds`` (5) and
+``min_refresh_interval_seconds`` (30). Unknown keys are refused everywhere: a typo must not
+silently fall back to a default.
+
+Every problem in a file is reported at once, one line each, naming the file and the dotted key
+path (``clusters.dev.agent.tunnel_port``). Messages are built here from error locations and
+types, never from pydantic's rendering, so a password or key seed is never echoed; ``repr`` of
+the models masks them too (``SecretStr``).
+
+YAML limits (the file is trusted, but mistakes and hostile copies should fail cleanly): at most
+``MAX_CONFIG_BYTES`` (1 MiB) of UTF-8, one document, ``safe_load`` semantics (no Python tags),
+no duplicate keys, and aliases allowed only while the document expanded through them stays under
+``MAX_YAML_NODES`` (100,000) nodes and ``MAX_YAML_DEPTH`` (50) levels, so alias bombs
+("billion laughs") and recursive aliases are refused before any value is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from ._errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 50
+
+_CLUSTER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_PORT_TEXT_RE = re.compile(r"[0-9]{1,5}")
+_SECRET_KEYS = frozenset({"pass", "password", "key_seed"})
+# parse_config runs the cross-field checks on the raw document (so they are reported together with
+# every other problem) and tells the models, through the validation context, not to repeat them.
+_CHECKED_CONTEXT_KEY = "otterscale.cross_checked"
+
+
+# --------------------------------------------------------------------------------------------------
+# Field types
+
+
+def _port(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        port = value
+    elif isinstance(value, str) and _PORT_TEXT_RE.fullmatch(value.strip()):
+        port = int(value.strip())
+    else:
+        raise PydanticCustomError(
+            "otterscale_port_type", 'must be a port number: an integer or a quoted integer such as "8300"'
+        )
+    if not 1 <= port <= 65535:
+        raise PydanticCustomError(
+            "otterscale_port_range", "must be a port number between 1 and 65535, got {port}", {"port": port}
+        )
+    return port
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("otterscale_empty", "must not be empty")
+    return value
+
+
+def _non_empty_secret(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value():
+        raise PydanticCustomError("otterscale_empty", "must not be empty")
+    return value
+
+
+def _non_empty_path(value: Path) -> Path:
+    if str(value) in ("", "."):
+        raise PydanticCustomError("otterscale_empty", "must be a file path")
+    return value
+
+
+def _cluster_name(value: str) -> str:
+    if not _CLUSTER_NAME_RE.fullmatch(value):
+        raise PydanticCustomError(
+            "otterscale_cluster_name",
+            "cluster name must be a DNS label (lower-case letters, digits and '-', starting and ending "
+            "with a letter or digit, at most 63 characters) because it appears in URLs, tunnel rules "
+            "and Kubernetes names",
+        )
+    return value
+
+
+def _agent_user(value: str) -> str:
+    _non_empty(value)
+    if ":" in value or any(char.isspace() or not char.isprintable() for char in value):
+        raise PydanticCustomError(
+            "otterscale_agent_user", "must not contain ':', spaces or control characters (tunnel user name)"
+        )
+    return value
+
+
+def _realm_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PydanticCustomError(
+            "otterscale_url", "must be an http(s) URL such as https://keycloak.example.com/realms/otterscale"
+        )
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise PydanticCustomError(
+            "otterscale_url", "must be a plain issuer URL without user info, query or fragment"
+        )
+    return value
+
+
+def _groups_prefix(value: str) -> str:
+    if value.startswith("system:"):
+        raise PydanticCustomError("otterscale_reserved", "must not start with the reserved prefix 'system:'")
+    return value
+
+
+Port = Annotated[int, PlainValidator(_port)]
+NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
+ClusterName = Annotated[str, AfterValidator(_cluster_name)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+class KeycloakConfig(_Model):
+    """How the hub verifies bearer tokens: the OIDC issuer (a Keycloak realm) and the audience."""
+
+    realm_url: Annotated[str, AfterValidator(_realm_url)]
+    client_id: NonEmptyStr
+    audience: NonEmptyStr | None = None
+    subject_claim: NonEmptyStr = "sub"
+    groups_claim: NonEmptyStr = "groups"
+    groups_prefix: Annotated[str, AfterValidator(_groups_prefix)] = ""
+    leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    min_refresh_interval_seconds: float = Field(default=30.0, ge=0, le=3600)
+
+    @property
+    def expected_audience(self) -> str:
+        """The ``aud`` a token must carry: ``audience`` when set, else ``client_id``."""
+        return self.audience if self.audience is not None else self.client_id
+
+
+class TunnelServerConfig(_Model):
+    """Where the hub's embedded tunnel server binds, and its private key (seed or key file).
+
+    ``key_file`` is used as written: a relative path is relative to the working directory, as in
+    the original service.
+    """
+
+    host: NonEmptyStr
+    port: Port
+    key_seed: Annotated[SecretStr, AfterValidator(_non_empty_secret)] | None = None
+    key_file: Annotated[Path, AfterValidator(_non_empty_path)] | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self, info: ValidationInfo) -> Self:
+        if not _already_checked(info) and self.key_seed is not None and self.key_file is not None:
+            raise PydanticCustomError("otterscale_key_source", _BOTH_KEYS)
+        return self
+
+
+class TunnelConfig(_Model):
+    """The ``tunnel`` section: only the server side lives here."""
+
+    server: TunnelServerConfig
+
+
+class AgentAuth(_Model):
+    """The credentials an agent uses to open its reverse tunnel (YAML keys ``user`` and ``pass``)."""
+
+    user: Annotated[str, AfterValidator(_agent_user)]
+    password: Annotated[SecretStr, AfterValidator(_non_empty_secret)] = Field(alias="pass")
+
+
+class AgentConfig(_Model):
+    """One cluster's agent: tunnel credentials, the expected server fingerprint, and its ports.
+
+    ``fingerprint`` is optional here because the server prints it only on its first start; the
+    agent must refuse to connect without one.
+    """
+
+    auth: AgentAuth
+    fingerprint: NonEmptyStr | None = None
+    tunnel_port: Port
+    api_port: Port
+
+
+class ClusterConfig(_Model):
+    """One entry of ``clusters``."""
+
+    agent: AgentConfig
+
+
+class OtterscaleConfig(_Model):
+    """The whole ``otterscale.yaml``. Build it with :func:`load_config` (or :func:`parse_config`)."""
+
+    keycloak: KeycloakConfig
+    tunnel: TunnelConfig
+    clusters: dict[ClusterName, ClusterConfig]
+
+    @model_validator(mode="after")
+    def _unique_ports_and_users(self, info: ValidationInfo) -> Self:
+        if _already_checked(info):
+            return self
+        entries = [
+            (name, cluster.agent.tunnel_port, cluster.agent.auth.user)
+            for name, cluster in self.clusters.items()
+        ]
+        problems = _cluster_clashes(entries, self.tunnel.server.port)
+        if problems:
+            message = "; ".join(f"{path}: {reason}" for path, reason in problems)
+            raise PydanticCustomError("otterscale_clash", message)
+        return self
+
+
+def _already_checked(info: ValidationInfo) -> bool:
+    return isinstance(info.context, Mapping) and bool(info.context.get(_CHECKED_CONTEXT_KEY))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike[str], *, require_tunnel_key: bool = True) -> OtterscaleConfig:
+    """Read and validate ``otterscale.yaml``; raise :class:`ConfigError` listing every problem.
+
+    ``require_tunnel_key`` (the server) demands exactly one of ``tunnel.server.key_seed`` and
+    ``key_file`` and checks that the key file can be read. The agent passes False: it never needs
+    the server's private key and should not be given it.
+    """
+    file = Path(path)
+    source = str(file)
+    try:
+        with file.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(source, [("", "configuration file not found (pass --config=PATH)")]) from None
+    except IsADirectoryError:
+        raise ConfigError(source, [("", "is a directory, not a configuration file")]) from None
+    except PermissionError:
+        raise ConfigError(source, [("", "cannot read the configuration file: permission denied")]) from None
+    except OSError as exc:
+        raise ConfigError(
+            source, [("", f"cannot read the configuration file: {exc.strerror or exc}")]
+        ) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, [("", f"file is larger than {MAX_CONFIG_BYTES} bytes")])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [("", f"not UTF-8 text (invalid byte at offset {exc.start})")]) from None
+    return parse_config(text, source, require_tunnel_key=require_tunnel_key)
+
+
+def parse_config(text: str, source: str, *, require_tunnel_key: bool = True) -> OtterscaleConfig:
+    """Validate configuration ``text``; ``source`` names it in error messages (usually the path).
+
+    See :func:`load_config` for ``require_tunnel_key``.
+    """
+    if len(text.encode("utf-8", errors="surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, [("", f"configuration is larger than {MAX_CONFIG_BYTES} bytes")])
+    document = _load_yaml(text, source)
+    if document is None:
+        raise ConfigError(
+            source, [("", "configuration is empty; expected keys keycloak, tunnel and clusters")]
+        )
+    if not isinstance(document, dict):
+        reason = (
+            f"the document must be a mapping with keys keycloak, tunnel and clusters, not {_kind(document)}"
+        )
+        raise ConfigError(source, [("", reason)])
+
+    problems = _cross_checks(document, require_tunnel_key=require_tunnel_key)
+    config: OtterscaleConfig | None = None
+    try:
+        config = OtterscaleConfig.model_validate(
+            document, by_alias=True, by_name=False, context={_CHECKED_CONTEXT_KEY: True}
+        )
+    except ValidationError as exc:
+        problems = _validation_problems(exc) + problems
+    if problems or config is None:
+        raise ConfigError(source, _dedupe(problems))
+    logger.debug("loaded configuration from %s (%d clusters)", source, len(config.clusters))
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-field checks, run on the raw document so they are reported with every other problem
+
+_BOTH_KEYS = "give exactly one of key_seed or key_file, not both"
+_NO_KEY = "needs key_seed or key_file (the tunnel server's private key); the server cannot start without one"
+
+
+def _cross_checks(document: Mapping[Any, Any], *, require_tunnel_key: bool) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    server = _get(document, "tunnel", "server")
+    server_port: int | None = None
+    if isinstance(server, Mapping):
+        server_port = _lenient_port(server.get("port"))
+        has_seed = server.get("key_seed") is not None
+        has_file = server.get("key_file") is not None
+        if has_seed and has_file:
+            problems.append(("tunnel.server", _BOTH_KEYS))
+        elif require_tunnel_key and not has_seed and not has_file:
+            problems.append(("tunnel.server", _NO_KEY))
+        elif require_tunnel_key and has_file and isinstance(server["key_file"], str) and server["key_file"]:
+            reason = _unreadable(Path(server["key_file"]))
+            if reason:
+                problems.append(("tunnel.server.key_file", reason))
+
+    clusters = document.get("clusters")
+    if isinstance(clusters, Mapping):
+        entries: list[tuple[str, int | None, str | None]] = []
+        for name, cluster in clusters.items():
+            if not isinstance(name, str):
+                problems.append(
+                    (
+                        f"clusters.{name}",
+                        f"cluster name must be a string, not {_kind(name)}; quote it "
+                        "(YAML reads on, off, yes, no and numbers as other types)",
+                    )
+                )
+            port = _lenient_port(_get(cluster, "agent", "tunnel_port"))
+            user = _get(cluster, "agent", "auth", "user")
+            entries.append((str(name), port, user if isinstance(user, str) else None))
+        problems.extend(_cluster_clashes(entries, server_port))
+    return problems
+
+
+def _cluster_clashes(
+    entries: Sequence[tuple[str, int | None, str | None]], server_port: int | None
+) -> list[tuple[str, str]]:
+    """Two clusters may share neither a hub-side tunnel port nor a tunnel user."""
+    problems: list[tuple[str, str]] = []
+    port_owner: dict[int, str] = {}
+    user_owner: dict[str, str] = {}
+    for name, port, user in entries:
+        if port is not None:
+            if port == server_port:
+                problems.append(
+                    (
+                        f"clusters.{name}.agent.tunnel_port",
+                        f"port {port} is also tunnel.server.port; pick another",
+                    )
+                )
+            elif port in port_owner:
+                problems.append(
+                    (
+                        f"clusters.{name}.agent.tunnel_port",
+                        f"port {port} is also the tunnel_port of cluster {port_owner[port]!r}; "
+                        "each cluster needs its own",
+                    )
+                )
+            else:
+                port_owner[port] = name
+        if user is not None:
+            if user in user_owner:
+                problems.append(
+                    (
+                        f"clusters.{name}.agent.auth.user",
+                        f"user {user!r} is also the agent user of cluster {user_owner[user]!r}; "
+                        "each cluster needs its own",
+                    )
+                )
+            else:
+                user_owner[user] = name
+    return problems
+
+
+def _unreadable(path: Path) -> str | None:
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except FileNotFoundError:
+        return f"key file {path} does not exist"
+    except IsADirectoryError:
+        return f"key file {path} is a directory"
+    except PermissionError:
+        return f"key file {path} is not readable (permission denied)"
+    except OSError as exc:
+        return f"key file {path} cannot be read: {exc.strerror or type(exc).__name__}"
+    return None
+
+
+def _get(value: object, *keys: str) -> object:
+    for key in keys:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _lenient_port(value: object) -> int | None:
+    try:
+        return _port(value)
+    except PydanticCustomError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Turning pydantic errors into messages that never echo a value
+
+_TYPE_MESSAGES = {
+    "missing": "is required",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "string_type": "must be a string (quote the value in YAML)",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "path_type": "must be a file path",
+}
+
+
+def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = tuple(error["loc"])
+        error_type = error["type"]
+        if loc[-1:] == ("[key]",) and error_type == "string_type":
+            continue  # a cluster name that YAML read as a bool or number: reported by _cross_checks
+        if error_type == "otterscale_clash":  # already a list of "path: reason"
+            problems.extend(_split_clash(error["msg"]))
+            continue
+        path = _dotted(loc)
+        if error_type == "extra_forbidden":
+            reason = _unknown_key_reason(loc)
+        elif error_type.startswith("otterscale_"):
+            reason = error["msg"]
+        elif error_type in _TYPE_MESSAGES:
+            reason = _TYPE_MESSAGES[error_type]
+        elif any(part in _SECRET_KEYS for part in loc if isinstance(part, str)):
+            reason = "has an invalid value"
+        else:
+            reason = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        problems.append((path, reason))
+    return problems
+
+
+def _split_clash(message: str) -> list[tuple[str, str]]:
+    result = []
+    for item in message.split("; "):
+        path, _, reason = item.partition(": ")
+        result.append((path, reason))
+    return result
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc if part != "[key]")
+
+
+def _unknown_key_reason(loc: tuple[int | str, ...]) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "unknown key"
+    allowed = [field.alias or name for name, field in model.model_fields.items()]
+    reason = "unknown key"
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    if close:
+        reason += f" (did you mean {close[0]}?)"
+    return f"{reason}; allowed keys: {', '.join(allowed)}"
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that validates the mapping found at ``loc`` (skipping dict keys)."""
+    annotation: Any = OtterscaleConfig
+    parts = list(loc)
+    while True:
+        annotation = _strip_optional(annotation)
+        if typing.get_origin(annotation) is dict:
+            if not parts:
+                return None
+            parts.pop(0)
+            annotation = typing.get_args(annotation)[1]
+            continue
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        if not parts:
+            return annotation
+        part = parts.pop(0)
+        field = next(
+            (f for n, f in annotation.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        if field is None:
+            return None
+        annotation = field.annotation
+
+
+def _strip_optional(annotation: Any) -> Any:
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _dedupe(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(problems))
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", dict: "a mapping"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses duplicate keys (a second ``dev:`` would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: SafeConstructor reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+class _YamlLimitError(Exception):
+    def __init__(self, message: str, mark: yaml.Mark | None) -> None:
+        super().__init__(message)
+        self.mark = mark
+
+
+def _load_yaml(text: str, source: str) -> object:
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [("", _yaml_reason(exc))]) from None
+    except _YamlLimitError as exc:
+        raise ConfigError(source, [("", f"not accepted as YAML: {_where(exc.mark)}{exc}")]) from None
+    except RecursionError:
+        raise ConfigError(
+            source, [("", f"not accepted as YAML: nested deeper than {MAX_YAML_DEPTH} levels")]
+        ) from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse documents whose alias-expanded size or depth is beyond the limits, or that are recursive."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise _YamlLimitError(f"nested deeper than {MAX_YAML_DEPTH} levels", node.start_mark)
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _YamlLimitError("recursive alias", node.start_mark)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child, depth + 1)
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                total += size(key_node, depth + 1) + size(value_node, depth + 1)
+        if total > MAX_YAML_NODES:
+            raise _YamlLimitError(
+                f"expands (through aliases) to more than {MAX_YAML_NODES} nodes", node.start_mark
+            )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root, 0)
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    # Only the parser's description and position: its default rendering quotes the offending line,
+    # which may hold a password.
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or "invalid YAML"
+        context = f"{exc.context}: " if exc.context else ""
+        return f"not valid YAML: {_where(mark)}{context}{problem}"
+    return "not valid YAML"
+
+
+def _where(mark: yaml.Mark | None) -> str:
+    if mark is None:
+        return ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: "

@@ -1,0 +1,116 @@
+"""The public surface of otterscale.common is exactly the intended set of names (as in httpx)."""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+
+import otterscale
+import otterscale.common
+
+EXPECTED = {
+    # configuration
+    "OtterscaleConfig",
+    "KeycloakConfig",
+    "TunnelConfig",
+    "TunnelServerConfig",
+    "ClusterConfig",
+    "AgentConfig",
+    "AgentAuth",
+    "load_config",
+    "parse_config",
+    "MAX_CONFIG_BYTES",
+    # errors
+    "OtterscaleError",
+    "ConfigError",
+    "UsageError",
+    "AuthenticationError",
+    "IdentityHeaderError",
+    "IdentityProviderUnavailableError",
+    # identity, OIDC, signed headers
+    "Identity",
+    "RESERVED_PREFIXES",
+    "OIDCVerifier",
+    "ALLOWED_ALGORITHMS",
+    "derive_identity_key",
+    "sign_identity",
+    "verify_identity",
+    "strip_identity_headers",
+    "IDENTITY_HEADER_PREFIX",
+    "SUBJECT_HEADER",
+    "GROUPS_HEADER",
+    "TIMESTAMP_HEADER",
+    "SIGNATURE_HEADER",
+    # logging
+    "configure_logging",
+    "LogFormat",
+    "RedactingFilter",
+    "redact",
+    # command line
+    "CommandMain",
+    "CommonOptions",
+    "add_common_arguments",
+    "resolve_defaults",
+    "container_mode",
+    "parse_address",
+    "ENTRY_POINT_GROUP",
+    "CONTAINER_ENV",
+    "CONTAINER_CONFIG",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_CONFIG",
+}
+
+
+def test_all_is_exactly_the_public_api() -> None:
+    assert set(otterscale.common.__all__) == EXPECTED
+    assert len(otterscale.common.__all__) == len(EXPECTED)
+
+
+def test_every_public_class_and_function_is_documented() -> None:
+    for name in otterscale.common.__all__:
+        value = getattr(otterscale.common, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert value.__doc__, f"{name} has no docstring"
+
+
+def test_public_objects_come_from_private_modules() -> None:
+    for name in ("OIDCVerifier", "Identity", "load_config", "sign_identity", "configure_logging"):
+        module = getattr(otterscale.common, name).__module__
+        assert module.startswith("otterscale.common._"), (name, module)
+
+
+def test_otterscale_is_an_implicit_namespace_package() -> None:
+    assert getattr(otterscale, "__file__", None) is None
+    src = pathlib.Path(otterscale.common.__file__).parent.parent
+    assert not (src / "__init__.py").exists()
+
+
+def test_connect_codes_of_the_error_tree() -> None:
+    codes = {
+        name: getattr(otterscale.common, name).connect_code
+        for name in (
+            "ConfigError",
+            "UsageError",
+            "AuthenticationError",
+            "IdentityHeaderError",
+            "IdentityProviderUnavailableError",
+        )
+    }
+    assert codes == {
+        "ConfigError": "failed_precondition",
+        "UsageError": "invalid_argument",
+        "AuthenticationError": "unauthenticated",
+        "IdentityHeaderError": "unauthenticated",
+        "IdentityProviderUnavailableError": "unavailable",
+    }
+    for name in codes:
+        assert issubclass(getattr(otterscale.common, name), otterscale.common.OtterscaleError)
+
+
+def test_common_imports_no_service() -> None:
+    src = pathlib.Path(otterscale.common.__file__).parent
+    for path in src.glob("*.py"):
+        text = path.read_text()
+        for forbidden in ("otterscale.hub", "otterscale.agent", "otterscale.testing"):
+            assert f"import {forbidden}" not in text, (path, forbidden)
+            assert f"from {forbidden}" not in text, (path, forbidden)
