@@ -1,0 +1,31 @@
+"""otterscale-agent: executes ResourceService calls in one Kubernetes cluster as the calling user.
+
+Run it with ``otterscale agent --cluster NAME`` (see ``--help``). Embedding (tests, tools)::
+
+    async with Agent(settings) as agent:
+        ...  # agent.url serves ResourceService and GET /ping
+
+Only the names in ``__all__`` are public; the underscore modules may change at any time.
+"""
+
+from ._agent import Agent, AgentSettings, RootTask, run_agent
+from ._cli import build_parser, main
+from ._discovery import DEFAULT_TTL as DISCOVERY_TTL
+from ._errors import AgentError
+from ._kubeconfig import KubeConfigError, KubeConnection, load_connection
+from ._service import DEFAULT_FIELD_MANAGER
+
+__all__ = [
+    "DEFAULT_FIELD_MANAGER",
+    "DISCOVERY_TTL",
+    "Agent",
+    "AgentError",
+    "AgentSettings",
+    "KubeConfigError",
+    "KubeConnection",
+    "RootTask",
+    "build_parser",
+    "load_connection",
+    "main",
+    "run_agent",
+]

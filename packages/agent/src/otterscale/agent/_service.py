@@ -1,0 +1,431 @@
+"""ResourceService: the eight RPCs, executed in the cluster as the verified caller.
+
+Each handler validates its request, resolves the resource through the discovery cache (no
+round trip per call), builds the REST path, calls kube-apiserver through :class:`KubeClient`
+impersonating the caller (Discovery and Schema use the agent's own credentials), and converts
+the JSON answer to protobuf. Handlers raise only the agent's own errors; :class:`ErrorBoundary`
+turns them into Connect errors in one place, and no exception text other than those reaches a
+client.
+
+Behaviour chosen where api.md leaves room (also in the README):
+
+- Apply's field manager defaults to ``"otterscale"``. Create sets none, so Kubernetes names the
+  manager after the agent's User-Agent (``otterscale-agent``, operation Update); applying a
+  different value to a field Create set is then a conflict unless ``force`` (as with kubectl).
+- Create/Apply take the namespace from the request, else from the manifest; a namespaced
+  resource with neither is invalid_argument. Cluster-scoped resources ignore the namespace.
+- List and Watch objects lose ``managedFields`` and the last-applied annotation; Get returns the
+  whole object. List items get ``apiVersion``/``kind`` filled in (kube-apiserver omits them for
+  built-in types), as client-go's unstructured lists do.
+- Watch: a too-old resourceVersion is an ERROR event carrying the 410 Status (whether
+  kube-apiserver reports it in the stream or as the HTTP status), after which the stream ends OK.
+  Any other refusal before the stream starts is an ordinary error. When kube-apiserver ends the
+  watch (its own timeout, a restart) the stream ends with unavailable; the client resumes from
+  the last resource_version it saw. When the agent shuts down, open watches end with unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+from google.protobuf import empty_pb2, struct_pb2  # type: ignore[import-untyped]  # no stubs for protobuf 7
+
+from otterscale.resource.v1 import resource_pb2 as pb
+
+from ._auth import current_identity, procedure
+from ._discovery import APIResourceInfo, DiscoveryCache
+from ._errors import (
+    InvalidRequestError,
+    KubernetesAPIError,
+    KubernetesUnavailableError,
+    ShuttingDownError,
+    UnknownClusterError,
+    WatchClosedError,
+    to_connect_error,
+)
+from ._kube import KubeClient, iter_lines
+from ._manifest import parse_manifest
+from ._objects import clean_object, collection_path, object_path, with_type_meta
+from ._schema import SchemaCache
+from ._structs import field_bytes, struct_bytes, to_struct
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_FIELD_MANAGER", "ErrorBoundary", "ResourceServiceImpl"]
+
+#: Field manager of Apply when the request names none.
+DEFAULT_FIELD_MANAGER = "otterscale"
+
+_ITEMS_FIELD = pb.ListResponse.DESCRIPTOR.fields_by_name["items"].number
+_OBJECT_FIELD = pb.Resource.DESCRIPTOR.fields_by_name["object"].number
+
+_EVENT_TYPES = {
+    "ADDED": pb.WatchEvent.TYPE_ADDED,
+    "MODIFIED": pb.WatchEvent.TYPE_MODIFIED,
+    "DELETED": pb.WatchEvent.TYPE_DELETED,
+    "BOOKMARK": pb.WatchEvent.TYPE_BOOKMARK,
+    "ERROR": pb.WatchEvent.TYPE_ERROR,
+}
+
+_PROPAGATION = {
+    pb.PROPAGATION_POLICY_ORPHAN: "Orphan",
+    pb.PROPAGATION_POLICY_BACKGROUND: "Background",
+    pb.PROPAGATION_POLICY_FOREGROUND: "Foreground",
+}
+
+
+def _resource_bytes(obj: dict[str, Any]) -> bytes:
+    return field_bytes(_OBJECT_FIELD, (struct_bytes(obj),))
+
+
+def resource_message(obj: dict[str, Any]) -> pb.Resource:
+    """A Resource wrapping ``obj``, built from wire bytes (see ``_structs``)."""
+    resource: pb.Resource = pb.Resource.FromString(_resource_bytes(obj))
+    return resource
+
+
+def _time_limit(ctx: RequestContext[Any, Any]) -> float | None:
+    remaining = ctx.timeout_ms
+    return None if remaining is None else max(remaining / 1000.0, 0.001)
+
+
+def _require(value: str, field: str) -> str:
+    if not value:
+        raise InvalidRequestError(f"{field} is required")
+    return value
+
+
+class ResourceServiceImpl:
+    """The agent's ResourceService (the generated ``ResourceService`` protocol)."""
+
+    def __init__(
+        self,
+        *,
+        cluster: str,
+        client: KubeClient,
+        discovery: DiscoveryCache,
+        schemas: SchemaCache,
+    ) -> None:
+        self._cluster = cluster
+        self._client = client
+        self._discovery = discovery
+        self._schemas = schemas
+        self._watches: set[aiohttp.ClientResponse] = set()
+        self._closing = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """End every open Watch (with unavailable) and refuse new ones: the agent is stopping."""
+        self._closing = True
+        for resp in list(self._watches):
+            resp.close()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _check_cluster(self, cluster: str) -> None:
+        # The hub routes by cluster and signs for it; an empty field is accepted for direct use.
+        if cluster and cluster != self._cluster:
+            raise UnknownClusterError(f'this agent serves cluster "{self._cluster}", not "{cluster}"')
+
+    async def _resolve(self, cluster: str, group: str, version: str, resource: str) -> APIResourceInfo:
+        self._check_cluster(cluster)
+        _require(version, "version")
+        _require(resource, "resource")
+        return await self._discovery.lookup(group, version, resource)
+
+    # --- RPCs --------------------------------------------------------------------------------
+
+    async def discovery(
+        self, request: pb.DiscoveryRequest, ctx: RequestContext[Any, Any], /
+    ) -> pb.DiscoveryResponse:
+        self._check_cluster(request.cluster)
+        resources = await self._discovery.resources()
+        return pb.DiscoveryResponse(
+            api_resources=[
+                pb.APIResource(
+                    group=r.group,
+                    version=r.version,
+                    resource=r.resource,
+                    kind=r.kind,
+                    namespaced=r.namespaced,
+                    verbs=r.verbs,
+                    short_names=r.short_names,
+                )
+                for r in resources
+            ]
+        )
+
+    async def schema(self, request: pb.SchemaRequest, ctx: RequestContext[Any, Any], /) -> struct_pb2.Struct:
+        self._check_cluster(request.cluster)
+        _require(request.version, "version")
+        _require(request.kind, "kind")
+        encoded = await self._schemas.schema(request.group, request.version, request.kind)
+        schema: struct_pb2.Struct = struct_pb2.Struct.FromString(encoded)
+        return schema
+
+    async def list(self, request: pb.ListRequest, ctx: RequestContext[Any, Any], /) -> pb.ListResponse:
+        info = await self._resolve(request.cluster, request.group, request.version, request.resource)
+        if request.limit < 0:
+            raise InvalidRequestError("limit must not be negative")
+        params: dict[str, str] = {}
+        if request.label_selector:
+            params["labelSelector"] = request.label_selector
+        if request.field_selector:
+            params["fieldSelector"] = request.field_selector
+        if request.limit:
+            params["limit"] = str(request.limit)
+        token = getattr(request, "continue")
+        if token:
+            params["continue"] = token
+        data, _ = await self._client.request(
+            "GET",
+            collection_path(info, request.namespace),
+            params=params,
+            caller=current_identity(),
+            time_limit=_time_limit(ctx),
+        )
+        try:
+            listed = json.loads(data)
+        except ValueError as exc:
+            raise KubernetesUnavailableError("kubernetes API returned an invalid list") from exc
+        metadata = listed.get("metadata") or {}
+        response = pb.ListResponse(
+            resource_version=str(metadata.get("resourceVersion") or ""),
+            remaining_item_count=int(metadata.get("remainingItemCount") or 0),
+        )
+        setattr(response, "continue", str(metadata.get("continue") or ""))
+        items = listed.get("items") or ()
+        response.MergeFromString(
+            field_bytes(
+                _ITEMS_FIELD, (_resource_bytes(with_type_meta(clean_object(item), info)) for item in items)
+            )
+        )
+        return response
+
+    async def get(self, request: pb.GetRequest, ctx: RequestContext[Any, Any], /) -> pb.Resource:
+        info = await self._resolve(request.cluster, request.group, request.version, request.resource)
+        obj = await self._client.request_json(
+            "GET",
+            object_path(info, request.namespace, request.name),
+            caller=current_identity(),
+            time_limit=_time_limit(ctx),
+        )
+        return resource_message(with_type_meta(obj, info))
+
+    async def create(self, request: pb.CreateRequest, ctx: RequestContext[Any, Any], /) -> pb.Resource:
+        info = await self._resolve(request.cluster, request.group, request.version, request.resource)
+        manifest = parse_manifest(request.manifest)
+        namespace = self._namespace_for(info, request.namespace, manifest)
+        params = {"dryRun": "All"} if request.dry_run else {}
+        obj = await self._client.request_json(
+            "POST",
+            collection_path(info, namespace),
+            params=params,
+            body=json.dumps(manifest).encode(),
+            content_type="application/json",
+            caller=current_identity(),
+            time_limit=_time_limit(ctx),
+        )
+        return resource_message(with_type_meta(obj, info))
+
+    async def apply(self, request: pb.ApplyRequest, ctx: RequestContext[Any, Any], /) -> pb.Resource:
+        info = await self._resolve(request.cluster, request.group, request.version, request.resource)
+        manifest = parse_manifest(request.manifest)
+        metadata = manifest.setdefault("metadata", {})
+        name = request.name or str(metadata.get("name") or "")
+        if not name:
+            raise InvalidRequestError("name is required (in the request or the manifest's metadata.name)")
+        metadata.setdefault("name", name)
+        namespace = self._namespace_for(info, request.namespace, manifest)
+        params = {"fieldManager": request.field_manager or DEFAULT_FIELD_MANAGER}
+        if request.force:
+            params["force"] = "true"
+        if request.dry_run:
+            params["dryRun"] = "All"
+        obj = await self._client.request_json(
+            "PATCH",
+            object_path(info, namespace, name),
+            params=params,
+            body=json.dumps(manifest).encode(),  # JSON is YAML: apply-patch+yaml accepts it
+            content_type="application/apply-patch+yaml",
+            caller=current_identity(),
+            time_limit=_time_limit(ctx),
+        )
+        return resource_message(with_type_meta(obj, info))
+
+    async def delete(self, request: pb.DeleteRequest, ctx: RequestContext[Any, Any], /) -> empty_pb2.Empty:
+        info = await self._resolve(request.cluster, request.group, request.version, request.resource)
+        options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if request.HasField("grace_period_seconds"):
+            if request.grace_period_seconds < 0:
+                raise InvalidRequestError("grace_period_seconds must not be negative")
+            options["gracePeriodSeconds"] = request.grace_period_seconds
+        if request.propagation_policy:
+            policy = _PROPAGATION.get(request.propagation_policy)
+            if policy is None:
+                raise InvalidRequestError(f"unknown propagation_policy {request.propagation_policy}")
+            options["propagationPolicy"] = policy
+        if request.dry_run:
+            options["dryRun"] = ["All"]
+        await self._client.request(
+            "DELETE",
+            object_path(info, request.namespace, request.name),
+            body=json.dumps(options).encode(),
+            content_type="application/json",
+            caller=current_identity(),
+            time_limit=_time_limit(ctx),
+        )
+        return empty_pb2.Empty()
+
+    async def watch(
+        self, request: pb.WatchRequest, ctx: RequestContext[Any, Any], /
+    ) -> AsyncIterator[pb.WatchEvent]:
+        if self._closing:
+            raise ShuttingDownError("the agent is shutting down")
+        caller = current_identity()
+        info = await self._resolve(request.cluster, request.group, request.version, request.resource)
+        params = {"watch": "1", "allowWatchBookmarks": "true"}
+        if request.resource_version:
+            params["resourceVersion"] = request.resource_version
+        if request.label_selector:
+            params["labelSelector"] = request.label_selector
+        if request.field_selector:
+            params["fieldSelector"] = request.field_selector
+        if request.send_initial_events:
+            params["sendInitialEvents"] = "true"
+            params["resourceVersionMatch"] = "NotOlderThan"
+        last_rv = request.resource_version
+        try:
+            async with self._client.stream(
+                collection_path(info, request.namespace), params=params, caller=caller
+            ) as resp:
+                self._watches.add(resp)
+                try:
+                    async for line in iter_lines(resp):
+                        event = _watch_event(line, info)
+                        if event.resource_version:
+                            last_rv = event.resource_version
+                        yield event
+                        if event.type == pb.WatchEvent.TYPE_ERROR:
+                            return
+                finally:
+                    self._watches.discard(resp)
+        except KubernetesAPIError as exc:
+            if exc.http_status != 410 or self._closing:
+                raise
+            yield pb.WatchEvent(type=pb.WatchEvent.TYPE_ERROR, status=to_struct(exc.status or _gone(exc)))
+            return
+        except (KubernetesUnavailableError, aiohttp.ClientError) as exc:
+            if self._closing:
+                raise ShuttingDownError("the agent is shutting down; resume the watch elsewhere") from exc
+            raise
+        if self._closing:
+            raise ShuttingDownError("the agent is shutting down; resume the watch elsewhere")
+        raise WatchClosedError(
+            "the kubernetes watch ended; resume from resourceVersion " + (last_rv or '"" (most recent)')
+        )
+
+    def _namespace_for(self, info: APIResourceInfo, requested: str, manifest: dict[str, Any]) -> str:
+        if not info.namespaced:
+            return ""
+        namespace = requested or str((manifest.get("metadata") or {}).get("namespace") or "")
+        if not namespace:
+            raise InvalidRequestError(
+                f'namespace is required for namespaced resource "{info.resource}" '
+                "(in the request or the manifest's metadata.namespace)"
+            )
+        return namespace
+
+
+def _gone(exc: KubernetesAPIError) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "reason": "Gone",
+        "code": 410,
+        "message": exc.message,
+    }
+
+
+def _watch_event(line: bytes, info: APIResourceInfo) -> pb.WatchEvent:
+    try:
+        raw = json.loads(line)
+        kind = _EVENT_TYPES[raw["type"]]
+        obj = raw["object"]
+        if not isinstance(obj, dict):
+            raise TypeError("object is not a JSON object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KubernetesUnavailableError("kubernetes API sent a malformed watch event") from exc
+    if kind == pb.WatchEvent.TYPE_ERROR:
+        return pb.WatchEvent(type=kind, status=to_struct(obj))
+    metadata = obj.get("metadata")
+    rv = str(metadata.get("resourceVersion") or "") if isinstance(metadata, dict) else ""
+    if kind != pb.WatchEvent.TYPE_BOOKMARK:
+        with_type_meta(clean_object(obj), info)
+    event = pb.WatchEvent(type=kind, resource_version=rv)
+    event.resource.MergeFromString(_resource_bytes(obj))
+    return event
+
+
+class ErrorBoundary:
+    """The service's error boundary (connectrpc unary + server-stream interceptor).
+
+    Every exception leaving a handler is translated once by :func:`to_connect_error`; failures
+    are logged with the procedure, caller and code (never the request contents).
+    """
+
+    async def intercept_unary(
+        self,
+        call_next: Callable[[Any, RequestContext[Any, Any]], Awaitable[Any]],
+        request: Any,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> Any:
+        started = time.perf_counter()
+        try:
+            response = await call_next(request, ctx)
+        except Exception as exc:
+            error = to_connect_error(exc)
+            _log_failure(ctx, error, started)
+            if error is exc:
+                raise
+            raise error from exc
+        logger.debug("%s ok in %.1f ms", procedure(ctx), (time.perf_counter() - started) * 1000)
+        return response
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
+        request: Any,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        stream = call_next(request, ctx)
+        try:
+            async for message in stream:
+                yield message
+        except Exception as exc:
+            error = to_connect_error(exc)
+            _log_failure(ctx, error, started)
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _log_failure(ctx: RequestContext[Any, Any], error: ConnectError, started: float) -> None:
+    elapsed = (time.perf_counter() - started) * 1000
+    logger.info("%s failed after %.1f ms: %s: %s", procedure(ctx), elapsed, error.code.value, error.message)
