@@ -5,16 +5,31 @@ point, so every package's tests and ``tests/e2e`` get its fixtures without a con
 """
 
 from ._controlplane import ControlPlane, KubeAPIError, object_path, start_control_plane
+from ._keycloak import (
+    DEFAULT_USERS,
+    Keycloak,
+    KeycloakError,
+    KeycloakUser,
+    TokenRequestError,
+    start_keycloak,
+)
 from ._process import ManagedProcess, free_port
-from .tools import ToolMissingError, tool_path
+from .tools import ToolMissingError, keycloak_home, tool_path
 
 __all__ = [
+    "DEFAULT_USERS",
     "ControlPlane",
+    "Keycloak",
+    "KeycloakError",
+    "KeycloakUser",
     "KubeAPIError",
     "ManagedProcess",
+    "TokenRequestError",
     "ToolMissingError",
     "free_port",
+    "keycloak_home",
     "object_path",
     "start_control_plane",
+    "start_keycloak",
     "tool_path",
 ]

@@ -3,6 +3,11 @@
 - ``control_plane``: one real Kubernetes control plane for the whole session.
 - ``control_plane_factory``: ``factory(name)`` starts (or returns the already running) cluster
   ``name``; every cluster is stopped at session end, also after Ctrl-C or a failed test.
+- ``keycloak``: one real Keycloak (realm ``otterscale``, users alice, bob, carol) for the whole
+  session, started by the first test that asks for it.
+- ``keycloak_factory``: ``factory(name, **options)`` starts (or returns) a separate Keycloak
+  ``name`` (options as for ``start_keycloak``: ``users=``, ``access_token_lifespan=``...), for
+  tests that must stop it or need another realm setup without disturbing the shared one.
 
 A missing binary fails the test with the exact command that builds it; nothing is skipped.
 """
@@ -12,10 +17,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import pytest
 
 from ._controlplane import ControlPlane, start_control_plane
+from ._keycloak import Keycloak, KeycloakError, start_keycloak
 from .tools import ToolMissingError
 
 logger = logging.getLogger(__name__)
@@ -23,12 +30,19 @@ logger = logging.getLogger(__name__)
 ControlPlaneFactory = Callable[[str], ControlPlane]
 
 
+class KeycloakFactory(Protocol):
+    """``factory(name, **options)``: start Keycloak ``name`` (options as for ``start_keycloak``,
+    e.g. ``users=`` or ``access_token_lifespan=``), or return it if it already runs."""
+
+    def __call__(self, name: str, **options: Any) -> Keycloak: ...
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("otterscale")
     group.addoption(
         "--keep-cluster-dirs",
         action="store_true",
-        help="keep control-plane data and logs after the run (paths are printed)",
+        help="keep control-plane and Keycloak data and logs after the run (paths are printed)",
     )
 
 
@@ -61,3 +75,34 @@ def control_plane_factory(
 def control_plane(control_plane_factory: ControlPlaneFactory) -> ControlPlane:
     """The session's default test cluster (``test``)."""
     return control_plane_factory("test")
+
+
+@pytest.fixture(scope="session")
+def keycloak_factory(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[KeycloakFactory]:
+    running: dict[str, Keycloak] = {}
+
+    def factory(name: str, **options: Any) -> Keycloak:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", name):
+            raise ValueError(f"Keycloak name {name!r} must be a short DNS label")
+        if name not in running:
+            try:
+                running[name] = start_keycloak(tmp_path_factory.mktemp(f"keycloak-{name}"), **options)
+            except (ToolMissingError, KeycloakError) as exc:
+                pytest.fail(str(exc), pytrace=False)
+        return running[name]
+
+    try:
+        yield factory
+    finally:
+        for kc in running.values():
+            kc.stop()
+            if request.config.getoption("--keep-cluster-dirs"):
+                logger.warning("Keycloak data and log kept in %s", kc.directory)
+
+
+@pytest.fixture(scope="session")
+def keycloak(keycloak_factory: KeycloakFactory) -> Keycloak:
+    """The session's shared Keycloak. A test that stops it must start it again (``try/finally``)."""
+    return keycloak_factory("default")

@@ -1,8 +1,11 @@
-"""Build the pinned external tools (chisel, etcd, kube-apiserver, ...) from the Go module proxy.
+"""Build the pinned external tools (chisel, etcd, kube-apiserver, ...) from the Go module proxy,
+and fetch the pinned Keycloak distribution from Maven Central.
 
-Binaries land in a cache outside the repository, one folder per tool and version
-(default ``~/.cache/otterscale/bin/<tool>-<version>/<tool>``, overridable with
-``OTTERSCALE_TOOLS_DIR``), so a second run skips everything that is already built.
+Everything lands in a cache outside the repository, one folder per tool and version
+(default ``~/.cache/otterscale/bin/<tool>-<version>/<tool>`` for Go binaries and
+``~/.cache/otterscale/keycloak-<version>/`` for Keycloak, overridable with
+``OTTERSCALE_TOOLS_DIR``), so a second run skips everything that is already there. Downloads are
+verified against the checksum Maven Central publishes beside the artifact.
 
 Standard library only: ``nox -s tools`` runs this before any dependency is installed.
 Run ``python -m otterscale.testing.tools --help``.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +23,9 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +36,11 @@ ETCD_VERSION = "v3.6.16"
 CHISEL_VERSION = "v1.12.0"
 HELM_VERSION = "v3.22.0"
 GRPCURL_VERSION = "v1.9.3"
+#: ``org.keycloak:keycloak-quarkus-dist``; 26.x runs on Java 17, 21 and 25.
+KEYCLOAK_VERSION = "26.7.3"
 
 GO_PROXY_DEFAULT = "https://proxy.golang.org"
+MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
 
 
 def cache_root() -> Path:
@@ -44,10 +53,20 @@ def cache_root() -> Path:
 class Tool:
     name: str
     version: str
+    #: The tool's folder under the cache root (default ``bin/<name>-<version>``).
+    folder: str = ""
+    #: The entry point inside that folder (default: a binary named like the tool).
+    entry: str = ""
+    #: Built with Go (needs ``go`` on PATH) rather than downloaded.
+    go: bool = True
+
+    @property
+    def home(self) -> Path:
+        return cache_root() / (self.folder or f"bin/{self.name}-{self.version}")
 
     @property
     def path(self) -> Path:
-        return cache_root() / "bin" / f"{self.name}-{self.version}" / self.name
+        return self.home / (self.entry or self.name)
 
 
 TOOLS: dict[str, Tool] = {
@@ -59,11 +78,22 @@ TOOLS: dict[str, Tool] = {
         Tool("kube-controller-manager", KUBERNETES_VERSION),
         Tool("helm", HELM_VERSION),
         Tool("grpcurl", GRPCURL_VERSION),
+        Tool(
+            "keycloak", KEYCLOAK_VERSION, folder=f"keycloak-{KEYCLOAK_VERSION}", entry="bin/kc.sh", go=False
+        ),
     )
 }
 
 #: What ``nox -s tools`` builds when asked for nothing in particular.
-DEFAULT_TOOLS = ("chisel", "etcd", "kube-apiserver", "kube-controller-manager", "helm", "grpcurl")
+DEFAULT_TOOLS = (
+    "chisel",
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "helm",
+    "grpcurl",
+    "keycloak",
+)
 
 
 class ToolMissingError(RuntimeError):
@@ -79,6 +109,14 @@ def tool_path(name: str) -> Path:
             f"build it with: nox -s tools -- {name}"
         )
     return tool.path
+
+
+def keycloak_home() -> Path:
+    """The unpacked Keycloak distribution (``bin/kc.sh``, ``lib/``, ``conf/``, ...).
+
+    Raises :class:`ToolMissingError` naming the command that fetches it.
+    """
+    return tool_path("keycloak").parent.parent
 
 
 def _log(msg: str) -> None:
@@ -221,6 +259,92 @@ def _build_module_main(tool: Tool, module: str, package: str) -> None:
     _build_in_wrapper(tool, go_mod, package, ldflags="-s -w")
 
 
+def _maven_url(group: str, artifact: str, version: str, ext: str) -> str:
+    return f"{MAVEN_CENTRAL}/{group.replace('.', '/')}/{artifact}/{version}/{artifact}-{version}.{ext}"
+
+
+def _published_digest(url: str) -> tuple[str, str]:
+    """The strongest checksum Maven Central publishes for ``url``: (hashlib name, hex digest)."""
+    for algorithm in ("sha512", "sha256", "sha1"):
+        try:
+            with urllib.request.urlopen(f"{url}.{algorithm}", timeout=60) as resp:  # noqa: S310 - fixed https
+                text = resp.read(4096).decode("ascii", errors="replace")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                continue
+            raise
+        # The file holds the hex digest, sometimes followed by the file name.
+        digest = text.split()[0].strip().lower() if text.split() else ""
+        if len(digest) == hashlib.new(algorithm).digest_size * 2:
+            return algorithm, digest
+        raise RuntimeError(f"{url}.{algorithm} does not hold a {algorithm} digest")
+    raise RuntimeError(f"Maven Central publishes no sha512, sha256 or sha1 checksum for {url}")
+
+
+def _download(url: str, dest: Path, algorithm: str, expected: str) -> None:
+    """Stream ``url`` into ``dest``, printing progress, and check its digest."""
+    digest = hashlib.new(algorithm)
+    started = last_report = time.monotonic()
+    done = 0
+    with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as out:  # noqa: S310
+        total = int(resp.headers.get("Content-Length") or 0)
+        while chunk := resp.read(1024 * 1024):
+            out.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            now = time.monotonic()
+            if now - last_report >= 5 or (total and done == total):
+                last_report = now
+                share = f" ({100 * done / total:.0f}% of {total / 1e6:.0f} MB)" if total else ""
+                _log(f"  {done / 1e6:.0f} MB{share}, {done / 1e6 / max(now - started, 1e-3):.1f} MB/s")
+    if total and done != total:
+        raise RuntimeError(f"{url}: got {done} of {total} bytes")
+    if digest.hexdigest() != expected:
+        raise RuntimeError(f"{url}: {algorithm} mismatch (got {digest.hexdigest()}, published {expected})")
+    _log(f"  {algorithm} verified in {time.monotonic() - started:.0f}s")
+
+
+def _unzip(archive: Path, dest: Path) -> None:
+    """Extract ``archive`` into ``dest`` keeping Unix permission bits (``kc.sh`` must stay executable)."""
+    root = dest.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            target = (dest / info.filename).resolve()
+            if not target.is_relative_to(root):
+                raise RuntimeError(f"{archive.name}: entry {info.filename!r} escapes the target folder")
+            zf.extract(info, dest)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode and not info.is_dir():
+                target.chmod(mode)
+
+
+def _fetch_keycloak(tool: Tool) -> None:
+    """Download ``org.keycloak:keycloak-quarkus-dist`` from Maven Central, verify it, unpack it.
+
+    Unpacked into a scratch folder first and renamed into place last, so an interrupted fetch never
+    leaves a half-unpacked distribution that looks complete.
+    """
+    url = _maven_url("org.keycloak", "keycloak-quarkus-dist", tool.version, "zip")
+    home = tool.home
+    scratch = home.with_name(home.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        algorithm, expected = _published_digest(url)
+        _log(f"downloading {url}")
+        archive = scratch / "dist.zip"
+        _download(url, archive, algorithm, expected)
+        unpacked = scratch / "unpacked"
+        _unzip(archive, unpacked)
+        tops = list(unpacked.iterdir())
+        if len(tops) != 1 or not (tops[0] / tool.entry).is_file():
+            raise RuntimeError(f"{url}: unexpected layout (no single folder with {tool.entry})")
+        shutil.rmtree(home, ignore_errors=True)
+        tops[0].rename(home)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 _BUILDERS: dict[str, Callable[[Tool], None]] = {
     "chisel": lambda t: _build_module_main(t, "github.com/jpillora/chisel", "github.com/jpillora/chisel"),
     "etcd": _build_etcd,
@@ -230,14 +354,13 @@ _BUILDERS: dict[str, Callable[[Tool], None]] = {
     "grpcurl": lambda t: _build_module_main(
         t, "github.com/fullstorydev/grpcurl", "github.com/fullstorydev/grpcurl/cmd/grpcurl"
     ),
+    "keycloak": _fetch_keycloak,
 }
 
 
 def build(names: list[str], force: bool = False) -> int:
-    """Build the named tools that are not cached yet; returns the number of failures."""
-    if shutil.which("go") is None:
-        _log("`go` is not on PATH: install Go >= 1.26 first")
-        return len(names)
+    """Build (or fetch) the named tools that are not cached yet; returns the number of failures."""
+    have_go = shutil.which("go") is not None
     failures = 0
     for i, name in enumerate(names, 1):
         tool = TOOLS[name]
@@ -245,8 +368,12 @@ def build(names: list[str], force: bool = False) -> int:
         if tool.path.is_file() and not force:
             _log(f"{prefix}: cached at {tool.path}")
             continue
+        if tool.go and not have_go:
+            failures += 1
+            _log(f"{prefix}: FAILED: `go` is not on PATH: install Go >= 1.26 first")
+            continue
         slow = " (a cold Kubernetes build takes 5-15 minutes on 2 cores)" if name.startswith("kube-") else ""
-        _log(f"{prefix}: building{slow}")
+        _log(f"{prefix}: {'building' if tool.go else 'fetching'}{slow}")
         started = time.monotonic()
         try:
             _BUILDERS[name](tool)
@@ -254,7 +381,8 @@ def build(names: list[str], force: bool = False) -> int:
             failures += 1
             _log(f"{prefix}: FAILED: {exc}")
             continue
-        _log(f"{prefix}: built in {time.monotonic() - started:.0f}s -> {tool.path}")
+        done = "built" if tool.go else "fetched"
+        _log(f"{prefix}: {done} in {time.monotonic() - started:.0f}s -> {tool.path}")
     return failures
 
 
@@ -263,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m otterscale.testing.tools",
         description=(
             "Build pinned chisel, etcd, kube-apiserver, kube-controller-manager, helm and grpcurl "
-            "from the Go module proxy into a cache outside the repository "
+            "from the Go module proxy, and fetch Keycloak from Maven Central, into a cache outside "
+            "the repository "
             f"(now: {cache_root()}; set OTTERSCALE_TOOLS_DIR to move it). Cached tools are skipped."
         ),
     )
