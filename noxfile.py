@@ -62,7 +62,7 @@ def _tools_env() -> dict[str, str]:
 
 @nox.session(python=False)
 def tools(session: nox.Session) -> None:
-    """Build pinned chisel, etcd, kube-apiserver, kube-controller-manager, helm, grpcurl (cached)."""
+    """Build or fetch pinned chisel, etcd, kube-*, helm, grpcurl and Keycloak into the cache."""
     session.run(
         sys.executable,
         str(ROOT / "packages/testing/src/otterscale/testing/tools.py"),

@@ -69,6 +69,16 @@ WELL_KNOWN: dict[str, Schema] = {
         "maxProperties": 0,
         "description": "The empty JSON object `{}` (google.protobuf.Empty).",
     },
+    "google.protobuf.Timestamp": {
+        "type": "string",
+        "format": "date-time",
+        "description": "An RFC 3339 UTC time, e.g. `2025-01-01T12:00:00.5Z` (google.protobuf.Timestamp).",
+    },
+    "google.protobuf.Duration": {
+        "type": "string",
+        "pattern": "^-?[0-9]+(\\.[0-9]{1,9})?s$",
+        "description": "Seconds with up to nine decimals and an `s` suffix: `0.0015s` (Duration).",
+    },
 }
 
 INTRO = """\

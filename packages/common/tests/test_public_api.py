@@ -58,6 +58,32 @@ EXPECTED = {
     "CONTAINER_CONFIG",
     "DEFAULT_ADDRESS",
     "DEFAULT_CONFIG",
+    # external processes
+    "Supervisor",
+    "ProcessSpec",
+    "ProcessError",
+    # chisel tunnel
+    "ChiselServer",
+    "ChiselClient",
+    "ChiselBinary",
+    "ChiselServerEvent",
+    "ChiselClientEvent",
+    "ChiselClientState",
+    "ServerEventKind",
+    "ClientEventKind",
+    "TunnelError",
+    "TunnelSession",
+    "TunnelUser",
+    "MIN_CHISEL_VERSION",
+    "LOOPBACK",
+    "check_chisel",
+    "find_chisel",
+    "parse_chisel_version",
+    "parse_server_line",
+    "parse_client_line",
+    "authfile_content",
+    "write_authfile",
+    "reverse_remote_pattern",
 }
 
 
@@ -94,6 +120,8 @@ def test_connect_codes_of_the_error_tree() -> None:
             "AuthenticationError",
             "IdentityHeaderError",
             "IdentityProviderUnavailableError",
+            "ProcessError",
+            "TunnelError",
         )
     }
     assert codes == {
@@ -102,6 +130,8 @@ def test_connect_codes_of_the_error_tree() -> None:
         "AuthenticationError": "unauthenticated",
         "IdentityHeaderError": "unauthenticated",
         "IdentityProviderUnavailableError": "unavailable",
+        "ProcessError": "unavailable",
+        "TunnelError": "failed_precondition",
     }
     for name in codes:
         assert issubclass(getattr(otterscale.common, name), otterscale.common.OtterscaleError)

@@ -2,11 +2,36 @@
 
 Configuration (``otterscale.yaml``), OIDC bearer-token verification, the verified caller
 (:class:`Identity`), the signed hub-to-agent identity headers, logging set-up, the ``otterscale``
-command and the flags both services take. Nothing here knows about a particular service.
+command and the flags both services take, supervision of external processes
+(:class:`Supervisor`) and the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`).
+Nothing here knows about a particular service.
 
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
+from ._chisel import (
+    LOOPBACK,
+    MIN_CHISEL_VERSION,
+    ChiselBinary,
+    ChiselClient,
+    ChiselClientEvent,
+    ChiselClientState,
+    ChiselServer,
+    ChiselServerEvent,
+    ClientEventKind,
+    ServerEventKind,
+    TunnelError,
+    TunnelSession,
+    TunnelUser,
+    authfile_content,
+    check_chisel,
+    find_chisel,
+    parse_chisel_version,
+    parse_client_line,
+    parse_server_line,
+    reverse_remote_pattern,
+    write_authfile,
+)
 from ._cli import (
     CONTAINER_CONFIG,
     CONTAINER_ENV,
@@ -54,6 +79,7 @@ from ._signing import (
     strip_identity_headers,
     verify_identity,
 )
+from ._supervisor import ProcessError, ProcessSpec, Supervisor
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -64,7 +90,9 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "GROUPS_HEADER",
     "IDENTITY_HEADER_PREFIX",
+    "LOOPBACK",
     "MAX_CONFIG_BYTES",
+    "MIN_CHISEL_VERSION",
     "RESERVED_PREFIXES",
     "SIGNATURE_HEADER",
     "SUBJECT_HEADER",
@@ -72,6 +100,13 @@ __all__ = [
     "AgentAuth",
     "AgentConfig",
     "AuthenticationError",
+    "ChiselBinary",
+    "ChiselClient",
+    "ChiselClientEvent",
+    "ChiselClientState",
+    "ChiselServer",
+    "ChiselServerEvent",
+    "ClientEventKind",
     "ClusterConfig",
     "CommandMain",
     "CommonOptions",
@@ -84,20 +119,35 @@ __all__ = [
     "OIDCVerifier",
     "OtterscaleConfig",
     "OtterscaleError",
+    "ProcessError",
+    "ProcessSpec",
     "RedactingFilter",
+    "ServerEventKind",
+    "Supervisor",
     "TunnelConfig",
+    "TunnelError",
     "TunnelServerConfig",
+    "TunnelSession",
+    "TunnelUser",
     "UsageError",
     "add_common_arguments",
+    "authfile_content",
+    "check_chisel",
     "configure_logging",
     "container_mode",
     "derive_identity_key",
+    "find_chisel",
     "load_config",
     "parse_address",
+    "parse_chisel_version",
+    "parse_client_line",
     "parse_config",
+    "parse_server_line",
     "redact",
     "resolve_defaults",
+    "reverse_remote_pattern",
     "sign_identity",
     "strip_identity_headers",
     "verify_identity",
+    "write_authfile",
 ]
