@@ -1,0 +1,20 @@
+"""otterscale-hub: the authenticated front door of OtterScale.
+
+The hub serves ``otterscale.resource.v1.ResourceService`` to users (Connect, gRPC and gRPC-Web
+over HTTP/1.1 and h2c), verifies their OIDC bearer tokens, and forwards each call to the agent
+of the cluster it names through that agent's chisel reverse tunnel, with signed identity
+headers. It also serves ``otterscale.cluster.v1.ClusterService`` (cluster status), gRPC health
+and reflection, and Prometheus metrics at ``/metrics``.
+
+Run it with ``otterscale server`` (or ``otterscale-hub``); embed it with :class:`Hub`::
+
+    async with Hub(HubSettings(config=load_config("otterscale.yaml"), port=0)) as hub:
+        ...  # hub.url serves the API; hub.fingerprint is the tunnel fingerprint
+
+Only the names in ``__all__`` are public; the underscore modules may change at any time.
+"""
+
+from ._cli import main
+from ._hub import Hub, HubSettings, hub_version, run_hub
+
+__all__ = ["Hub", "HubSettings", "hub_version", "main", "run_hub"]

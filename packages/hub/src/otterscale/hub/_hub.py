@@ -1,0 +1,435 @@
+"""The hub: tunnel server, agent connections, the API, and their lifecycle.
+
+:meth:`Hub.start` checks chisel, starts the tunnel server (the authfile is written first), logs
+its fingerprint and bind address, starts serving and the prober, and returns when the hub
+answers. Nothing contacts the identity provider at start-up: the hub starts while Keycloak is
+down, and tokens fail with unavailable until it is back.
+
+:meth:`Hub.stop` shuts down in order, each step bounded: stop reporting ready (health
+NOT_SERVING), refuse new Watches and end the open ones with unavailable, stop accepting
+connections and let calls in flight finish within the drain deadline, stop the prober, stop the
+tunnel server, close the agent connections and the verifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from connectrpc.compression.gzip import GzipCompression
+
+from otterscale.cluster.v1 import cluster_pb2
+from otterscale.cluster.v1.cluster_connect import ClusterServiceASGIApplication
+from otterscale.common import (
+    ChiselServer,
+    ChiselServerEvent,
+    OIDCVerifier,
+    OtterscaleConfig,
+    TunnelUser,
+    check_chisel,
+    derive_identity_key,
+)
+from otterscale.resource.v1 import resource_pb2
+from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
+
+from ._auth import Authenticator
+from ._clusters import ClusterServiceImpl
+from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec
+from ._errors import HubError
+from ._health import HealthASGIApplication, HealthService, health_file
+from ._metrics import HubMetrics
+from ._observe import ObservingInterceptor
+from ._proxy import ResourceProxy
+from ._reflection import reflection_apps
+from ._server import ASGIApp, Router, create_listener, serve
+from ._tasks import cancel_and_wait, spawn
+from ._tunnels import Tunnels
+from ._upstream import AgentClients
+
+logger = logging.getLogger(__name__)
+
+
+def hub_version() -> str:
+    """The installed otterscale-hub version."""
+    try:
+        return importlib.metadata.version("otterscale-hub")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
+        return "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class HubSettings:
+    """Everything the hub needs, built once by the command line (or a test) and passed down.
+
+    ``host``/``port`` is the API listen address ("" = all interfaces; 0 = any free port).
+    ``chisel`` is the chisel binary (None: ``chisel`` on PATH). ``drain_timeout`` bounds how long
+    calls in flight may take after shutdown starts. The prober pings every agent every
+    ``probe_interval`` seconds and waits ``probe_timeout`` for the answer.
+    """
+
+    config: OtterscaleConfig
+    host: str = ""
+    port: int = 8299
+    chisel: str | None = None
+    drain_timeout: float = 10.0
+    probe_interval: float = 5.0
+    probe_timeout: float = 2.0
+    chisel_keepalive: float = 10.0
+
+
+class Hub:
+    """One running hub (see the module docstring). Use ``async with`` or start()/stop()."""
+
+    def __init__(self, settings: HubSettings) -> None:
+        self.settings = settings
+        config = settings.config
+        self._clusters: Mapping[str, Any] = config.clusters
+        self._keys = {
+            name: derive_identity_key(name, cluster.agent.auth.password.get_secret_value())
+            for name, cluster in config.clusters.items()
+        }
+        self.metrics: HubMetrics | None = None
+        self.tunnels: Tunnels | None = None
+        self.chisel: ChiselServer | None = None
+        self._agents: AgentClients | None = None
+        self._auth: Authenticator | None = None
+        self._proxy: ResourceProxy | None = None
+        self._health: HealthService | None = None
+        self._shutdown = asyncio.Event()
+        self._serving = asyncio.Event()
+        self._server_task: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._info_session: dict[str, int | None] = {}
+        self._stopper: asyncio.Task[None] | None = None
+        self._draining = False
+        self.port: int | None = None
+        self.started_in: float | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Public state
+
+    @property
+    def url(self) -> str:
+        """``http://<host>:<port>`` of the API (loopback when listening on all interfaces)."""
+        host = self.settings.host or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The tunnel server's SHA256 fingerprint (agents put it in their configuration)."""
+        return self.chisel.fingerprint if self.chisel is not None else None
+
+    @property
+    def server_task(self) -> asyncio.Task[None]:
+        """The task serving HTTP; it ends when the server stops (or fails)."""
+        if self._server_task is None:
+            raise RuntimeError("the hub was not started")
+        return self._server_task
+
+    def ready(self) -> bool:
+        """Serving, the tunnel server up, and not shutting down (``/readyz``, gRPC health)."""
+        return (
+            self._serving.is_set()
+            and not self._draining
+            and self.tunnels is not None
+            and self.tunnels.server_up
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start everything; raise (with nothing left running) if the hub cannot start."""
+        started = time.perf_counter()
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.started_in = time.perf_counter() - started
+        logger.info(
+            "hub ready at %s (started in %.0f ms)",
+            self.url,
+            self.started_in * 1000,
+            extra={"address": self.url, "clusters": len(self._clusters)},
+        )
+
+    async def _start(self) -> None:
+        settings = self.settings
+        config = settings.config
+        binary = await asyncio.to_thread(check_chisel, settings.chisel)
+        names = sorted(config.clusters)
+        self.metrics = metrics = HubMetrics(names, version=hub_version(), chisel_version=binary.version_text)
+        self.tunnels = tunnels = Tunnels(
+            {name: (c.agent.tunnel_port, c.agent.auth.user) for name, c in config.clusters.items()},
+            metrics,
+            on_tunnel_open=self.probe_soon,
+        )
+        self._agents = AgentClients(
+            {name: c.agent.tunnel_port for name, c in config.clusters.items()}, self._keys
+        )
+        self._auth = authenticator = Authenticator(OIDCVerifier.from_config(config.keycloak))
+        self._proxy = ResourceProxy(
+            authenticator=authenticator,
+            tunnels=tunnels,
+            agents=self._agents,
+            keys=self._keys,
+            metrics=metrics,
+            on_unreachable=self.probe_soon,
+        )
+        self._health = HealthService(tunnels, serving=self.ready)
+        router = self._router(metrics)
+
+        server = config.tunnel.server
+        self.chisel = ChiselServer(
+            binary,
+            host=server.host,
+            port=server.port,
+            users=[
+                TunnelUser(
+                    user=c.agent.auth.user,
+                    password=c.agent.auth.password.get_secret_value(),
+                    port=c.agent.tunnel_port,
+                )
+                for c in config.clusters.values()
+            ],
+            key_seed=server.key_seed.get_secret_value() if server.key_seed is not None else None,
+            key_file=server.key_file,
+            keepalive_seconds=settings.chisel_keepalive,
+            on_event=self._chisel_event,
+            on_restart=self._chisel_restarted,
+        )
+        await self.chisel.start()
+        logger.info(
+            "tunnel server (chisel %s) listening on %s:%d, fingerprint %s",
+            binary.version_text,
+            server.host,
+            server.port,
+            self.chisel.fingerprint,
+            extra={"fingerprint": self.chisel.fingerprint, "tunnel_address": f"{server.host}:{server.port}"},
+        )
+
+        try:
+            sock = create_listener(settings.host, settings.port)
+        except OSError as exc:
+            raise HubError(
+                f"cannot listen on {settings.host or '*'}:{settings.port}: {exc.strerror or exc}"
+            ) from exc
+        self.port = sock.getsockname()[1]
+        self._server_task = spawn(
+            serve(router, sock, self._shutdown, graceful_timeout=settings.drain_timeout), name="hub-server"
+        )
+        serving = asyncio.ensure_future(self._serving.wait())
+        try:
+            await asyncio.wait(
+                {serving, self._server_task}, timeout=15.0, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            serving.cancel()
+        if not self._serving.is_set():
+            if self._server_task.done() and self._server_task.exception() is not None:
+                raise RuntimeError("the HTTP server failed to start") from self._server_task.exception()
+            raise RuntimeError("the HTTP server did not start within 15s")
+        self._prober = spawn(self._probe_loop(), name="hub-prober")
+
+    def _router(self, metrics: HubMetrics) -> Router:
+        assert self._proxy is not None
+        assert self._health is not None
+        assert self._auth is not None
+        assert self.tunnels is not None
+        interceptors = (ObservingInterceptor(metrics),)
+        resource_app = ResourceServiceASGIApplication(
+            self._proxy,
+            interceptors=interceptors,
+            codecs=[PassthroughCodec(CODEC_PROTO), PassthroughCodec(CODEC_JSON)],
+            # gzip only when the caller asks for it, at the fastest level: responses can be large
+            # (a List of thousands of objects) and the hub should stay close to a plain relay.
+            compressions=[GzipCompression(level=1)],
+        )
+        cluster_app = ClusterServiceASGIApplication(
+            ClusterServiceImpl(authenticator=self._auth, tunnels=self.tunnels), interceptors=interceptors
+        )
+        health_app = HealthASGIApplication(self._health, interceptors=interceptors)
+        services: dict[str, ASGIApp] = {
+            _service_name(resource_app.path): resource_app,  # type: ignore[dict-item]
+            _service_name(cluster_app.path): cluster_app,  # type: ignore[dict-item]
+            _service_name(health_app.path): health_app,  # type: ignore[dict-item]
+        }
+        described = [
+            resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
+            cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
+            health_file().services_by_name["Health"],
+        ]
+        for app in reflection_apps(described, interceptors=interceptors):
+            services[_service_name(app.path)] = app  # type: ignore[assignment]
+        return Router(services, metrics=metrics.render, ready=self.ready, on_startup=self._serving.set)
+
+    async def stop(self) -> None:
+        """Shut down gracefully (see the module docstring); idempotent and bounded."""
+        if self._stopper is None:
+            self._stopper = asyncio.create_task(self._stop(), name="hub-stop")
+        await asyncio.shield(self._stopper)
+
+    async def _stop(self) -> None:
+        was_serving = self._serving.is_set()
+        self._draining = True
+        if was_serving:
+            logger.info("hub shutting down: draining (at most %gs)", self.settings.drain_timeout)
+        if self._health is not None:
+            self._health.close()
+        if self._proxy is not None:
+            self._proxy.drain()
+        self._shutdown.set()
+        if self._server_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._server_task), self.settings.drain_timeout + 5.0)
+            except TimeoutError:
+                logger.warning("the HTTP server did not stop in time; cancelling it")
+                await cancel_and_wait([self._server_task])
+            except Exception:  # the task's done callback logged it
+                logger.debug("the HTTP server ended with an error")
+        tasks = [task for task in (self._prober, *self._probes.values()) if task is not None]
+        await cancel_and_wait(tasks)
+        if self.chisel is not None:
+            await self.chisel.stop()
+        if self._agents is not None:
+            await self._agents.aclose()
+        if self._auth is not None:
+            await self._auth.aclose()
+        if was_serving:
+            logger.info("hub stopped")
+
+    # ----------------------------------------------------------------------------------------------
+    # Tunnel events and probes
+
+    def _chisel_event(self, event: ChiselServerEvent) -> None:
+        # Once the hub is stopping, the tunnel server's own exit is expected, not news.
+        if self.tunnels is not None and not self._draining:
+            self.tunnels.handle_event(event)
+
+    def _chisel_restarted(self, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.chisel_restarts.inc()
+        logger.warning("tunnel server restarted (%d restarts so far)", count)
+
+    def probe_soon(self, cluster: str) -> None:
+        """Probe ``cluster``'s agent now (and ask for its versions), unless a probe is running."""
+        running = self._probes.get(cluster)
+        if self._draining or (running is not None and not running.done()):
+            return
+        self._probes[cluster] = spawn(self._probe(cluster, with_info=True), name=f"hub-probe:{cluster}")
+
+    async def _probe_loop(self) -> None:
+        """Ping connected agents every interval; the others (chisel reports them) every 4th."""
+        assert self.tunnels is not None
+        tunnels = self.tunnels
+        rounds = 0
+        while True:
+            await asyncio.sleep(self.settings.probe_interval)
+            rounds += 1
+            if not tunnels.server_up:
+                continue
+            names = [status.name for status in tunnels.snapshot() if status.tunnel_up or rounds % 4 == 0]
+            await asyncio.gather(*(self._probe(name) for name in names))
+
+    async def _probe(self, cluster: str, *, with_info: bool = False) -> None:
+        tunnels, agents = self.tunnels, self._agents
+        assert tunnels is not None
+        assert agents is not None
+        try:
+            round_trip = await agents.ping(cluster, within=self.settings.probe_timeout)
+        except ConnectionError as exc:
+            tunnels.probe_failed(cluster, str(exc))
+            return
+        tunnels.probe_ok(cluster, round_trip)
+        status = tunnels.get(cluster)
+        session = status.session if status is not None else None
+        if with_info or cluster not in self._info_session or self._info_session[cluster] != session:
+            self._info_session[cluster] = session
+            await self._agent_info(cluster)
+
+    async def _agent_info(self, cluster: str) -> None:
+        tunnels, agents = self.tunnels, self._agents
+        assert tunnels is not None
+        assert agents is not None
+        try:
+            info = await agents.agent_info(cluster, within=self.settings.probe_timeout)
+        except Exception as exc:  # any failure: versions stay unknown, the next probe asks again
+            logger.info("cluster %s: the agent did not report its versions: %s", cluster, exc)
+            self._info_session.pop(cluster, None)
+            return
+        if info is None:
+            logger.debug("cluster %s: the agent does not implement AgentService", cluster)
+            tunnels.agent_info(cluster, agent_version="", kubernetes_version="")
+            return
+        agent_version, kubernetes_version = info
+        tunnels.agent_info(cluster, agent_version=agent_version, kubernetes_version=kubernetes_version)
+
+
+def _service_name(path: str) -> str:
+    return path.strip("/")
+
+
+async def tunnel_fingerprint(config: OtterscaleConfig, *, chisel: str | None = None) -> str:
+    """The tunnel fingerprint the hub will present with ``config``'s key, without running a hub.
+
+    Starts chisel for a moment on a free loopback port with the configured key (seed or file) and
+    a throw-away user, reads the fingerprint it prints, and stops it. Agents need this value in
+    ``clusters.<name>.agent.fingerprint``.
+    """
+    binary = await asyncio.to_thread(check_chisel, chisel)
+    server = config.tunnel.server
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    chisel_server = ChiselServer(
+        binary,
+        host="127.0.0.1",
+        port=port,
+        users=[TunnelUser(user="fingerprint-probe", password=secrets.token_urlsafe(24), port=1)],
+        key_seed=server.key_seed.get_secret_value() if server.key_seed is not None else None,
+        key_file=server.key_file,
+    )
+    await chisel_server.start()
+    try:
+        if chisel_server.fingerprint is None:  # pragma: no cover - chisel always prints it first
+            raise RuntimeError("chisel did not print its fingerprint")
+        return chisel_server.fingerprint
+    finally:
+        await chisel_server.stop()
+
+
+async def run_hub(settings: HubSettings, stop: asyncio.Event) -> int:
+    """Run a hub until ``stop`` is set (0) or its server fails (1); always shuts down cleanly."""
+    hub = Hub(settings)
+    await hub.start()
+    status = 0
+    try:
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({waiter, hub.server_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not stop.is_set():
+            logger.error("the HTTP server stopped unexpectedly; shutting down")
+            status = 1
+    finally:
+        await hub.stop()
+    return status

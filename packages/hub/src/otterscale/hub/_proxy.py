@@ -1,0 +1,290 @@
+"""The ResourceService proxy: authenticate, route by ``cluster``, forward to the cluster's agent.
+
+For every call, in order:
+
+1. the bearer token is verified (unauthenticated / unavailable when the issuer is unreachable);
+2. the request's ``cluster`` is read from the raw message (:func:`._codec.peek_cluster`): empty
+   is invalid_argument, unknown is not_found, a cluster whose agent is not connected is
+   unavailable at once (in-memory state, see :mod:`._tunnels`);
+3. the call is re-issued to ``http://127.0.0.1:<tunnel_port>`` over the warm HTTP/2 connection
+   with the same procedure, codec and message bytes, the remaining deadline, the request id and
+   the identity headers signed for that cluster and procedure. No other client header is
+   forwarded, so nothing a client sends as ``X-Otterscale-*`` can reach an agent;
+4. the agent's answer goes back as it came: response bytes untouched, error code, message and
+   details unchanged. Only a failure to reach the agent at all (the tunnel dropped mid-call)
+   becomes the hub's own unavailable, naming the cluster.
+
+Watch is a stream end to end: each event is forwarded as it arrives; a client that goes away
+cancels the hub's handler, which closes the agent stream (HTTP/2 RST_STREAM, so the agent stops
+its Kubernetes watch); an agent that ends the stream ends the client's with the same status.
+When the hub shuts down, open Watches end with unavailable (the client resumes elsewhere from its
+last resourceVersion) and new ones are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from connectrpc.client import ConnectClient
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+
+from otterscale.common import Identity, OtterscaleError, sign_identity
+
+from ._auth import Authenticator
+from ._codec import RawMessage, peek_cluster
+from ._errors import (
+    AgentUnavailableError,
+    MissingClusterError,
+    ShuttingDownError,
+    UnknownClusterError,
+    to_connect_error,
+)
+from ._metrics import HubMetrics
+from ._observe import REQUEST_ID_HEADER, current_call
+from ._tunnels import ClusterStatus, Tunnels
+from ._upstream import AgentClients
+
+logger = logging.getLogger(__name__)
+
+#: The cancellation message that marks the hub's own shutdown of a stream.
+SHUTDOWN = "otterscale-hub-shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """Where and how one call goes: the cluster, its agent client, headers and deadline."""
+
+    cluster: str
+    client: ConnectClient
+    headers: dict[str, str]
+    timeout_ms: int | None
+
+
+class ResourceProxy:
+    """Implements every ResourceService method by forwarding it (see the module docstring).
+
+    Served by the generated ``ResourceServiceASGIApplication`` with pass-through codecs, so the
+    routes and stream types always match the .proto.
+    """
+
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator,
+        tunnels: Tunnels,
+        agents: AgentClients,
+        keys: Mapping[str, bytes],
+        metrics: HubMetrics,
+        on_unreachable: Callable[[str], None] | None = None,
+    ) -> None:
+        self._auth = authenticator
+        self._tunnels = tunnels
+        self._agents = agents
+        self._keys = dict(keys)
+        self._metrics = metrics
+        self._on_unreachable = on_unreachable
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._draining = False
+
+    # ----------------------------------------------------------------------------------------------
+    # The service methods (names as in the generated ResourceService protocol)
+
+    async def discovery(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Forward Discovery."""
+        return await self._unary(request, ctx)
+
+    async def schema(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Forward Schema."""
+        return await self._unary(request, ctx)
+
+    async def list(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Forward List."""
+        return await self._unary(request, ctx)
+
+    async def get(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Forward Get."""
+        return await self._unary(request, ctx)
+
+    async def create(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Forward Create."""
+        return await self._unary(request, ctx)
+
+    async def apply(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Forward Apply."""
+        return await self._unary(request, ctx)
+
+    async def delete(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Forward Delete."""
+        return await self._unary(request, ctx)
+
+    def watch(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> AsyncIterator[RawMessage]:
+        """Forward Watch as a stream."""
+        return self._stream(request, ctx)
+
+    # ----------------------------------------------------------------------------------------------
+    # Shutdown
+
+    @property
+    def open_streams(self) -> int:
+        """Watch streams open right now."""
+        return len(self._streams)
+
+    def drain(self) -> None:
+        """Refuse new Watches and end the open ones with unavailable."""
+        self._draining = True
+        for task in list(self._streams):
+            task.cancel(SHUTDOWN)
+
+    # ----------------------------------------------------------------------------------------------
+
+    async def _unary(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        try:
+            forward = await self._prepare(request, ctx, stream=False)
+        except Exception as exc:
+            raise self._translate(exc) from None
+        cluster = forward.cluster
+        started = time.perf_counter()
+        try:
+            response: RawMessage = await forward.client.execute_unary(
+                request=request, method=ctx.method, headers=forward.headers, timeout_ms=forward.timeout_ms
+            )
+        except ConnectError as exc:
+            raise self._upstream_error(cluster, exc) from None
+        except Exception as exc:
+            raise self._translate(exc) from None
+        finally:
+            self._metrics.agent_roundtrip.labels(cluster=cluster, method=ctx.method.name).observe(
+                time.perf_counter() - started
+            )
+        self._tunnels.seen(cluster)
+        return response
+
+    async def _stream(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> AsyncIterator[RawMessage]:
+        try:
+            forward = await self._prepare(request, ctx, stream=True)
+        except Exception as exc:
+            raise self._translate(exc) from None
+        cluster = forward.cluster
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        gauge = self._metrics.watch_active.labels(cluster=cluster)
+        gauge.inc()
+        try:
+            with self._agents.stream_client(cluster, request.codec) as client:
+                upstream = client.execute_server_stream(
+                    request=request, method=ctx.method, headers=forward.headers, timeout_ms=forward.timeout_ms
+                )
+                try:
+                    first = True
+                    async for message in upstream:
+                        if first:
+                            self._tunnels.seen(cluster)
+                            first = False
+                        yield message
+                finally:
+                    aclose = getattr(upstream, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+        except ConnectError as exc:
+            raise self._upstream_error(cluster, exc, task=task) from None
+        except asyncio.CancelledError as exc:
+            if _is_shutdown(exc):
+                task.uncancel()
+                raise self._shutdown_error() from None
+            raise
+        finally:
+            self._streams.discard(task)
+            gauge.dec()
+
+    async def _prepare(self, request: RawMessage, ctx: RequestContext[Any, Any], *, stream: bool) -> _Forward:
+        call = current_call()
+        identity: Identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
+        if call is not None:
+            call.subject = identity.subject
+        cluster = peek_cluster(request)
+        self._route(cluster)
+        if call is not None:
+            call.cluster = cluster
+        if stream and self._draining:
+            raise ShuttingDownError("the hub is shutting down; retry the Watch from the last resourceVersion")
+        procedure = f"/{ctx.method.service_name}/{ctx.method.name}"
+        headers = sign_identity(identity, cluster=cluster, method=procedure, key=self._keys[cluster])
+        if call is not None:
+            headers[REQUEST_ID_HEADER] = call.request_id
+        timeout_ms: int | None = None
+        remaining = ctx.timeout_ms
+        if remaining is not None:
+            if remaining <= 0:
+                raise ConnectError(
+                    Code.DEADLINE_EXCEEDED, "the deadline passed before the call reached the agent"
+                )
+            timeout_ms = max(1, int(remaining))
+        return _Forward(cluster, self._agents.client(cluster, request.codec), headers, timeout_ms)
+
+    def _route(self, cluster: str) -> ClusterStatus:
+        if not cluster:
+            configured = ", ".join(self._tunnels.names())
+            raise MissingClusterError(
+                f"the request's cluster field is empty; configured clusters: {configured}"
+            )
+        status = self._tunnels.get(cluster)
+        if status is None:
+            raise UnknownClusterError(f"cluster {cluster!r} is not configured in this hub")
+        if not status.connected:
+            detail = f"; last error: {status.last_error}" if status.last_error else ""
+            raise AgentUnavailableError(
+                f"the agent of cluster {cluster!r} is not connected (since {_when(status.since)}){detail}"
+            )
+        return status
+
+    def _upstream_error(
+        self, cluster: str, exc: ConnectError, *, task: asyncio.Task[Any] | None = None
+    ) -> ConnectError:
+        cause = exc.__cause__
+        if isinstance(cause, asyncio.CancelledError):
+            if task is not None and _is_shutdown(cause):
+                task.uncancel()
+                return self._shutdown_error()
+            return exc
+        if exc.code is Code.UNAVAILABLE and cause is not None and not isinstance(cause, ConnectError):
+            # connectrpc's client reports a transport failure as unavailable with the cause: the
+            # agent was never reached (or the tunnel dropped mid-call). Anything else came from
+            # the agent and passes through unchanged.
+            reason = str(cause) or type(cause).__name__
+            self._tunnels.call_failed(cluster, reason)
+            if self._on_unreachable is not None:
+                self._on_unreachable(cluster)
+            return ConnectError(
+                Code.UNAVAILABLE,
+                f"the agent of cluster {cluster!r} cannot be reached through its tunnel: {reason}",
+            )
+        return exc
+
+    def _shutdown_error(self) -> ConnectError:
+        return to_connect_error(
+            ShuttingDownError("the hub is shutting down; resume the Watch from the last resourceVersion")
+        )
+
+    def _translate(self, exc: BaseException) -> ConnectError:
+        if isinstance(exc, ConnectError | OtterscaleError):
+            return to_connect_error(exc)
+        call = current_call()
+        request_id = call.request_id if call is not None else None
+        logger.error("unexpected error in the proxy (request id %s)", request_id, exc_info=exc)
+        return to_connect_error(exc, request_id=request_id)
+
+
+def _is_shutdown(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError) and exc.args == (SHUTDOWN,)
+
+
+def _when(moment: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))

@@ -1,0 +1,174 @@
+"""The hub's HTTP front: one ASGI application on hypercorn, HTTP/1.1 and h2c on one port.
+
+Routes: every Connect service under ``/<package>.<Service>/`` (ResourceService, ClusterService,
+gRPC health, gRPC reflection v1 and v1alpha), ``GET /metrics`` (Prometheus), ``GET /healthz``
+(the process is up) and ``GET /readyz`` (the hub serves: started, tunnel server up, not
+draining). Anything else is 404.
+
+Why hypercorn: it serves HTTP/1.1, h2c with prior knowledge and h2c upgrade on one port and
+carries HTTP/2 trailers, which the gRPC protocol needs (architecture.md). Tuned for long-lived,
+multiplexed client connections:
+
+- ``keep_alive_max_requests`` raised from 1000 (hypercorn would otherwise GOAWAY a busy client
+  connection after 1000 requests);
+- ``h2_max_concurrent_streams`` 1000 (every open Watch is a stream);
+- no read timeout (a Watch is never cut by a server-side timer), 120 s idle keep-alive;
+- ``graceful_timeout`` is the drain deadline: after shutdown starts, requests in flight get
+  that long to finish.
+
+The listening socket is created here (TCP_NODELAY, so accepted sockets inherit it), so the
+caller knows the real port of ``:0`` before serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config, Sockets
+from hypercorn.utils import wrap_app
+
+logger = logging.getLogger(__name__)
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
+
+
+def create_listener(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket with TCP_NODELAY; host "" means all interfaces."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if family == socket.AF_INET6 and not host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Router:
+    """The hub's ASGI application: dispatch by path (see the module docstring)."""
+
+    def __init__(
+        self,
+        services: Mapping[str, ASGIApp],
+        *,
+        metrics: Callable[[], tuple[bytes, str]],
+        ready: Callable[[], bool],
+        on_startup: Callable[[], None] | None = None,
+    ) -> None:
+        self._services = dict(services)
+        self._metrics = metrics
+        self._ready = ready
+        self._on_startup = on_startup
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        path: str = scope["path"]
+        service = path[1:].partition("/")[0]
+        app = self._services.get(service)
+        if app is not None:
+            await app(scope, receive, send)
+            return
+        method = scope["method"]
+        if path == "/metrics":
+            if method not in ("GET", "HEAD"):
+                await _respond(receive, send, 405, b"", headers=[(b"allow", b"GET, HEAD")])
+                return
+            body, content_type = self._metrics()
+            await _respond(receive, send, 200, body if method == "GET" else b"", content_type=content_type)
+        elif path in ("/healthz", "/livez"):
+            await _respond(receive, send, 200, b"ok\n")
+        elif path == "/readyz":
+            ready = self._ready()
+            await _respond(receive, send, 200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+        else:
+            await _respond(receive, send, 404, b"not found\n")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+                if self._on_startup is not None:
+                    self._on_startup()
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _respond(
+    receive: Receive,
+    send: Send,
+    status: int,
+    body: bytes,
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    # Read the whole request first: answering an HTTP/2 request before its body has arrived makes
+    # hypercorn 0.18 fail on the DATA frames that follow and drop the whole connection.
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            break
+    response_headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send(
+        {"type": "http.response.start", "status": status, "headers": response_headers + (headers or [])}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def server_config(*, graceful_timeout: float) -> Config:
+    """hypercorn settings for the hub (see the module docstring)."""
+    config = Config()
+    config.keep_alive_max_requests = 2**31 - 1
+    config.keep_alive_timeout = 120.0
+    config.h2_max_concurrent_streams = 1000
+    config.read_timeout = None
+    config.graceful_timeout = graceful_timeout
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve(
+    app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event, *, graceful_timeout: float
+) -> None:
+    """Serve ``app`` on ``sock`` until ``shutdown`` is set; then stop accepting and drain.
+
+    Returns once open requests have finished or ``graceful_timeout`` has passed; closes ``sock``.
+    """
+    config = server_config(graceful_timeout=graceful_timeout)
+    try:
+        await worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+            config,
+            sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
+            shutdown_trigger=shutdown.wait,
+        )
+    finally:
+        sock.close()

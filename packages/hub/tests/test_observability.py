@@ -1,0 +1,351 @@
+"""Metrics, gRPC health and reflection (checked with the real grpcurl binary), ListClusters, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from typing import Any
+
+import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from prometheus_client.parser import text_string_to_metric_families
+
+from otterscale.cluster.v1 import cluster_pb2
+from otterscale.resource.v1 import resource_pb2 as pb
+from otterscale.testing import tool_path
+
+from .conftest import HubEnv, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+async def grpcurl(hub_env: HubEnv, *args: str, check: bool = True) -> tuple[int, str, str]:
+    """Run grpcurl: flags (``-d``, ``-H``) first, then ``--``, then the verb/method and symbol."""
+    address = hub_env.hub.url.removeprefix("http://")
+    split = args.index("--") if "--" in args else 0
+    flags, rest = args[:split], args[split + 1 :] if "--" in args else args
+    proc = await asyncio.create_subprocess_exec(
+        str(tool_path("grpcurl")),
+        "-plaintext",
+        "-max-time",
+        "10",
+        *flags,
+        address,
+        *rest,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "")},
+    )
+    out, err = await proc.communicate()
+    code = proc.returncode
+    assert code is not None
+    if check and code != 0:
+        raise AssertionError(f"grpcurl {args} failed ({code}): {err.decode()}")
+    return code, out.decode(), err.decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def metrics(hub_env: HubEnv) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await hub_env.http().get(hub_env.hub.url + "/metrics")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return samples(response.text())
+
+
+async def test_metrics(hub_env: HubEnv) -> None:
+    await hub_env.agent("alpha")
+    client = hub_env.client()
+    await client.get(pb.GetRequest(cluster="alpha", name="x"), headers=hub_env.auth())
+    with pytest.raises(ConnectError):
+        await client.get(pb.GetRequest(cluster="alpha", name="forbidden"), headers=hub_env.auth())
+    with pytest.raises(ConnectError):
+        await client.get(pb.GetRequest(cluster="beta", name="x"), headers=hub_env.auth())
+    found = await metrics(hub_env)
+    rpc = "otterscale_hub_rpc_handled_total"
+    service = ("service", "otterscale.resource.v1.ResourceService")
+    assert found[(rpc, (("code", "ok"), ("method", "Get"), service))] == 1
+    assert found[(rpc, (("code", "permission_denied"), ("method", "Get"), service))] == 1
+    assert found[(rpc, (("code", "unavailable"), ("method", "Get"), service))] == 1
+    histogram = "otterscale_hub_rpc_duration_seconds_count"
+    assert found[(histogram, (("code", "ok"), ("method", "Get"), service))] == 1
+    assert found[("otterscale_hub_tunnel_up", (("cluster", "alpha"),))] == 1
+    assert found[("otterscale_hub_tunnel_up", (("cluster", "beta"),))] == 0
+    assert found[("otterscale_hub_tunnel_last_seen_timestamp_seconds", (("cluster", "alpha"),))] > 0
+    assert found[("otterscale_hub_watch_streams_active", (("cluster", "alpha"),))] == 0
+    assert found[("otterscale_hub_chisel_up", ())] == 1
+    assert found[("otterscale_hub_chisel_restarts_total", ())] == 0
+    roundtrip = "otterscale_hub_agent_roundtrip_seconds_count"
+    assert found[(roundtrip, (("cluster", "alpha"), ("method", "Get")))] == 2
+    # The prober pings every second in tests.
+    await wait_for(lambda: hub_env.agents["alpha"].pings > 0, 5, "a probe")
+    found = await metrics(hub_env)
+    assert found[(roundtrip, (("cluster", "alpha"), ("method", "ping")))] >= 1
+    assert any(name == "otterscale_hub_info" for name, _ in found)
+
+
+async def test_health_and_readiness_endpoints(hub_env: HubEnv) -> None:
+    http = hub_env.http()
+    assert (await http.get(hub_env.hub.url + "/healthz")).status == 200
+    assert (await http.get(hub_env.hub.url + "/readyz")).status == 200
+    assert (await http.get(hub_env.hub.url + "/nope")).status == 404
+    assert (await http.post(hub_env.hub.url + "/metrics", content=b"x")).status == 405
+
+
+async def test_grpc_health_with_grpcurl(hub_env: HubEnv) -> None:
+    _, out, _ = await grpcurl(hub_env, "grpc.health.v1.Health/Check")
+    assert json.loads(out) == {"status": "SERVING"}
+    _, out, _ = await grpcurl(
+        hub_env,
+        "-d",
+        '{"service": "otterscale.resource.v1.ResourceService"}',
+        "--",
+        "grpc.health.v1.Health/Check",
+    )
+    assert json.loads(out) == {"status": "SERVING"}
+    # Per cluster: beta has no agent.
+    _, out, _ = await grpcurl(
+        hub_env,
+        "-d",
+        '{"service": "otterscale.cluster.v1.Cluster/beta"}',
+        "--",
+        "grpc.health.v1.Health/Check",
+    )
+    assert json.loads(out) == {"status": "NOT_SERVING"}
+    await hub_env.agent("alpha")
+    _, out, _ = await grpcurl(
+        hub_env,
+        "-d",
+        '{"service": "otterscale.cluster.v1.Cluster/alpha"}',
+        "--",
+        "grpc.health.v1.Health/Check",
+    )
+    assert json.loads(out) == {"status": "SERVING"}
+    code, _, err = await grpcurl(
+        hub_env, "-d", '{"service": "no.such.Service"}', "--", "grpc.health.v1.Health/Check", check=False
+    )
+    assert code != 0
+    assert "NotFound" in err
+
+
+async def test_grpc_health_reflects_the_tunnel_server(hub_env: HubEnv) -> None:
+    chisel = hub_env.hub.chisel
+    assert chisel is not None
+    assert chisel.pid is not None
+    # Stop chisel from coming back quickly: SIGSTOP would hang it; instead watch the status flip
+    # while it restarts.
+    seen: list[str] = []
+
+    async def watch() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            str(tool_path("grpcurl")),
+            "-plaintext",
+            "-max-time",
+            "20",
+            hub_env.hub.url.removeprefix("http://"),
+            "grpc.health.v1.Health/Watch",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        buffer = ""
+        try:
+            while len(seen) < 3:
+                line = await proc.stdout.readline()
+                if not line:
+                    break
+                buffer += line.decode()
+                if line.strip() == b"}":
+                    seen.append(json.loads(buffer)["status"])
+                    buffer = ""
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+    task = asyncio.create_task(watch())
+    await wait_for(lambda: seen == ["SERVING"], 10, "first status")
+    os.kill(chisel.pid, signal.SIGKILL)
+    await asyncio.wait_for(task, 20)
+    assert seen == ["SERVING", "NOT_SERVING", "SERVING"]
+
+
+async def test_grpc_reflection_with_grpcurl(hub_env: HubEnv) -> None:
+    _, out, _ = await grpcurl(hub_env, "list")
+    services = set(out.split())
+    assert {
+        "otterscale.resource.v1.ResourceService",
+        "otterscale.cluster.v1.ClusterService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    } <= services
+    _, out, _ = await grpcurl(hub_env, "describe", "otterscale.resource.v1.ResourceService")
+    for rpc in ("Discovery", "Schema", "List", "Get", "Create", "Apply", "Delete", "Watch"):
+        assert f"rpc {rpc} (" in out
+    _, out, _ = await grpcurl(hub_env, "describe", "otterscale.resource.v1.DeleteRequest")
+    assert "optional int64 grace_period_seconds = 7" in out
+
+
+async def test_grpcurl_calls_through_the_hub_with_reflection(hub_env: HubEnv) -> None:
+    await hub_env.agent("alpha")
+    token = hub_env.issuer.token()
+    _, out, _ = await grpcurl(
+        hub_env,
+        "-H",
+        f"authorization: Bearer {token}",
+        "--",
+        "otterscale.cluster.v1.ClusterService/ListClusters",
+    )
+    clusters = {c["name"]: c for c in json.loads(out)["clusters"]}
+    assert clusters["alpha"]["connected"] is True
+    assert "connected" not in clusters["beta"]  # false is the default, omitted in JSON
+    request = json.dumps(
+        {"cluster": "alpha", "version": "v1", "resource": "configmaps", "name": "via-grpcurl"}
+    )
+    _, out, _ = await grpcurl(
+        hub_env,
+        "-H",
+        f"authorization: Bearer {token}",
+        "-d",
+        request,
+        "--",
+        "otterscale.resource.v1.ResourceService/Get",
+    )
+    assert json.loads(out)["object"]["metadata"]["name"] == "via-grpcurl"
+    code, _, err = await grpcurl(
+        hub_env, "-d", request, "--", "otterscale.resource.v1.ResourceService/Get", check=False
+    )
+    assert code != 0
+    assert "Unauthenticated" in err
+
+
+async def test_list_clusters(hub_env: HubEnv) -> None:
+    await hub_env.agent("alpha")
+    assert hub_env.hub.tunnels is not None
+    await wait_for(lambda: hub_env.hub.tunnels.get("alpha").agent_version != "", 5, "agent info")  # type: ignore[union-attr]
+    client = hub_env.cluster_client()
+    response = await client.list_clusters(cluster_pb2.ListClustersRequest(), headers=hub_env.auth())
+    assert [c.name for c in response.clusters] == ["alpha", "beta"]
+    alpha, beta = response.clusters
+    assert alpha.connected
+    assert alpha.tunnel_port == hub_env.specs["alpha"].tunnel_port
+    assert alpha.agent_version == "9.9.9-fake"
+    assert alpha.kubernetes_version == "v1.36.3-fake"
+    assert alpha.agent_address.startswith("127.0.0.1:")
+    assert alpha.HasField("since")
+    assert alpha.HasField("last_seen")
+    assert not beta.connected
+    assert beta.tunnel_port == hub_env.specs["beta"].tunnel_port
+    assert beta.agent_version == ""
+    assert not beta.HasField("last_seen")
+    # Disconnect alpha: since moves, the last error says why.
+    before = alpha.since.ToNanoseconds()
+    await hub_env.agents["alpha"].disconnect()
+    await wait_for(lambda: not hub_env.hub.tunnels.get("alpha").connected, 5, "alpha down")  # type: ignore[union-attr]
+    response = await client.list_clusters(cluster_pb2.ListClustersRequest(), headers=hub_env.auth())
+    alpha = response.clusters[0]
+    assert not alpha.connected
+    assert alpha.since.ToNanoseconds() > before
+    assert "tunnel closed" in alpha.last_error
+    assert alpha.HasField("last_error_time")
+    assert alpha.agent_address == ""
+
+
+async def test_list_clusters_needs_a_token(hub_env: HubEnv) -> None:
+    client = hub_env.cluster_client()
+    with pytest.raises(ConnectError) as caught:
+        await client.list_clusters(cluster_pb2.ListClustersRequest())
+    assert caught.value.code is Code.UNAUTHENTICATED
+
+
+async def test_access_log_fields_and_no_token(hub_env: HubEnv, caplog: pytest.LogCaptureFixture) -> None:
+    await hub_env.agent("alpha")
+    client = hub_env.client()
+    token = hub_env.issuer.token("bob")
+    caplog.set_level(logging.INFO, logger="otterscale")
+    await client.get(
+        pb.GetRequest(cluster="alpha", name="x"), headers=hub_env.auth(token, **{"x-request-id": "req-1"})
+    )
+    with pytest.raises(ConnectError):
+        await client.get(
+            pb.GetRequest(cluster="alpha", name="x"), headers={"authorization": f"Bearer {token}x"}
+        )
+    records = [r for r in caplog.records if r.name == "otterscale.hub.access"]
+    ok: Any = next(r for r in records if getattr(r, "request_id", "") == "req-1")
+    assert ok.method == "/otterscale.resource.v1.ResourceService/Get"
+    assert ok.cluster == "alpha"
+    assert ok.subject == "bob"
+    assert ok.code == "ok"
+    assert ok.duration_ms > 0
+    failed: Any = records[-1]
+    assert failed.code == "unauthenticated"
+    for record in caplog.records:
+        text = record.getMessage() + " " + " ".join(str(v) for v in vars(record).values())
+        assert token not in text
+        assert token[:40] not in text
+
+
+async def test_one_connection_serves_more_than_1000_calls(
+    hub_env: HubEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hypercorn's keep_alive_max_requests is raised: no GOAWAY or close after 1000 requests."""
+    from pyqwest import HTTPVersion
+
+    from otterscale.hub._health import HealthCheckRequest, HealthCheckResponse
+    from otterscale.hub._server import server_config
+
+    assert server_config(graceful_timeout=1).keep_alive_max_requests > 1_000_000
+    caplog.set_level(logging.DEBUG, logger="otterscale.hub.access")
+    body = HealthCheckRequest().SerializeToString()
+    path = "/grpc.health.v1.Health/Check"
+
+    # HTTP/2 (h2c prior knowledge): pyqwest multiplexes everything on one connection.
+    http = hub_env.http(HTTPVersion.HTTP2)
+    for _ in range(1100):
+        response = await http.post(
+            hub_env.hub.url + path, headers={"content-type": "application/proto"}, content=body
+        )
+        assert response.status == 200
+    assert HealthCheckResponse.FromString(response.content).status == 1
+    peers = {getattr(r, "peer", None) for r in caplog.records if r.name == "otterscale.hub.access"}
+    assert len(peers) == 1
+
+    # HTTP/1.1 keep-alive on one socket, request after request.
+    host, port = hub_env.hub.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/proto\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    try:
+        for i in range(1100):
+            writer.write(request)
+            status = await reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), (i, status)
+            length, chunked = 0, False
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+                if name.lower() == "transfer-encoding":
+                    chunked = "chunked" in value.lower()
+                assert not (name.lower() == "connection" and "close" in value.lower()), i
+            if not chunked:
+                await reader.readexactly(length)
+                continue
+            while (size := int((await reader.readline()).strip(), 16)) > 0:
+                await reader.readexactly(size + 2)
+            await reader.readline()
+    finally:
+        writer.close()
+        await writer.wait_closed()

@@ -1,0 +1,389 @@
+"""The ResourceService proxy end to end: client -> hub -> real chisel tunnel -> fake agent.
+
+The agent side is the test-only Connect server of conftest.py (a fake ResourceService behind a
+real ``chisel client``); the real agent is exercised by the end-to-end tests in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from connectrpc.client import ResponseMetadata
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from otterscale.common import SUBJECT_HEADER, verify_identity
+from otterscale.resource.v1 import resource_pb2 as pb
+
+from .conftest import TRANSPORTS, HubEnv, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def get(name: str = "demo", cluster: str = "alpha") -> pb.GetRequest:
+    return pb.GetRequest(cluster=cluster, version="v1", resource="configmaps", namespace="default", name=name)
+
+
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+@pytest.mark.parametrize("json", [False, True], ids=["binary", "json"])
+async def test_get_through_every_protocol_and_codec(hub_env: HubEnv, transport: str, json: bool) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client(transport, json=json)
+    got = await client.get(get("demo"), headers=hub_env.auth())
+    assert got.object["metadata"]["name"] == "demo"
+    assert got.object["metadata"]["labels"]["cluster"] == "alpha"
+    seen = agent.resources.records[-1]
+    assert seen.method == "/otterscale.resource.v1.ResourceService/Get"
+    assert seen.subject == "alice"
+    # The codec the client chose is what the agent got (the hub forwards bytes, not objects).
+    content_type = seen.headers["content-type"][0]
+    assert content_type.endswith("json" if json else "proto")
+
+
+async def test_routes_by_cluster(hub_env: HubEnv) -> None:
+    alpha = await hub_env.agent("alpha")
+    beta = await hub_env.agent("beta")
+    client = hub_env.client()
+    a = await client.get(get("one", "alpha"), headers=hub_env.auth())
+    b = await client.get(get("two", "beta"), headers=hub_env.auth())
+    assert a.object["metadata"]["labels"]["cluster"] == "alpha"
+    assert b.object["metadata"]["labels"]["cluster"] == "beta"
+    assert [r.request.name for r in alpha.resources.records] == ["one"]
+    assert [r.request.name for r in beta.resources.records] == ["two"]
+
+
+async def test_unknown_cluster_is_not_found(hub_env: HubEnv) -> None:
+    client = hub_env.client()
+    with pytest.raises(ConnectError) as caught:
+        await client.get(get(cluster="gamma"), headers=hub_env.auth())
+    assert caught.value.code is Code.NOT_FOUND
+    assert "'gamma' is not configured" in caught.value.message
+
+
+async def test_empty_cluster_is_invalid_argument(hub_env: HubEnv) -> None:
+    client = hub_env.client()
+    with pytest.raises(ConnectError) as caught:
+        await client.get(get(cluster=""), headers=hub_env.auth())
+    assert caught.value.code is Code.INVALID_ARGUMENT
+    assert "alpha, beta" in caught.value.message
+
+
+async def test_disconnected_cluster_is_unavailable_at_once(hub_env: HubEnv) -> None:
+    client = hub_env.client()
+    started = time.perf_counter()
+    with pytest.raises(ConnectError) as caught:
+        await client.get(get(cluster="beta"), headers=hub_env.auth())
+    elapsed = time.perf_counter() - started
+    assert caught.value.code is Code.UNAVAILABLE
+    assert "agent of cluster 'beta' is not connected" in caught.value.message
+    assert elapsed < 0.5, elapsed
+
+
+async def test_agent_disconnect_and_reconnect(hub_env: HubEnv) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client("connect-h2c")
+    await client.get(get("before"), headers=hub_env.auth())
+    await agent.disconnect()
+    assert hub_env.hub.tunnels is not None
+    await wait_for(lambda: not hub_env.hub.tunnels.get("alpha").connected, 5, "alpha disconnected")  # type: ignore[union-attr]
+    started = time.perf_counter()
+    with pytest.raises(ConnectError) as caught:
+        await client.get(get("during"), headers=hub_env.auth())
+    assert caught.value.code is Code.UNAVAILABLE
+    assert time.perf_counter() - started < 0.5
+    status = hub_env.hub.tunnels.get("alpha")
+    assert status is not None
+    assert "tunnel closed" in (status.last_error or "")
+    await hub_env.agent("alpha")  # reconnects the tunnel
+    got = await client.get(get("after"), headers=hub_env.auth())
+    assert got.object["metadata"]["name"] == "after"
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [
+        ({}, "missing credentials"),
+        ({"authorization": "Basic YWxpY2U6c2VjcmV0"}, "Bearer scheme"),
+        ({"authorization": "Bearer not-a-jwt"}, "not a signed JWT"),
+    ],
+    ids=["no-token", "basic", "garbage"],
+)
+async def test_bad_credentials_are_unauthenticated(
+    hub_env: HubEnv, headers: dict[str, str], fragment: str
+) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client()
+    with pytest.raises(ConnectError) as caught:
+        await client.get(get(), headers=headers)
+    assert caught.value.code is Code.UNAUTHENTICATED
+    assert fragment in caught.value.message
+    assert agent.resources.records == []
+
+
+async def test_expired_foreign_and_wrong_audience_tokens(hub_env: HubEnv) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    await hub_env.agent("alpha")
+    client = hub_env.client()
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cases = {
+        "expired": hub_env.issuer.token(expires_in=-3600),
+        "wrong audience": hub_env.issuer.token(audience="someone-else"),
+        "foreign signature": hub_env.issuer.token(key=other_key),
+    }
+    for what, token in cases.items():
+        with pytest.raises(ConnectError) as caught:
+            await client.get(get(), headers=hub_env.auth(token))
+        assert caught.value.code is Code.UNAUTHENTICATED, what
+        assert token not in caught.value.message
+
+
+async def test_client_identity_headers_never_reach_the_agent(hub_env: HubEnv) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client()
+    forged = {
+        "X-Otterscale-Subject": "mallory",
+        "x-otterscale-groups": "system:masters",
+        "X-OTTERSCALE-TIMESTAMP": "1",
+        "X-Otterscale-Signature": "v1=" + "A" * 43,
+        "X-Otterscale-Anything": "smuggled",
+        "Impersonate-User": "mallory",
+    }
+    await client.get(get(), headers=hub_env.auth(**forged))
+    seen = agent.resources.records[-1]
+    assert seen.subject == "alice"
+    assert seen.headers[SUBJECT_HEADER.lower()] == ["alice"]
+    assert "x-otterscale-anything" not in seen.headers
+    assert "impersonate-user" not in seen.headers
+    assert "authorization" not in seen.headers
+    for name, values in seen.headers.items():
+        assert len(values) == 1, name
+        assert "mallory" not in values[0]
+        assert "system:masters" not in values[0]
+    identity = verify_identity(
+        {name: values[0] for name, values in seen.headers.items()},
+        cluster="alpha",
+        method="/otterscale.resource.v1.ResourceService/Get",
+        key=hub_env.specs["alpha"].key,
+    )
+    assert identity.subject == "alice"
+    assert identity.groups == ("developers",)
+
+
+async def test_agent_codes_and_messages_pass_through(hub_env: HubEnv) -> None:
+    await hub_env.agent("alpha")
+    for transport in ("connect-h1", "grpc-h2c", "grpcweb-h1"):
+        client = hub_env.client(transport)
+        with pytest.raises(ConnectError) as caught:
+            await client.get(get("forbidden"), headers=hub_env.auth())
+        assert caught.value.code is Code.PERMISSION_DENIED
+        assert caught.value.message == (
+            'configmaps "forbidden" is forbidden: User "alice" cannot get resource "configmaps"'
+        )
+        with pytest.raises(ConnectError) as caught:
+            await client.get(get("missing"), headers=hub_env.auth())
+        assert caught.value.code is Code.NOT_FOUND
+        assert caught.value.message == 'configmaps "missing" not found'
+        with pytest.raises(ConnectError) as caught:
+            await client.schema(
+                pb.SchemaRequest(cluster="alpha", version="v1", kind="Nope"), headers=hub_env.auth()
+            )
+        assert caught.value.code is Code.NOT_FOUND
+        assert caught.value.message == 'kind "Nope" not found in /v1'
+
+
+async def test_deadline_propagates_to_the_agent(hub_env: HubEnv) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client(timeout_ms=400)
+    started = time.perf_counter()
+    with pytest.raises(ConnectError) as caught:
+        await client.get(get("slow"), headers=hub_env.auth())
+    elapsed = time.perf_counter() - started
+    assert caught.value.code is Code.DEADLINE_EXCEEDED
+    assert elapsed < 2.0
+    forwarded = int(agent.resources.records[-1].headers["connect-timeout-ms"][0])
+    assert 0 < forwarded <= 400
+
+
+async def test_request_id_is_returned_and_forwarded(hub_env: HubEnv) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client()
+    with ResponseMetadata() as meta:
+        await client.get(get(), headers=hub_env.auth(**{"x-request-id": "trace-123"}))
+    assert meta.headers.get("x-request-id") == "trace-123"
+    assert agent.resources.records[-1].headers["x-request-id"] == ["trace-123"]
+    with ResponseMetadata() as meta:
+        await client.get(get(), headers=hub_env.auth(**{"x-request-id": "bad id with spaces"}))
+    generated = meta.headers.get("x-request-id") or ""
+    assert len(generated) == 32
+    assert agent.resources.records[-1].headers["x-request-id"] == [generated]
+
+
+async def test_every_rpc_is_forwarded(hub_env: HubEnv) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client("connect-h2c")
+    auth = hub_env.auth()
+    await client.discovery(pb.DiscoveryRequest(cluster="alpha"), headers=auth)
+    await client.list(
+        pb.ListRequest(cluster="alpha", version="v1", resource="configmaps", limit=3), headers=auth
+    )
+    await client.get(get(), headers=auth)
+    await client.create(pb.CreateRequest(cluster="alpha", manifest=b"kind: ConfigMap"), headers=auth)
+    await client.apply(pb.ApplyRequest(cluster="alpha", name="x", manifest=b"{}", force=True), headers=auth)
+    await client.delete(pb.DeleteRequest(cluster="alpha", name="x", grace_period_seconds=0), headers=auth)
+    methods = [r.method.rsplit("/", 1)[1] for r in agent.resources.records]
+    assert methods == ["Discovery", "List", "Get", "Create", "Apply", "Delete"]
+    delete = agent.resources.records[-1].request
+    assert delete.HasField("grace_period_seconds")
+    assert delete.grace_period_seconds == 0
+
+
+async def test_big_list_passes_through(hub_env: HubEnv) -> None:
+    await hub_env.agent("alpha")
+    client = hub_env.client("connect-h2c")
+    listed = await client.list(
+        pb.ListRequest(cluster="alpha", version="v1", resource="configmaps", limit=5000),
+        headers=hub_env.auth(),
+    )
+    assert len(listed.items) == 5000
+    assert listed.ByteSize() > 4 * 1024 * 1024  # above connectrpc's default 4 MiB read limit
+    assert listed.items[-1].object["metadata"]["name"] == "cm-4999"
+
+
+async def test_connections_to_the_agent_stay_warm(hub_env: HubEnv) -> None:
+    agent = await hub_env.agent("alpha")
+    for transport in ("connect-h1", "grpc-h2c"):
+        client = hub_env.client(transport)
+        await asyncio.gather(*(client.get(get(f"n{i}"), headers=hub_env.auth()) for i in range(20)))
+        for i in range(20):
+            await client.get(get(f"s{i}"), headers=hub_env.auth())
+    # Every call (and the prober's pings) came over one connection through the tunnel: one TCP
+    # connection and one SSH channel, whatever the clients' protocols.
+    assert len(agent.resources.records) == 80
+    assert len(agent.peers) == 1, agent.peers
+
+
+async def test_watches_never_block_unary_calls(hub_env: HubEnv) -> None:
+    """Watches use their own HTTP/2 connections, spread by load; unary calls keep theirs.
+
+    The agent here allows only 2 concurrent streams per connection (the real one: 1000): 8
+    Watches fit on the hub's 4 stream connections and a unary call still goes through at once.
+    """
+    from otterscale.hub._upstream import STREAM_TRANSPORTS
+
+    agent = await hub_env.agent("alpha", max_streams=2)
+    client = hub_env.client("connect-h2c")
+    request = pb.WatchRequest(cluster="alpha", version="v1", resource="configmaps", resource_version="1")
+    first_events: list[str] = []
+
+    async def consume() -> None:
+        async for event in client.watch(request, headers=hub_env.auth()):
+            first_events.append(event.resource_version)
+
+    watches = [asyncio.create_task(consume()) for _ in range(2 * STREAM_TRANSPORTS)]
+    try:
+        await wait_for(lambda: len(first_events) == 2 * STREAM_TRANSPORTS, 10, "every watch started")
+        assert len(set(agent.stream_peers)) == STREAM_TRANSPORTS
+        started = time.perf_counter()
+        got = await client.get(get("while-watching"), headers=hub_env.auth())
+        assert got.object["metadata"]["name"] == "while-watching"
+        assert time.perf_counter() - started < 1.0
+    finally:
+        for watch in watches:
+            watch.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+
+
+async def test_watch_streams_events(hub_env: HubEnv) -> None:
+    await hub_env.agent("alpha")
+    for transport, json in (
+        ("connect-h1", False),
+        ("connect-h1", True),
+        ("grpc-h2c", False),
+        ("grpcweb-h1", False),
+    ):
+        client = hub_env.client(transport, json=json)
+        request = pb.WatchRequest(
+            cluster="alpha", version="v1", resource="configmaps", resource_version="3", field_selector="ok"
+        )
+        events = [event async for event in client.watch(request, headers=hub_env.auth())]
+        assert [e.resource_version for e in events] == ["100", "101", "102"]
+        assert events[0].type == pb.WatchEvent.TYPE_ADDED
+
+
+async def test_watch_end_with_error_passes_through(hub_env: HubEnv) -> None:
+    await hub_env.agent("alpha")
+    client = hub_env.client("grpc-h2c")
+    request = pb.WatchRequest(
+        cluster="alpha", version="v1", resource="configmaps", resource_version="2", field_selector="end"
+    )
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for event in client.watch(request, headers=hub_env.auth()):
+            received.append(event.resource_version)
+
+    with pytest.raises(ConnectError) as caught:
+        await consume()
+    assert received == ["100", "101"]
+    assert caught.value.code is Code.UNAVAILABLE
+    assert caught.value.message == "the upstream watch closed; resume from 199"
+
+
+@pytest.mark.parametrize("transport", ["connect-h1", "connect-h2c", "grpc-h2c"])
+async def test_client_cancel_closes_the_agent_watch(hub_env: HubEnv, transport: str) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client(transport)
+    request = pb.WatchRequest(cluster="alpha", version="v1", resource="configmaps", resource_version="1")
+    metrics = hub_env.hub.metrics
+    assert metrics is not None
+
+    async def consume() -> None:
+        async for _ in client.watch(request, headers=hub_env.auth()):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(agent.resources.watch_open.wait(), 5)
+    await wait_for(lambda: metrics.watch_active.labels(cluster="alpha")._value.get() == 1, 5, "watch counted")
+    task.cancel()
+    # connectrpc's client reports its own cancellation as ConnectError(canceled).
+    with pytest.raises((asyncio.CancelledError, ConnectError)):
+        await task
+    await asyncio.wait_for(agent.resources.watch_closed.wait(), 5)
+    await wait_for(
+        lambda: metrics.watch_active.labels(cluster="alpha")._value.get() == 0, 5, "watch uncounted"
+    )
+
+
+async def test_agent_death_ends_the_watch_with_unavailable(hub_env: HubEnv) -> None:
+    agent = await hub_env.agent("alpha")
+    client = hub_env.client("connect-h2c")
+    request = pb.WatchRequest(cluster="alpha", version="v1", resource="configmaps", resource_version="1")
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for event in client.watch(request, headers=hub_env.auth()):
+            received.append(event.resource_version)
+
+    task = asyncio.create_task(consume())
+    await wait_for(lambda: received == ["100"], 5, "first event")
+    await agent.disconnect()  # the tunnel goes away under the open stream
+    with pytest.raises(ConnectError) as caught:
+        await asyncio.wait_for(task, 10)
+    assert caught.value.code is Code.UNAVAILABLE
+    assert received == ["100"]
+
+
+async def test_unary_and_watch_while_identity_provider_is_down(hub_env: HubEnv) -> None:
+    await hub_env.agent("alpha")
+    client = hub_env.client()
+    token = hub_env.issuer.token()
+    # The verifier has not fetched keys yet; point it at a dead issuer by stopping the JWKS server.
+    verifier = hub_env.hub._auth._verifier  # type: ignore[union-attr]
+    verifier._discovery_url = "http://127.0.0.1:9/.well-known/openid-configuration"
+    with pytest.raises(ConnectError) as caught:
+        await client.get(get(), headers=hub_env.auth(token))
+    assert caught.value.code is Code.UNAVAILABLE
+    assert token not in caught.value.message
