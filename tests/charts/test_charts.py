@@ -392,7 +392,7 @@ def test_pods_are_locked_down(helm_cli: Any, case: ValueSet) -> None:
         assert sc["capabilities"]["drop"] == ["ALL"]
     main = pod["containers"][0]
     assert {"livenessProbe", "readinessProbe", "startupProbe", "resources"} <= set(main)
-    expected = {"otterscale-hub": ("/livez", "/readyz"), "otterscale-agent": ("/ping", "/ping")}[case.chart]
+    expected = {"otterscale-hub": ("/livez", "/readyz"), "otterscale-agent": ("/ping", "/readyz")}[case.chart]
     assert (main["livenessProbe"]["httpGet"]["path"], main["readinessProbe"]["httpGet"]["path"]) == expected
     assert any(m["mountPath"] == "/tmp" for m in main["volumeMounts"])  # HOME and TMPDIR are writable
 

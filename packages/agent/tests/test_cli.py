@@ -1,5 +1,8 @@
 """``otterscale agent``: flags and configuration, and (integration) the real process: /ping, a
-call through it, and a graceful SIGTERM that ends an open Watch with unavailable."""
+call through it, and a graceful SIGTERM that ends an open Watch with unavailable.
+
+The tunnel's flags and behaviour are tested in test_tunnel.py; here the agent runs with
+``--no-tunnel`` unless a test is about the tunnel settings."""
 
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ from otterscale.agent import build_parser
 from otterscale.agent._cli import main, settings_from_args
 from otterscale.common import ConfigError, UsageError, derive_identity_key
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ControlPlane, free_port
+from otterscale.testing import ControlPlane, free_port, tool_path
 
 from .conftest import AGENT_PASSWORD, CLUSTER, ClientFactory
+
+#: A well-formed tunnel fingerprint (no server has it: nothing here connects).
+FINGERPRINT = "RozKA4FDnJ+PXdPyD91by+mZkKj1ZoR3fFIwffROzNo="
 
 CONFIG = f"""
 keycloak:
@@ -39,7 +45,7 @@ clusters:
       auth:
         user: {CLUSTER}-agent
         pass: {AGENT_PASSWORD}
-      fingerprint: "SHA256:abc"
+      fingerprint: "{FINGERPRINT}"
       tunnel_port: 51001
       api_port: API_PORT
   other:
@@ -72,6 +78,8 @@ def test_settings_from_flags_and_config(tmp_path: Path) -> None:
             "/k",
             "--log-level",
             "debug",
+            "--chisel",
+            str(tool_path("chisel")),
         ],
         {},
     )
@@ -84,13 +92,32 @@ def test_settings_from_flags_and_config(tmp_path: Path) -> None:
     assert settings.identity_key == derive_identity_key(CLUSTER, AGENT_PASSWORD)
     assert (level, fmt) == ("debug", "text")
     assert AGENT_PASSWORD not in repr(settings)
+    tunnel = settings.tunnel
+    assert tunnel is not None
+    assert (tunnel.server_url, tunnel.fingerprint, tunnel.user, tunnel.tunnel_port) == (
+        "http://127.0.0.1:8300",
+        FINGERPRINT,
+        f"{CLUSTER}-agent",
+        51001,
+    )
+    assert tunnel.chisel.version >= (1, 11, 5)
 
 
 def test_port_zero_means_api_port(tmp_path: Path) -> None:
     settings, _, _ = settings_from_args(
-        ["--cluster", CLUSTER, "--config", str(write_config(tmp_path, 18555)), "--address", ":0"], {}
+        [
+            "--cluster",
+            CLUSTER,
+            "--config",
+            str(write_config(tmp_path, 18555)),
+            "--address",
+            ":0",
+            "--no-tunnel",
+        ],
+        {},
     )
     assert (settings.host, settings.port) == ("", 18555)
+    assert settings.tunnel is None
 
 
 def test_container_mode_defaults(tmp_path: Path) -> None:
@@ -134,8 +161,14 @@ def test_help_explains(capsys: pytest.CaptureFixture[str]) -> None:
         "in-cluster",
         "OTTERSCALE_CONTAINER",
         "/ping",
+        "/readyz",
         "SIGTERM",
         "impersonat",
+        "--chisel",
+        "--tunnel-server-url",
+        "--no-tunnel",
+        "fingerprint",
+        "AUTH",
     ):
         assert fragment in out
 
@@ -166,6 +199,24 @@ def _ping(url: str) -> int | None:
         return None
 
 
+def _get_request(request: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
 @pytest.mark.integration
 async def test_process_serves_and_stops_gracefully(
     tmp_path: Path, control_plane: ControlPlane, make_client: ClientFactory, namespace: str
@@ -187,6 +238,7 @@ async def test_process_serves_and_stops_gracefully(
             f"127.0.0.1:{port}",
             "--kubeconfig",
             str(control_plane.kubeconfig),
+            "--no-tunnel",
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -198,6 +250,7 @@ async def test_process_serves_and_stops_gracefully(
             assert proc.returncode is None, log_path.read_text()
             assert time.monotonic() < deadline, "agent did not answer /ping within 30s"
             await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(_get, url + "/readyz") == (200, "ok\n")  # no tunnel: ready
 
         rpc = make_client(url=url, transport="grpc-h2c")
         listed = await rpc.list(
@@ -254,6 +307,13 @@ def test_ping(agent_server: object) -> None:
         urllib.request.urlopen(request, timeout=5)  # noqa: S310
     info.value.close()
     assert info.value.code == 405
+    # Without a tunnel (the embedded Agent) the agent is ready while it serves.
+    assert _get(url + "/readyz") == (200, "ok\n")
+    head = urllib.request.Request(url + "/readyz", method="HEAD")  # noqa: S310
+    with urllib.request.urlopen(head, timeout=5) as resp:  # noqa: S310
+        assert (resp.status, resp.read()) == (200, b"")
+    post = urllib.request.Request(url + "/readyz", data=b"", method="POST")  # noqa: S310
+    assert _get_request(post) == 405
 
 
 @pytest.mark.integration

@@ -16,6 +16,7 @@ def test_exported_names() -> None:
             "KubeConfigError",
             "KubeConnection",
             "RootTask",
+            "TunnelSettings",
             "build_parser",
             "load_connection",
             "main",

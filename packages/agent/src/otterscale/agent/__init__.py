@@ -3,7 +3,10 @@
 Run it with ``otterscale agent --cluster NAME`` (see ``--help``). Embedding (tests, tools)::
 
     async with Agent(settings) as agent:
-        ...  # agent.url serves ResourceService and GET /ping
+        ...  # agent.url serves ResourceService, GET /ping and GET /readyz (no tunnel)
+
+    status = await run_agent(settings, stop)  # the whole agent: with settings.tunnel, its
+                                              # chisel client too, until `stop` is set
 
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
@@ -14,6 +17,7 @@ from ._discovery import DEFAULT_TTL as DISCOVERY_TTL
 from ._errors import AgentError
 from ._kubeconfig import KubeConfigError, KubeConnection, load_connection
 from ._service import DEFAULT_FIELD_MANAGER
+from ._tunnel import TunnelSettings
 
 __all__ = [
     "DEFAULT_FIELD_MANAGER",
@@ -24,6 +28,7 @@ __all__ = [
     "KubeConfigError",
     "KubeConnection",
     "RootTask",
+    "TunnelSettings",
     "build_parser",
     "load_connection",
     "main",

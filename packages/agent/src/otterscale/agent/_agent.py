@@ -1,15 +1,17 @@
 """Assembling and running one agent: settings in, a serving HTTP endpoint out, a clean stop.
 
-:class:`Agent` is the whole agent as an async context manager (used by the CLI and by tests):
-entering loads the Kubernetes credentials, opens the client, binds the socket and starts the
-HTTP server; leaving ends open Watch streams (unavailable), stops accepting, lets open requests
-finish for a few seconds, and closes the Kubernetes client. :func:`run_agent` runs it until a
-stop is requested or a root task ends.
+:class:`Agent` is the agent's HTTP side as an async context manager (used by the CLI and by
+tests): entering loads the Kubernetes credentials, opens the client, binds the socket and starts
+the HTTP server; leaving ends open Watch streams (unavailable), stops accepting, lets open
+requests finish for a few seconds, and closes the Kubernetes client. :func:`run_agent` runs the
+whole agent (with its tunnel, when ``settings.tunnel`` is set) until a stop is requested or a
+root task ends.
 
-Root tasks: the HTTP server, and (issue 4) the chisel tunnel client's supervisor, which will be
-passed in through ``run_agent(..., root_tasks={"tunnel": supervise})``; the first root task to
-end stops the agent. On stop the other root tasks (the tunnel: no new calls arrive) are stopped
-first, then the HTTP server drains.
+Root tasks: the HTTP server, the tunnel (``_tunnel.Tunnel.run``: the supervised chisel client,
+which dials the hub once the agent listens, since it needs the real port), and any passed in
+``root_tasks``; the first root task to end stops the agent. On stop the other root tasks (the
+tunnel first: no new calls arrive) are stopped, then the HTTP server drains. ``GET /readyz``
+follows the tunnel (and says 503 once stopping).
 Signal handling is not done here: the caller sets the ``stop`` event.
 """
 
@@ -29,9 +31,10 @@ from ._discovery import DEFAULT_TTL, DiscoveryCache
 from ._kube import KubeClient
 from ._kubeconfig import KubeConnection, load_connection
 from ._schema import SchemaCache
-from ._server import GRACEFUL_TIMEOUT, create_listener, make_asgi_app, serve
+from ._server import GRACEFUL_TIMEOUT, Readiness, create_listener, make_asgi_app, serve
 from ._service import ErrorBoundary, ResourceServiceImpl
 from ._tasks import start_task, stop_tasks
+from ._tunnel import Tunnel, TunnelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +62,29 @@ class AgentSettings:
     discovery_ttl: float = DEFAULT_TTL
     #: Accepted clock skew (and age) of identity signatures, seconds.
     max_skew_seconds: float = 30.0
+    #: The tunnel to the hub that :func:`run_agent` keeps open; None runs the agent alone
+    #: (``--no-tunnel``: tests, local debugging).
+    tunnel: TunnelSettings | None = None
 
 
 class Agent:
-    """One running agent; use ``async with Agent(settings) as agent``."""
+    """One running agent; use ``async with Agent(settings) as agent``.
 
-    def __init__(self, settings: AgentSettings, *, connection: KubeConnection | None = None) -> None:
+    ``readiness`` decides ``GET /readyz`` (None when ready, else the reason); without one the
+    agent is ready while it serves. Either way it is not ready once stopping.
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        connection: KubeConnection | None = None,
+        readiness: Readiness | None = None,
+    ) -> None:
         self.settings = settings
         self._connection = connection
+        self._readiness = readiness
+        self._stopping = False
         self._client: KubeClient | None = None
         self._service: ResourceServiceImpl | None = None
         self._server_stop = asyncio.Event()
@@ -82,6 +100,12 @@ class Agent:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+    def readiness(self) -> str | None:
+        """None when the agent is ready for the hub's calls, else a short reason."""
+        if self._stopping:
+            return "shutting down"
+        return self._readiness() if self._readiness is not None else None
 
     @property
     def server_task(self) -> asyncio.Task[None]:
@@ -132,7 +156,11 @@ class Agent:
             self.host, self.port = (settings.host, int(bound[1]))
             started = asyncio.Event()
             self._server_task = start_task(
-                serve(make_asgi_app(connect_app, on_startup=started.set), sock, self._server_stop),
+                serve(
+                    make_asgi_app(connect_app, on_startup=started.set, readiness=self.readiness),
+                    sock,
+                    self._server_stop,
+                ),
                 name="agent-http-server",
             )
             await _wait_started(started, self._server_task)
@@ -143,6 +171,7 @@ class Agent:
 
     async def stop(self) -> None:
         """End Watches, stop accepting, drain (bounded), close the Kubernetes client. Idempotent."""
+        self._stopping = True
         if self._service is not None:
             self._service.shutdown()
         self._server_stop.set()
@@ -184,13 +213,20 @@ async def run_agent(
     root_tasks: Mapping[str, RootTask] | None = None,
     on_ready: Callable[[Agent], None] | None = None,
 ) -> int:
-    """Run an agent until ``stop`` is set (exit status 0) or a root task ends (status 1)."""
-    async with Agent(settings) as agent:
+    """Run an agent until ``stop`` is set (exit status 0) or a root task ends (status 1).
+
+    With ``settings.tunnel`` the tunnel is a root task (named ``tunnel``) and decides
+    ``/readyz``. ``on_ready`` is called once the agent serves (before the tunnel is up).
+    """
+    tunnel = Tunnel(settings.tunnel) if settings.tunnel is not None else None
+    tasks: dict[str, RootTask] = {"tunnel": tunnel.run} if tunnel is not None else {}
+    tasks.update(root_tasks or {})
+    async with Agent(settings, readiness=tunnel.readiness if tunnel is not None else None) as agent:
         if on_ready is not None:
             on_ready(agent)
         stopper = start_task(stop.wait(), name="agent-stop-request", forever=False)
         roots: list[asyncio.Task[Any]] = [agent.server_task, stopper]
-        roots += [start_task(root(agent), name=name) for name, root in (root_tasks or {}).items()]
+        roots += [start_task(root(agent), name=name) for name, root in tasks.items()]
         done, _ = await asyncio.wait(roots, return_when=asyncio.FIRST_COMPLETED)
         requested = stopper in done
         if not requested:

@@ -1,29 +1,41 @@
 """``otterscale agent`` (also installed as ``otterscale-agent``): flags, config, signals, exit status.
 
 The only module of the agent that reads the process environment (``OTTERSCALE_CONTAINER`` through
-common's ``resolve_defaults``, ``KUBECONFIG`` and the in-cluster service variables), which it
-passes down explicitly. Signal handlers only set the stop event; a second signal aborts the
-graceful shutdown.
+common's ``resolve_defaults``, ``PATH`` to find chisel, ``KUBECONFIG`` and the in-cluster service
+variables), which it passes down explicitly. Signal handlers only set the stop event; a second
+signal aborts the graceful shutdown.
+
+Everything that can be checked before serving is checked here, so that a misconfigured agent
+exits at once with a message (status 1) instead of serving a tunnel that can never come up: the
+cluster's fingerprint, the tunnel server URL, and the chisel binary and its version.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from otterscale.common import (
     CONTAINER_CONFIG,
     CONTAINER_ENV,
     DEFAULT_ADDRESS,
+    MIN_CHISEL_VERSION,
+    ChiselBinary,
+    ClusterConfig,
     ConfigError,
+    OtterscaleConfig,
+    TunnelError,
     UsageError,
     add_common_arguments,
+    check_chisel,
     configure_logging,
     derive_identity_key,
     load_config,
@@ -33,10 +45,21 @@ from otterscale.common import (
 from ._agent import AgentSettings, run_agent
 from ._discovery import DEFAULT_TTL
 from ._kubeconfig import KubeConfigError
+from ._tunnel import (
+    DEFAULT_KEEPALIVE,
+    DEFAULT_MAX_RETRY_INTERVAL,
+    FINGERPRINT_HINT,
+    TunnelSettings,
+    default_server_url,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_parser", "main"]
+
+_MIN_CHISEL = ".".join(str(part) for part in MIN_CHISEL_VERSION)
+# Stands in for the binary while the other tunnel settings are checked (before chisel is run).
+_UNCHECKED_CHISEL = ChiselBinary(path=Path("chisel"), version=MIN_CHISEL_VERSION)
 
 _DESCRIPTION = """\
 Run the OtterScale agent for one cluster: serve otterscale.resource.v1.ResourceService to the
@@ -52,7 +75,26 @@ Kubernetes credentials, first found wins:
 Listening:
   --address {DEFAULT_ADDRESS} listens on all interfaces; a port of 0 means the cluster's
   clusters.<NAME>.agent.api_port from the configuration. HTTP/1.1 and h2c on one port:
-  Connect, gRPC and gRPC-Web. GET /ping answers 204.
+  Connect, gRPC and gRPC-Web.
+
+Tunnel (how the hub reaches this agent; the agent dials out, no inbound port needed):
+  The agent runs `chisel client` (--chisel; default: chisel on PATH, version {_MIN_CHISEL} or
+  newer) against the hub's tunnel server (--tunnel-server-url; default
+  http://<tunnel.server.host>:<tunnel.server.port> from the configuration, where a host of
+  0.0.0.0, :: or "" means 127.0.0.1) and asks for the reverse remote
+  R:127.0.0.1:<tunnel_port>:127.0.0.1:<the port this agent listens on>.
+  clusters.<NAME>.agent.fingerprint is required: the agent trusts only the tunnel server with
+  that key. To get it, start the hub and copy the fingerprint it logs at start-up (or run
+  `otterscale server --config FILE --print-fingerprint` with the hub's configuration).
+  The password reaches chisel in its environment (AUTH), never on its command line.
+  Reconnects are at most {DEFAULT_MAX_RETRY_INTERVAL:g}s apart, so the agent is back within seconds of a hub
+  restart or fail-over; keepalive {DEFAULT_KEEPALIVE:g}s. A chisel process that dies is restarted.
+  --no-tunnel runs the agent alone, without chisel (tests, local debugging).
+
+Probes (no signature needed):
+  GET /ping answers 204 while the agent serves (liveness).
+  GET /readyz answers 200 while the tunnel is connected (always with --no-tunnel), else 503
+  with the reason (readiness).
 
 Security:
   Every call must carry the hub's identity signature, keyed from clusters.<NAME>.agent.auth.pass;
@@ -87,13 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, then in-cluster)",
     )
+    tunnel = parser.add_argument_group("tunnel")
+    tunnel.add_argument(
+        "--chisel",
+        metavar="PATH",
+        default=None,
+        help=f"the chisel binary, version {_MIN_CHISEL} or newer (default: chisel on PATH)",
+    )
+    tunnel.add_argument(
+        "--tunnel-server-url",
+        metavar="URL",
+        default=None,
+        help="the hub's tunnel server, e.g. http://hub-tunnel:8300 (default: "
+        "http://tunnel.server.host:tunnel.server.port from the configuration, 0.0.0.0 read as 127.0.0.1)",
+    )
+    tunnel.add_argument(
+        "--no-tunnel",
+        action="store_true",
+        help="run without the tunnel (no chisel; /readyz is always 200): tests and local debugging",
+    )
     return parser
 
 
 def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[AgentSettings, str, str]:
     """Parse flags and the configuration into settings; also returns log level and format.
 
-    Raises UsageError or ConfigError with a message for the operator.
+    Raises UsageError, ConfigError or TunnelError (chisel missing or too old, bad tunnel
+    settings) with a message for the operator.
     """
     args = build_parser().parse_args(list(argv))
     options = resolve_defaults(args, environ)
@@ -106,15 +168,77 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
             [(f"clusters.{args.cluster}", f"no such cluster (configured: {known}); check --cluster")],
         )
     password = cluster.agent.auth.password.get_secret_value()
+    port = options.port or cluster.agent.api_port
+    tunnel: TunnelSettings | None = None
+    if args.no_tunnel:
+        given = [
+            flag
+            for flag, value in (("--chisel", args.chisel), ("--tunnel-server-url", args.tunnel_server_url))
+            if value
+        ]
+        if given:
+            raise UsageError(f"--no-tunnel runs the agent without a tunnel; drop {' and '.join(given)}")
+    else:
+        tunnel = _tunnel_settings(args, options.config, config, cluster, port, environ)
     settings = AgentSettings(
         cluster=args.cluster,
         host=options.host,
-        port=options.port or cluster.agent.api_port,
+        port=port,
         identity_key=derive_identity_key(args.cluster, password),
         kubeconfig=args.kubeconfig,
         environ=dict(environ),
+        tunnel=tunnel,
     )
     return settings, options.log_level, options.log_format
+
+
+def _tunnel_settings(
+    args: argparse.Namespace,
+    source: Path,
+    config: OtterscaleConfig,
+    cluster: ClusterConfig,
+    port: int,
+    environ: Mapping[str, str],
+) -> TunnelSettings:
+    """The tunnel's settings, checked: fingerprint, URL, then the chisel binary (which is run).
+
+    Raises ConfigError (no fingerprint), UsageError (bad --tunnel-server-url or --chisel) or
+    TunnelError (chisel missing or too old, or a malformed fingerprint).
+    """
+    agent = cluster.agent
+    if agent.fingerprint is None:
+        raise ConfigError(
+            str(source),
+            [
+                (
+                    f"clusters.{args.cluster}.agent.fingerprint",
+                    "required: the agent connects only to the tunnel server with this fingerprint "
+                    f"(chisel would otherwise trust any server); {FINGERPRINT_HINT}",
+                )
+            ],
+        )
+    if args.tunnel_server_url is not None:
+        url = args.tunnel_server_url.strip()
+        if not url:
+            raise UsageError("--tunnel-server-url must not be empty")
+    else:
+        url = default_server_url(config.tunnel.server.host, config.tunnel.server.port)
+    if args.chisel is not None and not str(args.chisel).strip():
+        raise UsageError("--chisel must not be empty")
+    placeholder = TunnelSettings(
+        chisel=_UNCHECKED_CHISEL,
+        server_url=url,
+        fingerprint=agent.fingerprint.strip(),
+        user=agent.auth.user,
+        password=agent.auth.password.get_secret_value(),
+        tunnel_port=agent.tunnel_port,
+    )
+    try:
+        placeholder.check(port)
+    except TunnelError as exc:
+        raise TunnelError(f"tunnel settings of cluster {args.cluster}: {exc}") from exc
+    binary = check_chisel(args.chisel, search_path=environ.get("PATH", os.defpath))
+    return dataclasses.replace(placeholder, chisel=binary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(f"otterscale agent: error: {exc}\n")
         return 2
+    except TunnelError as exc:
+        sys.stderr.write(f"otterscale agent: {exc}\n")
+        return 1
     configure_logging(level, fmt)
     try:
         return asyncio.run(_serve(settings))
@@ -155,7 +282,8 @@ async def _serve(settings: AgentSettings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        # Tunnel (chisel client) supervision is issue 4: it will be passed as a root task here.
+        if settings.tunnel is None:
+            logger.warning("--no-tunnel: the hub cannot reach this agent (/readyz answers 200 regardless)")
         return await run_agent(settings, stop)
     except asyncio.CancelledError:
         return 130

@@ -1,4 +1,8 @@
-"""The agent's HTTP server: hypercorn (asyncio) serving ResourceService and ``GET /ping``.
+"""The agent's HTTP server: hypercorn (asyncio) serving ResourceService and the probes.
+
+Probes (no signature needed, GET or HEAD): ``/ping`` answers 204 while the process serves
+(liveness); ``/readyz`` answers 200 when the agent can be reached by the hub (its tunnel is up)
+and 503 with a one-line reason otherwise (readiness).
 
 Why hypercorn: it speaks HTTP/1.1 and h2c (prior knowledge and Upgrade) on one port and carries
 HTTP/2 trailers, which the gRPC protocol needs (see architecture.md). Its defaults are tuned here
@@ -30,7 +34,7 @@ from hypercorn.utils import wrap_app
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ASGIApp", "create_listener", "make_asgi_app", "serve"]
+__all__ = ["ASGIApp", "Readiness", "create_listener", "make_asgi_app", "serve"]
 
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
@@ -59,10 +63,20 @@ def create_listener(host: str, port: int, *, backlog: int = 1024) -> socket.sock
     return sock
 
 
-def make_asgi_app(service_app: Any, *, on_startup: Callable[[], None] | None = None) -> ASGIApp:
-    """Route ``/ping`` to a 204 and everything else to the Connect application.
+#: Tells whether the agent is ready: None when it is, else a short reason.
+Readiness = Callable[[], str | None]
+
+
+def make_asgi_app(
+    service_app: Any,
+    *,
+    on_startup: Callable[[], None] | None = None,
+    readiness: Readiness | None = None,
+) -> ASGIApp:
+    """Route ``/ping`` to a 204, ``/readyz`` to ``readiness``, everything else to Connect.
 
     ``on_startup`` is called when the server starts the application (ASGI lifespan startup).
+    ``readiness`` None means always ready.
     """
 
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -79,14 +93,42 @@ def make_asgi_app(service_app: Any, *, on_startup: Callable[[], None] | None = N
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if kind == "http" and scope["path"] == "/ping":
-            status = 204 if scope["method"] in {"GET", "HEAD"} else 405
+            status = 204 if scope["method"] in _PROBE_METHODS else 405
             headers = [] if status == 204 else [(b"allow", b"GET, HEAD")]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
+        if kind == "http" and scope["path"] == "/readyz":
+            await _readyz(scope, send, readiness)
+            return
         await service_app(scope, receive, send)
 
     return app
+
+
+_PROBE_METHODS = frozenset({"GET", "HEAD"})
+
+
+async def _readyz(scope: dict[str, Any], send: Send, readiness: Readiness | None) -> None:
+    if scope["method"] not in _PROBE_METHODS:
+        status, body = 405, b"method not allowed\n"
+        headers = [(b"allow", b"GET, HEAD")]
+    else:
+        reason = readiness() if readiness is not None else None
+        status, body = (200, b"ok\n") if reason is None else (503, _one_line(reason).encode() + b"\n")
+        headers = []
+    headers += [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _config() -> Config:
