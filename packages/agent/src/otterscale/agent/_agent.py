@@ -24,14 +24,16 @@ from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any
 
+from otterscale.cluster.v1.cluster_connect import AgentServiceASGIApplication
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
 
 from ._auth import IdentityInterceptor
 from ._discovery import DEFAULT_TTL, DiscoveryCache
+from ._info import AgentInfoService
 from ._kube import KubeClient
 from ._kubeconfig import KubeConnection, load_connection
 from ._schema import SchemaCache
-from ._server import GRACEFUL_TIMEOUT, Readiness, create_listener, make_asgi_app, serve
+from ._server import GRACEFUL_TIMEOUT, Readiness, create_listener, make_asgi_app, mount, serve
 from ._service import ErrorBoundary, ResourceServiceImpl
 from ._tasks import start_task, stop_tasks
 from ._tunnel import Tunnel, TunnelSettings
@@ -139,17 +141,20 @@ class Agent:
                 discovery=DiscoveryCache(self._client, ttl=settings.discovery_ttl),
                 schemas=SchemaCache(self._client, ttl=settings.discovery_ttl),
             )
-            connect_app = ResourceServiceASGIApplication(
-                self._service,
-                interceptors=[
-                    # Outermost: an unsigned call never reaches a handler.
-                    IdentityInterceptor(
-                        cluster=settings.cluster,
-                        key=settings.identity_key,
-                        max_skew_seconds=settings.max_skew_seconds,
-                    ),
-                    ErrorBoundary(),
-                ],
+            interceptors = [
+                # Outermost: an unsigned call never reaches a handler.
+                IdentityInterceptor(
+                    cluster=settings.cluster,
+                    key=settings.identity_key,
+                    max_skew_seconds=settings.max_skew_seconds,
+                ),
+                ErrorBoundary(),
+            ]
+            connect_app = mount(
+                ResourceServiceASGIApplication(self._service, interceptors=interceptors),
+                AgentServiceASGIApplication(
+                    AgentInfoService(cluster=settings.cluster, client=self._client), interceptors=interceptors
+                ),
             )
             sock = create_listener(settings.host, settings.port)
             bound = sock.getsockname()

@@ -63,6 +63,22 @@ def create_listener(host: str, port: int, *, backlog: int = 1024) -> socket.sock
     return sock
 
 
+def mount(default: Any, *others: Any) -> ASGIApp:
+    """One ASGI app for several Connect services: each ``others`` app serves the paths under its
+    ``.path`` (``/package.Service``); everything else goes to ``default`` (which answers 404s)."""
+    routes = [(app.path + "/", app) for app in others]
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        for prefix, target in routes:
+            if path.startswith(prefix):
+                await target(scope, receive, send)
+                return
+        await default(scope, receive, send)
+
+    return app
+
+
 #: Tells whether the agent is ready: None when it is, else a short reason.
 Readiness = Callable[[], str | None]
 
