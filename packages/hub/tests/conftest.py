@@ -585,3 +585,63 @@ async def hub_env(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -
 
 def struct_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# Leadership without Kubernetes
+
+
+class StaticLeadership:
+    """A test-only :class:`~otterscale.hub._leader.Leadership`: the test says who leads.
+
+    ``set(leading=..., leader=...)`` changes the state and tells the hub, as the Lease watch and
+    the elector do; ``marks``, ``unmarks`` and ``step_downs`` record what the hub asked for.
+    """
+
+    def __init__(self, identity: str) -> None:
+        self._identity = identity
+        self.is_leading = False
+        self.current: Any = None
+        self.marks = 0
+        self.unmarks = 0
+        self.step_downs: list[str] = []
+        self.closed = False
+        self._on_change: Callable[[], None] | None = None
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def leading(self) -> bool:
+        return self.is_leading
+
+    def leader(self) -> Any:
+        return self.current
+
+    def set(self, *, leading: bool | None = None, leader: Any = ...) -> None:
+        if leading is not None:
+            self.is_leading = leading
+        if leader is not ...:
+            self.current = leader
+        if self._on_change is not None:
+            self._on_change()
+
+    async def start(self, on_change: Callable[[], None]) -> None:
+        self._on_change = on_change
+
+    async def step_down(self, reason: str) -> None:
+        self.step_downs.append(reason)
+        self.set(leading=False)
+
+    async def mark_leader(self) -> None:
+        self.marks += 1
+
+    async def unmark(self) -> None:
+        self.unmarks += 1
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        return []

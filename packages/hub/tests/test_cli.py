@@ -325,3 +325,111 @@ async def test_hub_starts_while_the_identity_provider_is_down(
         await transport.aclose()
         hub.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(hub.proc.wait(), 15) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Leader election flags
+
+
+def test_leader_election_flags_are_documented() -> None:
+    code, out, _ = run(OTTERSCALE, "server", "--help")
+    assert code == 0
+    for flag in (
+        "--leader-elect",
+        "--no-leader-elect",
+        "--leader-elect-lease-name",
+        "--leader-elect-namespace",
+        "--leader-elect-lease-duration",
+        "--leader-elect-renew-deadline",
+        "--leader-elect-retry-period",
+        "--leader-label",
+        "--kubeconfig",
+        "POD_NAME",
+        "POD_NAMESPACE",
+    ):
+        assert flag in out, flag
+
+
+def test_election_settings_from_flags_and_environment() -> None:
+    from otterscale.hub._cli import build_parser, election_settings
+
+    parser = build_parser()
+    assert election_settings(parser.parse_args([]), {"POD_NAMESPACE": "ns"}) is None
+    settings = election_settings(
+        parser.parse_args(["--leader-elect", "--leader-elect-retry-period", "1.5"]),
+        {"POD_NAME": "hub-7d9f-abcde", "POD_NAMESPACE": "otterscale"},
+    )
+    assert settings is not None
+    assert (settings.identity, settings.pod_name, settings.namespace) == (
+        "hub-7d9f-abcde",
+        "hub-7d9f-abcde",
+        "otterscale",
+    )
+    assert (settings.lease_name, settings.leader_label) == (
+        "otterscale-server-leader",
+        "otterscale.io/leader",
+    )
+    assert (settings.lease_duration, settings.renew_deadline, settings.retry_period) == (15.0, 10.0, 1.5)
+    # Outside a Pod: the host name plus a random suffix, and no Pod to label.
+    import socket
+
+    first = election_settings(parser.parse_args(["--leader-elect"]), {"POD_NAMESPACE": "ns"})
+    second = election_settings(parser.parse_args(["--leader-elect"]), {"POD_NAMESPACE": "ns"})
+    assert first is not None
+    assert second is not None
+    assert first.pod_name is None
+    assert first.identity.startswith(socket.gethostname() + "_")
+    assert first.identity != second.identity
+    explicit = election_settings(
+        parser.parse_args(["--leader-elect", "--leader-elect-namespace", "other"]), {"POD_NAMESPACE": "ns"}
+    )
+    assert explicit is not None
+    assert explicit.namespace == "other"
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "message"),
+    [
+        ((), {}, "needs the Lease's namespace: set POD_NAMESPACE"),
+        (("--address", "127.0.0.1:0"), {"POD_NAMESPACE": "ns"}, "needs a fixed --address port"),
+        (
+            ("--leader-elect-renew-deadline", "20"),
+            {"POD_NAMESPACE": "ns"},
+            "the lease duration (15s) must exceed the renew deadline (20s)",
+        ),
+        (("--leader-elect-retry-period", "0.5"), {"POD_NAMESPACE": "ns"}, "retry period must be at least 1s"),
+    ],
+)
+def test_leader_election_usage_errors(
+    config_file: Path, tmp_path: Path, extra: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    code, _, err = run(
+        OTTERSCALE,
+        "server",
+        "--config",
+        str(config_file),
+        "--leader-elect",
+        *extra,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **env},
+    )
+    assert code == 2, err
+    assert message in err
+
+
+def test_leader_election_without_kubernetes_credentials(
+    config_file: Path, chisel_binary: ChiselBinary, tmp_path: Path
+) -> None:
+    code, _, err = run(
+        OTTERSCALE,
+        "server",
+        "--config",
+        str(config_file),
+        "--chisel",
+        str(chisel_binary.path),
+        "--address",
+        f"127.0.0.1:{free_port()}",
+        "--leader-elect",
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "POD_NAMESPACE": "ns"},
+    )
+    assert code == 1, err
+    assert "leader election needs the Kubernetes API" in err

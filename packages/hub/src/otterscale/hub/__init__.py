@@ -4,7 +4,9 @@ The hub serves ``otterscale.resource.v1.ResourceService`` to users (Connect, gRP
 over HTTP/1.1 and h2c), verifies their OIDC bearer tokens, and forwards each call to the agent
 of the cluster it names through that agent's chisel reverse tunnel, with signed identity
 headers. It also serves ``otterscale.cluster.v1.ClusterService`` (cluster status), gRPC health
-and reflection, and Prometheus metrics at ``/metrics``.
+and reflection, and Prometheus metrics at ``/metrics``. Several replicas elect a leader over a
+Kubernetes Lease (:class:`ElectionSettings`, ``--leader-elect``): the leader runs the tunnel
+server, the others forward every call to it.
 
 Run it with ``otterscale server`` (or ``otterscale-hub``); embed it with :class:`Hub`::
 
@@ -15,6 +17,7 @@ Only the names in ``__all__`` are public; the underscore modules may change at a
 """
 
 from ._cli import main
+from ._election import ElectionSettings
 from ._hub import Hub, HubSettings, hub_version, run_hub
 
-__all__ = ["Hub", "HubSettings", "hub_version", "main", "run_hub"]
+__all__ = ["ElectionSettings", "Hub", "HubSettings", "hub_version", "main", "run_hub"]

@@ -2,11 +2,22 @@
 
     otterscale server --address=:8299 --config=otterscale.yaml [--chisel PATH]
     otterscale server --config=otterscale.yaml --print-fingerprint
+    otterscale server --config=otterscale.yaml --leader-elect      # several replicas (in Kubernetes)
 
 With ``OTTERSCALE_CONTAINER=true`` the address defaults to ``:8299``, the configuration to
 ``/etc/app/otterscale.yaml`` and the log format to JSON. The first SIGTERM or SIGINT starts a
 graceful shutdown (stop accepting, end Watches, finish calls in flight within --drain-timeout,
-stop chisel); a second one cancels what is left of it (chisel is still stopped).
+stop chisel, release the Lease); a second one cancels what is left of it (chisel is still
+stopped).
+
+Leader election is configured by flags and the Pod's environment only, not by
+``otterscale.yaml``: that file is shared with every agent and describes the system, while
+whether a hub campaigns (and for which Lease, as which Pod) is a property of how this hub is
+deployed, which the Helm chart (or whoever runs it) knows and passes as arguments and the
+downward API (``POD_NAME``, ``POD_NAMESPACE``), as kube components do with ``--leader-elect``.
+This is the only module of the hub that reads the environment: ``POD_NAME`` (identity, and the
+Pod to label), ``POD_NAMESPACE`` (the Lease's namespace; else the service account's),
+``KUBECONFIG`` and ``HOME`` (credentials, when not in a Pod).
 
 Exit status: 0 after a requested shutdown, 1 when the hub could not start or failed, 2 for bad
 command-line input.
@@ -17,9 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import secrets
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from otterscale.common import (
     ConfigError,
@@ -31,7 +45,16 @@ from otterscale.common import (
     resolve_defaults,
 )
 
+from ._election import (
+    DEFAULT_LEADER_LABEL,
+    DEFAULT_LEASE_DURATION,
+    DEFAULT_LEASE_NAME,
+    DEFAULT_RENEW_DEADLINE,
+    DEFAULT_RETRY_PERIOD,
+    ElectionSettings,
+)
 from ._hub import HubSettings, hub_version, run_hub, tunnel_fingerprint
+from ._kube import service_account_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +88,103 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the tunnel fingerprint for the configured key (what agents put in "
         "clusters.<name>.agent.fingerprint) and exit",
     )
+    election = parser.add_argument_group(
+        "leader election",
+        "Several replicas: the one holding the Lease (the leader) runs the tunnel server and labels "
+        "its Pod; the others forward every call to it at <its Pod IP>:<the --address port>. The "
+        "replica's identity is POD_NAME (else the host name plus a random suffix), the Lease lives "
+        "in POD_NAMESPACE (else the service account's namespace).",
+    )
+    election.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="campaign for the Lease (needs the Kubernetes API and a fixed --address port; default off)",
+    )
+    election.add_argument(
+        "--leader-elect-lease-name",
+        metavar="NAME",
+        default=DEFAULT_LEASE_NAME,
+        help=f"the Lease (default {DEFAULT_LEASE_NAME})",
+    )
+    election.add_argument(
+        "--leader-elect-namespace",
+        metavar="NAMESPACE",
+        default=None,
+        help="the Lease's namespace (default: POD_NAMESPACE, else the service account's namespace)",
+    )
+    election.add_argument(
+        "--leader-elect-lease-duration",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=DEFAULT_LEASE_DURATION,
+        help=f"how long a Lease that is not renewed keeps others out (default {DEFAULT_LEASE_DURATION:g})",
+    )
+    election.add_argument(
+        "--leader-elect-renew-deadline",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=DEFAULT_RENEW_DEADLINE,
+        help="how long the leader keeps trying to renew before it steps down "
+        f"(default {DEFAULT_RENEW_DEADLINE:g})",
+    )
+    election.add_argument(
+        "--leader-elect-retry-period",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=DEFAULT_RETRY_PERIOD,
+        help=f"between attempts to acquire or renew (default {DEFAULT_RETRY_PERIOD:g}, at least 1)",
+    )
+    election.add_argument(
+        "--leader-label",
+        metavar="KEY",
+        default=DEFAULT_LEADER_LABEL,
+        help=f'the Pod label the leader sets to "true" on its own Pod (default {DEFAULT_LEADER_LABEL})',
+    )
+    election.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        default=None,
+        help="Kubernetes credentials (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service "
+        "account)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {hub_version()}")
     return parser
+
+
+def election_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ElectionSettings | None:
+    """Leader election settings from the flags and the Pod's environment (None: not asked for)."""
+    if not args.leader_elect:
+        return None
+    namespace = (
+        args.leader_elect_namespace
+        or environ.get("POD_NAMESPACE", "").strip()
+        or service_account_namespace()
+        or ""
+    )
+    if not namespace:
+        raise UsageError(
+            "--leader-elect needs the Lease's namespace: set POD_NAMESPACE (the downward API's "
+            "metadata.namespace) or --leader-elect-namespace"
+        )
+    pod_name = environ.get("POD_NAME", "").strip() or None
+    identity = pod_name or f"{socket.gethostname()}_{secrets.token_hex(4)}"
+    settings = ElectionSettings(
+        namespace=namespace,
+        identity=identity,
+        pod_name=pod_name,
+        lease_name=args.leader_elect_lease_name,
+        leader_label=args.leader_label,
+        lease_duration=args.leader_elect_lease_duration,
+        renew_deadline=args.leader_elect_renew_deadline,
+        retry_period=args.leader_elect_retry_period,
+        kubeconfig=args.kubeconfig,
+        environ=environ,
+    )
+    problems = settings.problems()
+    if problems:
+        raise UsageError("leader election: " + "; ".join(problems))
+    return settings
 
 
 def _positive_float(text: str) -> float:
@@ -90,12 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_fingerprint:
             print(asyncio.run(tunnel_fingerprint(config, chisel=args.chisel)))
             return 0
+        election = election_settings(args, os.environ)
+        if election is not None and options.port == 0:
+            raise UsageError(
+                "--leader-elect needs a fixed --address port (followers forward to the leader's)"
+            )
         settings = HubSettings(
             config=config,
             host=options.host,
             port=options.port,
             chisel=args.chisel,
             drain_timeout=args.drain_timeout,
+            election=election,
         )
         return asyncio.run(_serve(settings))
     except UsageError as exc:

@@ -9,6 +9,9 @@
           +-- MalformedRequestError     the request body cannot be read            (invalid_argument)
           +-- AgentUnavailableError     the cluster's agent is not connected       (unavailable)
           +-- ShuttingDownError         the hub is draining                        (unavailable)
+          +-- LeaderUnavailableError    a follower cannot reach a leader right now (unavailable)
+          +-- NotLeaderError            a forwarded call reached a replica that does not lead
+                                        (unavailable: never forwarded a second time)
 
 Errors from otterscale.common (``AuthenticationError`` -> unauthenticated,
 ``IdentityProviderUnavailableError`` -> unavailable, ...) carry their code the same way.
@@ -62,6 +65,18 @@ class AgentUnavailableError(HubError):
 
 class ShuttingDownError(HubError):
     """The hub is shutting down and takes no new streams."""
+
+    connect_code: ClassVar[str] = "unavailable"
+
+
+class LeaderUnavailableError(HubError):
+    """A follower has no leader to forward to right now (hand-over), or cannot reach it."""
+
+    connect_code: ClassVar[str] = "unavailable"
+
+
+class NotLeaderError(HubError):
+    """A call that another replica already forwarded reached a replica that does not lead."""
 
     connect_code: ClassVar[str] = "unavailable"
 

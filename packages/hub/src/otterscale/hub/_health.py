@@ -10,10 +10,13 @@ runtime into the hub for three small messages. ``List`` (added upstream in 2024)
 Services and their status:
 
 - ``""`` (the server as a whole) and ``otterscale.resource.v1.ResourceService``: SERVING while the
-  hub runs, its tunnel server is up and it is not shutting down; NOT_SERVING otherwise;
+  hub runs, its tunnel server is up and it is not shutting down; NOT_SERVING otherwise. With
+  leader election a follower has no tunnel server and is SERVING while it runs (it forwards);
 - ``otterscale.cluster.v1.ClusterService``, ``grpc.health.v1.Health`` and the reflection services:
   SERVING while the hub runs and is not shutting down;
-- ``otterscale.cluster.v1.Cluster/<name>``: SERVING while cluster ``<name>``'s agent is connected;
+- ``otterscale.cluster.v1.Cluster/<name>``: SERVING while cluster ``<name>``'s agent is connected
+  to this replica; with leader election only the leader's answer means anything (followers have
+  no tunnels; ClusterService, which they forward, answers the same everywhere);
 - anything else: ``Check`` answers not_found, ``Watch`` streams SERVICE_UNKNOWN (as the spec says).
 
 ``Watch`` sends the current status, then every change, and ends when the hub shuts down (after
@@ -117,9 +120,16 @@ HealthCheckResponse: type[Message] = message_factory.GetMessageClass(
 class HealthService:
     """Answers Check and Watch from the hub's state (see the module docstring)."""
 
-    def __init__(self, tunnels: Tunnels, *, serving: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        tunnels: Tunnels,
+        *,
+        serving: Callable[[], bool],
+        resources_serving: Callable[[], bool] | None = None,
+    ) -> None:
         self._tunnels = tunnels
         self._serving = serving
+        self._resources_serving = resources_serving
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -127,6 +137,8 @@ class HealthService:
         """The serving status of ``service`` (SERVICE_UNKNOWN when there is no such service)."""
         up = self._serving() and not self._closing
         if service in ("", RESOURCE_SERVICE):
+            if self._resources_serving is not None:
+                return SERVING if up and self._resources_serving() else NOT_SERVING
             return SERVING if up and self._tunnels.server_up else NOT_SERVING
         if service in HUB_SERVICES:
             return SERVING if up else NOT_SERVING

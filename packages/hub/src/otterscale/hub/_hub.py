@@ -1,19 +1,35 @@
-"""The hub: tunnel server, agent connections, the API, and their lifecycle.
+"""The hub: tunnel server, agent connections, the API, leadership, and their lifecycle.
 
 :meth:`Hub.start` checks chisel, starts the tunnel server (the authfile is written first), logs
 its fingerprint and bind address, starts serving and the prober, and returns when the hub
 answers. Nothing contacts the identity provider at start-up: the hub starts while Keycloak is
 down, and tokens fail with unavailable until it is back.
 
+With leader election (``HubSettings.election``, ``--leader-elect``) the hub starts serving at
+once as a follower (ready, no tunnel server) and campaigns for the Lease. A role task follows
+the leadership:
+
+- on gaining it: start the tunnel server (a replica that cannot start it steps down, releasing
+  the Lease so another takes over), serve ResourceService and ClusterService itself, start the
+  prober, then label its own Pod as the leader (the tunnel Service selects that label);
+- on losing it: forward calls again, end the Watches it served with unavailable, stop the
+  prober, unlabel its Pod and stop the tunnel server (sessions closed, ports freed).
+
+A follower forwards every ResourceService and ClusterService call to the leader
+(:mod:`._forward`); ``/metrics``, ``/readyz``, health and reflection are always answered by the
+replica itself.
+
 :meth:`Hub.stop` shuts down in order, each step bounded: stop reporting ready (health
 NOT_SERVING), refuse new Watches and end the open ones with unavailable, stop accepting
 connections and let calls in flight finish within the drain deadline, stop the prober, stop the
-tunnel server, close the agent connections and the verifier.
+tunnel server (a leader also unlabels its Pod), release the Lease (a successor takes over at
+once instead of after the lease expires), close the agent connections and the verifier.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import secrets
@@ -28,10 +44,12 @@ from connectrpc.compression.gzip import GzipCompression
 from otterscale.cluster.v1 import cluster_pb2
 from otterscale.cluster.v1.cluster_connect import ClusterServiceASGIApplication
 from otterscale.common import (
+    ChiselBinary,
     ChiselServer,
     ChiselServerEvent,
     OIDCVerifier,
     OtterscaleConfig,
+    OtterscaleError,
     TunnelUser,
     check_chisel,
     derive_identity_key,
@@ -42,18 +60,24 @@ from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplicati
 from ._auth import Authenticator
 from ._clusters import ClusterServiceImpl
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec
+from ._election import ElectionSettings
 from ._errors import HubError
+from ._forward import LeaderForwarder
 from ._health import HealthASGIApplication, HealthService, health_file
+from ._leader import KubernetesLeadership, Leadership
 from ._metrics import HubMetrics
 from ._observe import ObservingInterceptor
 from ._proxy import ResourceProxy
 from ._reflection import reflection_apps
-from ._server import ASGIApp, Router, create_listener, serve
+from ._server import ASGIApp, Router, Switch, create_listener, serve
 from ._tasks import cancel_and_wait, spawn
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
 
 logger = logging.getLogger(__name__)
+
+#: A leader whose tunnel server has been down this long (it keeps dying) steps down.
+TUNNEL_DOWN_STEP_DOWN = 15.0
 
 
 def hub_version() -> str:
@@ -71,7 +95,9 @@ class HubSettings:
     ``host``/``port`` is the API listen address ("" = all interfaces; 0 = any free port).
     ``chisel`` is the chisel binary (None: ``chisel`` on PATH). ``drain_timeout`` bounds how long
     calls in flight may take after shutdown starts. The prober pings every agent every
-    ``probe_interval`` seconds and waits ``probe_timeout`` for the answer.
+    ``probe_interval`` seconds and waits ``probe_timeout`` for the answer. ``election`` turns
+    leader election on (None: the hub runs alone and always leads); it needs a fixed ``port``,
+    which followers use to reach the leader.
     """
 
     config: OtterscaleConfig
@@ -82,13 +108,31 @@ class HubSettings:
     probe_interval: float = 5.0
     probe_timeout: float = 2.0
     chisel_keepalive: float = 10.0
+    election: ElectionSettings | None = None
 
 
 class Hub:
-    """One running hub (see the module docstring). Use ``async with`` or start()/stop()."""
+    """One running hub (see the module docstring). Use ``async with`` or start()/stop().
 
-    def __init__(self, settings: HubSettings) -> None:
+    ``leadership`` replaces the Kubernetes leader election of ``settings.election`` (tests).
+    """
+
+    def __init__(self, settings: HubSettings, *, leadership: Leadership | None = None) -> None:
         self.settings = settings
+        if leadership is None and settings.election is not None:
+            leadership = KubernetesLeadership(settings.election, port=settings.port)
+        self.leadership = leadership
+        self._elected = leadership is not None
+        # Without leader election the hub always serves itself (it "leads" alone).
+        self._leading = not self._elected
+        self._forwarder: LeaderForwarder | None = None
+        self._binary: ChiselBinary | None = None
+        self._last_fingerprint: str | None = None
+        self._role_changed = asyncio.Event()
+        self._role_task: asyncio.Task[None] | None = None
+        self._mark_task: asyncio.Task[None] | None = None
+        self._tunnel_down_since: float | None = None
+        self._campaigning = False
         config = settings.config
         self._clusters: Mapping[str, Any] = config.clusters
         self._keys = {
@@ -126,8 +170,37 @@ class Hub:
 
     @property
     def fingerprint(self) -> str | None:
-        """The tunnel server's SHA256 fingerprint (agents put it in their configuration)."""
-        return self.chisel.fingerprint if self.chisel is not None else None
+        """The tunnel server's SHA256 fingerprint (agents put it in their configuration).
+
+        With leader election every replica knows it from start-up (it depends only on the key).
+        """
+        if self.chisel is not None and self.chisel.fingerprint is not None:
+            return self.chisel.fingerprint
+        return self._last_fingerprint
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica serves the API itself (always, without leader election)."""
+        return self._leading
+
+    @property
+    def role(self) -> str:
+        """``standalone`` (no leader election), ``leader`` or ``follower``."""
+        if not self._elected:
+            return "standalone"
+        return "leader" if self._leading else "follower"
+
+    @property
+    def root_tasks(self) -> list[asyncio.Task[Any]]:
+        """Tasks that must run as long as the hub (the server, leadership); one ending is a failure."""
+        tasks: list[asyncio.Task[Any]] = []
+        if self._server_task is not None:
+            tasks.append(self._server_task)
+        if self._role_task is not None:
+            tasks.append(self._role_task)
+        if self.leadership is not None and self._role_task is not None:
+            tasks.extend(self.leadership.tasks())
+        return tasks
 
     @property
     def server_task(self) -> asyncio.Task[None]:
@@ -137,13 +210,14 @@ class Hub:
         return self._server_task
 
     def ready(self) -> bool:
-        """Serving, the tunnel server up, and not shutting down (``/readyz``, gRPC health)."""
-        return (
-            self._serving.is_set()
-            and not self._draining
-            and self.tunnels is not None
-            and self.tunnels.server_up
-        )
+        """Serving, not shutting down, and the tunnel server up unless a follower (``/readyz``)."""
+        return self._serving.is_set() and not self._draining and self._serves_api()
+
+    def _serves_api(self) -> bool:
+        """A follower always can (it forwards); a leader (or a lone hub) needs its tunnel server."""
+        if self._elected and not self._leading:
+            return True
+        return self.tunnels is not None and self.tunnels.server_up
 
     # ----------------------------------------------------------------------------------------------
     # Lifecycle
@@ -174,7 +248,11 @@ class Hub:
     async def _start(self) -> None:
         settings = self.settings
         config = settings.config
-        binary = await asyncio.to_thread(check_chisel, settings.chisel)
+        if self._elected and settings.port == 0:
+            raise HubError(
+                "leader election needs a fixed --address port: followers forward calls to the leader's"
+            )
+        self._binary = binary = await asyncio.to_thread(check_chisel, settings.chisel)
         names = sorted(config.clusters)
         self.metrics = metrics = HubMetrics(names, version=hub_version(), chisel_version=binary.version_text)
         self.tunnels = tunnels = Tunnels(
@@ -194,37 +272,26 @@ class Hub:
             metrics=metrics,
             on_unreachable=self.probe_soon,
         )
-        self._health = HealthService(tunnels, serving=self.ready)
+        self._health = HealthService(tunnels, serving=self.ready, resources_serving=self._serves_api)
+        if self.leadership is not None:
+            self._forwarder = LeaderForwarder(self.leadership, metrics)
         router = self._router(metrics)
 
-        server = config.tunnel.server
-        self.chisel = ChiselServer(
-            binary,
-            host=server.host,
-            port=server.port,
-            users=[
-                TunnelUser(
-                    user=c.agent.auth.user,
-                    password=c.agent.auth.password.get_secret_value(),
-                    port=c.agent.tunnel_port,
-                )
-                for c in config.clusters.values()
-            ],
-            key_seed=server.key_seed.get_secret_value() if server.key_seed is not None else None,
-            key_file=server.key_file,
-            keepalive_seconds=settings.chisel_keepalive,
-            on_event=self._chisel_event,
-            on_restart=self._chisel_restarted,
-        )
-        await self.chisel.start()
-        logger.info(
-            "tunnel server (chisel %s) listening on %s:%d, fingerprint %s",
-            binary.version_text,
-            server.host,
-            server.port,
-            self.chisel.fingerprint,
-            extra={"fingerprint": self.chisel.fingerprint, "tunnel_address": f"{server.host}:{server.port}"},
-        )
+        if not self._elected:
+            await self._start_tunnel_server()
+            metrics.leader.set(1)
+        else:
+            # Only the leader runs the tunnel server, but every replica checks the key now (a
+            # replica that cannot use it would otherwise win, fail and step down, again and
+            # again) and logs the fingerprint, which operators copy into the agents' settings.
+            self._last_fingerprint = fingerprint = await _probe_fingerprint(binary, config)
+            logger.info(
+                "tunnel fingerprint %s (this replica runs the tunnel server on %s:%d while it leads)",
+                fingerprint,
+                config.tunnel.server.host,
+                config.tunnel.server.port,
+                extra={"fingerprint": fingerprint},
+            )
 
         try:
             sock = create_listener(settings.host, settings.port)
@@ -247,7 +314,61 @@ class Hub:
             if self._server_task.done() and self._server_task.exception() is not None:
                 raise RuntimeError("the HTTP server failed to start") from self._server_task.exception()
             raise RuntimeError("the HTTP server did not start within 15s")
-        self._prober = spawn(self._probe_loop(), name="hub-prober")
+        if self.leadership is None:
+            self._prober = spawn(self._probe_loop(), name="hub-prober")
+            return
+        logger.info("leader election on: serving as a follower until this replica leads")
+        self._campaigning = True
+        await self.leadership.start(self._leadership_changed)
+        self._role_task = spawn(self._role_loop(), name="hub-role")
+
+    def _new_chisel(self) -> ChiselServer:
+        assert self._binary is not None
+        config = self.settings.config
+        server = config.tunnel.server
+        return ChiselServer(
+            self._binary,
+            host=server.host,
+            port=server.port,
+            users=[
+                TunnelUser(
+                    user=c.agent.auth.user,
+                    password=c.agent.auth.password.get_secret_value(),
+                    port=c.agent.tunnel_port,
+                )
+                for c in config.clusters.values()
+            ],
+            key_seed=server.key_seed.get_secret_value() if server.key_seed is not None else None,
+            key_file=server.key_file,
+            keepalive_seconds=self.settings.chisel_keepalive,
+            on_event=self._chisel_event,
+            on_restart=self._chisel_restarted,
+        )
+
+    async def _start_tunnel_server(self) -> None:
+        """Start chisel (a new process each time); raise with chisel's own words if it cannot."""
+        assert self._binary is not None
+        server = self.settings.config.tunnel.server
+        self.chisel = chisel = self._new_chisel()
+        await chisel.start()
+        self._last_fingerprint = chisel.fingerprint
+        logger.info(
+            "tunnel server (chisel %s) listening on %s:%d, fingerprint %s",
+            self._binary.version_text,
+            server.host,
+            server.port,
+            chisel.fingerprint,
+            extra={"fingerprint": chisel.fingerprint, "tunnel_address": f"{server.host}:{server.port}"},
+        )
+
+    async def _stop_tunnel_server(self) -> None:
+        chisel = self.chisel
+        if chisel is not None:
+            try:
+                await chisel.stop()
+            finally:
+                if self.chisel is chisel:
+                    self.chisel = None
 
     def _router(self, metrics: HubMetrics) -> Router:
         assert self._proxy is not None
@@ -267,9 +388,28 @@ class Hub:
             ClusterServiceImpl(authenticator=self._auth, tunnels=self.tunnels), interceptors=interceptors
         )
         health_app = HealthASGIApplication(self._health, interceptors=interceptors)
+        resource: ASGIApp = resource_app  # type: ignore[assignment]
+        cluster: ASGIApp = cluster_app  # type: ignore[assignment]
+        if self._forwarder is not None:
+            # Followers forward both services to the leader (pass-through codecs, nothing decoded).
+            codecs = [PassthroughCodec(CODEC_PROTO), PassthroughCodec(CODEC_JSON)]
+            forward_resources = ResourceServiceASGIApplication(
+                self._forwarder,  # type: ignore[arg-type]
+                interceptors=interceptors,
+                codecs=codecs,
+                compressions=[GzipCompression(level=1)],
+            )
+            forward_clusters = ClusterServiceASGIApplication(
+                self._forwarder,  # type: ignore[arg-type]
+                interceptors=interceptors,
+                codecs=codecs,
+                compressions=[GzipCompression(level=1)],
+            )
+            resource = Switch(resource, forward_resources, lambda: self._leading)  # type: ignore[arg-type]
+            cluster = Switch(cluster, forward_clusters, lambda: self._leading)  # type: ignore[arg-type]
         services: dict[str, ASGIApp] = {
-            _service_name(resource_app.path): resource_app,  # type: ignore[dict-item]
-            _service_name(cluster_app.path): cluster_app,  # type: ignore[dict-item]
+            _service_name(resource_app.path): resource,
+            _service_name(cluster_app.path): cluster,
             _service_name(health_app.path): health_app,  # type: ignore[dict-item]
         }
         described = [
@@ -296,6 +436,8 @@ class Hub:
             self._health.close()
         if self._proxy is not None:
             self._proxy.drain()
+        if self._forwarder is not None:
+            self._forwarder.drain()
         self._shutdown.set()
         if self._server_task is not None:
             try:
@@ -305,16 +447,114 @@ class Hub:
                 await cancel_and_wait([self._server_task])
             except Exception:  # the task's done callback logged it
                 logger.debug("the HTTP server ended with an error")
-        tasks = [task for task in (self._prober, *self._probes.values()) if task is not None]
+        tasks = [
+            task
+            for task in (self._role_task, self._mark_task, self._prober, *self._probes.values())
+            if task is not None
+        ]
         await cancel_and_wait(tasks)
-        if self.chisel is not None:
-            await self.chisel.stop()
+        if self.leadership is not None and self._leading:
+            # Unlabel first (agents stop being sent here), in parallel with stopping the tunnels.
+            await asyncio.gather(self.leadership.unmark(), self._stop_tunnel_server())
+        else:
+            await self._stop_tunnel_server()
+        if self.leadership is not None and self._campaigning:
+            # Only now, with the tunnel server gone, may a successor start its own.
+            await self.leadership.close()
+        self._set_leading(False)
         if self._agents is not None:
             await self._agents.aclose()
+        if self._forwarder is not None:
+            await self._forwarder.aclose()
         if self._auth is not None:
             await self._auth.aclose()
         if was_serving:
             logger.info("hub stopped")
+
+    # ----------------------------------------------------------------------------------------------
+    # Leadership
+
+    def _leadership_changed(self) -> None:
+        """Called (on the loop) when this replica's leadership or the known leader changes."""
+        self._role_changed.set()
+        if self._forwarder is not None:
+            self._forwarder.leader_changed()
+
+    async def _role_loop(self) -> None:
+        """Follow the leadership: become the leader or a follower (see the module docstring)."""
+        assert self.leadership is not None
+        leadership = self.leadership
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._role_changed.wait()
+            self._role_changed.clear()
+            if self._draining:
+                return
+            if leadership.leading and not self._leading:
+                await self._become_leader()
+            elif not leadership.leading and self._leading:
+                await self._become_follower()
+            elif self._leading:
+                await self._check_tunnel_server()
+
+    async def _become_leader(self) -> None:
+        assert self.leadership is not None
+        started = time.perf_counter()
+        try:
+            await self._start_tunnel_server()
+        except (OtterscaleError, OSError, RuntimeError) as exc:
+            logger.error("cannot start the tunnel server as the leader: %s", exc)
+            await self._stop_tunnel_server()
+            await self.leadership.step_down(f"the tunnel server did not start ({exc})")
+            return
+        if not self.leadership.leading or self._draining:  # lost it meanwhile
+            await self._stop_tunnel_server()
+            return
+        self._set_leading(True)
+        self._tunnel_down_since = None
+        self._prober = spawn(self._probe_loop(), name="hub-prober")
+        self._mark_task = spawn(self.leadership.mark_leader(), name="hub-leader-label")
+        logger.info(
+            "serving as the leader (tunnel server started in %.0f ms)",
+            (time.perf_counter() - started) * 1000,
+            extra={"identity": self.leadership.identity},
+        )
+
+    async def _become_follower(self) -> None:
+        assert self.leadership is not None
+        self._set_leading(False)
+        if self._proxy is not None:
+            self._proxy.end_streams()
+        tasks = [task for task in (self._mark_task, self._prober, *self._probes.values()) if task is not None]
+        await cancel_and_wait(tasks)
+        self._mark_task = self._prober = None
+        self._probes.clear()
+        await asyncio.gather(self.leadership.unmark(), self._stop_tunnel_server())
+        logger.info("serving as a follower: calls are forwarded to the leader")
+
+    async def _check_tunnel_server(self) -> None:
+        """Step down when the leader's tunnel server stays down (chisel keeps dying)."""
+        assert self.leadership is not None
+        if self.tunnels is None or self.tunnels.server_up:
+            self._tunnel_down_since = None
+            return
+        now = time.monotonic()
+        if self._tunnel_down_since is None:
+            self._tunnel_down_since = now
+        elif now - self._tunnel_down_since > TUNNEL_DOWN_STEP_DOWN:
+            await self.leadership.step_down(
+                f"the tunnel server has been down for more than {TUNNEL_DOWN_STEP_DOWN:g}s"
+            )
+            await self._become_follower()
+
+    def _set_leading(self, leading: bool) -> None:
+        if not self._elected or leading == self._leading:
+            return
+        self._leading = leading
+        if self.metrics is not None:
+            self.metrics.leader.set(1 if leading else 0)
+            self.metrics.leader_transitions.inc()
 
     # ----------------------------------------------------------------------------------------------
     # Tunnel events and probes
@@ -395,6 +635,10 @@ async def tunnel_fingerprint(config: OtterscaleConfig, *, chisel: str | None = N
     ``clusters.<name>.agent.fingerprint``.
     """
     binary = await asyncio.to_thread(check_chisel, chisel)
+    return await _probe_fingerprint(binary, config)
+
+
+async def _probe_fingerprint(binary: ChiselBinary, config: OtterscaleConfig) -> str:
     server = config.tunnel.server
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -417,18 +661,19 @@ async def tunnel_fingerprint(config: OtterscaleConfig, *, chisel: str | None = N
 
 
 async def run_hub(settings: HubSettings, stop: asyncio.Event) -> int:
-    """Run a hub until ``stop`` is set (0) or its server fails (1); always shuts down cleanly."""
+    """Run a hub until ``stop`` is set (0) or a root task fails (1); always shuts down cleanly."""
     hub = Hub(settings)
     await hub.start()
     status = 0
     try:
         waiter = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({waiter, hub.server_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, *hub.root_tasks}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
         if not stop.is_set():
-            logger.error("the HTTP server stopped unexpectedly; shutting down")
+            ended = next((task.get_name() for task in hub.root_tasks if task.done()), "?")
+            logger.error("%s stopped unexpectedly; shutting down", ended)
             status = 1
     finally:
         await hub.stop()

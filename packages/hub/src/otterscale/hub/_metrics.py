@@ -18,6 +18,10 @@ always a configured cluster name (a request for an unknown cluster is counted wi
 ``otterscale_hub_chisel_up``                    1 while the tunnel server runs
 ``otterscale_hub_chisel_restarts_total``        restarts of the tunnel server after it died
 ``otterscale_hub_info``                         constant 1 with ``version`` and ``chisel_version``
+``otterscale_hub_leader``                       1 while this replica leads (or runs alone), else 0
+``otterscale_hub_leader_transitions_total``     times this replica gained or lost leadership
+``otterscale_hub_forwarded_rpcs_total``         RPCs a follower forwarded to the leader, by ``service``,
+                                                ``method`` and ``code`` (the code the caller got)
 =============================================== ==========================================================
 """
 
@@ -131,6 +135,22 @@ class HubMetrics:
         self.chisel_restarts = Counter(
             "otterscale_hub_chisel_restarts",
             "Restarts of the tunnel server (chisel) after it exited unexpectedly.",
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "otterscale_hub_leader",
+            "1 while this replica is the leader (or runs without leader election), else 0.",
+            registry=registry,
+        )
+        self.leader_transitions = Counter(
+            "otterscale_hub_leader_transitions",
+            "Times this replica gained or lost leadership.",
+            registry=registry,
+        )
+        self.forwarded_rpcs = Counter(
+            "otterscale_hub_forwarded_rpcs",
+            "RPCs this replica forwarded to the leader, by service, method and the caller's code.",
+            ["service", "method", "code"],
             registry=registry,
         )
         self.info = Gauge(

@@ -11,8 +11,9 @@ is returned in the ``X-Request-Id`` response header and sent to the agent. Handl
 cluster and subject through :func:`current_call`.
 
 Log fields: ``request_id``, ``method`` (``/package.Service/Method``), ``cluster``, ``subject``,
-``code`` (``ok`` or a Connect code), ``duration_ms``, ``peer``. Never a header value besides
-the request id: no token, no signature.
+``code`` (``ok`` or a Connect code), ``duration_ms``, ``peer``, and ``forwarded_by`` (the
+follower replica, for a call that one forwarded to this leader). Never a header value besides
+the request id and that replica name: no token, no signature.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from ._metrics import HubMetrics
 logger = logging.getLogger("otterscale.hub.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+#: Set by a follower on every call it forwards to the leader (the hop guard, see ``_forward``).
+FORWARDED_BY_HEADER = "x-otterscale-forwarded-by"
 _QUIET_SERVICES = frozenset(
     {
         "grpc.health.v1.Health",
@@ -41,6 +44,7 @@ _QUIET_SERVICES = frozenset(
     }
 )
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_REPLICA_RE = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 
 @dataclass(slots=True)
@@ -53,6 +57,7 @@ class CallInfo:
     started: float
     cluster: str = ""
     subject: str = ""
+    forwarded_by: str = ""
 
 
 _CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("otterscale_hub_call", default=None)
@@ -79,6 +84,7 @@ class ObservingInterceptor:
             service=ctx.method.service_name,
             method=ctx.method.name,
             started=time.perf_counter(),
+            forwarded_by=_replica_name(ctx.request_headers.get(FORWARDED_BY_HEADER, "")),
         )
         _CALL.set(info)
         ctx.response_headers[REQUEST_ID_HEADER] = request_id
@@ -110,6 +116,8 @@ class ObservingInterceptor:
             "duration_ms": round(elapsed * 1000, 3),
             "peer": ctx.client_address or "",
         }
+        if info.forwarded_by:
+            fields["forwarded_by"] = info.forwarded_by
         if error is not None and code in ("internal", "unknown"):
             logger.warning("rpc failed: %s", _error_text(error), extra=fields)
         elif error is not None and code != "canceled":
@@ -118,6 +126,13 @@ class ObservingInterceptor:
             logger.info("rpc %s (slow)", code, extra=fields)
         else:
             logger.log(level, "rpc %s", code, extra=fields)
+
+
+def _replica_name(value: str) -> str:
+    """The forwarding replica's name for the log (a Pod name); anything else is not echoed."""
+    if not value:
+        return ""
+    return value if _REPLICA_RE.fullmatch(value) else "(invalid)"
 
 
 def _error_text(error: Exception) -> str:

@@ -18,7 +18,8 @@ Watch is a stream end to end: each event is forwarded as it arrives; a client th
 cancels the hub's handler, which closes the agent stream (HTTP/2 RST_STREAM, so the agent stops
 its Kubernetes watch); an agent that ends the stream ends the client's with the same status.
 When the hub shuts down, open Watches end with unavailable (the client resumes elsewhere from its
-last resourceVersion) and new ones are refused.
+last resourceVersion) and new ones are refused; so do they when this replica stops leading (with
+leader election only the leader serves this proxy; followers forward, see :mod:`._forward`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 #: The cancellation message that marks the hub's own shutdown of a stream.
 SHUTDOWN = "otterscale-hub-shutdown"
+#: The cancellation message that marks the end of a stream because this replica stopped leading.
+LEADERSHIP_LOST = "otterscale-hub-leadership-lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,11 @@ class ResourceProxy:
         for task in list(self._streams):
             task.cancel(SHUTDOWN)
 
+    def end_streams(self) -> None:
+        """End the open Watches with unavailable: this replica stopped leading (the tunnels go)."""
+        for task in list(self._streams):
+            task.cancel(LEADERSHIP_LOST)
+
     # ----------------------------------------------------------------------------------------------
 
     async def _unary(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
@@ -198,7 +206,7 @@ class ResourceProxy:
         except asyncio.CancelledError as exc:
             if _is_shutdown(exc):
                 task.uncancel()
-                raise self._shutdown_error() from None
+                raise self._shutdown_error(exc) from None
             raise
         finally:
             self._streams.discard(task)
@@ -252,7 +260,7 @@ class ResourceProxy:
         if isinstance(cause, asyncio.CancelledError):
             if task is not None and _is_shutdown(cause):
                 task.uncancel()
-                return self._shutdown_error()
+                return self._shutdown_error(cause)
             return exc
         if exc.code is Code.UNAVAILABLE and cause is not None and not isinstance(cause, ConnectError):
             # connectrpc's client reports a transport failure as unavailable with the cause: the
@@ -268,7 +276,13 @@ class ResourceProxy:
             )
         return exc
 
-    def _shutdown_error(self) -> ConnectError:
+    def _shutdown_error(self, exc: BaseException) -> ConnectError:
+        if exc.args == (LEADERSHIP_LOST,):
+            return to_connect_error(
+                ShuttingDownError(
+                    "this hub replica stopped leading; resume the Watch from the last resourceVersion"
+                )
+            )
         return to_connect_error(
             ShuttingDownError("the hub is shutting down; resume the Watch from the last resourceVersion")
         )
@@ -283,7 +297,7 @@ class ResourceProxy:
 
 
 def _is_shutdown(exc: BaseException) -> bool:
-    return isinstance(exc, asyncio.CancelledError) and exc.args == (SHUTDOWN,)
+    return isinstance(exc, asyncio.CancelledError) and exc.args in ((SHUTDOWN,), (LEADERSHIP_LOST,))
 
 
 def _when(moment: float) -> str:

@@ -2,8 +2,9 @@
 
 Routes: every Connect service under ``/<package>.<Service>/`` (ResourceService, ClusterService,
 gRPC health, gRPC reflection v1 and v1alpha), ``GET /metrics`` (Prometheus), ``GET /healthz``
-(the process is up) and ``GET /readyz`` (the hub serves: started, tunnel server up, not
-draining). Anything else is 404.
+(the process is up) and ``GET /readyz`` (the hub serves: started, not draining, and its tunnel
+server up unless it is a follower, which has none). Anything else is 404. With leader election
+the two API services are a :class:`Switch` between serving and forwarding to the leader.
 
 Why hypercorn: it serves HTTP/1.1, h2c with prior knowledge and h2c upgrade on one port and
 carries HTTP/2 trailers, which the gRPC protocol needs (architecture.md). Tuned for long-lived,
@@ -56,6 +57,23 @@ def create_listener(host: str, port: int, *, backlog: int = 1024) -> socket.sock
         sock.close()
         raise
     return sock
+
+
+class Switch:
+    """An ASGI app that hands each request to ``primary`` while ``use_primary()``, else ``secondary``.
+
+    With leader election, ResourceService and ClusterService are switched per request: the
+    leader serves them itself, a follower forwards them (decided when the request arrives).
+    """
+
+    def __init__(self, primary: ASGIApp, secondary: ASGIApp, use_primary: Callable[[], bool]) -> None:
+        self._primary = primary
+        self._secondary = secondary
+        self._use_primary = use_primary
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        app = self._primary if self._use_primary() else self._secondary
+        await app(scope, receive, send)
 
 
 class Router:
