@@ -14,16 +14,20 @@ from ._keycloak import (
     start_keycloak,
 )
 from ._process import ManagedProcess, free_port
+from ._system import ClusterEntry, System, Timings, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
 
 __all__ = [
     "DEFAULT_USERS",
+    "ClusterEntry",
     "ControlPlane",
     "Keycloak",
     "KeycloakError",
     "KeycloakUser",
     "KubeAPIError",
     "ManagedProcess",
+    "System",
+    "Timings",
     "TokenRequestError",
     "ToolMissingError",
     "free_port",
@@ -31,5 +35,6 @@ __all__ = [
     "object_path",
     "start_control_plane",
     "start_keycloak",
+    "start_system",
     "tool_path",
 ]

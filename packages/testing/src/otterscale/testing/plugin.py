@@ -8,6 +8,11 @@
 - ``keycloak_factory``: ``factory(name, **options)`` starts (or returns) a separate Keycloak
   ``name`` (options as for ``start_keycloak``: ``users=``, ``access_token_lifespan=``...), for
   tests that must stop it or need another realm setup without disturbing the shared one.
+- ``otterscale_system``: the whole system for the session (``tests/e2e``): the shared Keycloak,
+  two control planes ``east`` and ``west``, the hub and one agent per cluster, each a separate
+  OS process started from the installed console scripts, connected by real chisel tunnels; plus
+  a third configured cluster ``south`` that has no agent (it never connects).
+  A test that stops the hub or an agent must start it again (``try/finally``).
 
 A missing binary fails the test with the exact command that builds it; nothing is skipped.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -23,6 +29,7 @@ import pytest
 
 from ._controlplane import ControlPlane, start_control_plane
 from ._keycloak import Keycloak, KeycloakError, start_keycloak
+from ._system import System, start_system
 from .tools import ToolMissingError
 
 logger = logging.getLogger(__name__)
@@ -106,3 +113,38 @@ def keycloak_factory(
 def keycloak(keycloak_factory: KeycloakFactory) -> Keycloak:
     """The session's shared Keycloak. A test that stops it must start it again (``try/finally``)."""
     return keycloak_factory("default")
+
+
+#: The clusters of ``otterscale_system`` with a control plane and an agent.
+SYSTEM_CLUSTERS = ("east", "west")
+#: Configured in ``otterscale_system`` but with no control plane and no agent: never connected.
+SYSTEM_OFFLINE_CLUSTERS = ("south",)
+
+
+@pytest.fixture(scope="session")
+def otterscale_system(
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+    keycloak: Keycloak,
+    control_plane_factory: ControlPlaneFactory,
+) -> Iterator[System]:
+    """Keycloak + control planes ``east`` and ``west`` + the hub + one agent each (see above)."""
+    clusters: dict[str, ControlPlane | None] = {name: control_plane_factory(name) for name in SYSTEM_CLUSTERS}
+    clusters.update(dict.fromkeys(SYSTEM_OFFLINE_CLUSTERS))
+    started = time.monotonic()
+    try:
+        system = start_system(
+            tmp_path_factory.mktemp("system"),
+            clusters,
+            realm_url=keycloak.realm_url,
+            client_id=keycloak.client_id,
+        )
+    except ToolMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    logger.info("system up in %.1fs: hub %s", time.monotonic() - started, system.hub_url)
+    try:
+        yield system
+    finally:
+        system.stop()
+        if request.config.getoption("--keep-cluster-dirs"):
+            logger.warning("hub and agent configuration and logs kept in %s", system.directory)

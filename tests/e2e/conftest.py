@@ -1,0 +1,318 @@
+"""Fixtures of the end-to-end tests: real users with real tokens calling the real system.
+
+The system itself (Keycloak, control planes ``east`` and ``west``, the hub and one agent per
+cluster, each its own OS process, real chisel tunnels) is the ``otterscale_system`` session
+fixture of the ``otterscale.testing`` plugin. Here:
+
+- ``rbac`` (session): each cluster's own RBAC, deliberately different. alice may edit in east
+  only, bob in west only (bound by user, i.e. their Keycloak subject), and the group ``ops``
+  (carol) may read configmaps in both clusters.
+- ``hub`` (per test): Connect clients of the hub for every protocol, tokens from Keycloak, and
+  the subjects behind them; everything is closed after the test. Every token handed out is
+  remembered, so the session can check at the end that no process logged one.
+- ``measurements`` (session): numbers the tests measure (connect and reconnect times, latency),
+  written to ``<basetemp>/e2e-measurements.json`` and shown in pytest's terminal summary.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
+from connectrpc.protocol import ProtocolType
+from google._upb import _message as upb  # type: ignore[import-not-found]
+from pyqwest import Client, HTTPTransport, HTTPVersion
+
+from otterscale.cluster.v1 import cluster_pb2
+from otterscale.cluster.v1.cluster_connect import ClusterServiceClient
+from otterscale.resource.v1.resource_connect import ResourceServiceClient
+from otterscale.testing import ControlPlane, Keycloak, System
+
+# Kubernetes objects can nest deeper than upb's default limit of 100 (the agent does the same).
+upb.SetAllowOversizeProtos(True)
+
+CLUSTERS = ("east", "west")
+
+TRANSPORTS: dict[str, tuple[ProtocolType, Any]] = {
+    "connect-h1": (ProtocolType.CONNECT, HTTPVersion.HTTP1),
+    "connect-h2c": (ProtocolType.CONNECT, HTTPVersion.HTTP2),
+    "grpc-h2c": (ProtocolType.GRPC, HTTPVersion.HTTP2),
+    "grpcweb-h1": (ProtocolType.GRPC_WEB, HTTPVersion.HTTP1),
+}
+
+#: Every token any test used: none may show up in a log (checked at session end).
+ISSUED_TOKENS: set[str] = set()
+
+EDITOR_RULES = [
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps", "secrets"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+    },
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+]
+READER_RULES = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}]
+
+
+def subject_of(token: str) -> str:
+    """The ``sub`` claim of a JWT (no verification: the token came straight from Keycloak)."""
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return str(claims["sub"])
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# RBAC
+
+
+@dataclass(frozen=True)
+class Rbac:
+    """Who may do what where (see the module docstring); subjects are Keycloak user ids."""
+
+    subjects: dict[str, str]
+
+
+def _cluster_role(cp: ControlPlane, name: str, rules: list[dict[str, Any]]) -> None:
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": rules,
+        }
+    )
+
+
+def _bind(cp: ControlPlane, name: str, role: str, kind: str, subject: str) -> None:
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": subject}],
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def rbac(otterscale_system: System, keycloak: Keycloak) -> Rbac:
+    subjects = {user: subject_of(keycloak.token(user)) for user in ("alice", "bob", "carol")}
+    editor_of = {"east": "alice", "west": "bob"}
+    for name in CLUSTERS:
+        cp = otterscale_system.clusters[name].control_plane
+        assert cp is not None
+        _cluster_role(cp, "e2e-editor", EDITOR_RULES)
+        _cluster_role(cp, "e2e-reader", READER_RULES)
+        _bind(cp, "e2e-editor", "e2e-editor", "User", subjects[editor_of[name]])
+        _bind(cp, "e2e-ops-reader", "e2e-reader", "Group", "ops")
+    return Rbac(subjects=subjects)
+
+
+@pytest.fixture
+def namespace(otterscale_system: System) -> Iterator[str]:
+    """A fresh namespace of the same name in both clusters (created as admin), deleted after."""
+    name = unique("e2e")
+    cps = [otterscale_system.clusters[c].control_plane for c in CLUSTERS]
+    for cp in cps:
+        assert cp is not None
+        cp.request(
+            "POST",
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+        )
+    yield name
+    for cp in cps:
+        assert cp is not None
+        cp.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Clients
+
+
+@dataclass
+class Hub:
+    """Clients of the running hub for one test (closed after it) and tokens for its users."""
+
+    system: System
+    keycloak: Keycloak
+    rbac: Rbac
+    _transports: list[HTTPTransport] = field(default_factory=list)
+    _clients: list[Any] = field(default_factory=list)
+    _tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.system.hub_url
+
+    def client(
+        self, transport: str = "connect-h1", *, json: bool = False, timeout_ms: int | None = 30_000
+    ) -> ResourceServiceClient:
+        protocol, version = TRANSPORTS[transport]
+        http = HTTPTransport(http_version=version)
+        self._transports.append(http)
+        client = ResourceServiceClient(
+            self.url,
+            protocol=protocol,
+            codec=google_protobuf_json_codec() if json else google_protobuf_binary_codec(),
+            http_client=Client(http),
+            timeout_ms=timeout_ms,
+        )
+        self._clients.append(client)
+        return client
+
+    def clusters_client(self, transport: str = "connect-h1") -> ClusterServiceClient:
+        protocol, version = TRANSPORTS[transport]
+        http = HTTPTransport(http_version=version)
+        self._transports.append(http)
+        client = ClusterServiceClient(
+            self.url, protocol=protocol, http_client=Client(http), timeout_ms=10_000
+        )
+        self._clients.append(client)
+        return client
+
+    def token(self, user: str, *, fresh: bool = False, client_id: str | None = None) -> str:
+        """A real access token of ``user`` (cached for the test unless ``fresh``)."""
+        key = f"{user}/{client_id or ''}"
+        if fresh or key not in self._tokens:
+            self._tokens[key] = remember(self.keycloak.token(user, client_id=client_id))
+        return self._tokens[key]
+
+    def auth(self, user: str = "alice", **headers: str) -> dict[str, str]:
+        """Request headers: ``Authorization: Bearer <token of user>`` plus ``headers``."""
+        return {"authorization": f"Bearer {self.token(user)}", **headers}
+
+    def subject(self, user: str) -> str:
+        return self.rbac.subjects[user]
+
+    async def list_clusters(self, user: str = "alice") -> dict[str, cluster_pb2.Cluster]:
+        client = self.clusters_client()
+        response = await client.list_clusters(cluster_pb2.ListClustersRequest(), headers=self.auth(user))
+        return {c.name: c for c in response.clusters}
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.close()
+        for transport in self._transports:
+            await transport.aclose()
+
+
+def remember(token: str) -> str:
+    ISSUED_TOKENS.add(token)
+    return token
+
+
+@pytest_asyncio.fixture
+async def hub(
+    otterscale_system: System,
+    keycloak: Keycloak,
+    rbac: Rbac,
+    no_secret_logged: None,
+    measurements: Measurements,
+) -> AsyncIterator[Hub]:
+    if "startup" not in measurements.values:
+        timings = otterscale_system.timings
+        measurements.record(
+            "startup",
+            {
+                "hub_spawn_to_ready_s": round(timings.hub_start[0], 3),
+                "agent_spawn_to_hub_connected_s": {
+                    n: round(t[0], 3) for n, t in timings.agent_connect.items()
+                },
+            },
+        )
+    found = Hub(otterscale_system, keycloak, rbac)
+    try:
+        yield found
+    finally:
+        await found.aclose()
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets in logs, measurements
+
+
+def secrets_in(logs: dict[str, str], secrets: dict[str, str]) -> list[str]:
+    """``"<what> in <log file>"`` for every secret found in a log (a token also by its signature)."""
+    found = []
+    for what, secret in secrets.items():
+        needles = [secret]
+        if secret.count(".") == 2:  # a JWT: its signature alone is enough to count as leaked
+            needles.append(secret.rsplit(".", 1)[1])
+        for log_name, text in logs.items():
+            if any(needle in text for needle in needles):
+                found.append(f"{what} in {log_name}")
+    return found
+
+
+def all_secrets(system: System, keycloak: Keycloak) -> dict[str, str]:
+    secrets = {f"token #{i}": t for i, t in enumerate(sorted(ISSUED_TOKENS))}
+    secrets["tunnel key seed"] = system.key_seed
+    for name, entry in system.clusters.items():
+        secrets[f"agent password of {name}"] = entry.password
+    for user in keycloak.users.values():
+        secrets[f"password of {user.username}"] = user.password
+    return secrets
+
+
+@pytest.fixture(scope="session")
+def no_secret_logged(otterscale_system: System, keycloak: Keycloak) -> Iterator[None]:
+    """At the end of the session, after every call of every test: no process logged a secret.
+
+    Every test that calls the hub depends on this (through ``hub``), so it is torn down after
+    the last of them; a leak is reported as an error of the session's last test.
+    """
+    yield
+    leaked = secrets_in(otterscale_system.logs(), all_secrets(otterscale_system, keycloak))
+    assert not leaked, f"secrets found in the logs of {otterscale_system.directory}: {leaked}"
+
+
+@dataclass
+class Measurements:
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, key: str, value: Any) -> None:
+        self.values[key] = value
+        print(f"\n[e2e] {key}: {json.dumps(value)}")
+
+
+_MEASURED = Measurements()
+
+
+@pytest.fixture(scope="session")
+def measurements(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Measurements]:
+    yield _MEASURED
+    if _MEASURED.values:
+        path = Path(tmp_path_factory.getbasetemp()) / "e2e-measurements.json"
+        path.write_text(json.dumps(_MEASURED.values, indent=2, sort_keys=True) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _MEASURED.values:
+        terminalreporter.section("otterscale e2e measurements")
+        for key, value in sorted(_MEASURED.values.items()):
+            terminalreporter.write_line(f"{key}: {json.dumps(value)}")
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def monotonic_ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 1)
