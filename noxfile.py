@@ -226,7 +226,18 @@ def demo(session: nox.Session) -> None:
     demo_tools = ["chisel", "etcd", "kube-apiserver", "kube-controller-manager", "keycloak"]
     session.run(sys.executable, str(TOOLS_SCRIPT), *demo_tools, env=_tools_env())
     _install_packages(session)
-    session.run("python", "-m", "otterscale.testing.demo", *session.posargs, env=_tools_env())
+    # On Ctrl-C nox waits interrupt_timeout (default 0.3 s) for the child, then SIGTERM, then
+    # SIGKILL 0.2 s later: far too short for the demo's orderly teardown (Keycloak alone may take
+    # seconds). The demo stops everything itself on SIGINT and never waits longer than this.
+    session.run(
+        "python",
+        "-m",
+        "otterscale.testing.demo",
+        *session.posargs,
+        env=_tools_env(),
+        interrupt_timeout=90.0,
+        terminate_timeout=30.0,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,10 +358,28 @@ def install(session: nox.Session) -> None:
     )
 
 
+# psutil: CPU and RSS per process; matplotlib: the report's plots; py-spy: profiles of hub and agent.
+BENCH_DEPS = ["psutil==7.2.2", "matplotlib==3.11.2", "py-spy==0.4.3"]
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmark direct kube-apiserver vs agent vs hub with real components (issue 7), into results/.
+
+    `-- --smoke` runs tiny sizes in about a minute (CI); `-- --help` lists the options. Exits
+    non-zero only on a functional failure, never on a missed performance target.
+    """
+    needed = ("chisel", "etcd", "kube-apiserver", "kube-controller-manager")
+    session.run(sys.executable, str(TOOLS_SCRIPT), *needed, env=_tools_env())  # builds only what is missing
+    _install_packages(session)
+    session.install(*BENCH_DEPS)
+    session.run("python", str(ROOT / "bench/run.py"), *session.posargs, env=_tools_env())
+
+
 @nox.session(python=False)
 def ci(session: nox.Session) -> None:
-    """Everything CI runs: tools, lint, buf, stale-code checks, tests (not `slow`; the chart tests
-    included), build, wheels, hadolint, the fresh-venv install tests, the demo smoke run.
+    """Everything CI runs: tools, lint, buf, stale-code checks, tests (not `slow`; the chart, e2e and
+    demo-smoke tests included), build, wheels, hadolint, the fresh-venv install tests, bench smoke.
 
     Arguments after `--` replace the default pytest arguments of the `tests` step.
     """
@@ -364,3 +393,4 @@ def ci(session: nox.Session) -> None:
     session.run(*nox_cmd, "-s", "tests", "--", *pytest_args)
     session.run(*nox_cmd, "-s", "build", "wheels")
     session.run(*nox_cmd, "-s", "hadolint", "install")
+    session.run(*nox_cmd, "-s", "bench", "--", "--smoke")  # so the benchmark cannot rot

@@ -1,0 +1,541 @@
+"""Turn ``results.json`` into the targets verdict, a terminal summary, ``report.md`` and plots.
+
+Targets are those of issue 7 (loopback, this 2-core machine, every process on it). RSS targets
+are in MB (10^6 bytes) as the issue states them; the tables show MiB. The hub's memory and CPU
+are its process tree: the Python hub plus the chisel server it supervises (they ship and scale
+together). A smoke run's numbers are not comparable with the targets and say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MB_PER_MIB = 1.048576
+PROCESS_ORDER = ("hub", "chisel-server", "agent", "chisel-client", "kube-apiserver", "etcd", "bench-client")
+LIST_CPU = ("hub", "chisel-server", "agent", "chisel-client", "kube-apiserver", "bench-client")
+MAIN_LATENCY = ("direct https-json", "agent connect-proto", "agent connect-json", "agent grpc")
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets
+
+
+def _row(name: str, value: float | None, limit: str, met: bool | None, note: str = "") -> dict[str, Any]:
+    # A smoke run's sizes are too small for a verdict: keep the value, drop the verdict.
+    if "smoke" in note:
+        met = None
+    return {"target": name, "value": value, "limit": limit, "met": met, "note": note}
+
+
+def _latency(results: dict[str, Any], label: str) -> dict[str, Any] | None:
+    return next((r for r in results.get("latency") or () if r["label"] == label), None)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of issue 7 with the measured value and met / missed (None: not measured)."""
+    rows: list[dict[str, Any]] = []
+    smoke = "smoke sizes: not comparable" if results.get("smoke") else ""
+
+    direct = _latency(results, "direct https-json")
+    for protocol in ("connect-proto", "connect-json", "grpc"):
+        hub = _latency(results, f"hub {protocol}")
+        for q, limit in (("p50", 2.0), ("p99", 10.0)):
+            name = f"added latency (hub - direct), {q}, {protocol}"
+            if direct is None or hub is None:
+                rows.append(_row(name, None, f"<= {limit:g} ms", None, "not measured"))
+                continue
+            added = round(hub[q] - direct[q], 2)
+            rows.append(_row(name, added, f"<= {limit:g} ms", added <= limit, smoke))
+
+    tp = results.get("throughput") or []
+    d16 = next((r for r in tp if r["path"] == "direct" and r["concurrency"] == 16), None)
+    h16 = next((r for r in tp if r["path"] == "hub" and r["concurrency"] == 16), None)
+    name = "throughput of hub at concurrency 16, share of direct"
+    if d16 and h16 and d16["rps"]:
+        share = round(100.0 * h16["rps"] / d16["rps"], 1)
+        rows.append(
+            _row(
+                name,
+                share,
+                ">= 40 %",
+                share >= 40.0,
+                f"{h16['rps']:.0f} vs {d16['rps']:.0f} req/s {smoke}".strip(),
+            )
+        )
+    else:
+        rows.append(_row(name, None, ">= 40 %", None, "not measured"))
+
+    lists = results.get("lists") or []
+    size = max((r["items"] for r in lists), default=None)
+    name = f"List {size or 5000} ConfigMaps through hub (connect-proto), time vs direct"
+    dl = next((r for r in lists if r["items"] == size and r["label"] == "direct https-json"), None)
+    hl = next((r for r in lists if r["items"] == size and r["label"] == "hub connect-proto"), None)
+    if dl and hl:
+        ratio = round(hl["ms_median"] / dl["ms_median"], 2)
+        note = f"{hl['ms_median']:.0f} vs {dl['ms_median']:.0f} ms"
+        if size != 5000:
+            note += "; " + (smoke or f"{size} items, not 5000")
+        rows.append(_row(name, ratio, "<= 1.5 x", ratio <= 1.5, note))
+    else:
+        rows.append(_row(name, None, "<= 1.5 x", None, "not measured"))
+
+    watch = results.get("watch")
+    if watch:
+        streams = watch.get("streams_open", 0)
+        rate = watch.get("writes_per_second", 0.0)
+        full = streams >= 1000 and rate >= 190
+        note = f"{streams} streams, {rate:.0f} changes/s"
+        if not full:
+            note += " (below 1,000 streams / 200 per s: " + (smoke or "see the Watch section") + ")"
+        rss_mb = round(watch["hub_tree_peak_rss_mib"] * MB_PER_MIB, 1)
+        rows.append(
+            _row(
+                "Watch: hub RSS (peak, hub + chisel server)",
+                rss_mb,
+                "<= 300 MB",
+                rss_mb <= 300 and full,
+                note,
+            )
+        )
+        p99 = watch["delivery_ms"]["p99"]
+        ok = p99 <= 100 and full and not math.isnan(p99)
+        rows.append(_row("Watch: p99 delivery latency (write -> client)", p99, "<= 100 ms", ok, note))
+    else:
+        rows.append(_row("Watch: hub RSS", None, "<= 300 MB", None, "not measured"))
+        rows.append(_row("Watch: p99 delivery latency", None, "<= 100 ms", None, "not measured"))
+
+    idle = results.get("idle")
+    if idle:
+        full = idle["clusters_configured"] >= 50 and idle["clusters_connected"] >= 10
+        note = f"{idle['clusters_configured']} configured, {idle['clusters_connected']} connected"
+        if not full:
+            note += "; " + (smoke or "fewer than 50/10")
+        rss_mb = round(idle["hub_tree_rss_mib"] * MB_PER_MIB, 1)
+        rows.append(
+            _row("idle hub RSS (hub + chisel server)", rss_mb, "<= 150 MB", rss_mb <= 150 and full, note)
+        )
+        cpu = idle["hub_tree_cpu_percent"]
+        rows.append(_row("idle hub CPU, % of one core", cpu, "< 1 %", cpu < 1.0 and full, note))
+    else:
+        rows.append(_row("idle hub RSS", None, "<= 150 MB", None, "not measured"))
+        rows.append(_row("idle hub CPU", None, "< 1 %", None, "not measured"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables (rendered as text for the terminal and as Markdown for the report)
+
+
+Table = tuple[str, list[str], list[list[str]]]
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _slash(*values: Any) -> str:
+    return " / ".join(str(v) for v in values)
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "n/a"}[met]
+
+
+def tables(results: dict[str, Any]) -> list[Table]:
+    out: list[Table] = []
+    latency = results.get("latency") or []
+    if latency:
+        direct = _latency(results, "direct https-json")
+        rows = []
+        for r in latency:
+            added50 = r["p50"] - direct["p50"] if direct else math.nan
+            added99 = r["p99"] - direct["p99"] if direct else math.nan
+            rows.append(
+                [
+                    r["label"],
+                    _f(r["p50"]),
+                    _f(r["p90"]),
+                    _f(r["p99"]),
+                    _f(added50),
+                    _f(added99),
+                    _f(r.get("other_cores")),
+                ]
+            )
+        out.append(
+            (
+                "Unary Get latency, sequential (ms)",
+                [
+                    "path / protocol",
+                    "p50",
+                    "p90",
+                    "p99",
+                    "+p50 vs direct",
+                    "+p99 vs direct",
+                    "other cores busy",
+                ],
+                rows,
+            )
+        )
+
+    tp = results.get("throughput") or []
+    if tp:
+        rows = []
+        for r in tp:
+            per = r.get("cpu_seconds_per_1000", {})
+            rows.append(
+                [
+                    r["label"],
+                    str(r["concurrency"]),
+                    _f(r["rps"], 0),
+                    _f(r["latency_ms"]["p50"]),
+                    _f(r["latency_ms"]["p99"]),
+                ]
+                + [_f(per.get(p), 3) for p in PROCESS_ORDER]
+                + [_f(r.get("other_cores"))]
+            )
+        out.append(
+            (
+                "Throughput of Get, and CPU seconds per 1,000 requests per process",
+                ["path", "conc.", "req/s", "p50 ms", "p99 ms", *PROCESS_ORDER, "other cores busy"],
+                rows,
+            )
+        )
+
+    lists = results.get("lists") or []
+    if lists:
+        rows = []
+        for r in lists:
+            base = next(
+                (x for x in lists if x["items"] == r["items"] and x["label"] == "direct https-json"), None
+            )
+            ratio = r["ms_median"] / base["ms_median"] if base else math.nan
+            peak = r["peak_rss_mib"]
+            per = r.get("cpu_seconds_per_list", {})
+            rows.append(
+                [
+                    str(r["items"]),
+                    r["label"],
+                    _f(r["ms_median"], 1),
+                    _f(r["ms_min"], 1),
+                    _f(ratio),
+                    f"{r['bytes']:,}",
+                    _f(peak.get("hub"), 1),
+                    _f(peak.get("agent"), 1),
+                    _slash(*(_f(per.get(p), 3) for p in LIST_CPU)),
+                    _f(r.get("other_cores")),
+                ]
+            )
+        out.append(
+            (
+                "List of N ConfigMaps (~1 KiB each): time (median), response body bytes, peak RSS (MiB)",
+                [
+                    "items",
+                    "path / protocol",
+                    "ms",
+                    "min ms",
+                    "x direct",
+                    "bytes",
+                    "hub peak",
+                    "agent peak",
+                    "CPU s per list: " + " / ".join(LIST_CPU),
+                    "other cores busy",
+                ],
+                rows,
+            )
+        )
+
+    watch = results.get("watch")
+    if watch:
+        d = watch["delivery_ms"]
+        cpu = watch["cpu_percent_of_core"]
+        peak = watch["peak_rss_mib"]
+        before, opened = watch["rss_mib_before"], watch["rss_mib_open"]
+        ack = watch["write_ack_ms"]
+        busy = ("hub", "chisel-server", "agent", "chisel-client", "kube-apiserver", "etcd", "bench-client")
+        quiet = watch.get("open_idle_cpu_percent_of_core", {})
+        after = watch.get("delivery_after_ack_ms", {})
+        rows = [
+            [
+                "streams open (requested), client HTTP/2 connections",
+                f"{watch['streams_open']} ({watch['streams_requested']}), {watch.get('client_connections')}",
+            ],
+            ["ramp-up (all streams established)", f"{watch['ramp_seconds']} s"],
+            ["changes written / per s", _slash(watch["writes"], _f(watch["writes_per_second"], 1))],
+            ["write ack p50 / p99 (ms)", _slash(_f(ack["p50"]), _f(ack["p99"]))],
+            ["delivered / missing", _slash(watch["delivered"], watch["missing"])],
+            [
+                "delivery p50 / p90 / p99 / max (ms)",
+                _slash(*(_f(d[q]) for q in ("p50", "p90", "p99", "max"))),
+            ],
+            [
+                "same, counted from the write's ack (ms)",
+                _slash(*(_f(after.get(q)) for q in ("p50", "p90", "p99", "max"))),
+            ],
+            ["hub RSS MiB: before / open / peak", _slash(*(_f(x["hub"], 1) for x in (before, opened, peak)))],
+            ["chisel server RSS MiB peak", _f(peak["chisel-server"], 1)],
+            [
+                "agent RSS MiB: before / open / peak",
+                _slash(*(_f(x["agent"], 1) for x in (before, opened, peak))),
+            ],
+            [f"CPU % of a core: {' / '.join(busy)}", _slash(*(_f(cpu.get(p), 1) for p in busy))],
+            ["same, streams open but no changes", _slash(*(_f(quiet.get(p), 1) for p in busy))],
+            ["other cores busy", _f(watch.get("other_cores"))],
+        ]
+        out.append(("Watch through the hub (one object per stream, steady change rate)", ["", "value"], rows))
+
+    idle = results.get("idle")
+    if idle:
+        rss, cpu = idle["rss_mib"], idle["cpu_percent_of_core"]
+        rows = [
+            [p, _f(rss.get(p), 1), _f(cpu.get(p), 3)]
+            for p in ("hub", "chisel-server", "agent", "chisel-client")
+        ]
+        out.append(
+            (
+                f"Idle: {idle['clusters_configured']} clusters configured, "
+                f"{idle['clusters_connected']} connected (agent rows: one of them), {idle['seconds']:.0f} s",
+                ["process", "RSS MiB", "CPU % of a core"],
+                rows,
+            )
+        )
+
+    rows = [
+        [t["target"], _f(t["value"]), t["limit"], _verdict(t["met"]), t["note"]]
+        for t in results.get("targets", [])
+    ]
+    out.append(("Targets (issue 7)", ["target", "measured", "limit", "verdict", "note"], rows))
+    return out
+
+
+def _text(table: Table) -> str:
+    title, header, rows = table
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = [title, "-" * len(title)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)))
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
+    return "\n".join(lines)
+
+
+def _markdown(table: Table) -> str:
+    title, header, rows = table
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    head = (
+        f"OtterScale benchmark{' (SMOKE)' if results.get('smoke') else ''}: {m.get('cores')} cores "
+        f"({m.get('cpu_model')}), load average at start {_f((m.get('loadavg_start') or [math.nan])[0])}"
+    )
+    return "\n\n".join([head, *(_text(t) for t in tables(results))])
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    """PNG plots beside the report; returns their file names (none if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots")
+        return []
+    names: list[str] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+
+    latency = results.get("latency") or []
+    if latency:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+        labels = [r["label"] for r in latency]
+        y = range(len(labels))
+        for offset, q in ((-0.27, "p50"), (0.0, "p90"), (0.27, "p99")):
+            ax1.barh([i + offset for i in y], [r[q] for r in latency], height=0.26, label=q)
+        ax1.set_yticks(list(y), labels)
+        ax1.invert_yaxis()
+        ax1.set_xlabel("ms")
+        ax1.set_title("Get latency (sequential)")
+        ax1.legend()
+        for r in latency:
+            if r["label"] in (*MAIN_LATENCY, "hub connect-proto", "hub connect-json", "hub grpc"):
+                ax2.plot(r["cdf"], range(1, 101), label=r["label"])
+        ax2.set_xscale("log")
+        ax2.set_xlabel("ms (log)")
+        ax2.set_ylabel("percentile")
+        ax2.set_title("Get latency CDF")
+        ax2.grid(True, which="both", alpha=0.3)
+        ax2.legend(fontsize=8)
+        save(fig, "latency.png")
+
+    tp = results.get("throughput") or []
+    if tp:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+        for label in dict.fromkeys(r["label"] for r in tp):
+            rows = [r for r in tp if r["label"] == label]
+            ax1.plot([r["concurrency"] for r in rows], [r["rps"] for r in rows], marker="o", label=label)
+        ax1.set_xscale("log", base=2)
+        ax1.set_xlabel("concurrency")
+        ax1.set_ylabel("requests/s")
+        ax1.set_title("Get throughput")
+        ax1.grid(True, alpha=0.3)
+        ax1.legend()
+        c16 = [r for r in tp if r["concurrency"] == 16 and r.get("cpu_seconds_per_1000")]
+        bottom = [0.0] * len(c16)
+        for proc in PROCESS_ORDER:
+            values = [r["cpu_seconds_per_1000"].get(proc, 0.0) for r in c16]
+            ax2.bar([r["label"] for r in c16], values, bottom=bottom, label=proc)
+            bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+        ax2.tick_params(axis="x", labelrotation=20)
+        ax2.set_ylabel("CPU seconds per 1,000 requests")
+        ax2.set_title("Where the CPU goes (concurrency 16)")
+        ax2.legend(fontsize=8)
+        save(fig, "throughput.png")
+
+    lists = results.get("lists") or []
+    if lists:
+        sizes = sorted({r["items"] for r in lists})
+        fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.5), squeeze=False)
+        for ax, size in zip(axes[0], sizes, strict=True):
+            rows = [r for r in lists if r["items"] == size]
+            ax.barh([r["label"] for r in rows], [r["ms_median"] for r in rows])
+            ax.invert_yaxis()
+            ax.set_xlabel("ms (median)")
+            ax.set_title(f"List {size} ConfigMaps")
+        save(fig, "lists.png")
+
+    watch = results.get("watch")
+    if watch and watch.get("timeline"):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+        if watch.get("delivery_cdf"):
+            ax1.plot(watch["delivery_cdf"], range(1, 101))
+            ax1.set_xscale("log")
+        ax1.set_xlabel("ms, write -> client (log)")
+        ax1.set_ylabel("percentile")
+        ax1.set_title(
+            f"Watch delivery latency ({watch['streams_open']} streams, {watch['writes_per_second']}/s)"
+        )
+        ax1.grid(True, which="both", alpha=0.3)
+        times = [t for t, _ in watch["timeline"]]
+        for proc in ("hub", "chisel-server", "agent", "kube-apiserver"):
+            ax2.plot(times, [values.get(proc, 0.0) for _, values in watch["timeline"]], label=proc)
+        for mark, t in watch.get("marks", {}).items():
+            ax2.axvline(t, color="grey", linestyle=":", linewidth=1)
+            ax2.text(t, ax2.get_ylim()[1] * 0.95, mark, rotation=90, fontsize=7, va="top")
+        ax2.set_xlabel("s")
+        ax2.set_ylabel("RSS MiB")
+        ax2.set_title("RSS during the Watch scenario")
+        ax2.legend(fontsize=8)
+        save(fig, "watch.png")
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _profile_section(profiles: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Profiles",
+        "",
+        "py-spy `--gil` samples at 100 Hz (Python code holding the GIL; native code called from "
+        "Python counts for the calling line), taken in a separate run after each measurement. "
+        "`perf` (when available) gives the true on-CPU split by library. Shares are % of samples.",
+        "",
+    ]
+    if not profiles:
+        return [*lines, "Not taken in this run (`--no-profile` or smoke).", ""]
+    for p in profiles:
+        title = f"### {p.get('scenario')}: {p.get('name')}"
+        if "error" in p:
+            lines += [title, "", f"py-spy failed: {p['error']}", ""]
+            continue
+        perf = p.get("perf") or {}
+        lines += [
+            title,
+            "",
+            f"{p['samples']} samples ({p['samples'] / 100:.1f} s sampled); the process used "
+            f"{p.get('cpu_seconds', '-')} s of CPU in {p.get('load_seconds', '-')} s of load. "
+            f"Raw stacks: `profiles/{p['file']}`.",
+            "",
+        ]
+        if perf.get("dso"):
+            lines += ["perf, on-CPU by library: " + ", ".join(f"{d} {v:g}%" for d, v in perf["dso"][:6]), ""]
+        lines += [
+            "| package (self) | % | function (self) | % | function (inclusive) | % |",
+            "|---|---|---|---|---|---|",
+        ]
+        n = max(len(p["packages"]), len(p["self"]), len(p["inclusive"]))
+        for i in range(min(n, 12)):
+            cells = []
+            for key in ("packages", "self", "inclusive"):
+                entries = p[key]
+                cells += (
+                    [entries[i][0].replace("|", "\\|"), str(entries[i][1])] if i < len(entries) else ["", ""]
+                )
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    """``report.md`` and the PNG plots into ``out``."""
+    images = plots(results, out)
+    m = results.get("machine", {})
+    lines = [
+        f"# OtterScale benchmark{' (smoke run: tiny sizes, not comparable)' if results.get('smoke') else ''}",
+        "",
+        f"Started {results.get('started')}, took {results.get('timings', {}).get('total')} s. "
+        f"Commit {m.get('git')}.",
+        "",
+        f"Machine: {m.get('cores')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, "
+        f"Linux {m.get('kernel')}, Python {m.get('python')}; shared with other work: load average "
+        f"{_f((m.get('loadavg_start') or [math.nan])[0])} at the start, "
+        f"{_f((m.get('loadavg_end') or [math.nan])[0])} at the end (the 'other cores busy' columns "
+        "show how many cores were busy outside the benchmark during each measurement).",
+        "",
+        "Every process runs on this machine on loopback: etcd, kube-apiserver and "
+        "kube-controller-manager; the hub (`otterscale server`) with its chisel server; the agent "
+        "(`otterscale agent`) with its chisel client; a local OIDC issuer; and the load generator "
+        "(one Python process, asyncio, pyqwest), which competes for the same 2 cores.",
+        "",
+        "Paths: **direct** = kube-apiserver over HTTPS (HTTP/2, admin client certificate, JSON); "
+        "**agent** = the agent's API directly (signed identity headers); **hub** = hub -> chisel "
+        "-> agent -> kube-apiserver with an OIDC bearer token. Connect and gRPC run over h2c "
+        "unless marked `/h1`; compression is off unless marked `+gzip` (connectrpc's client "
+        "defaults). Clients decode and check every response.",
+        "",
+    ]
+    if results.get("failures"):
+        lines += ["## Functional failures", "", *(f"- {f}" for f in results["failures"]), ""]
+    lines += ["## Results", ""]
+    for table in tables(results):
+        lines += [_markdown(table), ""]
+    for image in images:
+        lines += [f"![{image}]({image})", ""]
+    lines += _profile_section(results.get("profiles") or [])
+    sizes = results.get("sizes", {})
+    lines += ["## Sizes", "", "```", *(f"{k} = {v}" for k, v in sizes.items()), "```", ""]
+    (out / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,365 @@
+"""``python bench/run.py [--smoke]``: start everything, run every scenario, write the report.
+
+Order matters: the idle cost is measured first, on a fresh hub with ``idle_clusters``
+configured and ``idle_connected`` agents (all agents share the one control plane); then every
+agent but the first is stopped and the load scenarios run against that one (latency,
+throughput, lists, Watch last since 1,000 streams leave the most behind). Profiles (py-spy) are
+taken in extra runs after each measured one, never during it.
+
+Every process is started through ``otterscale.testing`` (``ManagedProcess``: own process group,
+parent-death signal, escalating stop) and stopped in ``finally``. The working directory (cluster
+data, every process's log) is deleted after a clean run and kept after a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from otterscale.common import Identity, derive_identity_key
+from otterscale.testing import ControlPlane, System, start_control_plane, start_system
+
+from . import _report, _scenarios
+from ._issuer import LocalIssuer
+from ._kube import KubeDirect
+from ._paths import Endpoints
+from ._procs import ProcessSet, child_pid
+from ._scenarios import FULL, SMOKE, Bench, Sizes
+
+logger = logging.getLogger("otterscale_bench")
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT_ID = "otterscale"
+BENCH_IDENTITY = Identity("otterscale-bench", ("otterscale-bench",))
+SCENARIOS = ("idle", "latency", "throughput", "lists", "watch")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nox -s bench --",
+        description="OtterScale benchmark: direct kube-apiserver vs agent vs hub, with real components.",
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI): about a minute")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "results", help="results folder (default results/)"
+    )
+    parser.add_argument(
+        "--only", action="append", choices=SCENARIOS, help="run only these scenarios (repeatable)"
+    )
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    parser.add_argument(
+        "--service-log-level",
+        choices=("debug", "info"),
+        default="info",
+        help="log level of hub and agents (default info, as deployed; the test harness uses debug)",
+    )
+    parser.add_argument(
+        "--keep-work", action="store_true", help="keep cluster data and logs after a clean run"
+    )
+    parser.add_argument("--watch-streams", type=int, help="concurrent Watch streams (default 1000; smoke 10)")
+    parser.add_argument("--watch-rate", type=float, help="object changes per second (default 200; smoke 20)")
+    parser.add_argument("--watch-seconds", type=float, help="measured Watch window (default 30; smoke 3)")
+    parser.add_argument(
+        "--watch-streams-per-connection",
+        type=int,
+        help="Watch streams per client HTTP/2 connection to the hub (default 250)",
+    )
+    parser.add_argument(
+        "--idle-clusters", type=int, help="clusters configured in the hub (default 50; smoke 3)"
+    )
+    parser.add_argument(
+        "--idle-connected", type=int, help="of them with a running agent (default 10; smoke 2)"
+    )
+    parser.add_argument("--latency-requests", type=int, help="sequential Gets per variant (default 2000)")
+    parser.add_argument("--throughput-seconds", type=float, help="measured seconds per point (default 8)")
+    return parser
+
+
+def _sizes(args: argparse.Namespace) -> Sizes:
+    sizes = SMOKE if args.smoke else FULL
+    overrides: dict[str, Any] = {
+        "watch_streams": args.watch_streams,
+        "watch_rate": args.watch_rate,
+        "watch_seconds": args.watch_seconds,
+        "watch_streams_per_connection": args.watch_streams_per_connection,
+        "idle_clusters": args.idle_clusters,
+        "idle_connected": args.idle_connected,
+        "latency_requests": args.latency_requests,
+        "throughput_seconds": args.throughput_seconds,
+    }
+    if args.no_profile:
+        overrides["profile"] = False
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
+    if not 1 <= sizes.idle_connected <= sizes.idle_clusters:
+        raise SystemExit("--idle-connected must be between 1 and --idle-clusters")
+    return sizes
+
+
+@contextlib.contextmanager
+def _service_log_level(level: str) -> Iterator[str]:
+    """Run hub and agents at ``level`` (yields the level actually used).
+
+    ``otterscale.testing.start_system`` always passes ``--log-level=debug``; at debug, h2, hpack
+    and hypercorn log every HTTP/2 frame, and that logging takes about half of the hub's and the
+    agent's CPU under load (see the README's Performance section). Services run at ``info`` by
+    default, so the benchmark does too: it rewrites that one flag when the harness spawns a
+    process. If the harness changes shape, the run goes on at the harness's level and says so.
+    """
+    from otterscale.testing import _system
+
+    original = getattr(_system, "ManagedProcess", None)
+    if level == "debug" or original is None:
+        yield "debug (harness default)" if original is None else "debug"
+        return
+
+    def spawn(name: str, argv: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+        argv = [f"--log-level={level}" if a == "--log-level=debug" else a for a in argv]
+        return original(name, argv, *args, **kwargs)
+
+    setattr(_system, "ManagedProcess", spawn)  # noqa: B010 - a private name of the harness
+    try:
+        yield level
+    finally:
+        setattr(_system, "ManagedProcess", original)  # noqa: B010
+
+
+def _raise_file_limit() -> None:
+    """Children inherit it: the agent holds one connection per Watch to kube-apiserver."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _allow_deep_messages() -> None:
+    # Deep objects (CRDs, inlined schemas) nest past upb's default limit of 100 levels.
+    from google._upb import _message  # type: ignore[import-untyped]
+
+    _message.SetAllowOversizeProtos(True)
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_kib = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    versions: dict[str, str | None] = {}
+    for dist in (
+        "otterscale-hub",
+        "otterscale-agent",
+        "connectrpc",
+        "pyqwest",
+        "hypercorn",
+        "protobuf",
+        "aiohttp",
+    ):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(memory_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_start": list(os.getloadavg()),
+        "versions": versions,
+        "git": _git(),
+    }
+
+
+def _git() -> str | None:
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "packages"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _process_set(system: System, cp: ControlPlane, cluster: str) -> ProcessSet:
+    assert system.hub is not None
+    hub = system.hub.pid
+    agent = system.agents[cluster].pid
+
+    def of(suffix: str) -> int:
+        return next(p.pid for p in cp.processes if p.name.endswith(suffix))
+
+    return ProcessSet(
+        {
+            "hub": hub,
+            "chisel-server": child_pid(hub, "chisel"),
+            "agent": agent,
+            "chisel-client": child_pid(agent, "chisel"),
+            "kube-apiserver": of("/kube-apiserver"),
+            "etcd": of("/etcd"),
+            _scenarios.CLIENT: os.getpid(),
+        }
+    )
+
+
+async def _run_scenarios(
+    system: System,
+    cp: ControlPlane,
+    issuer: LocalIssuer,
+    sizes: Sizes,
+    out: Path,
+    only: set[str],
+    results: dict[str, Any],
+) -> list[str]:
+    cluster = "c00"
+    entry = system.clusters[cluster]
+    kube = KubeDirect(cp)
+    ep = Endpoints(
+        cluster=cluster,
+        hub_url=system.hub_url,
+        agent_url=f"http://127.0.0.1:{entry.api_port}",
+        tunnel_url=f"http://127.0.0.1:{entry.tunnel_port}",
+        token=issuer.token(BENCH_IDENTITY.subject, BENCH_IDENTITY.groups, audience=CLIENT_ID),
+        identity=BENCH_IDENTITY,
+        identity_key=derive_identity_key(cluster, entry.password),
+        kube=kube,
+    )
+    b = Bench(ep=ep, procs=_process_set(system, cp, cluster), system=system, cp=cp, sizes=sizes, out=out)
+    profiles: list[dict[str, Any]] = []
+    results["profiles"] = profiles
+    try:
+        if "idle" in only:
+            logger.info(
+                "idle: %d clusters configured, %d connected", sizes.idle_clusters, sizes.idle_connected
+            )
+            results["idle"] = await _scenarios.idle(b, sizes.idle_clusters, sizes.idle_connected)
+        for name in list(system.agents):
+            if name != cluster:
+                await asyncio.to_thread(system.stop_agent, name)
+        await _scenarios.prepare(b)
+        if "latency" in only:
+            results["latency"] = await _scenarios.latency(b)
+        if "throughput" in only:
+            results["throughput"] = await _scenarios.throughput(b)
+            if sizes.profile:
+                profiles += await _scenarios.profile_get_load(b)
+        if "lists" in only:
+            results["list_setup_seconds"] = await _scenarios.prepare_lists(b)
+            results["lists"] = await _scenarios.lists(b)
+            if sizes.profile:
+                profiles += await _scenarios.profile_list(b)
+        if "watch" in only:
+            results["watch"] = await _scenarios.watch(b)
+            profiles += results["watch"].pop("profiles", [])
+    finally:
+        await kube.aclose()
+    return b.failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    sizes = _sizes(args)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    _raise_file_limit()
+    _allow_deep_messages()
+    only = set(args.only or SCENARIOS)
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = (args.out / f"bench-{stamp}{'-smoke' if args.smoke else ''}").resolve()
+    out.mkdir(parents=True, exist_ok=False)
+    work = out / "work"
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "smoke": args.smoke,
+        "sizes": dataclasses.asdict(sizes),
+        "machine": _machine(),
+        "timings": {},
+    }
+    failures: list[str] = []
+    cp: ControlPlane | None = None
+    issuer: LocalIssuer | None = None
+    system: System | None = None
+    stack = contextlib.ExitStack()
+    try:
+        results["service_log_level"] = stack.enter_context(_service_log_level(args.service_log_level))
+        t = time.monotonic()
+        logger.info("starting a control plane (etcd, kube-apiserver, kube-controller-manager)")
+        cp = start_control_plane("bench", work / "cluster")
+        results["timings"]["control_plane_start"] = round(time.monotonic() - t, 2)
+        issuer = LocalIssuer().start()
+        configured = sizes.idle_clusters if "idle" in only else 1
+        connected = sizes.idle_connected if "idle" in only else 1
+        clusters = {f"c{i:02d}": (cp if i < connected else None) for i in range(configured)}
+        t = time.monotonic()
+        logger.info("starting the hub and %d agents (%d clusters configured)", connected, configured)
+        system = start_system(work / "system", clusters, realm_url=issuer.url, client_id=CLIENT_ID)
+        results["timings"]["system_start"] = round(time.monotonic() - t, 2)
+        failures = asyncio.run(_run_scenarios(system, cp, issuer, sizes, out, only, results))
+    except BaseException as exc:
+        failures.append(f"the benchmark itself failed: {type(exc).__name__}: {exc}")
+        logger.error("benchmark failed:\n%s", traceback.format_exc())
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+    finally:
+        stack.close()
+        for closer in (system, issuer, cp):
+            if closer is not None:
+                try:
+                    closer.stop()
+                except Exception:
+                    logger.exception("stopping %r failed", closer)
+        results["timings"]["total"] = round(time.monotonic() - started, 1)
+        results["machine"]["loadavg_end"] = list(os.getloadavg())
+        results["failures"] = failures
+        results["targets"] = _report.targets(results)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        try:
+            _report.write(results, out)
+        except Exception:
+            logger.exception("writing the report failed")
+            failures.append("writing the report failed")
+        if failures or args.keep_work:
+            logger.info("working directory (cluster data, logs) kept: %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(_report.summary_table(results), flush=True)
+    print(f"\nresults: {out}/results.json\nreport:  {out}/report.md", flush=True)
+    if failures:
+        print("\nFUNCTIONAL FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr, flush=True)
+        return 1
+    return 0
