@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,34 +107,6 @@ def _sizes(args: argparse.Namespace) -> Sizes:
     if not 1 <= sizes.idle_connected <= sizes.idle_clusters:
         raise SystemExit("--idle-connected must be between 1 and --idle-clusters")
     return sizes
-
-
-@contextlib.contextmanager
-def _service_log_level(level: str) -> Iterator[str]:
-    """Run hub and agents at ``level`` (yields the level actually used).
-
-    ``otterscale.testing.start_system`` always passes ``--log-level=debug``; at debug, h2, hpack
-    and hypercorn log every HTTP/2 frame, and that logging takes about half of the hub's and the
-    agent's CPU under load (see the README's Performance section). Services run at ``info`` by
-    default, so the benchmark does too: it rewrites that one flag when the harness spawns a
-    process. If the harness changes shape, the run goes on at the harness's level and says so.
-    """
-    from otterscale.testing import _system
-
-    original = getattr(_system, "ManagedProcess", None)
-    if level == "debug" or original is None:
-        yield "debug (harness default)" if original is None else "debug"
-        return
-
-    def spawn(name: str, argv: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-        argv = [f"--log-level={level}" if a == "--log-level=debug" else a for a in argv]
-        return original(name, argv, *args, **kwargs)
-
-    setattr(_system, "ManagedProcess", spawn)  # noqa: B010 - a private name of the harness
-    try:
-        yield level
-    finally:
-        setattr(_system, "ManagedProcess", original)  # noqa: B010
 
 
 def _raise_file_limit() -> None:
@@ -314,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     cp: ControlPlane | None = None
     issuer: LocalIssuer | None = None
     system: System | None = None
-    stack = contextlib.ExitStack()
     try:
-        results["service_log_level"] = stack.enter_context(_service_log_level(args.service_log_level))
+        # Services run at `info` as deployed: at debug the HTTP/2 libraries' frame logging would
+        # dominate their CPU (see the README's Performance section).
+        results["service_log_level"] = args.service_log_level
         t = time.monotonic()
         logger.info("starting a control plane (etcd, kube-apiserver, kube-controller-manager)")
         cp = start_control_plane("bench", work / "cluster")
@@ -327,7 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         clusters = {f"c{i:02d}": (cp if i < connected else None) for i in range(configured)}
         t = time.monotonic()
         logger.info("starting the hub and %d agents (%d clusters configured)", connected, configured)
-        system = start_system(work / "system", clusters, realm_url=issuer.url, client_id=CLIENT_ID)
+        system = start_system(
+            work / "system",
+            clusters,
+            realm_url=issuer.url,
+            client_id=CLIENT_ID,
+            log_level=args.service_log_level,
+        )
         results["timings"]["system_start"] = round(time.monotonic() - t, 2)
         failures = asyncio.run(_run_scenarios(system, cp, issuer, sizes, out, only, results))
     except BaseException as exc:
@@ -336,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt):
             raise
     finally:
-        stack.close()
         for closer in (system, issuer, cp):
             if closer is not None:
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -491,3 +492,26 @@ async def test_server_restarts_after_a_kill_and_the_client_reconnects(
         assert await client.wait_connected(10)
     finally:
         await client.stop()
+
+
+def test_stale_workdirs_of_dead_hubs_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from otterscale.common._chisel import remove_stale_workdirs
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f"otterscale-chisel-{dead_pid}-abc"
+    stale.mkdir()
+    (stale / "users.json").write_text("{}")
+    live = tmp_path / f"otterscale-chisel-{os.getpid()}-def"
+    live.mkdir()
+    unrelated = tmp_path / "otterscale-chisel-notapid-x"
+    unrelated.mkdir()
+    assert remove_stale_workdirs(tmp_path) == [stale]
+    assert not stale.exists()
+    assert live.exists()
+    assert unrelated.exists()

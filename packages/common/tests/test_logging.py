@@ -160,3 +160,23 @@ def test_redaction_in_text_format(stream: io.StringIO) -> None:
 def test_filter_keeps_records_with_broken_format_strings() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "%s %s", ("only one",), None)
     assert RedactingFilter().filter(record) is True
+
+
+def test_http2_frame_loggers_stay_quiet_at_debug() -> None:
+    import io
+    import logging
+
+    from otterscale.common import configure_logging
+
+    out = io.StringIO()
+    configure_logging("debug", "text", stream=out)
+    try:
+        logging.getLogger("hpack.hpack").debug("Decoding header block")
+        logging.getLogger("h2.connection").debug("Process input")
+        logging.getLogger("otterscale.hub.test").debug("our own debug line")
+        text = out.getvalue()
+        assert "our own debug line" in text
+        assert "Decoding header block" not in text
+        assert "Process input" not in text
+    finally:
+        configure_logging("info", "text")

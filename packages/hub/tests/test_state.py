@@ -243,3 +243,11 @@ def test_to_connect_error() -> None:
     assert hidden.code is Code.INTERNAL
     assert "secret" not in hidden.message
     assert "r1" in hidden.message
+
+
+def test_a_denied_remote_on_another_host_is_not_blamed_on_another_cluster(tunnels: Tunnels) -> None:
+    feed(tunnels, "server: session#5: Failed: server: access to 'R:0.0.0.0:51001' denied")
+    alpha = tunnels.get("alpha")
+    assert alpha is not None
+    assert "another cluster" not in (alpha.last_error or "")
+    assert "may only ask for R:127.0.0.1:51001" in (alpha.last_error or "")

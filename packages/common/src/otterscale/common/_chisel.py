@@ -369,6 +369,44 @@ class TunnelSession:
     ports: tuple[int, ...] = ()
 
 
+_WORKDIR_PREFIX = "otterscale-chisel-"
+
+
+def remove_stale_workdirs(temp_root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove work directories (authfiles with agent passwords) of hub processes that died.
+
+    A clean stop removes its own directory, but a SIGKILLed hub cannot. Directory names carry the
+    creating process id; those of ours whose process is gone are deleted. Returns what was removed.
+    """
+    root = Path(temp_root if temp_root is not None else tempfile.gettempdir())
+    removed: list[Path] = []
+    for entry in root.glob(f"{_WORKDIR_PREFIX}*-*"):
+        pid_text = entry.name[len(_WORKDIR_PREFIX) :].split("-", 1)[0]
+        try:
+            pid = int(pid_text)
+            if not entry.is_dir() or entry.is_symlink() or entry.stat().st_uid != os.getuid():
+                continue
+        except (ValueError, OSError):
+            continue
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    if removed:
+        logger.info("removed %d stale tunnel work directories of hub processes that died", len(removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ChiselServer:
     """``chisel server`` for reverse tunnels, supervised (see the module docstring).
 
@@ -478,7 +516,8 @@ class ChiselServer:
             raise RuntimeError("the chisel server was already started")
         directory = self._workdir
         if directory is None:
-            directory = self._own_workdir = Path(tempfile.mkdtemp(prefix="otterscale-chisel-"))
+            remove_stale_workdirs()
+            directory = self._own_workdir = Path(tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-"))
         os.chmod(directory, 0o700)
         self.authfile = write_authfile(directory / "users.json", self._users)
         self._supervisor = Supervisor(

@@ -136,6 +136,10 @@ def _text_value(value: object) -> str:
     return text
 
 
+#: Third-party loggers kept at INFO or above even when the services run at DEBUG.
+FRAME_LOGGERS = ("h2", "hpack", "hyperframe", "hypercorn.access", "priority")
+
+
 def configure_logging(
     level: str | int = "info", fmt: LogFormat | str = "text", *, stream: IO[str] | None = None
 ) -> None:
@@ -164,3 +168,7 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(numeric)
+    # The HTTP/2 libraries log every frame and header block at DEBUG (dozens of lines per request,
+    # tripling the CPU per call); our own debug output stays readable without them.
+    for name in FRAME_LOGGERS:
+        logging.getLogger(name).setLevel(max(numeric, logging.INFO))

@@ -178,10 +178,17 @@ class Tunnels:
                 if port_name is None:
                     continue
                 detail = event.detail or ""
-                if "denied" in detail:
+                if "denied" in detail and f"'R:127.0.0.1:{port}'" in detail:
+                    # This cluster's own user may open exactly R:127.0.0.1:<port>: a refusal of
+                    # that remote means another user asked for it.
                     message = (
                         f"a tunnel client was refused this cluster's port {port}: it logged in as "
                         "another cluster's agent user (check clusters.<name>.agent on that agent)"
+                    )
+                elif "denied" in detail:
+                    message = (
+                        f"a tunnel client was refused a remote on port {port} ({detail}); agents may "
+                        f"only ask for R:127.0.0.1:{port} (check the agent's tunnel settings)"
                     )
                 elif "cannot listen" in detail:
                     message = (
