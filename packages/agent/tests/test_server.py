@@ -6,8 +6,8 @@ import socket
 from typing import Any
 
 from otterscale.agent._kube import _socket_factory, impersonation_headers
-from otterscale.agent._server import create_listener, make_asgi_app
-from otterscale.common import Identity
+from otterscale.agent._server import make_asgi_app
+from otterscale.common import Identity, create_listener
 
 
 def test_listener_sets_nodelay() -> None:

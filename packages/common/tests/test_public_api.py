@@ -43,6 +43,7 @@ EXPECTED = {
     "SIGNATURE_HEADER",
     # logging
     "configure_logging",
+    "create_listener",
     "LogFormat",
     "RedactingFilter",
     "redact",

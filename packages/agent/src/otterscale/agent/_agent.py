@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from otterscale.cluster.v1.cluster_connect import AgentServiceASGIApplication
+from otterscale.common import create_listener
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
 
 from ._auth import IdentityInterceptor
@@ -33,7 +34,7 @@ from ._info import AgentInfoService
 from ._kube import KubeClient
 from ._kubeconfig import KubeConnection, load_connection
 from ._schema import SchemaCache
-from ._server import GRACEFUL_TIMEOUT, Readiness, create_listener, make_asgi_app, mount, serve
+from ._server import GRACEFUL_TIMEOUT, Readiness, make_asgi_app, mount, serve
 from ._service import ErrorBoundary, ResourceServiceImpl
 from ._tasks import start_task, stop_tasks
 from ._tunnel import Tunnel, TunnelSettings

@@ -34,7 +34,7 @@ from hypercorn.utils import wrap_app
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ASGIApp", "Readiness", "create_listener", "make_asgi_app", "serve"]
+__all__ = ["ASGIApp", "Readiness", "make_asgi_app", "mount", "serve"]
 
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
@@ -42,25 +42,6 @@ ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 #: How long open requests may take to finish after shutdown starts (Watches end at once).
 GRACEFUL_TIMEOUT = 5.0
-
-
-def create_listener(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket with TCP_NODELAY; host "" means all."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, type_, proto, _, address = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if family == socket.AF_INET6 and not host:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(address)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def mount(default: Any, *others: Any) -> ASGIApp:

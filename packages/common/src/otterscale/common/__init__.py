@@ -67,6 +67,7 @@ from ._errors import (
 )
 from ._identity import RESERVED_PREFIXES, Identity
 from ._logging import LogFormat, RedactingFilter, configure_logging, redact
+from ._net import create_listener
 from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
 from ._signing import (
     GROUPS_HEADER,
@@ -135,6 +136,7 @@ __all__ = [
     "check_chisel",
     "configure_logging",
     "container_mode",
+    "create_listener",
     "derive_identity_key",
     "find_chisel",
     "load_config",

@@ -52,6 +52,7 @@ from otterscale.common import (
     OtterscaleError,
     TunnelUser,
     check_chisel,
+    create_listener,
     derive_identity_key,
 )
 from otterscale.resource.v1 import resource_pb2
@@ -69,7 +70,7 @@ from ._metrics import HubMetrics
 from ._observe import ObservingInterceptor
 from ._proxy import ResourceProxy
 from ._reflection import reflection_apps
-from ._server import ASGIApp, Router, Switch, create_listener, serve
+from ._server import ASGIApp, Router, Switch, serve
 from ._tasks import cancel_and_wait, spawn
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
