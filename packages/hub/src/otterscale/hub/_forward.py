@@ -48,6 +48,7 @@ from ._errors import LeaderUnavailableError, NotLeaderError, ShuttingDownError, 
 from ._leader import LeaderInfo, Leadership
 from ._metrics import HubMetrics
 from ._observe import FORWARDED_BY_HEADER, REQUEST_ID_HEADER, current_call
+from ._passthrough import PassThroughResourceService
 from ._upstream import MAX_RESPONSE_BYTES, STREAM_TRANSPORTS
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ _SHUTDOWN = "otterscale-hub-forward-shutdown"
 _LEADER_CHANGED = "otterscale-hub-leader-changed"
 
 
-class LeaderForwarder:
+class LeaderForwarder(PassThroughResourceService):
     """ResourceService and ClusterService on a follower (see the module docstring).
 
     Served by the generated ASGI applications with pass-through codecs; the method names are
@@ -79,42 +80,7 @@ class LeaderForwarder:
         self._draining = False
 
     # ----------------------------------------------------------------------------------------------
-    # ResourceService
-
-    async def discovery(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Discovery."""
-        return await self._unary(request, ctx)
-
-    async def schema(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Schema."""
-        return await self._unary(request, ctx)
-
-    async def list(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward List."""
-        return await self._unary(request, ctx)
-
-    async def get(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Get."""
-        return await self._unary(request, ctx)
-
-    async def create(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Create."""
-        return await self._unary(request, ctx)
-
-    async def apply(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Apply."""
-        return await self._unary(request, ctx)
-
-    async def delete(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Delete."""
-        return await self._unary(request, ctx)
-
-    def watch(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> AsyncIterator[RawMessage]:
-        """Forward Watch as a stream."""
-        return self._stream(request, ctx)
-
-    # ----------------------------------------------------------------------------------------------
-    # ClusterService
+    # ClusterService (the ResourceService handlers come from PassThroughResourceService)
 
     async def list_clusters(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
         """Forward ListClusters (the leader knows the agents' state)."""

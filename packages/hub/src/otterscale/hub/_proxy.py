@@ -49,6 +49,7 @@ from ._errors import (
 )
 from ._metrics import HubMetrics
 from ._observe import REQUEST_ID_HEADER, current_call
+from ._passthrough import PassThroughResourceService
 from ._tunnels import ClusterStatus, Tunnels
 from ._upstream import AgentClients
 
@@ -70,7 +71,7 @@ class _Forward:
     timeout_ms: int | None
 
 
-class ResourceProxy:
+class ResourceProxy(PassThroughResourceService):
     """Implements every ResourceService method by forwarding it (see the module docstring).
 
     Served by the generated ``ResourceServiceASGIApplication`` with pass-through codecs, so the
@@ -95,41 +96,6 @@ class ResourceProxy:
         self._on_unreachable = on_unreachable
         self._streams: set[asyncio.Task[Any]] = set()
         self._draining = False
-
-    # ----------------------------------------------------------------------------------------------
-    # The service methods (names as in the generated ResourceService protocol)
-
-    async def discovery(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Discovery."""
-        return await self._unary(request, ctx)
-
-    async def schema(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Schema."""
-        return await self._unary(request, ctx)
-
-    async def list(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward List."""
-        return await self._unary(request, ctx)
-
-    async def get(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Get."""
-        return await self._unary(request, ctx)
-
-    async def create(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Create."""
-        return await self._unary(request, ctx)
-
-    async def apply(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Apply."""
-        return await self._unary(request, ctx)
-
-    async def delete(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward Delete."""
-        return await self._unary(request, ctx)
-
-    def watch(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> AsyncIterator[RawMessage]:
-        """Forward Watch as a stream."""
-        return self._stream(request, ctx)
 
     # ----------------------------------------------------------------------------------------------
     # Shutdown
