@@ -358,6 +358,39 @@ def install(session: nox.Session) -> None:
     )
 
 
+def _provider(posargs: list[str]) -> str:
+    """The `--provider` among pytest's arguments (`local` when absent)."""
+    for i, arg in enumerate(posargs):
+        if arg.startswith("--provider="):
+            return arg.split("=", 1)[1]
+        if arg == "--provider" and i + 1 < len(posargs):
+            return posargs[i + 1]
+    return "local"
+
+
+@nox.session(python=PYTHON)
+def e2e(session: nox.Session) -> None:
+    """The end-to-end suite (tests/e2e); arguments after `--` go to pytest.
+
+    `nox -s e2e` runs it with the local provider (hub, agents, control planes and Keycloak as local
+    processes); `nox -s e2e -- --provider=kind` in kind clusters with the built images and the Helm
+    charts (deploy/kind/README.md). Asked for kind where Docker or kind is missing, it says what is
+    missing and fails before building anything.
+    """
+    _install_packages(session)
+    session.install(*TEST_DEPS)
+    if _provider(session.posargs) == "kind":
+        # The plugin's own check, before the tool builds below (pytest repeats it at session start).
+        check = (
+            "import sys; from otterscale.testing import _kind; problems = _kind.preflight(); "
+            "sys.exit(_kind.unavailable_message(problems) if problems else 0)"
+        )
+        session.run("python", "-c", check)
+    needed = ("chisel", "etcd", "kube-apiserver", "kube-controller-manager", "keycloak", "helm")
+    session.run(sys.executable, str(TOOLS_SCRIPT), *needed, env=_tools_env())  # builds only what is missing
+    session.run("pytest", "tests/e2e", *session.posargs, env=_tools_env())
+
+
 # psutil: CPU and RSS per process; matplotlib: the report's plots; py-spy: profiles of hub and agent.
 BENCH_DEPS = ["psutil==7.2.2", "matplotlib==3.11.2", "py-spy==0.4.3"]
 

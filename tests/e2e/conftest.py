@@ -2,7 +2,8 @@
 
 The system itself (Keycloak, control planes ``east`` and ``west``, the hub and one agent per
 cluster, each its own OS process, real chisel tunnels) is the ``otterscale_system`` session
-fixture of the ``otterscale.testing`` plugin. Here:
+fixture of the ``otterscale.testing`` plugin; ``--provider=kind`` runs it in kind clusters
+instead (the plugin's ``_kind``; tests in ``LOCAL_ONLY`` below are then skipped). Here:
 
 - ``rbac`` (session): each cluster's own RBAC, deliberately different. alice may edit in east
   only, bob in west only (bound by user, i.e. their Keycloak subject), and the group ``ops``
@@ -61,6 +62,28 @@ EDITOR_RULES = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
 ]
 READER_RULES = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}]
+
+
+#: Tests that need what only the local provider has (OS processes and their pids, ports on this
+#: host, a second local system): skipped under ``--provider=kind``, each with its reason.
+LOCAL_ONLY = {
+    "test_demo.py::": "runs `nox -s demo`, the local stack itself",
+    "test_tunnels.py::": "runs chisel clients against the hub's tunnel and agent ports on this host",
+    "test_auth.py::test_an_expired_token_is_unauthenticated": "starts a second local system",
+    "test_faults.py::test_a_dead_agent_is": "compares the hub's OS process id",
+    "test_faults.py::test_a_watch_lives_as_long_as_the_agent": "SIGKILLs the agent's OS process",
+    "test_faults.py::test_a_restarted_hub_gets_its_agents_back": "compares the agents' OS process ids",
+    "test_faults.py::test_a_killed_chisel_is_restarted": "SIGKILLs a chisel OS process",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--provider") != "kind":
+        return
+    for item in items:
+        for test, reason in LOCAL_ONLY.items():
+            if f"e2e/{test}" in item.nodeid:
+                item.add_marker(pytest.mark.skip(reason=f"local provider only (--provider=kind): {reason}"))
 
 
 def subject_of(token: str) -> str:

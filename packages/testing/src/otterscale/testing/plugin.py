@@ -14,6 +14,11 @@
   a third configured cluster ``south`` that has no agent (it never connects).
   A test that stops the hub or an agent must start it again (``try/finally``).
 
+``--provider=local|kind`` (default ``local``) chooses how ``otterscale_system`` and ``keycloak``
+are provided: ``local`` as above; ``kind`` from kind clusters with the built images and the
+Helm charts, Keycloak on the host (see ``_kind``). With ``kind`` the session checks for a Docker
+engine and the ``kind`` binary first and exits non-zero, saying what is missing, before any test.
+
 A missing binary fails the test with the exact command that builds it; nothing is skipped.
 """
 
@@ -23,14 +28,16 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
+from . import _kind
 from ._controlplane import ControlPlane, start_control_plane
 from ._keycloak import Keycloak, KeycloakError, start_keycloak
 from ._system import System, start_system
-from .tools import ToolMissingError
+from .tools import ToolMissingError, keycloak_home, tool_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="keep control-plane and Keycloak data and logs after the run (paths are printed)",
     )
+    group.addoption(
+        "--provider",
+        choices=_kind.PROVIDERS,
+        default="local",
+        help="how otterscale_system runs: local OS processes (default) or kind clusters with the "
+        "images and Helm charts (needs Docker and kind; deploy/kind/README.md)",
+    )
+
+
+def provider(config: pytest.Config) -> str:
+    """The ``--provider`` of this run (``local`` or ``kind``)."""
+    return str(config.getoption("--provider"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """``--provider=kind`` where Docker or kind is missing: stop now, non-zero, saying why."""
+    if provider(session.config) == "kind":
+        problems = _kind.preflight()
+        if problems:
+            pytest.exit(_kind.unavailable_message(problems), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")
@@ -110,9 +138,43 @@ def keycloak_factory(
 
 
 @pytest.fixture(scope="session")
-def keycloak(keycloak_factory: KeycloakFactory) -> Keycloak:
-    """The session's shared Keycloak. A test that stops it must start it again (``try/finally``)."""
+def keycloak(keycloak_factory: KeycloakFactory, request: pytest.FixtureRequest) -> Keycloak:
+    """The session's shared Keycloak. A test that stops it must start it again (``try/finally``).
+
+    With ``--provider=kind`` its issuer is on the kind network's gateway (``kind_keycloak``)."""
+    if provider(request.config) == "kind":
+        found: Keycloak = request.getfixturevalue("kind_keycloak")
+        return found
     return keycloak_factory("default")
+
+
+@pytest.fixture(scope="session")
+def kind_clusters(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """``--provider=kind``: the hub and agent kind clusters with the images loaded (deleted after,
+    kept with ``--keep-cluster-dirs``); yields the source checkout of the charts and values."""
+    try:
+        tool_path("helm"), keycloak_home()  # what the later steps need, before the slow ones
+        root = _kind.repo_root()
+        with _kind.kind_clusters(root, keep=bool(request.config.getoption("--keep-cluster-dirs"))):
+            yield root
+    except (_kind.KindUnavailableError, ToolMissingError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kind_keycloak(kind_clusters: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
+    """Keycloak on the host, issuer on the kind network's gateway (reachable from the hub Pod)."""
+    try:
+        kc, relay = _kind.start_gateway_keycloak(
+            tmp_path_factory.mktemp("keycloak-kind"), _kind.kind_gateway()
+        )
+    except (ToolMissingError, KeycloakError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield kc
+    finally:
+        kc.stop()
+        relay.close()
 
 
 #: The clusters of ``otterscale_system`` with a control plane and an agent.
@@ -127,8 +189,11 @@ def otterscale_system(
     request: pytest.FixtureRequest,
     keycloak: Keycloak,
     control_plane_factory: ControlPlaneFactory,
-) -> Iterator[System]:
+) -> Iterator[System | _kind.KindSystem]:
     """Keycloak + control planes ``east`` and ``west`` + the hub + one agent each (see above)."""
+    if provider(request.config) == "kind":
+        yield from _kind_system(tmp_path_factory, request, keycloak)
+        return
     clusters: dict[str, ControlPlane | None] = {name: control_plane_factory(name) for name in SYSTEM_CLUSTERS}
     clusters.update(dict.fromkeys(SYSTEM_OFFLINE_CLUSTERS))
     started = time.monotonic()
@@ -148,3 +213,18 @@ def otterscale_system(
         system.stop()
         if request.config.getoption("--keep-cluster-dirs"):
             logger.warning("hub and agent configuration and logs kept in %s", system.directory)
+
+
+def _kind_system(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, keycloak: Keycloak
+) -> Iterator[_kind.KindSystem]:
+    root: Path = request.getfixturevalue("kind_clusters")
+    try:
+        helm = str(tool_path("helm"))
+    except ToolMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    system = _kind.start_kind_system(root, tmp_path_factory.mktemp("system-kind"), helm, keycloak.realm_url)
+    try:
+        yield system
+    finally:
+        system.stop()
