@@ -30,11 +30,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from otterscale.common import Identity, derive_identity_key
-from otterscale.testing import ControlPlane, System, start_control_plane, start_system
+from otterscale.common import Identity, OtterscaleConfig, derive_identity_key
+from otterscale.testing import ControlPlane, LocalIssuer, System, start_control_plane
 
 from . import _report, _scenarios
-from ._issuer import LocalIssuer
 from ._kube import KubeDirect
 from ._paths import Endpoints
 from ._procs import ProcessSet, child_pid
@@ -183,6 +182,51 @@ def _git() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+#: Watch slots beyond the scenario's streams (the per-subject limit counts every open Watch).
+WATCH_LIMIT_MARGIN = 100
+
+
+class _BenchSystem(System):
+    """The test harness's system, with the hub's per-subject Watch limit raised: the Watch
+    scenario opens all its streams with one token (one subject)."""
+
+    def __init__(self, *args: Any, max_watches: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_watches = max_watches
+
+    def config(self) -> dict[str, Any]:
+        document = super().config()
+        if "limits" in OtterscaleConfig.model_fields:  # hubs without the section have no limit
+            document["limits"] = {
+                "max_watches_per_subject": max(self.max_watches, 1000),
+            }
+        return document
+
+
+def _start_system(
+    directory: Path,
+    clusters: dict[str, ControlPlane | None],
+    *,
+    realm_url: str,
+    log_level: str,
+    max_watches: int,
+) -> System:
+    """``otterscale.testing.start_system`` with :class:`_BenchSystem`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    system = _BenchSystem(directory, realm_url, CLIENT_ID, None, log_level=log_level, max_watches=max_watches)
+    for name, cp in clusters.items():
+        system.add_cluster(name, cp)
+    try:
+        system.start_hub()
+        for name, cp in clusters.items():
+            if cp is not None:
+                system.start_agent(name)
+    except BaseException:
+        system.stop()
+        raise
+    return system
+
+
 def _process_set(system: System, cp: ControlPlane, cluster: str) -> ProcessSet:
     assert system.hub is not None
     hub = system.hub.pid
@@ -298,12 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         clusters = {f"c{i:02d}": (cp if i < connected else None) for i in range(configured)}
         t = time.monotonic()
         logger.info("starting the hub and %d agents (%d clusters configured)", connected, configured)
-        system = start_system(
+        system = _start_system(
             work / "system",
             clusters,
             realm_url=issuer.url,
-            client_id=CLIENT_ID,
             log_level=args.service_log_level,
+            max_watches=sizes.watch_streams + WATCH_LIMIT_MARGIN,
         )
         results["timings"]["system_start"] = round(time.monotonic() - t, 2)
         failures = asyncio.run(_run_scenarios(system, cp, issuer, sizes, out, only, results))

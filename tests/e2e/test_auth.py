@@ -26,7 +26,7 @@ from otterscale.testing.plugin import KeycloakFactory
 
 from .conftest import Hub, Rbac, all_secrets, remember, secrets_in, subject_of, unique
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.security]
 
 
 def list_configmaps(cluster: str, namespace: str = "default") -> pb.ListRequest:

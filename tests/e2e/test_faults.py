@@ -2,29 +2,40 @@
 
 Every test that stops something starts it again in ``finally``, so the session's system is whole
 for the next test whatever the order. Times are measured and reported (``measurements``).
+
+This module also holds the fault tests' shared tools (``until``, ``call_code``, :class:`Writer`,
+:class:`ResumingWatch`), imported by the other ``test_faults_*`` modules: every fault test checks
+what the client saw *and* that no write was lost or doubled, against the objects actually in the
+cluster (the control plane's admin API), never against what the system under test reports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import re
 import signal
+import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import System
+from otterscale.testing import ControlPlane, Keycloak, System
 
-from .conftest import Hub, Measurements, unique
+from .conftest import Hub, Measurements, remember, unique
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 #: A disconnected agent must show as unavailable within this many seconds.
 UNAVAILABLE_WITHIN = 5.0
@@ -57,6 +68,257 @@ async def call_code(coro: Awaitable[Any]) -> Code | None:
     except ConnectError as exc:
         return exc.code
     return None
+
+
+def assert_clean_error(error: ConnectError, code: Code = Code.UNAVAILABLE) -> None:
+    """``error`` has ``code`` and a message for people: no Python stack trace, no repr soup."""
+    assert error.code is code, f"{error.code}: {error.message}"
+    for needle in ("Traceback", 'File "', "Exception(", "Error(", "<"):
+        assert needle not in error.message, f"{needle!r} in the message: {error.message!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Writes straight into kube-apiserver, and a client's Watch that resumes
+
+
+#: A client's pause between two attempts of a Watch (its retry policy, not a wait for a process).
+RETRY_EVERY = 0.2
+
+
+class Writer:
+    """Creates and updates ConfigMaps straight in kube-apiserver (as admin), from a thread.
+
+    Step ``i`` creates ``<prefix>-<i>`` (``data.n = "0"``) and every odd step also updates
+    ``<prefix>-<i-1>`` (``data.n = "1"``), all labelled ``fault=<prefix>``. Every write that
+    succeeded is recorded with the resourceVersion kube-apiserver gave it (:attr:`written`), so a
+    watcher can be compared with exactly what was written. A thread, not a task: it keeps writing
+    while a test blocks its event loop (restarting the hub, say). A failed write stops it and is
+    kept in :attr:`errors` (tests assert there is none); :meth:`pause` first, to stop a component
+    the writer needs.
+    """
+
+    def __init__(self, control_plane: ControlPlane, namespace: str, prefix: str, every: float = 0.05) -> None:
+        self.control_plane = control_plane
+        self.namespace = namespace
+        self.prefix = prefix
+        self.every = every
+        #: (name, resourceVersion) of every write that succeeded, in order.
+        self.written: list[tuple[str, str]] = []
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._running = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"writer-{prefix}", daemon=True)
+
+    @property
+    def selector(self) -> str:
+        return f"fault={self.prefix}"
+
+    @property
+    def count(self) -> int:
+        return len(self.written)
+
+    def start(self) -> Writer:
+        self._running.set()
+        self._thread.start()
+        return self
+
+    def pause(self) -> None:
+        """Stop writing; returns once no write is in flight."""
+        self._running.clear()
+        with self._lock:
+            pass
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._running.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        step = 0
+        while not self._stopped.is_set():
+            if not self._running.wait(0.1):
+                continue
+            with self._lock:
+                if self._stopped.is_set() or not self._running.is_set():
+                    continue
+                try:
+                    self._step(step)
+                except Exception as exc:  # recorded: the test fails on it, with the cause
+                    self.errors.append(exc)
+                    return
+            step += 1
+            self._stopped.wait(self.every)
+
+    def _step(self, step: int) -> None:
+        cp, ns = self.control_plane, self.namespace
+        name = f"{self.prefix}-{step}"
+        created = cp.request(
+            "POST",
+            f"/api/v1/namespaces/{ns}/configmaps",
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name, "labels": {"fault": self.prefix}},
+                "data": {"n": "0"},
+            },
+        )
+        self.written.append((name, created["metadata"]["resourceVersion"]))
+        if step % 2 == 1:
+            previous = f"{self.prefix}-{step - 1}"
+            updated = cp.request(
+                "PATCH",
+                f"/api/v1/namespaces/{ns}/configmaps/{previous}",
+                {"data": {"n": "1"}},
+                content_type="application/merge-patch+json",
+            )
+            self.written.append((previous, updated["metadata"]["resourceVersion"]))
+
+    def last_versions(self) -> dict[str, str]:
+        """name -> resourceVersion of the writer's last write of each object."""
+        return dict(self.written)
+
+    def in_cluster(self) -> dict[str, tuple[str, str]]:
+        """What kube-apiserver holds now: name -> (resourceVersion, data.n) of the writer's objects."""
+        found = self.control_plane.request(
+            "GET", f"/api/v1/namespaces/{self.namespace}/configmaps?labelSelector={self.selector}"
+        )
+        return {
+            item["metadata"]["name"]: (item["metadata"]["resourceVersion"], item["data"]["n"])
+            for item in found["items"]
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Ending:
+    """How one attempt of a Watch ended (code None: the server ended the stream OK)."""
+
+    at: float
+    code: Code | None
+    message: str
+
+
+class ResumingWatch:
+    """A client's Watch that resumes from the last resourceVersion it saw whenever a stream ends.
+
+    Run :meth:`run` as a task (cancel it to stop). Every event is kept (:attr:`events`), every end
+    of a stream too (:attr:`endings`), and the client's view of each object (name ->
+    resourceVersion, :attr:`view`). An ERROR event (410: the version is too old to resume from)
+    stops it, unless ``relist`` is given: then it Lists again, as a Kubernetes reflector does,
+    takes the list into its view and watches on from the list's resourceVersion (:attr:`relists`).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        headers: dict[str, str],
+        request: pb.WatchRequest,
+        *,
+        relist: Callable[[], Awaitable[pb.ListResponse]] | None = None,
+    ) -> None:
+        self.client = client
+        self.headers = headers
+        self.request = request
+        self.relist = relist
+        self.resource_version = request.resource_version
+        self.events: list[pb.WatchEvent] = []
+        self.endings: list[Ending] = []
+        self.view: dict[str, str] = {}
+        #: (when, the watch's resourceVersion before, the list's resourceVersion) of each relist.
+        self.relists: list[tuple[float, str, str]] = []
+        self.attempts = 0
+
+    async def run(self) -> None:
+        while True:
+            request = pb.WatchRequest()
+            request.CopyFrom(self.request)
+            request.resource_version = self.resource_version
+            self.attempts += 1
+            code: Code | None = None
+            message = ""
+            expired = False
+            try:
+                async for event in self.client.watch(request, headers=self.headers):
+                    self.events.append(event)
+                    if event.type == pb.WatchEvent.TYPE_ERROR:
+                        expired = int(event.status["code"]) == 410
+                        break
+                    if event.resource_version:
+                        self.resource_version = event.resource_version
+                    if event.type in (pb.WatchEvent.TYPE_ADDED, pb.WatchEvent.TYPE_MODIFIED):
+                        self.view[str(event.resource.object["metadata"]["name"])] = event.resource_version
+                    elif event.type == pb.WatchEvent.TYPE_DELETED:
+                        self.view.pop(str(event.resource.object["metadata"]["name"]), None)
+            except ConnectError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # The client turns its own cancellation into a CANCELED error: stop here.
+                    raise asyncio.CancelledError from exc
+                code, message = exc.code, exc.message
+            if expired and self.relist is not None:
+                listed = await self.relist()
+                self.relists.append((time.monotonic(), self.resource_version, listed.resource_version))
+                self.view = {
+                    str(i.object["metadata"]["name"]): str(i.object["metadata"]["resourceVersion"])
+                    for i in listed.items
+                }
+                self.resource_version = listed.resource_version
+                continue
+            if self.events and self.events[-1].type == pb.WatchEvent.TYPE_ERROR:
+                self.endings.append(Ending(time.monotonic(), None, "ERROR event"))
+                return
+            self.endings.append(Ending(time.monotonic(), code, message))
+            await asyncio.sleep(RETRY_EVERY)
+
+    def changes(self) -> list[tuple[str, str]]:
+        """(name, resourceVersion) of every ADDED and MODIFIED event, in order."""
+        return [
+            (str(e.resource.object["metadata"]["name"]), e.resource_version)
+            for e in self.events
+            if e.type in (pb.WatchEvent.TYPE_ADDED, pb.WatchEvent.TYPE_MODIFIED)
+        ]
+
+    def endings_since(self, moment: float) -> list[Ending]:
+        return [e for e in self.endings if e.at >= moment]
+
+    def check_caught_up(self, writer: Writer) -> bool:
+        """Every write of ``writer`` has been seen (raises at once on an ERROR event it could not
+        recover from); after a relist: the client's view is the writer's last version of each."""
+        if self.relist is None:
+            errors = [e for e in self.events if e.type == pb.WatchEvent.TYPE_ERROR]
+            assert not errors, f"the resumed watch got an ERROR event: {dict(errors[0].status)}"
+        if self.relists:
+            return self.view == writer.last_versions()
+        return set(writer.written) <= set(self.changes())
+
+
+def assert_saw_exactly_what_was_written(watch: ResumingWatch, writer: Writer) -> None:
+    """The events (deduplicated by resourceVersion) are exactly the writes, and the writes are
+    exactly what kube-apiserver holds: nothing missing, nothing twice, nothing invented."""
+    assert not writer.errors, f"the writer failed: {writer.errors!r}"
+    seen = watch.changes()
+    assert len(seen) == len(set(seen)), f"events seen twice: {sorted({c for c in seen if seen.count(c) > 1})}"
+    by_rv = {rv for _, rv in seen}
+    assert len(by_rv) == len(seen), "two events with one resourceVersion"
+    missing, invented = set(writer.written) - set(seen), set(seen) - set(writer.written)
+    assert not missing, f"writes the watch never saw: {sorted(missing)}"
+    assert not invented, f"events of writes never made: {sorted(invented)}"
+    assert_cluster_holds_what_was_written(writer)
+
+
+def assert_cluster_holds_what_was_written(writer: Writer) -> None:
+    """kube-apiserver holds each written object once, at its last written version and data."""
+    assert not writer.errors, f"the writer failed: {writer.errors!r}"
+    last = writer.last_versions()
+    cluster = writer.in_cluster()
+    assert {name: rv for name, (rv, _) in cluster.items()} == last
+    writes = [name for name, _ in writer.written]
+    assert {name: n for name, (_, n) in cluster.items()} == {
+        name: "1" if writes.count(name) == 2 else "0" for name in last
+    }
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"], ids=["sigkill", "sigterm"])
@@ -250,15 +512,81 @@ async def test_a_restarted_hub_gets_its_agents_back_without_touching_them(
     )
 
 
-async def test_calls_go_on_while_the_identity_provider_is_down(hub: Hub) -> None:
-    """The hub keeps the realm's keys: tokens it can verify keep working while Keycloak is away."""
+#: A token whose key id the hub never saw must be refused within this many seconds while
+#: Keycloak is down (connection refused is immediate; nothing may wait for a timeout).
+UNKNOWN_KID_FAILS_WITHIN = 2.0
+#: The hub refreshes the key set for an unknown key id at most every this many seconds
+#: (``keycloak.min_refresh_interval_seconds``, default 30): a token of a new key may wait for it.
+KEY_REFRESH_PACING = 30.0
+
+
+def forged_token(keycloak: Keycloak, kid: str) -> str:
+    """A well-formed RS256 token for the realm, signed by a key nobody published, with ``kid``."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = int(time.time())
+    claims = {
+        "iss": keycloak.realm_url,
+        "aud": keycloak.client_id,
+        "sub": "forged",
+        "iat": now,
+        "exp": now + 300,
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+
+
+def key_id(token: str) -> str:
+    return str(jwt.get_unverified_header(token)["kid"])
+
+
+def _admin(keycloak: Keycloak, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+    """The realm's admin REST API (``path`` under ``/admin/realms/<realm>``), as the harness admin."""
+    data = json.dumps(body).encode() if body is not None else None
+    url = f"{keycloak.base_url}/admin/realms/{keycloak.realm}{path}"
+    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - loopback
+    request.add_header("Authorization", f"Bearer {keycloak._admin_token()}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        raw = response.read()
+        return response.status, json.loads(raw) if raw else None, dict(response.headers)
+
+
+def rotate_signing_key(keycloak: Keycloak) -> str:
+    """Add an RSA key to the realm that outranks the others (new tokens are signed with it);
+    returns the key provider's component id (delete it to undo)."""
+    _, realm, _ = _admin(keycloak, "GET", "")
+    _, _, headers = _admin(
+        keycloak,
+        "POST",
+        "/components",
+        {
+            "name": unique("rotated"),
+            "providerId": "rsa-generated",
+            "providerType": "org.keycloak.keys.KeyProvider",
+            "parentId": realm["id"],
+            "config": {"priority": ["1000"], "keySize": ["2048"], "algorithm": ["RS256"]},
+        },
+    )
+    return headers["Location"].rstrip("/").rsplit("/", 1)[-1]
+
+
+async def test_calls_go_on_while_the_identity_provider_is_down(hub: Hub, measurements: Measurements) -> None:
+    """The hub keeps the realm's keys: tokens it can verify keep working while Keycloak is away, a
+    token of a key it never saw is refused at once and precisely, and after Keycloak is back even
+    tokens of a key published meanwhile (a rotation) work once the hub refreshes its key set."""
     client = hub.client()
+    keycloak = hub.keycloak
     token = hub.token("alice")
     assert await call_code(client.list(list_configmaps("east"), headers=hub.auth("alice"))) is None
-    keycloak = hub.keycloak
+    # Never shown to the hub before the outage: it is verified with the cached keys, not looked up
+    # in the hub's cache of verified tokens.
+    unused = remember(keycloak.token("alice"))
+    unknown_kid: list[dict[str, Any]] = []
     keycloak.stop()
     try:
         assert await call_code(client.list(list_configmaps("east"), headers=hub.auth("alice"))) is None
+        bearer = {"authorization": f"Bearer {unused}"}
+        assert await call_code(client.list(list_configmaps("east"), headers=bearer)) is None
         clusters = await hub.list_clusters()
         assert clusters["east"].connected
         # Garbage is still refused, with the precise code (not unavailable, not internal).
@@ -266,11 +594,59 @@ async def test_calls_go_on_while_the_identity_provider_is_down(hub: Hub) -> None
             client.list(list_configmaps("east"), headers={"authorization": "Bearer x.y.z"})
         )
         assert code is Code.UNAUTHENTICATED
+
+        # A token of a key the hub has never seen: refused at once, whatever the hub does about
+        # it. Within KEY_REFRESH_PACING of its last look at the key set it answers from what it
+        # has (unauthenticated, unknown kid); after that it asks Keycloak, which is down
+        # (unavailable, naming the issuer). Both must be fast and say which case it is.
+        async def refused_unavailable() -> bool:
+            forged = forged_token(keycloak, unique("never-seen"))
+            started = time.monotonic()
+            with pytest.raises(ConnectError) as caught:
+                await client.list(list_configmaps("east"), headers={"authorization": f"Bearer {forged}"})
+            took = time.monotonic() - started
+            error = caught.value
+            seen = {"s": round(took, 3), "code": str(error.code), "message": error.message}
+            if str(error.code) not in {u["code"] for u in unknown_kid}:
+                unknown_kid.append(seen)
+            assert took < UNKNOWN_KID_FAILS_WITHIN, seen
+            assert_clean_error(error, error.code)
+            if error.code is Code.UNAVAILABLE:
+                assert keycloak.base_url in error.message, seen
+                return True
+            assert error.code is Code.UNAUTHENTICATED, seen
+            assert "unknown kid" in error.message, seen
+            return False
+
+        await until(refused_unavailable, KEY_REFRESH_PACING + 10, "the hub asking the issuer", every=1.0)
+        assert [u["code"] for u in unknown_kid][-1] == str(Code.UNAVAILABLE)
     finally:
         keycloak.start()
     fresh = hub.token("alice", fresh=True)
     assert fresh != token
     assert await call_code(client.list(list_configmaps("east"), headers=hub.auth("alice"))) is None
+
+    # A rotation while the hub was not looking: new tokens carry a key id it does not know yet.
+    component = rotate_signing_key(keycloak)
+    try:
+        rotated = remember(keycloak.token("alice"))
+        assert key_id(rotated) != key_id(fresh)
+        rotated_at = time.monotonic()
+
+        async def accepted() -> bool:
+            headers = {"authorization": f"Bearer {rotated}"}
+            return await call_code(client.list(list_configmaps("east"), headers=headers)) is None
+
+        # The hub's last look at the key set failed (Keycloak was down), so it asks again at the
+        # outage pace (1 s), not after the 30 s that paces lookups of unknown key ids otherwise.
+        await until(accepted, 10, "a token of the new key accepted", every=0.5)
+        new_key_accepted = time.monotonic() - rotated_at
+    finally:
+        _admin(keycloak, "DELETE", f"/components/{component}")
+    measurements.record(
+        "identity_provider_down",
+        {"unknown_kid": unknown_kid, "rotated_key_accepted_after_s": round(new_key_accepted, 3)},
+    )
 
 
 def child_pids(parent: int, needle: str) -> list[int]:

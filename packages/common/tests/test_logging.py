@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from otterscale.common import RedactingFilter, configure_logging, redact
+from otterscale.common import RedactingFilter, configure_logging, echo, redact
 
 JWT = (
     "eyJhbGciOiJSUzI1NiIsImtpZCI6InJzYS0xIn0"
@@ -180,3 +180,12 @@ def test_http2_frame_loggers_stay_quiet_at_debug() -> None:
         assert "Process input" not in text
     finally:
         configure_logging("info", "text")
+
+
+def test_echo_quotes_short_values_and_cuts_long_ones() -> None:
+    assert echo("east") == "'east'"
+    long = "x" * 10_000
+    shown = echo(long)
+    assert shown.startswith("'" + "x" * 80 + "'...")
+    assert shown.endswith("(10000 characters)")
+    assert len(shown) < 120

@@ -640,6 +640,26 @@ async def test_unknown_kid_while_the_issuer_is_down_is_unavailable(
     assert (await verifier.verify(sign(keys["rs"], claims(issuer)))).subject
 
 
+async def test_unknown_kid_after_an_outage_is_unavailable_then_fetched_at_the_outage_pace(
+    verifier: OIDCVerifier, issuer: Issuer, keys: dict[str, SigningKey], clock: FakeClock
+) -> None:
+    issuer.publish(keys["rs"])
+    await verifier.verify(sign(keys["rs"], claims(issuer)))
+    issuer.mode = "jwks-garbage"  # the issuer goes away ...
+    clock.now += 31
+    with pytest.raises(IdentityProviderUnavailableError, match="did not return JSON"):
+        await verifier.verify(sign(keys["rs2"], claims(issuer)))  # this one tried to fetch
+    clock.now += 0.5
+    with pytest.raises(IdentityProviderUnavailableError, match="key id not seen before"):
+        await verifier.verify(sign(keys["rs2"], claims(issuer)))  # too soon to fetch again
+    requests = issuer.jwks_requests
+    issuer.mode = "ok"  # ... and comes back with a new key
+    issuer.publish(keys["rs"], keys["rs2"])
+    clock.now += 2  # well inside the 30 s refresh interval, past the 1 s outage pace
+    assert (await verifier.verify(sign(keys["rs2"], claims(issuer)))).subject
+    assert issuer.jwks_requests == requests + 1
+
+
 async def test_closed_verifier_refuses_to_fetch(issuer: Issuer, keys: dict[str, SigningKey]) -> None:
     verifier = OIDCVerifier(issuer=issuer.url, audience=AUDIENCE)
     await verifier.aclose()

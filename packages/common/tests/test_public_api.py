@@ -9,6 +9,10 @@ import otterscale
 import otterscale.common
 
 EXPECTED = {
+    "ASGIApp",
+    "serve",
+    "server_config",
+    "tune_hypercorn",
     # configuration
     "OtterscaleConfig",
     "KeycloakConfig",
@@ -44,6 +48,7 @@ EXPECTED = {
     # logging
     "configure_logging",
     "create_listener",
+    "echo",
     "LogFormat",
     "RedactingFilter",
     "redact",

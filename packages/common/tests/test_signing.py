@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from otterscale.common import (
@@ -380,3 +380,53 @@ def test_cluster_and_method_are_checked() -> None:
         sign_identity(ALICE, cluster="", method=METHOD, key=KEY)
     with pytest.raises(ValueError, match="full procedure path"):
         verify_identity(_sign(), cluster=CLUSTER, method="Get", key=KEY)
+
+
+_FIELDS = ["subject", "groups", "timestamp", "cluster", "method", "key"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(identity=_identities, other=_identities, field=st.sampled_from(_FIELDS), data=st.data())
+def test_property_any_single_field_tamper_fails(
+    identity: Identity, other: Identity, field: str, data: st.DataObject
+) -> None:
+    """Change exactly one signed input (a header, or what the agent knows: cluster, RPC, key),
+    keep everything else and stay inside the freshness window: verification always fails."""
+    headers = sign_identity(identity, cluster=CLUSTER, method=METHOD, key=KEY, now=NOW)
+    expected: dict[str, object] = {"cluster": CLUSTER, "method": METHOD, "key": KEY, "now": NOW}
+    if field == "subject":
+        assume(other.subject != identity.subject)
+        headers[SUBJECT_HEADER] = sign_identity(
+            Identity(other.subject), cluster=CLUSTER, method=METHOD, key=KEY
+        )[SUBJECT_HEADER]
+    elif field == "groups":
+        assume(other.groups != identity.groups)
+        forged = sign_identity(
+            Identity(identity.subject, other.groups), cluster=CLUSTER, method=METHOD, key=KEY
+        )
+        headers.pop(GROUPS_HEADER, None)
+        if GROUPS_HEADER in forged:
+            headers[GROUPS_HEADER] = forged[GROUPS_HEADER]
+    elif field == "timestamp":
+        delta = data.draw(st.integers(-30, 30).filter(bool), label="delta")
+        headers[TIMESTAMP_HEADER] = str(int(NOW) + delta)
+    elif field == "cluster":
+        expected["cluster"] = data.draw(
+            st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True).filter(lambda c: c != CLUSTER), label="cluster"
+        )
+    elif field == "method":
+        expected["method"] = data.draw(
+            st.sampled_from(
+                [
+                    f"/otterscale.resource.v1.ResourceService/{m}"
+                    for m in ("Discovery", "Schema", "List", "Watch")
+                ]
+                + ["/otterscale.cluster.v1.AgentService/GetAgentInfo", METHOD + "/", METHOD.lower()]
+            ),
+            label="method",
+        )
+    else:
+        password = data.draw(st.text(min_size=1, max_size=20).filter(lambda p: p != "dev-agent-password"))
+        expected["key"] = derive_identity_key(CLUSTER, password)
+    with pytest.raises(IdentityHeaderError, match="does not match"):
+        verify_identity(headers, **expected)  # type: ignore[arg-type]

@@ -146,9 +146,9 @@ async def issuer(signing_key: rsa.RSAPrivateKey) -> AsyncIterator[Issuer]:
     app.router.add_get(REALM + "/protocol/openid-connect/certs", certs)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # the kernel's port, read back: no race
     await site.start()
+    port = runner.addresses[0][1]
     found.url = f"http://127.0.0.1:{port}{REALM}"
     try:
         yield found

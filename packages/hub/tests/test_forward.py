@@ -9,6 +9,7 @@ separate processes with a real agent, are tested in test_election.py and test_ha
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -161,20 +162,51 @@ class Replicas:
             await transport.aclose()
 
 
+#: Set-up attempts when the tunnel server's port was taken between choosing it and binding it.
+SETUP_ATTEMPTS = 3
+
+
+async def start_replicas(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -> Replicas:
+    """Hubs ``a`` (leading, with the tunnel server) and ``b``, and cluster alpha's agent.
+
+    ``free_port`` picks ports the kernel never hands out by itself, but another process may still
+    bind one on purpose before we do. Then a hub cannot listen (address in use) or ``a`` steps
+    down ("the tunnel server did not start"), and the set-up starts again with fresh ports; any
+    other failure fails at once.
+    """
+    for attempt in range(1, SETUP_ATTEMPTS + 1):
+        specs = make_specs()
+        tunnel_port = free_port()
+        config_path = write_config(
+            tmp_path / f"otterscale-{attempt}.yaml",
+            issuer_url=issuer.url,
+            specs=specs,
+            tunnel_port=tunnel_port,
+        )
+        found = Replicas(issuer, specs, chisel_binary, config_path, tunnel_port)
+        try:
+            await found.add("a")
+            await found.add("b")
+            await found.lead("a")
+            await found.agent("alpha")
+            return found
+        except BaseException as exc:
+            await found.close()
+            step_downs = found.controls["a"].step_downs if "a" in found.controls else []
+            port_taken = (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE) or (
+                isinstance(exc, TimeoutError) and any("tunnel server did not start" in r for r in step_downs)
+            )
+            if not port_taken or attempt == SETUP_ATTEMPTS:
+                raise
+            logging.getLogger(__name__).warning("tunnel port %d was taken; set-up again", tunnel_port)
+    raise AssertionError("unreachable")
+
+
 @pytest_asyncio.fixture
 async def replicas(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -> AsyncIterator[Replicas]:
     """Hubs ``a`` (the leader) and ``b`` (a follower); cluster alpha's agent connected to ``a``."""
-    specs = make_specs()
-    tunnel_port = free_port()
-    config_path = write_config(
-        tmp_path / "otterscale.yaml", issuer_url=issuer.url, specs=specs, tunnel_port=tunnel_port
-    )
-    found = Replicas(issuer, specs, chisel_binary, config_path, tunnel_port)
+    found = await start_replicas(tmp_path, issuer, chisel_binary)
     try:
-        await found.add("a")
-        await found.add("b")
-        await found.lead("a")
-        await found.agent("alpha")
         yield found
     finally:
         await found.close()

@@ -1,21 +1,11 @@
 """High availability end to end: three hub processes, one real agent, a real control plane.
 
-What runs (everything real except the Service, which a small relay emulates):
-
-- a kube-apiserver holding the Lease and three Pods ``hub-0..2`` whose ``status.podIP`` is
-  ``127.0.0.11..13`` (written as admin: there is no kubelet), plus the chart's ServiceAccount,
-  Role and RoleBinding; the hubs use that ServiceAccount's token, so the chart's RBAC is what
-  they get;
-- three ``otterscale server --leader-elect`` processes with ``POD_NAME``/``POD_NAMESPACE``, each
-  on its own loopback address (Linux routes all of 127.0.0.0/8 to lo) and the same fixed port,
-  so "<leader Pod IP>:<--address port>" is exactly how followers reach the leader. Their
-  configurations differ only in ``tunnel.server.host`` (the replica's address);
-- one ``otterscale agent`` process (real chisel client, the same control plane as its cluster,
-  impersonating callers) whose ``--tunnel-server-url`` is the relay;
-- the relay stands in for the chart's tunnel Service: it forwards each new TCP connection to the
-  Pod that carries ``otterscale.io/leader=true`` (polled every 100 ms, as endpoints would follow
-  the label), and refuses connections while no Pod has it;
-- tokens from the local OIDC issuer of conftest.py.
+The harness is :func:`otterscale.testing.start_hub_replicas` (see ``otterscale.testing._ha``): a
+kube-apiserver holding the Lease and Pods ``hub-0..2`` (Pod IPs ``127.0.0.11..13``) with the
+chart's RBAC; three ``otterscale server --leader-elect`` processes, each on its own loopback
+address and the same port; one ``otterscale agent`` whose ``--tunnel-server-url`` is a relay that
+stands in for the chart's tunnel Service (it follows the leader-labelled Pod). Tokens come from
+the local OIDC issuer of conftest.py.
 
 Fail-over timings are measured from the kill or the SIGTERM: a new Lease holder, the agent
 connected to the new leader (its ``otterscale_hub_tunnel_up``), and a Get through every
@@ -28,189 +18,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import secrets
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
-from otterscale.common import ChiselBinary, load_config
-from otterscale.hub._hub import tunnel_fingerprint
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
-from otterscale.testing import ControlPlane, ManagedProcess, free_port
+from otterscale.testing import ControlPlane, HubReplicas, ManagedProcess, start_hub_replicas
 
 from .conftest import AUDIENCE, Issuer
 
 pytestmark = [pytest.mark.integration, pytest.mark.ha]
 
-BIN = Path(sys.executable).parent
-OTTERSCALE = str(BIN / "otterscale")
-LEASE = "otterscale-server-leader"
-LABEL = "otterscale.io/leader"
 REPLICAS = 3
 HOP = "x-otterscale-forwarded-by"
 
 
-def replica_ip(index: int) -> str:
-    return f"127.0.0.{11 + index}"
-
-
-# --------------------------------------------------------------------------------------------------
-# The tunnel Service, emulated
-
-
-class LeaderRelay:
-    """Forwards TCP connections to ``<Pod IP of the leader-labelled Pod>:<port>`` (see the docstring)."""
-
-    def __init__(self, cp: ControlPlane, namespace: str, target_port: int) -> None:
-        self.cp = cp
-        self.namespace = namespace
-        self.target_port = target_port
-        self.port = free_port()
-        self.target: str | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._poller: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self._poller = asyncio.create_task(self._poll(), name="relay-poll")
-
-    async def _poll(self) -> None:
-        path = f"/api/v1/namespaces/{self.namespace}/pods?labelSelector={LABEL.replace('/', '%2F')}%3Dtrue"
-        while True:
-            with contextlib.suppress(Exception):
-                pods = (await asyncio.to_thread(self.cp.request, "GET", path, timeout=5))["items"]
-                ips = sorted(pod["status"].get("podIP") for pod in pods if pod["status"].get("podIP"))
-                self.target = ips[0] if ips else None
-            await asyncio.sleep(0.1)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        with contextlib.suppress(asyncio.CancelledError):  # stop() cancels: not an error of the relay
-            await self._relay(reader, writer)
-        self._tasks.discard(task)
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            target = self.target
-            if target is None:
-                return  # no endpoint: the connection is closed at once
-            try:
-                up_reader, up_writer = await asyncio.open_connection(target, self.target_port)
-            except OSError:
-                return
-            try:
-                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-            finally:
-                up_writer.close()
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in [self._poller, *self._tasks]:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(
-            *(t for t in [self._poller, *self._tasks] if t is not None), return_exceptions=True
-        )
-        if self._server is not None:
-            await self._server.wait_closed()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            writer.close()
-
-
-# --------------------------------------------------------------------------------------------------
-# The system
-
-
 @dataclass
 class System:
-    cp: ControlPlane
-    namespace: str
+    """The replicas plus what the tests call them with (clients, tokens, a probe Get)."""
+
+    replicas: HubReplicas
     issuer: Issuer
-    binary: ChiselBinary
-    directory: Path
-    port: int
-    tunnel_port: int
-    configs: list[Path]
-    kubeconfig: Path
-    relay: LeaderRelay
-    hubs: dict[int, ManagedProcess] = field(default_factory=dict)
-    agent: ManagedProcess | None = None
     transports: list[HTTPTransport] = field(default_factory=list)
-    starts: int = 0
 
-    def url(self, index: int) -> str:
-        return f"http://{replica_ip(index)}:{self.port}"
+    @property
+    def cp(self) -> ControlPlane:
+        return self.replicas.cp
 
-    def start_hub(self, index: int) -> ManagedProcess:
-        self.starts += 1
-        process = ManagedProcess(
-            f"hub-{index}",
-            [
-                OTTERSCALE,
-                "server",
-                f"--address={replica_ip(index)}:{self.port}",
-                f"--config={self.configs[index]}",
-                f"--chisel={self.binary.path}",
-                f"--kubeconfig={self.kubeconfig}",
-                "--leader-elect",
-                "--log-format=json",
-                "--log-level=info",
-                "--drain-timeout=3",
-            ],
-            self.directory / f"hub-{index}.{self.starts}.log",
-            env={
-                "POD_NAME": f"hub-{index}",
-                "POD_NAMESPACE": self.namespace,
-                "HOME": str(self.directory),
-                "PATH": os.environ.get("PATH", ""),
-            },
-        )
-        self.hubs[index] = process
-        return process
+    @property
+    def namespace(self) -> str:
+        return self.replicas.namespace
 
-    def http(self) -> Client:
-        transport = HTTPTransport(http_version=HTTPVersion.HTTP1, connect_timeout=1.0, timeout=3.0)
-        self.transports.append(transport)
-        return Client(transport)
+    @property
+    def hubs(self) -> dict[int, ManagedProcess]:
+        return self.replicas.hubs
+
+    def start_hub(self, index: int) -> None:
+        self.replicas.start_hub(index)
 
     def client(self, index: int, *, timeout_ms: int = 3000) -> ResourceServiceClient:
         transport = HTTPTransport(http_version=HTTPVersion.HTTP2, connect_timeout=1.0)
         self.transports.append(transport)
-        return ResourceServiceClient(self.url(index), http_client=Client(transport), timeout_ms=timeout_ms)
+        return ResourceServiceClient(
+            self.replicas.url(index), http_client=Client(transport), timeout_ms=timeout_ms
+        )
 
     def auth(self, subject: str = "alice") -> dict[str, str]:
         return {"authorization": f"Bearer {self.issuer.token(subject)}"}
@@ -221,48 +82,22 @@ class System:
         )
 
     async def ready(self, index: int) -> bool:
-        try:
-            return (await self.http().get(self.url(index) + "/readyz")).status == 200
-        except Exception:
-            return False
+        return await self.replicas.ready(index)
 
     async def metrics(self, index: int) -> dict[str, float]:
-        response = await self.http().get(self.url(index) + "/metrics")
-        found: dict[str, float] = {}
-        for line in bytes(response.content).decode().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                found[key] = float(value)
-        return found
+        return await self.replicas.metrics(index)
 
     async def holder(self) -> str | None:
-        lease = await asyncio.to_thread(
-            self.cp.request, "GET", f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases/{LEASE}"
-        )
-        holder: str | None = lease["spec"].get("holderIdentity")
-        return holder
+        return await self.replicas.holder()
 
     async def labelled(self) -> list[str]:
-        pods = await asyncio.to_thread(self.cp.request, "GET", f"/api/v1/namespaces/{self.namespace}/pods")
-        return sorted(
-            pod["metadata"]["name"] for pod in pods["items"] if pod["metadata"].get("labels", {}).get(LABEL)
-        )
+        return await self.replicas.labelled()
 
     async def leader(self) -> int:
-        """The index of the one leader: the Lease, the label and the replicas' gauges agree."""
-        holder = await self.holder()
-        assert holder is not None
-        index = int(holder.removeprefix("hub-"))
-        running = [i for i, process in self.hubs.items() if process.alive()]
-        gauges = {i: (await self.metrics(i))["otterscale_hub_leader"] for i in running}
-        assert gauges == {i: 1.0 if i == index else 0.0 for i in running}, gauges
-        return index
+        return await self.replicas.leader()
 
     async def agent_connected_to(self, index: int) -> bool:
-        try:
-            return (await self.metrics(index)).get('otterscale_hub_tunnel_up{cluster="alpha"}') == 1.0
-        except Exception:
-            return False
+        return await self.replicas.agent_connected_to(index, "alpha")
 
     async def call_ok(self, index: int) -> bool:
         try:
@@ -272,20 +107,14 @@ class System:
         return bool(got.object["metadata"]["name"] == "probe")
 
     async def close(self) -> None:
-        if self.agent is not None:
-            self.agent.stop()
-        # All at once: one by one, each follower in turn would win the Lease and start chisel.
-        for process in self.hubs.values():
-            if process.alive():
-                process.signal(signal.SIGTERM)
-        for process in self.hubs.values():
-            process.stop()
-        await self.relay.stop()
+        await self.replicas.stop()
         for transport in self.transports:
             await transport.aclose()
 
 
-async def until(check: Callable[[], Any], within: float, what: str, *, every: float = 0.1) -> float:
+async def until(
+    check: Callable[[], Awaitable[bool]], within: float, what: str, *, every: float = 0.1
+) -> float:
     started = time.monotonic()
     while True:
         if await check():
@@ -295,208 +124,26 @@ async def until(check: Callable[[], Any], within: float, what: str, *, every: fl
         await asyncio.sleep(every)
 
 
-def chart_rbac(namespace: str) -> list[dict[str, Any]]:
-    """What charts/otterscale-hub/templates/rbac.yaml and serviceaccount.yaml create."""
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": "otterscale-hub", "namespace": namespace},
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "otterscale-hub-leader-election", "namespace": namespace},
-            "rules": [
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-                {
-                    "apiGroups": ["coordination.k8s.io"],
-                    "resources": ["leases"],
-                    "resourceNames": [LEASE],
-                    "verbs": ["get", "list", "watch", "update", "patch"],
-                },
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "otterscale-hub-leader-election", "namespace": namespace},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "otterscale-hub-leader-election",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "otterscale-hub", "namespace": namespace}],
-        },
-        # What callers may do in the agent's cluster (the agent impersonates them).
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "configmaps", "namespace": namespace},
-            "rules": [
-                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create"]}
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "alice-configmaps", "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmaps"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
-        },
-    ]
-
-
-def service_account_kubeconfig(cp: ControlPlane, namespace: str, path: Path) -> Path:
-    token = cp.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts/otterscale-hub/token",
-        {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": 3600},
-        },
-    )["status"]["token"]
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "test", "cluster": {"server": cp.server, "certificate-authority": str(cp.ca_file)}}
-        ],
-        "users": [{"name": "hub", "user": {"token": token}}],
-        "contexts": [{"name": "hub", "context": {"cluster": "test", "user": "hub", "namespace": namespace}}],
-        "current-context": "hub",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
-
-
 @pytest_asyncio.fixture
-async def system(
-    control_plane: ControlPlane, issuer: Issuer, chisel_binary: ChiselBinary, tmp_path: Path
-) -> AsyncIterator[System]:
-    cp = control_plane
-    namespace = f"ha-{secrets.token_hex(3)}"
-    cp.request(
-        "POST",
-        "/api/v1/namespaces",
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+async def system(control_plane: ControlPlane, issuer: Issuer, tmp_path: Path) -> AsyncIterator[System]:
+    replicas = await start_hub_replicas(
+        control_plane, tmp_path, realm_url=issuer.url, client_id=AUDIENCE, replicas=REPLICAS
     )
-    cp.wait_for(
-        lambda: cp.request("GET", f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
-        what="the namespace's default ServiceAccount",
-    )
-    for obj in chart_rbac(namespace):
-        cp.apply(obj)
-    cp.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "probe", "namespace": namespace},
-            "data": {},
-        }
-    )
-    for index in range(REPLICAS):
-        name = f"hub-{index}"
-        cp.request(
-            "POST",
-            f"/api/v1/namespaces/{namespace}/pods",
+    found = System(replicas, issuer)
+    try:
+        control_plane.apply(
             {
                 "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "otterscale-hub"}},
-                "spec": {
-                    "serviceAccountName": "otterscale-hub",
-                    "containers": [{"name": "hub", "image": "registry.example/otterscale-hub:test"}],
-                },
-            },
-        )
-        ip = replica_ip(index)
-        cp.request(
-            "PATCH",
-            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
-            {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}},
-            content_type="application/merge-patch+json",
-        )
-
-    port, tunnel_port, tunnel_local, api_port = free_port(), free_port(), free_port(), free_port()
-    document: dict[str, Any] = {
-        "keycloak": {"realm_url": issuer.url, "client_id": AUDIENCE},
-        "tunnel": {"server": {"host": "127.0.0.1", "port": tunnel_port, "key_seed": "ha-test-seed"}},
-        "clusters": {
-            "alpha": {
-                "agent": {
-                    "auth": {"user": "alpha-agent", "pass": "alpha-password-0123456789abcdef"},
-                    "tunnel_port": tunnel_local,
-                    "api_port": api_port,
-                }
+                "kind": "ConfigMap",
+                "metadata": {"name": "probe", "namespace": replicas.namespace},
+                "data": {},
             }
-        },
-    }
-    probe = tmp_path / "probe.yaml"
-    probe.write_text(yaml.safe_dump(document))
-    fingerprint = await tunnel_fingerprint(load_config(probe), chisel=str(chisel_binary.path))
-    document["clusters"]["alpha"]["agent"]["fingerprint"] = fingerprint
-    configs = []
-    for index in range(REPLICAS):
-        document["tunnel"]["server"]["host"] = replica_ip(index)
-        path = tmp_path / f"hub-{index}.yaml"
-        path.write_text(yaml.safe_dump(document))
-        configs.append(path)
-
-    relay = LeaderRelay(cp, namespace, tunnel_port)
-    await relay.start()
-    found = System(
-        cp=cp,
-        namespace=namespace,
-        issuer=issuer,
-        binary=chisel_binary,
-        directory=tmp_path,
-        port=port,
-        tunnel_port=tunnel_port,
-        configs=configs,
-        kubeconfig=service_account_kubeconfig(cp, namespace, tmp_path / "hub.kubeconfig"),
-        relay=relay,
-    )
-    try:
-        for index in range(REPLICAS):
-            found.start_hub(index)
-        for index in range(REPLICAS):
-            await until(lambda index=index: found.ready(index), 30, f"hub-{index} ready")  # type: ignore[misc]
-        await until(lambda: _has_leader(found), 30, "a leader")
-        found.agent = ManagedProcess(
-            "agent-alpha",
-            [
-                OTTERSCALE,
-                "agent",
-                "--cluster=alpha",
-                f"--config={configs[0]}",
-                f"--kubeconfig={cp.kubeconfig}",
-                f"--chisel={chisel_binary.path}",
-                f"--tunnel-server-url={relay.url}",
-                f"--address=127.0.0.1:{api_port}",
-                "--log-format=json",
-            ],
-            tmp_path / "agent-alpha.log",
-            env={"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "")},
         )
-        leader = await found.leader()
-        await until(lambda: found.agent_connected_to(leader), 30, "the agent connected")
         yield found
     finally:
         await found.close()
         with contextlib.suppress(Exception):
-            cp.request("DELETE", f"/api/v1/namespaces/{namespace}")
-
-
-async def _has_leader(system: System) -> bool:
-    try:
-        holder = await system.holder()
-    except Exception:
-        return False
-    return holder is not None and await system.labelled() == [holder]
+            control_plane.request("DELETE", f"/api/v1/namespaces/{replicas.namespace}")
 
 
 def report(what: str, numbers: dict[str, float], capsys: pytest.CaptureFixture[str]) -> None:

@@ -301,8 +301,8 @@ async def test_one_connection_serves_more_than_1000_calls(
     """hypercorn's keep_alive_max_requests is raised: no GOAWAY or close after 1000 requests."""
     from pyqwest import HTTPVersion
 
+    from otterscale.common import server_config
     from otterscale.hub._health import HealthCheckRequest, HealthCheckResponse
-    from otterscale.hub._server import server_config
 
     assert server_config(graceful_timeout=1).keep_alive_max_requests > 1_000_000
     caplog.set_level(logging.DEBUG, logger="otterscale.hub.access")

@@ -207,6 +207,21 @@ async def test_deadline_propagates_to_the_agent(hub_env: HubEnv) -> None:
     assert 0 < forwarded <= 400
 
 
+async def test_a_deadline_that_passes_in_the_hub_is_deadline_exceeded(hub_env: HubEnv) -> None:
+    # With a few milliseconds the hub's own timer fires while it waits for the agent: the
+    # cancelled agent call must not come back as "canceled" (the fuzzer saw that).
+    # A raw request: a connectrpc client would give up on its own timer and never show the answer.
+    await hub_env.agent("alpha")
+    http = hub_env.http()
+    url = hub_env.hub.url + "/otterscale.resource.v1.ResourceService/Get"
+    body = b'{"cluster": "alpha", "version": "v1", "resource": "configmaps", "name": "slow"}'
+    for timeout_ms in (1, 3, 5, 10, 20, 50, 100):
+        headers = hub_env.auth(**{"content-type": "application/json", "connect-timeout-ms": f"{timeout_ms}"})
+        response = await http.post(url, headers=headers, content=body)
+        answer = response.json()
+        assert answer["code"] == "deadline_exceeded", (timeout_ms, answer)
+
+
 async def test_request_id_is_returned_and_forwarded(hub_env: HubEnv) -> None:
     agent = await hub_env.agent("alpha")
     client = hub_env.client()

@@ -25,16 +25,17 @@ from types import TracebackType
 from typing import Any
 
 from otterscale.cluster.v1.cluster_connect import AgentServiceASGIApplication
-from otterscale.common import create_listener
+from otterscale.common import create_listener, serve
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
 
 from ._auth import IdentityInterceptor
+from ._codecs import resource_codecs
 from ._discovery import DEFAULT_TTL, DiscoveryCache
 from ._info import AgentInfoService
 from ._kube import KubeClient
 from ._kubeconfig import KubeConnection, load_connection
 from ._schema import SchemaCache
-from ._server import GRACEFUL_TIMEOUT, Readiness, make_asgi_app, mount, serve
+from ._server import GRACEFUL_TIMEOUT, Readiness, make_asgi_app, mount
 from ._service import ErrorBoundary, ResourceServiceImpl
 from ._tasks import start_task, stop_tasks
 from ._tunnel import Tunnel, TunnelSettings
@@ -152,7 +153,9 @@ class Agent:
                 ErrorBoundary(),
             ]
             connect_app = mount(
-                ResourceServiceASGIApplication(self._service, interceptors=interceptors),
+                ResourceServiceASGIApplication(
+                    self._service, interceptors=interceptors, codecs=resource_codecs()
+                ),
                 AgentServiceASGIApplication(
                     AgentInfoService(cluster=settings.cluster, client=self._client), interceptors=interceptors
                 ),
@@ -166,6 +169,7 @@ class Agent:
                     make_asgi_app(connect_app, on_startup=started.set, readiness=self.readiness),
                     sock,
                     self._server_stop,
+                    graceful_timeout=GRACEFUL_TIMEOUT,
                 ),
                 name="agent-http-server",
             )

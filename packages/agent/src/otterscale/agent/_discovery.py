@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from otterscale.common import echo
+
 from ._errors import AgentError, KubernetesUnavailableError, UnknownResourceError
 from ._kube import KubeClient
 
@@ -113,7 +115,7 @@ class DiscoveryCache:
             if found is not None:
                 return found
         gv = f"{group}/{version}" if group else version
-        raise UnknownResourceError(f'the server does not serve resource "{resource}" in {gv}')
+        raise UnknownResourceError(f"the server does not serve resource {echo(resource)} in {echo(gv)}")
 
     async def _fresh(self, *, force: bool = False) -> _Snapshot:
         snapshot = self._snapshot

@@ -155,9 +155,11 @@ _HTTP_CODES: Mapping[int, Code] = {
     409: Code.FAILED_PRECONDITION,
     410: Code.NOT_FOUND,
     413: Code.RESOURCE_EXHAUSTED,
+    414: Code.INVALID_ARGUMENT,  # URI too long: a huge selector
     415: Code.INVALID_ARGUMENT,
     422: Code.INVALID_ARGUMENT,
     429: Code.RESOURCE_EXHAUSTED,
+    431: Code.INVALID_ARGUMENT,  # header fields too large: a huge selector in the query
     503: Code.UNAVAILABLE,
     504: Code.DEADLINE_EXCEEDED,
 }

@@ -11,6 +11,8 @@ import re
 from typing import Any
 from urllib.parse import quote
 
+from otterscale.common import echo
+
 from ._discovery import APIResourceInfo, group_version_path
 from ._errors import InvalidRequestError
 
@@ -26,7 +28,7 @@ _SEGMENT = re.compile(r"[^/\x00-\x1f\x7f]{1,253}")
 
 def _segment(value: str, what: str) -> str:
     if not _SEGMENT.fullmatch(value) or value in {".", ".."}:
-        raise InvalidRequestError(f"{what} {value!r} is not a valid Kubernetes name")
+        raise InvalidRequestError(f"{what} {echo(value)} is not a valid Kubernetes name")
     return quote(value, safe="")
 
 

@@ -4,41 +4,24 @@ Probes (no signature needed, GET or HEAD): ``/ping`` answers 204 while the proce
 (liveness); ``/readyz`` answers 200 when the agent can be reached by the hub (its tunnel is up)
 and 503 with a one-line reason otherwise (readiness).
 
-Why hypercorn: it speaks HTTP/1.1 and h2c (prior knowledge and Upgrade) on one port and carries
-HTTP/2 trailers, which the gRPC protocol needs (see architecture.md). Its defaults are tuned here
-for a long-lived, multiplexed hub connection:
-
-- ``keep_alive_max_requests`` raised from 1000 (hypercorn would otherwise GOAWAY a busy hub
-  connection after 1000 requests);
-- ``h2_max_concurrent_streams`` raised to 1000 (every open Watch is a stream);
-- ``keep_alive_timeout`` 120 s, longer than typical client pool idle timeouts (90 s), so the
-  client, not the server, closes idle connections (no request races a server-side close);
-- no read timeout: a Watch is never cut by a server-side timer.
-
-The listening socket is created here, not by hypercorn, so the caller learns the real port of
-``:0`` before serving, and TCP_NODELAY is set on it (accepted sockets inherit it; asyncio also
-sets it on every TCP transport).
+Served by :func:`otterscale.common.serve` (hypercorn, HTTP/1.1 and h2c on one port, tuned for
+the hub's long-lived, multiplexed connection; O(1) HTTP/2 scheduling for many Watches).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hypercorn.asyncio.run import worker_serve
-from hypercorn.config import Config, Sockets
-from hypercorn.utils import wrap_app
+from otterscale.common import ASGIApp
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ASGIApp", "Readiness", "make_asgi_app", "mount", "serve"]
+__all__ = ["GRACEFUL_TIMEOUT", "Readiness", "make_asgi_app", "mount"]
 
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
-ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 #: How long open requests may take to finish after shutdown starts (Watches end at once).
 GRACEFUL_TIMEOUT = 5.0
@@ -126,34 +109,3 @@ async def _readyz(scope: dict[str, Any], send: Send, readiness: Readiness | None
 def _one_line(text: str, limit: int = 300) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _config() -> Config:
-    config = Config()
-    config.keep_alive_max_requests = 2**31 - 1
-    config.keep_alive_timeout = 120.0
-    config.h2_max_concurrent_streams = 1000
-    config.read_timeout = None
-    config.graceful_timeout = GRACEFUL_TIMEOUT
-    config.include_server_header = False
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    return config
-
-
-async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event) -> None:
-    """Serve ``app`` on ``sock`` until ``shutdown`` is set; then stop accepting and drain.
-
-    Returns once open requests have finished or :data:`GRACEFUL_TIMEOUT` has passed. The socket
-    is closed when this returns.
-    """
-    config = _config()
-    try:
-        await worker_serve(
-            wrap_app(app, config.wsgi_max_body_size, "asgi"),
-            config,
-            sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
-            shutdown_trigger=shutdown.wait,
-        )
-    finally:
-        sock.close()

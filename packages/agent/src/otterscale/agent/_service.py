@@ -26,6 +26,7 @@ Behaviour chosen where api.md leaves room (also in the README):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from google.protobuf import empty_pb2, struct_pb2  # type: ignore[import-untyped
 from otterscale.resource.v1 import resource_pb2 as pb
 
 from ._auth import current_identity, procedure
+from ._codecs import SerializedMessage
 from ._discovery import APIResourceInfo, DiscoveryCache
 from ._errors import (
     InvalidRequestError,
@@ -50,13 +52,20 @@ from ._errors import (
     WatchClosedError,
     to_connect_error,
 )
-from ._kube import KubeClient, iter_lines
+from ._kube import KubeClient, iter_lines, loads
 from ._manifest import parse_manifest
 from ._objects import clean_object, collection_path, object_path, with_type_meta
 from ._schema import SchemaCache
 from ._structs import field_bytes, struct_bytes, to_struct
 
 logger = logging.getLogger(__name__)
+
+#: Longest label or field selector passed on; kube-apiserver refuses a request line or header
+#: section much over this with a bare HTTP 414/431 (a 1 MiB selector in the fuzz tests).
+MAX_SELECTOR_LENGTH = 64 * 1024
+#: Manifests larger than this are parsed in a worker thread: a 3 MiB YAML document with many
+#: keys takes seconds of CPU, and the agent must keep answering other calls meanwhile.
+PARSE_IN_THREAD_BYTES = 64 * 1024
 
 __all__ = ["DEFAULT_FIELD_MANAGER", "ErrorBoundary", "ResourceServiceImpl"]
 
@@ -171,15 +180,15 @@ class ResourceServiceImpl:
         schema: struct_pb2.Struct = struct_pb2.Struct.FromString(encoded)
         return schema
 
-    async def list(self, request: pb.ListRequest, ctx: RequestContext[Any, Any], /) -> pb.ListResponse:
+    async def list(
+        self, request: pb.ListRequest, ctx: RequestContext[Any, Any], /
+    ) -> pb.ListResponse | SerializedMessage:
+        """A ListResponse, sent as built (wire bytes; the codecs in _codecs handle it)."""
         info = await self._resolve(request.cluster, request.group, request.version, request.resource)
         if request.limit < 0:
             raise InvalidRequestError("limit must not be negative")
         params: dict[str, str] = {}
-        if request.label_selector:
-            params["labelSelector"] = request.label_selector
-        if request.field_selector:
-            params["fieldSelector"] = request.field_selector
+        params.update(_selectors(request))
         if request.limit:
             params["limit"] = str(request.limit)
         token = getattr(request, "continue")
@@ -193,22 +202,25 @@ class ResourceServiceImpl:
             time_limit=_time_limit(ctx),
         )
         try:
-            listed = json.loads(data)
+            listed = loads(data)
         except ValueError as exc:
             raise KubernetesUnavailableError("kubernetes API returned an invalid list") from exc
         metadata = listed.get("metadata") or {}
-        response = pb.ListResponse(
+        header = pb.ListResponse(
             resource_version=str(metadata.get("resourceVersion") or ""),
             remaining_item_count=int(metadata.get("remainingItemCount") or 0),
         )
-        setattr(response, "continue", str(metadata.get("continue") or ""))
+        setattr(header, "continue", str(metadata.get("continue") or ""))
         items = listed.get("items") or ()
-        response.MergeFromString(
-            field_bytes(
+        # Fields 1-3, then the items (4), in wire format: the message the agent used to build,
+        # without parsing megabytes into objects only to serialize them again (see _codecs).
+        return SerializedMessage(
+            header.SerializeToString()
+            + field_bytes(
                 _ITEMS_FIELD, (_resource_bytes(with_type_meta(clean_object(item), info)) for item in items)
-            )
+            ),
+            pb.ListResponse,
         )
-        return response
 
     async def get(self, request: pb.GetRequest, ctx: RequestContext[Any, Any], /) -> pb.Resource:
         info = await self._resolve(request.cluster, request.group, request.version, request.resource)
@@ -222,7 +234,7 @@ class ResourceServiceImpl:
 
     async def create(self, request: pb.CreateRequest, ctx: RequestContext[Any, Any], /) -> pb.Resource:
         info = await self._resolve(request.cluster, request.group, request.version, request.resource)
-        manifest = parse_manifest(request.manifest)
+        manifest = await _parse(request.manifest)
         namespace = self._namespace_for(info, request.namespace, manifest)
         params = {"dryRun": "All"} if request.dry_run else {}
         obj = await self._client.request_json(
@@ -238,7 +250,7 @@ class ResourceServiceImpl:
 
     async def apply(self, request: pb.ApplyRequest, ctx: RequestContext[Any, Any], /) -> pb.Resource:
         info = await self._resolve(request.cluster, request.group, request.version, request.resource)
-        manifest = parse_manifest(request.manifest)
+        manifest = await _parse(request.manifest)
         metadata = manifest.setdefault("metadata", {})
         name = request.name or str(metadata.get("name") or "")
         if not name:
@@ -295,18 +307,17 @@ class ResourceServiceImpl:
         params = {"watch": "1", "allowWatchBookmarks": "true"}
         if request.resource_version:
             params["resourceVersion"] = request.resource_version
-        if request.label_selector:
-            params["labelSelector"] = request.label_selector
-        if request.field_selector:
-            params["fieldSelector"] = request.field_selector
+        params.update(_selectors(request))
         if request.send_initial_events:
             params["sendInitialEvents"] = "true"
             params["resourceVersionMatch"] = "NotOlderThan"
         last_rv = request.resource_version
+        opened = False
         try:
             async with self._client.stream(
                 collection_path(info, request.namespace), params=params, caller=caller
             ) as resp:
+                opened = True
                 self._watches.add(resp)
                 try:
                     async for line in iter_lines(resp):
@@ -326,7 +337,14 @@ class ResourceServiceImpl:
         except (KubernetesUnavailableError, aiohttp.ClientError) as exc:
             if self._closing:
                 raise ShuttingDownError("the agent is shutting down; resume the watch elsewhere") from exc
-            raise
+            if not opened:
+                raise
+            # The stream was cut (kube-apiserver restarted or the connection broke): what the
+            # client needs is where to resume, not aiohttp's description of the broken body.
+            logger.info("kubernetes watch of %s cut: %s", info.resource, exc)
+            raise WatchClosedError(
+                "the kubernetes watch was cut; resume from resourceVersion " + (last_rv or '"" (most recent)')
+            ) from exc
         if self._closing:
             raise ShuttingDownError("the agent is shutting down; resume the watch elsewhere")
         raise WatchClosedError(
@@ -345,6 +363,26 @@ class ResourceServiceImpl:
         return namespace
 
 
+async def _parse(raw: bytes) -> dict[str, Any]:
+    if len(raw) <= PARSE_IN_THREAD_BYTES:
+        return parse_manifest(raw)
+    return await asyncio.to_thread(parse_manifest, raw)
+
+
+def _selectors(request: pb.ListRequest | pb.WatchRequest) -> dict[str, str]:
+    """The query parameters of the request's selectors, refused when longer than any sane one."""
+    params: dict[str, str] = {}
+    for field, param in (("label_selector", "labelSelector"), ("field_selector", "fieldSelector")):
+        value: str = getattr(request, field)
+        if len(value) > MAX_SELECTOR_LENGTH:
+            raise InvalidRequestError(
+                f"{field} is {len(value)} characters; the limit is {MAX_SELECTOR_LENGTH}"
+            )
+        if value:
+            params[param] = value
+    return params
+
+
 def _gone(exc: KubernetesAPIError) -> dict[str, Any]:
     return {
         "kind": "Status",
@@ -358,7 +396,7 @@ def _gone(exc: KubernetesAPIError) -> dict[str, Any]:
 
 def _watch_event(line: bytes, info: APIResourceInfo) -> pb.WatchEvent:
     try:
-        raw = json.loads(line)
+        raw = loads(line)
         kind = _EVENT_TYPES[raw["type"]]
         obj = raw["object"]
         if not isinstance(obj, dict):

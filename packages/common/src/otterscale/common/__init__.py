@@ -3,8 +3,9 @@
 Configuration (``otterscale.yaml``), OIDC bearer-token verification, the verified caller
 (:class:`Identity`), the signed hub-to-agent identity headers, logging set-up, the ``otterscale``
 command and the flags both services take, supervision of external processes
-(:class:`Supervisor`) and the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`).
-Nothing here knows about a particular service.
+(:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`) and
+serving an ASGI application with a tuned hypercorn (:func:`serve`). Nothing here knows about a
+particular service.
 
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
@@ -64,10 +65,12 @@ from ._errors import (
     IdentityProviderUnavailableError,
     OtterscaleError,
     UsageError,
+    echo,
 )
+from ._h2 import tune_hypercorn
 from ._identity import RESERVED_PREFIXES, Identity
 from ._logging import LogFormat, RedactingFilter, configure_logging, redact
-from ._net import create_listener
+from ._net import ASGIApp, create_listener, serve, server_config
 from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
 from ._signing import (
     GROUPS_HEADER,
@@ -98,6 +101,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "SUBJECT_HEADER",
     "TIMESTAMP_HEADER",
+    "ASGIApp",
     "AgentAuth",
     "AgentConfig",
     "AuthenticationError",
@@ -138,6 +142,7 @@ __all__ = [
     "container_mode",
     "create_listener",
     "derive_identity_key",
+    "echo",
     "find_chisel",
     "load_config",
     "parse_address",
@@ -148,8 +153,11 @@ __all__ = [
     "redact",
     "resolve_defaults",
     "reverse_remote_pattern",
+    "serve",
+    "server_config",
     "sign_identity",
     "strip_identity_headers",
+    "tune_hypercorn",
     "verify_identity",
     "write_authfile",
 ]

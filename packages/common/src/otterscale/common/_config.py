@@ -9,8 +9,9 @@ The file format is the original Go service's, unchanged::
 Ports may be integers or quoted strings (``"8300"``). New, optional keys (all under ``keycloak``):
 ``audience`` (default: ``client_id``), ``subject_claim`` (``sub``), ``groups_claim`` (``groups``),
 ``groups_prefix`` (empty), ``leeway_seconds`` (30), ``timeout_seconds`` (5) and
-``min_refresh_interval_seconds`` (30). Unknown keys are refused everywhere: a typo must not
-silently fall back to a default.
+``min_refresh_interval_seconds`` (30). The optional ``limits`` section bounds what the hub
+accepts from and holds for clients (:class:`HubLimitsConfig`; agents ignore it). Unknown keys
+are refused everywhere: a typo must not silently fall back to a default.
 
 Every problem in a file is reported at once, one line each, naming the file and the dotted key
 path (``clusters.dev.agent.tunnel_port``). Messages are built here from error locations and
@@ -227,12 +228,46 @@ class ClusterConfig(_Model):
     agent: AgentConfig
 
 
+_MIB = 1024 * 1024
+
+
+class HubLimitsConfig(_Model):
+    """The ``limits`` section: what the hub accepts from, and holds for, its clients (optional).
+
+    Every refusal is a Connect ``resource_exhausted`` whose message names the limit and this key,
+    and is counted in ``otterscale_hub_limit_refusals_total`` by reason.
+
+    ``max_request_bytes`` (default 4 MiB): the largest request body (a Create or Apply carrying a
+    manifest; the agent's own manifest limit is 3 MiB, so anything the agent could accept fits).
+    Refused before the body is read when ``Content-Length`` says so, else as soon as that many
+    bytes have arrived: the hub never buffers more.
+
+    ``max_response_bytes`` (default 64 MiB): the largest unary answer from an agent (a List of
+    5,000 1-KiB ConfigMaps is about 5.4 MB). Reading stops there and the call ends with a hint to
+    page with limit/continue, so one call never holds more than about this much in the hub.
+
+    ``max_watches_per_subject`` (default 1000): concurrent Watch streams one authenticated subject
+    may hold on this hub; a stream that ends for any reason frees its slot.
+
+    ``watch_send_timeout_seconds`` (default 30): a Watch whose client has not accepted an event for
+    this long (it stopped reading; HTTP/2 flow control holds the rest) is ended and its upstream
+    stream, slot and gauge released.
+    """
+
+    # Strict: YAML's true/false or 1.5 must not quietly become a byte count.
+    max_request_bytes: int = Field(default=4 * _MIB, ge=1024, le=1024 * _MIB, strict=True)
+    max_response_bytes: int = Field(default=64 * _MIB, ge=64 * 1024, le=4096 * _MIB, strict=True)
+    max_watches_per_subject: int = Field(default=1000, ge=1, le=1_000_000, strict=True)
+    watch_send_timeout_seconds: float = Field(default=30.0, gt=0, le=86_400)
+
+
 class OtterscaleConfig(_Model):
     """The whole ``otterscale.yaml``. Build it with :func:`load_config` (or :func:`parse_config`)."""
 
     keycloak: KeycloakConfig
     tunnel: TunnelConfig
     clusters: dict[ClusterName, ClusterConfig]
+    limits: HubLimitsConfig = HubLimitsConfig()
 
     @model_validator(mode="after")
     def _unique_ports_and_users(self, info: ValidationInfo) -> Self:
@@ -442,6 +477,9 @@ _TYPE_MESSAGES = {
     "model_attributes_type": "must be a mapping",
     "dict_type": "must be a mapping",
     "string_type": "must be a string (quote the value in YAML)",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
     "float_type": "must be a number",
     "float_parsing": "must be a number",
     "finite_number": "must be a finite number",
@@ -569,6 +607,27 @@ class _ConfigLoader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # SafeConstructor lets Python's own errors out of explicitly tagged scalars (``!!int x``
+        # is a ValueError, ``!!bool x`` a KeyError, a 5000-digit integer a ValueError); give
+        # them the node's position like any other YAML error.
+        try:
+            return super().construct_object(node, deep=deep)
+        except _CONSTRUCTION_ERRORS:
+            raise _construction_error(node) from None
+
+
+#: What PyYAML's SafeConstructor raises, besides YAMLError, for a value its tag cannot build.
+_CONSTRUCTION_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+
+
+def _construction_error(node: yaml.Node | None) -> yaml.constructor.ConstructorError:
+    if node is None:
+        problem = "a tagged collection cannot be built (check its !! tag)"
+        return yaml.constructor.ConstructorError(None, None, problem)
+    problem = f"cannot build a !!{node.tag.rsplit(':', 1)[-1]} from this value"
+    return yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+
 
 class _YamlLimitError(Exception):
     def __init__(self, message: str, mark: yaml.Mark | None) -> None:
@@ -577,13 +636,19 @@ class _YamlLimitError(Exception):
 
 
 def _load_yaml(text: str, source: str) -> object:
-    loader = _ConfigLoader(text)
+    loader: _ConfigLoader | None = None
     try:
+        loader = _ConfigLoader(text)  # refuses non-printable characters already (ReaderError)
         node = loader.get_single_node()
         if node is None:
             return None
         _check_expansion(node)
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except _CONSTRUCTION_ERRORS:
+            # Collections built after their first step (``!!set [1]``) fail here, outside
+            # construct_object, where no node is known any more.
+            raise _construction_error(None) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, [("", _yaml_reason(exc))]) from None
     except _YamlLimitError as exc:
@@ -593,7 +658,8 @@ def _load_yaml(text: str, source: str) -> object:
             source, [("", f"not accepted as YAML: nested deeper than {MAX_YAML_DEPTH} levels")]
         ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_expansion(root: yaml.Node) -> None:
@@ -636,6 +702,10 @@ def _yaml_reason(exc: yaml.YAMLError) -> str:
         problem = exc.problem or "invalid YAML"
         context = f"{exc.context}: " if exc.context else ""
         return f"not valid YAML: {_where(mark)}{context}{problem}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        # The character's code point, never the text around it.
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"not valid YAML: character U+{code:04X} at offset {exc.position} is not allowed: {exc.reason}"
     return "not valid YAML"
 
 

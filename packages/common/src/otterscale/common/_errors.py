@@ -83,3 +83,18 @@ class IdentityProviderUnavailableError(OtterscaleError):
     """
 
     connect_code: ClassVar[str] = "unavailable"
+
+
+#: How many characters of a client-supplied value an error message or log line repeats.
+ECHO_LIMIT = 80
+
+
+def echo(value: str, limit: int = ECHO_LIMIT) -> str:
+    """``value`` quoted for an error message or a log line, cut to ``limit`` characters.
+
+    Messages that repeat what a client sent (a cluster, resource or object name) go to the
+    client and into the access log: a 4 MiB name must not become a 4 MiB log line.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

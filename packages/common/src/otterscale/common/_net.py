@@ -1,8 +1,23 @@
-"""Listening sockets the services create themselves (so they own every socket option)."""
+"""Listening sockets the services create themselves (so they own every socket option), and
+serving an ASGI application on one with hypercorn.
+
+Why hypercorn: it serves HTTP/1.1, h2c with prior knowledge and h2c upgrade on one port and
+carries HTTP/2 trailers, which the gRPC protocol needs (architecture.md). hypercorn is imported
+only when serving, so the ``otterscale`` command starts fast.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ._h2 import tune_hypercorn
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config
 
 
 def create_listener(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
@@ -26,3 +41,61 @@ def create_listener(host: str, port: int, *, backlog: int = 1024) -> socket.sock
         sock.close()
         raise
     return sock
+
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+#: An ASGI 3 application.
+ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
+
+
+def server_config(*, graceful_timeout: float) -> Config:
+    """hypercorn settings for a service whose clients hold long-lived, multiplexed connections.
+
+    - ``keep_alive_max_requests`` raised from 1000 (hypercorn would otherwise GOAWAY a busy
+      connection, the hub's to its agent or a client's to the hub, after 1000 requests);
+    - ``h2_max_concurrent_streams`` 1000 (every open Watch is a stream);
+    - ``keep_alive_timeout`` 120 s, longer than typical client pool idle timeouts (90 s), so the
+      client, not the server, closes idle connections (no request races a server-side close);
+    - no read timeout: a Watch is never cut by a server-side timer;
+    - ``graceful_timeout`` is the drain deadline: after shutdown starts, requests in flight get
+      that long to finish.
+    """
+    from hypercorn.config import Config
+
+    config = Config()
+    config.keep_alive_max_requests = 2**31 - 1
+    config.keep_alive_timeout = 120.0
+    config.h2_max_concurrent_streams = 1000
+    config.read_timeout = None
+    config.graceful_timeout = graceful_timeout
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve(
+    app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event, *, graceful_timeout: float
+) -> None:
+    """Serve ``app`` with hypercorn (HTTP/1.1 and h2c) on ``sock`` until ``shutdown`` is set.
+
+    Then stop accepting and drain: returns once open requests have finished or
+    ``graceful_timeout`` has passed, and closes ``sock``. hypercorn is tuned first
+    (:func:`tune_hypercorn`: O(1) HTTP/2 scheduling, bounded send buffers).
+    """
+    from hypercorn.asyncio.run import worker_serve
+    from hypercorn.config import Sockets
+    from hypercorn.utils import wrap_app
+
+    tune_hypercorn()
+    config = server_config(graceful_timeout=graceful_timeout)
+    try:
+        await worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+            config,
+            sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
+            shutdown_trigger=shutdown.wait,
+        )
+    finally:
+        sock.close()

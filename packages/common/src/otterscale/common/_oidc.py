@@ -311,8 +311,18 @@ class OIDCVerifier:
                 logger.warning("keeping the cached signing keys of %s: %s", self._issuer, exc)
         key = self._lookup(kid)
         if key is None and kid is not None:
-            await self._refresh(min_interval=self._min_refresh_interval, must_succeed=True)
+            # After a failed fetch the issuer may have rotated keys while it was away: retry at
+            # the outage pace, not the refresh interval that stops forged kids from hammering it.
+            failed = self._last_error is not None
+            interval = UNAVAILABLE_RETRY_SECONDS if failed else self._min_refresh_interval
+            await self._refresh(min_interval=interval, must_succeed=True)
             key = self._lookup(kid)
+            if key is None and self._last_error is not None:
+                # The key set is not known to be current: "try again" is true, "not trusted" may not be.
+                raise IdentityProviderUnavailableError(
+                    f"token is signed with a key id not seen before, and the issuer's keys cannot be "
+                    f"fetched now: {self._last_error}"
+                )
         if key is None:
             if kid is None:
                 raise AuthenticationError("token has no key id (kid) and the issuer publishes several keys")

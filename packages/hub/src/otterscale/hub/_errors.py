@@ -12,6 +12,11 @@
           +-- LeaderUnavailableError    a follower cannot reach a leader right now (unavailable)
           +-- NotLeaderError            a forwarded call reached a replica that does not lead
                                         (unavailable: never forwarded a second time)
+          +-- LimitError                a limit of :mod:`._limits` was reached     (resource_exhausted)
+               +-- RequestTooLargeError      the request body is over max_request_bytes
+               +-- ResponseTooLargeError     an agent's answer is over max_response_bytes
+               +-- WatchLimitError           the subject holds max_watches_per_subject Watches
+               +-- SlowWatchClientError      a Watch client accepted nothing for the send timeout
 
 Errors from otterscale.common (``AuthenticationError`` -> unauthenticated,
 ``IdentityProviderUnavailableError`` -> unavailable, ...) carry their code the same way.
@@ -79,6 +84,28 @@ class NotLeaderError(HubError):
     """A call that another replica already forwarded reached a replica that does not lead."""
 
     connect_code: ClassVar[str] = "unavailable"
+
+
+class LimitError(HubError):
+    """A limit on what the hub accepts from or holds for a client was reached (see ``_limits``)."""
+
+    connect_code: ClassVar[str] = "resource_exhausted"
+
+
+class RequestTooLargeError(LimitError):
+    """The request body is larger than ``limits.max_request_bytes``."""
+
+
+class ResponseTooLargeError(LimitError):
+    """An agent's unary answer is larger than ``limits.max_response_bytes``."""
+
+
+class WatchLimitError(LimitError):
+    """The caller already holds ``limits.max_watches_per_subject`` Watch streams."""
+
+
+class SlowWatchClientError(LimitError):
+    """A Watch client accepted no event for ``limits.watch_send_timeout_seconds``."""
 
 
 def to_connect_error(exc: BaseException, *, request_id: str | None = None) -> ConnectError:

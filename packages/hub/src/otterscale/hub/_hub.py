@@ -44,6 +44,7 @@ from connectrpc.compression.gzip import GzipCompression
 from otterscale.cluster.v1 import cluster_pb2
 from otterscale.cluster.v1.cluster_connect import ClusterServiceASGIApplication
 from otterscale.common import (
+    ASGIApp,
     ChiselBinary,
     ChiselServer,
     ChiselServerEvent,
@@ -54,6 +55,7 @@ from otterscale.common import (
     check_chisel,
     create_listener,
     derive_identity_key,
+    serve,
 )
 from otterscale.resource.v1 import resource_pb2
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
@@ -66,11 +68,12 @@ from ._errors import HubError
 from ._forward import LeaderForwarder
 from ._health import HealthASGIApplication, HealthService, health_file
 from ._leader import KubernetesLeadership, Leadership
+from ._limits import BoundedGzipCompression, ClientLimits, HubLimits
 from ._metrics import HubMetrics
 from ._observe import ObservingInterceptor
 from ._proxy import ResourceProxy
 from ._reflection import reflection_apps
-from ._server import ASGIApp, Router, Switch, serve
+from ._server import Router, Switch
 from ._tasks import cancel_and_wait, spawn
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
@@ -98,7 +101,8 @@ class HubSettings:
     calls in flight may take after shutdown starts. The prober pings every agent every
     ``probe_interval`` seconds and waits ``probe_timeout`` for the answer. ``election`` turns
     leader election on (None: the hub runs alone and always leads); it needs a fixed ``port``,
-    which followers use to reach the leader.
+    which followers use to reach the leader. The limits on clients (request and answer sizes,
+    Watches per subject, slow Watch clients) come from ``config.limits`` (see ``_limits``).
     """
 
     config: OtterscaleConfig
@@ -136,6 +140,8 @@ class Hub:
         self._campaigning = False
         config = settings.config
         self._clusters: Mapping[str, Any] = config.clusters
+        #: What the hub accepts from and holds for clients (``limits`` in otterscale.yaml).
+        self.limits = HubLimits.from_config(config.limits)
         self._keys = {
             name: derive_identity_key(name, cluster.agent.auth.password.get_secret_value())
             for name, cluster in config.clusters.items()
@@ -262,7 +268,9 @@ class Hub:
             on_tunnel_open=self.probe_soon,
         )
         self._agents = AgentClients(
-            {name: c.agent.tunnel_port for name, c in config.clusters.items()}, self._keys
+            {name: c.agent.tunnel_port for name, c in config.clusters.items()},
+            self._keys,
+            max_response_bytes=self.limits.max_response_bytes,
         )
         self._auth = authenticator = Authenticator(OIDCVerifier.from_config(config.keycloak))
         self._proxy = ResourceProxy(
@@ -271,6 +279,7 @@ class Hub:
             agents=self._agents,
             keys=self._keys,
             metrics=metrics,
+            limits=self.limits,
             on_unreachable=self.probe_soon,
         )
         self._health = HealthService(tunnels, serving=self.ready, resources_serving=self._serves_api)
@@ -377,13 +386,23 @@ class Hub:
         assert self._auth is not None
         assert self.tunnels is not None
         interceptors = (ObservingInterceptor(metrics),)
+        max_request = self.limits.max_request_bytes
+        refusals = metrics.limit_refusals
+
+        def refused(reason: str) -> None:
+            refusals.labels(reason=reason).inc()
+
+        # gzip only when the caller asks for it, at the fastest level: responses can be large
+        # (a List of thousands of objects) and the hub should stay close to a plain relay. A
+        # compressed request is inflated up to the request limit only.
+        gzip = BoundedGzipCompression(level=1, on_refused=refused)
         resource_app = ResourceServiceASGIApplication(
             self._proxy,
             interceptors=interceptors,
             codecs=[PassthroughCodec(CODEC_PROTO), PassthroughCodec(CODEC_JSON)],
-            # gzip only when the caller asks for it, at the fastest level: responses can be large
-            # (a List of thousands of objects) and the hub should stay close to a plain relay.
-            compressions=[GzipCompression(level=1)],
+            compressions=[gzip],
+            # Bounds a compressed request once inflated (ClientLimits bounds the wire bytes).
+            read_max_bytes=max_request,
         )
         cluster_app = ClusterServiceASGIApplication(
             ClusterServiceImpl(authenticator=self._auth, tunnels=self.tunnels), interceptors=interceptors
@@ -398,7 +417,8 @@ class Hub:
                 self._forwarder,  # type: ignore[arg-type]
                 interceptors=interceptors,
                 codecs=codecs,
-                compressions=[GzipCompression(level=1)],
+                compressions=[gzip],
+                read_max_bytes=max_request,
             )
             forward_clusters = ClusterServiceASGIApplication(
                 self._forwarder,  # type: ignore[arg-type]
@@ -408,6 +428,8 @@ class Hub:
             )
             resource = Switch(resource, forward_resources, lambda: self._leading)  # type: ignore[arg-type]
             cluster = Switch(cluster, forward_clusters, lambda: self._leading)  # type: ignore[arg-type]
+        # Request size and slow Watch clients are bounded for leader and follower alike.
+        resource = ClientLimits(resource, self.limits, on_refused=refused)
         services: dict[str, ASGIApp] = {
             _service_name(resource_app.path): resource,
             _service_name(cluster_app.path): cluster,

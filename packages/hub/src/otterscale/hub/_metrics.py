@@ -22,6 +22,9 @@ always a configured cluster name (a request for an unknown cluster is counted wi
 ``otterscale_hub_leader_transitions_total``     times this replica gained or lost leadership
 ``otterscale_hub_forwarded_rpcs_total``         RPCs a follower forwarded to the leader, by ``service``,
                                                 ``method`` and ``code`` (the code the caller got)
+``otterscale_hub_limit_refusals_total``         calls refused or ended by a limit of ``_limits``, by
+                                                ``reason`` (``request_too_large``, ``response_too_large``,
+                                                ``watch_limit``, ``slow_watch_client``)
 =============================================== ==========================================================
 """
 
@@ -40,6 +43,9 @@ from prometheus_client import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: The ``reason`` labels of ``otterscale_hub_limit_refusals_total`` (see ``_limits``).
+LIMIT_REASONS = ("request_too_large", "response_too_large", "watch_limit", "slow_watch_client")
 
 _RPC_BUCKETS = (
     0.0005,
@@ -153,6 +159,14 @@ class HubMetrics:
             ["service", "method", "code"],
             registry=registry,
         )
+        self.limit_refusals = Counter(
+            "otterscale_hub_limit_refusals",
+            "Calls refused or ended with resource_exhausted by one of the hub's limits, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in LIMIT_REASONS:
+            self.limit_refusals.labels(reason=reason)
         self.info = Gauge(
             "otterscale_hub_info",
             "Constant 1, labelled with the hub and chisel versions.",

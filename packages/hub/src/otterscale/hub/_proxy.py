@@ -20,6 +20,10 @@ its Kubernetes watch); an agent that ends the stream ends the client's with the 
 When the hub shuts down, open Watches end with unavailable (the client resumes elsewhere from its
 last resourceVersion) and new ones are refused; so do they when this replica stops leading (with
 leader election only the leader serves this proxy; followers forward, see :mod:`._forward`).
+
+Limits (:mod:`._limits`): each Watch holds one of its subject's ``max_watches_per_subject`` slots
+from authentication until the stream ends, however it ends; an agent answer over
+``max_response_bytes`` ends the call with resource_exhausted (and is not a tunnel failure).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from otterscale.common import Identity, OtterscaleError, sign_identity
+from otterscale.common import Identity, OtterscaleError, echo, sign_identity
 
 from ._auth import Authenticator
 from ._codec import RawMessage, peek_cluster
@@ -45,7 +49,16 @@ from ._errors import (
     MissingClusterError,
     ShuttingDownError,
     UnknownClusterError,
+    WatchLimitError,
     to_connect_error,
+)
+from ._limits import (
+    RESPONSE_TOO_LARGE,
+    WATCH_LIMIT,
+    HubLimits,
+    WatchSlots,
+    is_response_too_large,
+    response_too_large,
 )
 from ._metrics import HubMetrics
 from ._observe import REQUEST_ID_HEADER, current_call
@@ -63,9 +76,10 @@ LEADERSHIP_LOST = "otterscale-hub-leadership-lost"
 
 @dataclass(frozen=True, slots=True)
 class _Forward:
-    """Where and how one call goes: the cluster, its agent client, headers and deadline."""
+    """Where and how one call goes: the cluster, the caller, its agent client, headers and deadline."""
 
     cluster: str
+    subject: str
     client: ConnectClient
     headers: dict[str, str]
     timeout_ms: int | None
@@ -86,9 +100,12 @@ class ResourceProxy(PassThroughResourceService):
         agents: AgentClients,
         keys: Mapping[str, bytes],
         metrics: HubMetrics,
+        limits: HubLimits | None = None,
         on_unreachable: Callable[[str], None] | None = None,
     ) -> None:
         self._auth = authenticator
+        self._limits = limits or HubLimits()
+        self.watch_slots = WatchSlots(self._limits.max_watches_per_subject)
         self._tunnels = tunnels
         self._agents = agents
         self._keys = dict(keys)
@@ -146,6 +163,11 @@ class ResourceProxy(PassThroughResourceService):
         except Exception as exc:
             raise self._translate(exc) from None
         cluster = forward.cluster
+        try:
+            self.watch_slots.acquire(forward.subject)
+        except WatchLimitError as exc:
+            self._metrics.limit_refusals.labels(reason=WATCH_LIMIT).inc()
+            raise to_connect_error(exc) from None
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
@@ -176,6 +198,7 @@ class ResourceProxy(PassThroughResourceService):
             raise
         finally:
             self._streams.discard(task)
+            self.watch_slots.release(forward.subject)
             gauge.dec()
 
     async def _prepare(self, request: RawMessage, ctx: RequestContext[Any, Any], *, stream: bool) -> _Forward:
@@ -201,7 +224,9 @@ class ResourceProxy(PassThroughResourceService):
                     Code.DEADLINE_EXCEEDED, "the deadline passed before the call reached the agent"
                 )
             timeout_ms = max(1, int(remaining))
-        return _Forward(cluster, self._agents.client(cluster, request.codec), headers, timeout_ms)
+        return _Forward(
+            cluster, identity.subject, self._agents.client(cluster, request.codec), headers, timeout_ms
+        )
 
     def _route(self, cluster: str) -> ClusterStatus:
         if not cluster:
@@ -211,7 +236,7 @@ class ResourceProxy(PassThroughResourceService):
             )
         status = self._tunnels.get(cluster)
         if status is None:
-            raise UnknownClusterError(f"cluster {cluster!r} is not configured in this hub")
+            raise UnknownClusterError(f"cluster {echo(cluster)} is not configured in this hub")
         if not status.connected:
             detail = f"; last error: {status.last_error}" if status.last_error else ""
             raise AgentUnavailableError(
@@ -223,22 +248,38 @@ class ResourceProxy(PassThroughResourceService):
         self, cluster: str, exc: ConnectError, *, task: asyncio.Task[Any] | None = None
     ) -> ConnectError:
         cause = exc.__cause__
+        if is_response_too_large(exc):
+            # Not a tunnel failure: the agent answered, with more than the hub will hold.
+            self._metrics.limit_refusals.labels(reason=RESPONSE_TOO_LARGE).inc()
+            return to_connect_error(response_too_large(cluster, self._limits.max_response_bytes))
         if isinstance(cause, asyncio.CancelledError):
             if task is not None and _is_shutdown(cause):
                 task.uncancel()
                 return self._shutdown_error(cause)
-            return exc
+            # This handler is being cancelled: the client's deadline passed or the client went
+            # away. Let the cancellation go on, so the server answers deadline_exceeded (or
+            # canceled) itself, instead of the client library's "Request was cancelled".
+            raise cause
         if exc.code is Code.UNAVAILABLE and cause is not None and not isinstance(cause, ConnectError):
             # connectrpc's client reports a transport failure as unavailable with the cause: the
             # agent was never reached (or the tunnel dropped mid-call). Anything else came from
             # the agent and passes through unchanged.
+            # The transport's text (loopback addresses, library internals) is for operators: it
+            # goes to the log and to ListClusters' last error, not to every caller.
             reason = str(cause) or type(cause).__name__
+            call = current_call()
+            logger.warning(
+                "the agent of cluster %r cannot be reached (request id %s): %s",
+                cluster,
+                call.request_id if call is not None else None,
+                reason,
+            )
             self._tunnels.call_failed(cluster, reason)
             if self._on_unreachable is not None:
                 self._on_unreachable(cluster)
             return ConnectError(
                 Code.UNAVAILABLE,
-                f"the agent of cluster {cluster!r} cannot be reached through its tunnel: {reason}",
+                f"the agent of cluster {cluster!r} cannot be reached through its tunnel; retry shortly",
             )
         return exc
 

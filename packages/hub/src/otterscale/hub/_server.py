@@ -6,38 +6,22 @@ gRPC health, gRPC reflection v1 and v1alpha), ``GET /metrics`` (Prometheus), ``G
 server up unless it is a follower, which has none). Anything else is 404. With leader election
 the two API services are a :class:`Switch` between serving and forwarding to the leader.
 
-Why hypercorn: it serves HTTP/1.1, h2c with prior knowledge and h2c upgrade on one port and
-carries HTTP/2 trailers, which the gRPC protocol needs (architecture.md). Tuned for long-lived,
-multiplexed client connections:
-
-- ``keep_alive_max_requests`` raised from 1000 (hypercorn would otherwise GOAWAY a busy client
-  connection after 1000 requests);
-- ``h2_max_concurrent_streams`` 1000 (every open Watch is a stream);
-- no read timeout (a Watch is never cut by a server-side timer), 120 s idle keep-alive;
-- ``graceful_timeout`` is the drain deadline: after shutdown starts, requests in flight get
-  that long to finish.
-
-The listening socket is created here (TCP_NODELAY, so accepted sockets inherit it), so the
-caller knows the real port of ``:0`` before serving.
+Served by :func:`otterscale.common.serve` (hypercorn, HTTP/1.1 and h2c on one port, tuned for
+long-lived multiplexed connections; the hub's ``--drain-timeout`` is its graceful timeout).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from hypercorn.asyncio.run import worker_serve
-from hypercorn.config import Config, Sockets
-from hypercorn.utils import wrap_app
+from otterscale.common import ASGIApp
 
 logger = logging.getLogger(__name__)
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 
 class Switch:
@@ -138,36 +122,3 @@ async def _respond(
         {"type": "http.response.start", "status": status, "headers": response_headers + (headers or [])}
     )
     await send({"type": "http.response.body", "body": body})
-
-
-def server_config(*, graceful_timeout: float) -> Config:
-    """hypercorn settings for the hub (see the module docstring)."""
-    config = Config()
-    config.keep_alive_max_requests = 2**31 - 1
-    config.keep_alive_timeout = 120.0
-    config.h2_max_concurrent_streams = 1000
-    config.read_timeout = None
-    config.graceful_timeout = graceful_timeout
-    config.include_server_header = False
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    return config
-
-
-async def serve(
-    app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event, *, graceful_timeout: float
-) -> None:
-    """Serve ``app`` on ``sock`` until ``shutdown`` is set; then stop accepting and drain.
-
-    Returns once open requests have finished or ``graceful_timeout`` has passed; closes ``sock``.
-    """
-    config = server_config(graceful_timeout=graceful_timeout)
-    try:
-        await worker_serve(
-            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-            config,
-            sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
-            shutdown_trigger=shutdown.wait,
-        )
-    finally:
-        sock.close()

@@ -7,16 +7,22 @@ multiplexed on it: no TCP handshake, no SSH channel set-up per request, and 1,00
 1,000 HTTP/2 streams rather than 1,000 connections. When a tunnel closes, chisel closes the
 connection and the next call opens a new one.
 
-Watches get their own transports (:data:`STREAM_TRANSPORTS` of them, each its own HTTP/2
-connection per agent), so unary calls never wait behind long-lived streams: an HTTP/2 server
-caps concurrent streams per connection (the agent's hypercorn at 1000), and a client at that cap
-queues new requests. A Watch takes the stream transport with the fewest open streams for its
-cluster, which also multiplies the per-cluster Watch capacity by :data:`STREAM_TRANSPORTS`.
+Watches get their own transports (at least :data:`STREAM_TRANSPORTS` of them, each its own
+HTTP/2 connection per agent), so unary calls never wait behind long-lived streams: an HTTP/2
+server caps concurrent streams per connection (the agent's hypercorn at 1000), and a client at
+that cap queues new requests. A Watch takes the stream transport with the fewest open streams
+for its cluster; when every one already carries :data:`STREAMS_PER_CONNECTION`, another
+transport (connection) is opened, up to :data:`MAX_STREAM_TRANSPORTS`. Many streams on one
+connection are costly for a pure-Python HTTP/2 server (hypercorn's per-frame work grows with the
+open streams on the connection), while an extra connection through the tunnel costs one SSH
+channel and a few KiB; connections left without streams close after the pool's idle timeout.
 
 Per cluster and transport there are two Connect clients, one per codec (binary and JSON), whose
 codec passes message bytes through untouched (:mod:`._proxy`): the agent answers in the codec
 the user asked for and the hub never decodes a response. Responses may be large (a List of
-thousands of objects), so they are read up to :data:`MAX_RESPONSE_BYTES`.
+thousands of objects), so they are read up to ``max_response_bytes`` (``limits``, default
+:data:`MAX_RESPONSE_BYTES`): unary answers through :class:`._limits.BoundedTransport`, which
+stops reading there; each streamed message through connectrpc's ``read_max_bytes``.
 
 Close with :meth:`AgentClients.aclose`: a process that exits with an open pyqwest transport can
 abort.
@@ -41,13 +47,18 @@ from otterscale.cluster.v1.cluster_pb2 import GetAgentInfoRequest
 from otterscale.common import LOOPBACK, Identity, sign_identity
 
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec
+from ._limits import DEFAULT_MAX_RESPONSE_BYTES, BoundedTransport
 
 logger = logging.getLogger(__name__)
 
-#: Largest response accepted from an agent (a big List).
-MAX_RESPONSE_BYTES = 512 * 1024 * 1024
+#: Largest response accepted from an agent by default (``limits.max_response_bytes``, see ``_limits``).
+MAX_RESPONSE_BYTES = DEFAULT_MAX_RESPONSE_BYTES
 #: Separate HTTP/2 connections per agent for streams (Watch), besides the one for unary calls.
 STREAM_TRANSPORTS = 4
+#: Open streams per stream connection before another connection is opened (bench --only watch).
+STREAMS_PER_CONNECTION = 32
+#: At most this many stream connections per agent; beyond, streams share the least loaded.
+MAX_STREAM_TRANSPORTS = 64
 #: The identity the hub signs its own calls to agents with (AgentService).
 HUB_IDENTITY = Identity(subject="otterscale-hub")
 GET_AGENT_INFO = "/otterscale.cluster.v1.AgentService/GetAgentInfo"
@@ -56,28 +67,28 @@ GET_AGENT_INFO = "/otterscale.cluster.v1.AgentService/GetAgentInfo"
 class AgentClients:
     """Connect clients for every cluster's agent over shared HTTP/2 transports."""
 
-    def __init__(self, ports: Mapping[str, int], keys: Mapping[str, bytes]) -> None:
+    def __init__(
+        self,
+        ports: Mapping[str, int],
+        keys: Mapping[str, bytes],
+        *,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
+        self._max_response_bytes = max_response_bytes
+        # Index 0 serves unary calls; 1.. serve streams (more are added on demand, see above).
         self._transports = [_transport() for _ in range(1 + STREAM_TRANSPORTS)]
-        self._http = [Client(transport) for transport in self._transports]
+        # Unary answers are bounded while read (connectrpc's client would buffer them whole first).
+        self._http = [Client(BoundedTransport(self._transports[0], max_response_bytes))]
+        self._http += [Client(transport) for transport in self._transports[1:]]
         self._keys = dict(keys)
         self._urls = {name: f"http://{LOOPBACK}:{port}" for name, port in ports.items()}
-        # (cluster, codec) -> one client per transport; index 0 serves unary calls.
-        self._clients: dict[tuple[str, str], list[ConnectClient]] = {
-            (name, codec): [
-                ConnectClient(
-                    url,
-                    codec=PassthroughCodec(codec),
-                    protocol=ProtocolType.CONNECT,
-                    accept_compression=(),
-                    send_compression=None,
-                    read_max_bytes=MAX_RESPONSE_BYTES,
-                    http_client=http,
-                )
-                for http in self._http
-            ]
+        # (cluster, codec) -> one client per transport, created when first used.
+        self._clients: dict[tuple[str, str], list[ConnectClient | None]] = {
+            (name, codec): [self._connect_client(url, codec, 0)]
             for name, url in self._urls.items()
             for codec in (CODEC_PROTO, CODEC_JSON)
         }
+        # cluster -> open streams per stream transport (index i is transport 1 + i).
         self._open_streams = {name: [0] * STREAM_TRANSPORTS for name in self._urls}
         self._info = {
             name: AgentServiceClient(
@@ -86,18 +97,44 @@ class AgentClients:
             for name, url in self._urls.items()
         }
 
+    def _connect_client(self, url: str, codec: str, index: int) -> ConnectClient:
+        return ConnectClient(
+            url,
+            codec=PassthroughCodec(codec),
+            protocol=ProtocolType.CONNECT,
+            accept_compression=(),
+            send_compression=None,
+            read_max_bytes=self._max_response_bytes,
+            http_client=self._http[index],
+        )
+
+    def _client_at(self, cluster: str, codec: str, index: int) -> ConnectClient:
+        clients = self._clients[(cluster, codec)]
+        if len(clients) <= index:
+            clients.extend([None] * (index + 1 - len(clients)))
+        client = clients[index]
+        if client is None:
+            client = clients[index] = self._connect_client(self._urls[cluster], codec, index)
+        return client
+
     def client(self, cluster: str, codec: str) -> ConnectClient:
         """The unary client for ``cluster``'s agent that passes ``codec`` ("proto"/"json") through."""
-        return self._clients[(cluster, codec)][0]
+        return self._client_at(cluster, codec, 0)
 
     @contextlib.contextmanager
     def stream_client(self, cluster: str, codec: str) -> Iterator[ConnectClient]:
-        """A client for one stream: the stream transport with the fewest open streams."""
+        """A client for one stream: the least loaded stream connection, a new one if all are full."""
         counts = self._open_streams[cluster]
-        index = min(range(STREAM_TRANSPORTS), key=counts.__getitem__)
+        index = min(range(len(counts)), key=counts.__getitem__)
+        if counts[index] >= STREAMS_PER_CONNECTION and len(counts) < MAX_STREAM_TRANSPORTS:
+            index = len(counts)
+            counts.append(0)
+            if len(self._transports) <= 1 + index:
+                self._transports.append(_transport())
+                self._http.append(Client(self._transports[-1]))
         counts[index] += 1
         try:
-            yield self._clients[(cluster, codec)][1 + index]
+            yield self._client_at(cluster, codec, 1 + index)
         finally:
             counts[index] -= 1
 
@@ -132,7 +169,8 @@ class AgentClients:
         """Close every connection (idempotent)."""
         for clients in self._clients.values():
             for client in clients:
-                await client.close()
+                if client is not None:
+                    await client.close()
         for info in self._info.values():
             await info.close()
         for transport in self._transports:

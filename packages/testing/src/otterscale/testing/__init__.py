@@ -5,6 +5,16 @@ point, so every package's tests and ``tests/e2e`` get its fixtures without a con
 """
 
 from ._controlplane import ControlPlane, KubeAPIError, object_path, start_control_plane
+from ._ha import (
+    AgentCluster,
+    HubReplicas,
+    LeaderRelay,
+    caller_rbac,
+    create_namespace,
+    replica_ip,
+    start_hub_replicas,
+)
+from ._issuer import LocalIssuer
 from ._keycloak import (
     DEFAULT_USERS,
     Keycloak,
@@ -14,26 +24,36 @@ from ._keycloak import (
     start_keycloak,
 )
 from ._process import ManagedProcess, free_port
+from ._relay import BlackHoleRelay
 from ._system import ClusterEntry, System, Timings, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
 
 __all__ = [
     "DEFAULT_USERS",
+    "AgentCluster",
+    "BlackHoleRelay",
     "ClusterEntry",
     "ControlPlane",
+    "HubReplicas",
     "Keycloak",
     "KeycloakError",
     "KeycloakUser",
     "KubeAPIError",
+    "LeaderRelay",
+    "LocalIssuer",
     "ManagedProcess",
     "System",
     "Timings",
     "TokenRequestError",
     "ToolMissingError",
+    "caller_rbac",
+    "create_namespace",
     "free_port",
     "keycloak_home",
     "object_path",
+    "replica_ip",
     "start_control_plane",
+    "start_hub_replicas",
     "start_keycloak",
     "start_system",
     "tool_path",

@@ -143,19 +143,52 @@ class ControlPlane:
 
     def restart_apiserver(self) -> None:
         """Stop and start kube-apiserver on the same port (for fault tests)."""
-        apiserver = next(p for p in self.processes if p.name.endswith("kube-apiserver"))
-        apiserver.stop()
-        self.processes.remove(apiserver)
-        self._start_apiserver()
+        self.stop_apiserver()
+        self.start_apiserver()
 
-    def _start_apiserver(self) -> None:
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver (SIGTERM, bounded wait, SIGKILL); etcd and its data stay.
+
+        With :meth:`start_apiserver` (``wait=False``) a test can watch what clients see while
+        the API server is away, then while it comes back. Call both from the main thread (the
+        parent-death signal of a child follows the thread that spawned it).
+        """
+        apiserver = self._apiserver()
+        if apiserver is not None:
+            apiserver.stop()
+            self.processes.remove(apiserver)
+
+    def start_apiserver(self, *, wait: bool = True, timeout: float = 120) -> None:
+        """Start kube-apiserver again on the same port and certificates.
+
+        ``wait`` blocks until ``/readyz`` answers 200; without it, poll :meth:`apiserver_ready`.
+        """
+        if self._apiserver() is not None:
+            raise RuntimeError(f"{self.name}: kube-apiserver is already running")
         proc = ManagedProcess(
             f"{self.name}/kube-apiserver",
             self._apiserver_argv,
             self.directory / "kube-apiserver.log",
         )
         self.processes.insert(1, proc)
-        proc.wait_until(self._ready, timeout=120, what="ready (/readyz)")
+        if wait:
+            proc.wait_until(self._ready, timeout=timeout, what="ready (/readyz)")
+
+    def apiserver_ready(self) -> bool:
+        """kube-apiserver answers ``/readyz`` with 200 (False while it is down or starting)."""
+        apiserver = self._apiserver()
+        if apiserver is None or not apiserver.alive():
+            return False
+        try:
+            return self._ready()
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _apiserver(self) -> ManagedProcess | None:
+        return next((p for p in self.processes if p.name.endswith("kube-apiserver")), None)
+
+    def _start_apiserver(self) -> None:
+        self.start_apiserver()
 
     def _ready(self) -> bool:
         req = urllib.request.Request(self.server + "/readyz")  # noqa: S310

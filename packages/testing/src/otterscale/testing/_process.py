@@ -12,10 +12,12 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,9 +34,72 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+#: Lowest port :func:`free_port` hands out: below are well-known fixed ports (8080, 9090...).
+_POOL_START = 10000
+#: Fewer ports than this between ``_POOL_START`` and the ephemeral range: use the kernel's choice.
+_POOL_MIN = 2000
+_EPHEMERAL_DEFAULT = (32768, 60999)
+_port_lock = threading.Lock()
+_port_cursor: int | None = None  # next candidate index in the pool; starts at a per-process offset
+_ports_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+
+
+def _bindable(host: str, port: int) -> bool:
+    """True if nothing holds ``port`` on ``host`` nor on the wildcard address (listening, bound,
+    or in TIME_WAIT: the probe sets no SO_REUSEADDR, so it is stricter than the real server)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"  # noqa: S104 - a probe, closed at once
+    for address in dict.fromkeys((host, wildcard)):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the kernel's choice for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port for a test server to listen on, chosen so nothing else takes it first.
+
+    "Bind port 0, close, pass the number on" races: until the server binds it, the kernel may
+    give that port to any outgoing connection (connect() takes its local port from the ephemeral
+    range) or to the next bind to port 0, in this process or any other. Under CI load that window
+    is long enough to lose (chisel then fails with "address already in use"). So ports come from
+    below the ephemeral range (``ip_local_port_range``), which the kernel never assigns by itself;
+    each process walks that pool from its own pseudo-random offset (seeded by its pid, so parallel
+    test runs start far apart), never hands out a port twice, and returns a port only after a
+    probe bind on ``host`` and on the wildcard address succeeds. What remains is another process
+    binding exactly that port on purpose in the meantime. Where the kernel leaves no room below
+    the ephemeral range, the kernel's choice for port 0 is used (the old, racy behaviour).
+    """
+    global _port_cursor
+    low = _ephemeral_range()[0]
+    size = low - _POOL_START
+    if size < _POOL_MIN:
+        return _kernel_port(host)
+    with _port_lock:
+        if _port_cursor is None:
+            _port_cursor = random.Random(os.getpid()).randrange(size)  # noqa: S311 - not a secret
+        for _ in range(size):
+            port = _POOL_START + _port_cursor % size
+            _port_cursor = (_port_cursor + 1) % size
+            if port not in _ports_handed_out and _bindable(host, port):
+                _ports_handed_out.add(port)
+                return port
+    return _kernel_port(host)  # the whole pool is taken: unheard of, but not a reason to fail
+
+
+def _kernel_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

@@ -281,13 +281,20 @@ class System:
     # --- agents --------------------------------------------------------------------------------------
 
     def start_agent(
-        self, name: str, timeout: float = AGENT_START_TIMEOUT, *, wait_connected: bool = True
+        self,
+        name: str,
+        timeout: float = AGENT_START_TIMEOUT,
+        *,
+        wait_connected: bool = True,
+        tunnel_server_url: str | None = None,
     ) -> ManagedProcess:
         """Start ``otterscale agent --cluster NAME``.
 
         Waits until it answers ``/ping`` and, with ``wait_connected`` (and a hub running), until
         the hub reports the cluster connected; that time is appended to
-        ``timings.agent_connect[name]``.
+        ``timings.agent_connect[name]``. ``tunnel_server_url`` replaces what the agent dials
+        (default :attr:`tunnel_url`), e.g. a :class:`~otterscale.testing.BlackHoleRelay` in front
+        of the hub's tunnel server; the next start without it dials the hub directly again.
         """
         entry = self.clusters[name]
         if entry.control_plane is None:
@@ -307,7 +314,7 @@ class System:
                 f"--config={self.config_path}",
                 f"--kubeconfig={entry.control_plane.kubeconfig}",
                 f"--chisel={self.chisel}",
-                f"--tunnel-server-url={self.tunnel_url}",
+                f"--tunnel-server-url={tunnel_server_url or self.tunnel_url}",
                 "--log-format=json",
                 f"--log-level={self.log_level}",
             ],

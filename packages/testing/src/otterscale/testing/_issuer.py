@@ -1,11 +1,12 @@
-"""A local OIDC issuer for the benchmark: discovery document and JWKS over real HTTP on loopback.
+"""A local OIDC issuer: discovery document and JWKS over real HTTP on loopback.
 
-The issue allows "locally signed tokens accepted by a configured issuer" instead of Keycloak: the
-hub's configuration points ``keycloak.realm_url`` at this issuer, which serves
+For the benchmark and the soak test, which need many long-lived tokens and no Keycloak start-up:
+the hub's configuration points ``keycloak.realm_url`` at this issuer, which serves
 ``/.well-known/openid-configuration`` and the key set (aiohttp, on its own event loop in a daemon
-thread, so a busy benchmark loop never delays the hub's key fetch). An RS256 key is generated at
+thread, so a busy load generator never delays a hub's key fetch). An RS256 key is generated at
 start; :meth:`LocalIssuer.token` signs tokens with it. The hub verifies them exactly as it
-verifies Keycloak's (same verifier, same network fetches).
+verifies Keycloak's (same verifier, same network fetches). Tests of the system against a real
+identity provider use the ``keycloak`` fixture instead.
 
 Never logs a token.
 """
@@ -22,8 +23,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-REALM_PATH = "/realms/otterscale-bench"
-KID = "bench-rs256"
+REALM_PATH = "/realms/otterscale-local"
+KID = "local-rs256"
 
 
 class LocalIssuer:
@@ -37,7 +38,7 @@ class LocalIssuer:
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="bench-oidc-issuer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="local-oidc-issuer", daemon=True)
 
     def start(self) -> LocalIssuer:
         self._thread.start()
@@ -52,7 +53,9 @@ class LocalIssuer:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
-    def token(self, subject: str, groups: tuple[str, ...], *, audience: str, lifetime: float = 3600.0) -> str:
+    def token(
+        self, subject: str, groups: tuple[str, ...] = (), *, audience: str, lifetime: float = 3600.0
+    ) -> str:
         """A signed RS256 access token for ``subject`` with a ``groups`` claim."""
         now = int(time.time())
         claims = {

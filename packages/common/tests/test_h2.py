@@ -1,0 +1,177 @@
+"""The hypercorn HTTP/2 changes (otterscale.common._h2): the round-robin scheduler keeps
+priority.PriorityTree's contract for the calls hypercorn makes, a
+real hypercorn server still serves many concurrent streams (small and flow-controlled big ones)
+correctly with it installed, and cached Huffman decoding gives hpack's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import priority
+import pytest
+from hypercorn.protocol.h2 import H2Protocol
+from pyqwest import Client, HTTPTransport, HTTPVersion
+
+from otterscale.common import create_listener, serve, tune_hypercorn
+from otterscale.common._h2 import RoundRobinScheduler, cached_huffman_decoder
+
+
+def _call(target: object, name: str, *args: int) -> object:
+    try:
+        return getattr(target, name)(*args)
+    except priority.PriorityError as exc:
+        return type(exc)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_same_answers_as_priority_tree(seed: int) -> None:
+    """Random hypercorn-like call sequences: the same errors at the same points, and a stream
+    handed out is always one that is unblocked (ordering among them may differ)."""
+    rng = random.Random(seed)
+    tree = priority.PriorityTree(maximum_streams=40)
+    ours = RoundRobinScheduler(maximum_streams=40)
+    unblocked: set[int] = set()
+    known: set[int] = set()
+    for _ in range(3000):
+        op = rng.choice(("insert", "remove", "block", "unblock", "unblock", "next", "next", "next"))
+        if op == "next":
+            got_tree, got_ours = _call(tree, "__next__"), _call(ours, "__next__")
+            if got_tree is priority.DeadlockError:
+                assert got_ours is priority.DeadlockError
+            else:
+                assert got_ours in unblocked
+            continue
+        stream_id = rng.randrange(0, 60)
+        assert _call(tree, op + "_stream" if op in ("insert", "remove") else op, stream_id) == _call(
+            ours, op + "_stream" if op in ("insert", "remove") else op, stream_id
+        )
+        if op == "insert" and stream_id not in known and stream_id and len(known) + 2 <= 40:
+            known.add(stream_id)
+            unblocked.add(stream_id)
+        elif op == "remove":
+            known.discard(stream_id)
+            unblocked.discard(stream_id)
+        elif op == "block":
+            unblocked.discard(stream_id)
+        elif op == "unblock" and stream_id in known:
+            unblocked.add(stream_id)
+
+
+def test_round_robin_is_fair() -> None:
+    scheduler = RoundRobinScheduler()
+    for stream_id in range(1, 999, 2):
+        scheduler.insert_stream(stream_id)
+        scheduler.block(stream_id)  # as hypercorn does for a new request
+    for stream_id in (5, 7, 9):
+        scheduler.unblock(stream_id)
+    assert [next(scheduler) for _ in range(6)] == [5, 7, 9, 5, 7, 9]
+    scheduler.unblock(7)  # already waiting: keeps its place
+    scheduler.block(5)
+    assert [next(scheduler) for _ in range(4)] == [7, 9, 7, 9]
+    scheduler.remove_stream(9)
+    assert next(scheduler) == 7
+    with pytest.raises(priority.MissingStreamError):
+        scheduler.unblock(9)
+    scheduler.reprioritize(7, depends_on=3, weight=200)  # accepted, ignored
+    with pytest.raises(priority.PriorityLoop):
+        scheduler.reprioritize(7, depends_on=7)
+    scheduler.block(7)
+    with pytest.raises(priority.DeadlockError):
+        next(scheduler)
+
+
+def test_install_is_idempotent_and_replaces_the_tree() -> None:
+    assert tune_hypercorn()
+    assert tune_hypercorn()
+    assert getattr(H2Protocol.__init__, "_otterscale_round_robin", False)
+    assert getattr(H2Protocol.stream_send, "_otterscale_stream_reset", False)
+
+
+async def _app(scope: dict[str, object], receive: object, send: object) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()  # type: ignore[operator]
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})  # type: ignore[operator]
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})  # type: ignore[operator]
+                return
+    path = str(scope["path"]).strip("/")
+    size, chunks, delay = (int(part) for part in path.split("-"))
+    await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+    piece = size // chunks
+    for i in range(chunks):
+        await asyncio.sleep(delay / 1000)
+        body = bytes([i % 256]) * piece
+        await send({"type": "http.response.body", "body": body, "more_body": True})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+
+async def test_hypercorn_serves_many_streams_with_it() -> None:
+    """300 concurrent streams on one HTTP/2 connection, a few of them megabytes (flow control
+    blocks and unblocks them), interleaved with slow trickling ones, all complete and intact."""
+    sock = create_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    shutdown = asyncio.Event()
+    server = asyncio.create_task(serve(_app, sock, shutdown, graceful_timeout=5), name="test-h2-server")
+    transport = HTTPTransport(http_version=HTTPVersion.HTTP2)
+    client = Client(transport)
+    try:
+        paths = [
+            f"{3_000_000 if i % 50 == 0 else 300 * (i % 7 + 1)}-{3 if i % 50 == 0 else 5}-{i % 3}"
+            for i in range(300)
+        ]
+
+        async def fetch(path: str) -> bytes:
+            # The socket listens already, so connecting before hypercorn runs just waits.
+            response = await client.get(f"http://127.0.0.1:{port}/{path}")
+            assert response.status == 200
+            return bytes(response.content)
+
+        bodies = await asyncio.wait_for(asyncio.gather(*(fetch(p) for p in paths)), 60)
+        for path, body in zip(paths, bodies, strict=True):
+            size, chunks, _ = (int(part) for part in path.split("-"))
+            piece = size // chunks
+            assert body == b"".join(bytes([i % 256]) * piece for i in range(chunks))
+    finally:
+        await transport.aclose()
+        shutdown.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(server, 10)
+
+
+def test_cached_huffman_decoding_gives_hpacks_answers() -> None:
+    import hpack
+    import hpack.hpack
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+    from hpack.huffman_table import decode_huffman
+
+    assert tune_hypercorn()
+    assert hpack.hpack.decode_huffman is not decode_huffman  # the cached one is in place
+    encode = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode
+    decode = cached_huffman_decoder(decode_huffman)
+    rng = random.Random(7)
+    values = [b"", b"x", bytes(range(256)), b"Bearer " + bytes(rng.randrange(33, 127) for _ in range(1500))]
+    values += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(200)]
+    for value in values:
+        encoded = encode(value)
+        for form in (encoded, bytearray(encoded), memoryview(encoded), encoded):  # cold, then cached
+            assert decode(form) == value == decode_huffman(encoded)
+    bad = b"\xff" * 40  # the EOS code and more: not a valid Huffman string
+    with pytest.raises(hpack.HPACKDecodingError):
+        decode_huffman(bad)
+    for _ in range(2):  # errors are raised every time, never cached
+        with pytest.raises(hpack.HPACKDecodingError):
+            decode(bad)
+    # Through a real header block: the never-indexed bearer token decodes the same every time.
+    encoder, decoder = hpack.Encoder(), hpack.Decoder()
+    token = "Bearer " + "".join(rng.choice("abcXYZ0123-_.") for _ in range(900))
+    headers = [(":method", "POST"), hpack.NeverIndexedHeaderTuple("authorization", token)]
+    for _ in range(3):
+        assert decoder.decode(encoder.encode(headers, huffman=True)) == [
+            (":method", "POST"),
+            ("authorization", token),
+        ]
