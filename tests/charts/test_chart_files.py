@@ -17,7 +17,14 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from otterscale.common import AgentAuth, AgentConfig, KeycloakConfig, OtterscaleConfig, TunnelServerConfig
+from otterscale.common import (
+    AgentAuth,
+    AgentConfig,
+    HubLimitsConfig,
+    KeycloakConfig,
+    OtterscaleConfig,
+    TunnelServerConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHARTS = {"otterscale-hub": "hub", "otterscale-agent": "agent"}
@@ -48,8 +55,10 @@ def test_hub_schema_knows_exactly_the_configuration_keys() -> None:
     """values.schema.json refuses unknown config keys; it must accept every key the hub knows."""
     schema = json.loads((ROOT / "charts" / "otterscale-hub" / "values.schema.json").read_text())
     config = schema["properties"]["config"]
-    assert set(config["required"]) == _aliases(OtterscaleConfig)
     props = config["properties"]
+    assert set(props) == _aliases(OtterscaleConfig)
+    assert set(config["required"]) == _aliases(OtterscaleConfig) - {"limits"}  # limits is optional
+    assert set(props["limits"]["properties"]) == _aliases(HubLimitsConfig)
     assert set(props["keycloak"]["properties"]) == _aliases(KeycloakConfig)
     assert (
         set(props["tunnel"]["properties"]["server"]["properties"])

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 
@@ -210,6 +211,26 @@ async def test_too_old_resource_version_is_error_event_with_410(
     assert status["kind"] == "Status"
     assert status["reason"] in ("Expired", "Gone")
     assert "too old" in status["message"]
+
+
+@pytest.mark.parametrize("resource_version", ["abc", "-1", "\u00ad\u0012"])
+async def test_unparseable_resource_version_is_invalid_argument(
+    make_client: ClientFactory, namespace: str, resource_version: str
+) -> None:
+    """kube-apiserver answers such a watch with 500 InternalError (a List gets 400); the client
+    made the mistake, so it is invalid_argument with Kubernetes' own message (found by fuzzing)."""
+    rpc = make_client(transport="connect-h2c")
+    request = pb.WatchRequest(
+        cluster=CLUSTER,
+        version="v1",
+        resource="configmaps",
+        namespace=namespace,
+        resource_version=resource_version,
+    )
+    with pytest.raises(ConnectError) as caught:
+        await asyncio.wait_for(_collect(rpc.watch(request), 1), 30)
+    assert caught.value.code is Code.INVALID_ARGUMENT
+    assert caught.value.message.startswith("resourceVersion: Invalid value")
 
 
 async def test_client_cancel_ends_cleanly(

@@ -15,6 +15,7 @@ EXPECTED = {
     "tune_hypercorn",
     # configuration
     "OtterscaleConfig",
+    "HubLimitsConfig",
     "KeycloakConfig",
     "TunnelConfig",
     "TunnelServerConfig",

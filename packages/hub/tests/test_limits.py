@@ -71,8 +71,12 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def cluster_admins(control_plane: ControlPlane) -> ControlPlane:
-    """The test subjects may do anything (the agent impersonates them)."""
+def cluster_admins(control_plane: ControlPlane) -> Iterator[ControlPlane]:
+    """The test subjects may do anything (the agent impersonates them) while this module runs.
+
+    The control plane is shared by the whole session: the bindings are removed afterwards, or
+    later tests that expect these users to be denied would find them allowed.
+    """
     for subject in SUBJECTS:
         control_plane.apply(
             {
@@ -94,7 +98,11 @@ def cluster_admins(control_plane: ControlPlane) -> ControlPlane:
             ),
             what=f"{subject} bound to cluster-admin",
         )
-    return control_plane
+    yield control_plane
+    for subject in SUBJECTS:
+        control_plane.request(
+            "DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/otterscale-limits-{subject}"
+        )
 
 
 @pytest.fixture
@@ -596,6 +604,11 @@ async def test_watch_slots_are_freed_when_the_agent_ends_the_stream(limited_hub:
 async def test_watch_slots_are_freed_on_hub_drain(limited_hub: Start) -> None:
     limited = await limited_hub({"max_watches_per_subject": 2})
     watches = await open_watches(limited, 2)
+    # Drain only once the agent's Kubernetes watches are up (each stream saw an event): cancelling
+    # aiohttp in the middle of its TLS connect to kube-apiserver can leave a socket for the GC,
+    # which this suite's warnings-as-errors then blames on whichever test runs next.
+    await asyncio.to_thread(limited.create_configmaps, 1, 10, prefix="live")
+    await wait_for(lambda: all(watch.events for watch in watches), 10, "both watches streaming")
     await limited.hub.stop()
     for watch in watches:
         await asyncio.wait_for(watch.ended.wait(), 10)

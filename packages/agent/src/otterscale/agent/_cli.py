@@ -269,16 +269,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tune_gc() -> None:
-    """Fewer, cheaper cyclic-GC passes: a big List decodes ~100,000 JSON containers at once.
+    """Keep what start-up imported out of the cyclic collector's passes (``gc.freeze()``).
 
-    ``gc.freeze()`` moves everything imported so far out of the collector's view, and a larger
-    first-generation threshold (700 by default) stops a List from triggering a collection every
-    few hundred objects. Measured on the 5,000-ConfigMap List pipeline (decode, clean, encode;
-    CPU, median of 7): 79 ms with the defaults, 71 ms tuned, 67 ms with the GC off. Cyclic garbage
-    still goes: the agent's objects are mostly acyclic JSON, freed by reference counting.
+    A larger first-generation threshold was measured too (5,000-ConfigMap List pipeline, CPU,
+    median of 7: 79 ms default, 71 ms with 50,000) and withdrawn: cyclic garbage then outlives
+    busy periods, and with it whatever it holds, such as the socket of a request cancelled
+    mid-connect (the 30-minute soak saw the agents' fd counts grow after traffic stopped).
     """
     gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

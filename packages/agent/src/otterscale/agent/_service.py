@@ -330,6 +330,10 @@ class ResourceServiceImpl:
                 finally:
                     self._watches.discard(resp)
         except KubernetesAPIError as exc:
+            if _bad_watch_resource_version(exc):
+                # kube-apiserver answers a watch from an unparseable resourceVersion with 500
+                # InternalError (a List gets 400): it is the request that is wrong.
+                raise InvalidRequestError(exc.message) from exc
             if exc.http_status != 410 or self._closing:
                 raise
             yield pb.WatchEvent(type=pb.WatchEvent.TYPE_ERROR, status=to_struct(exc.status or _gone(exc)))
@@ -367,6 +371,10 @@ async def _parse(raw: bytes) -> dict[str, Any]:
     if len(raw) <= PARSE_IN_THREAD_BYTES:
         return parse_manifest(raw)
     return await asyncio.to_thread(parse_manifest, raw)
+
+
+def _bad_watch_resource_version(exc: KubernetesAPIError) -> bool:
+    return exc.http_status == 500 and exc.message.startswith("resourceVersion: Invalid value")
 
 
 def _selectors(request: pb.ListRequest | pb.WatchRequest) -> dict[str, str]:
