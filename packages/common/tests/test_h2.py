@@ -175,3 +175,52 @@ def test_cached_huffman_decoding_gives_hpacks_answers() -> None:
             (":method", "POST"),
             ("authorization", token),
         ]
+
+
+async def test_a_writer_blocked_on_a_peer_that_left_is_released() -> None:
+    """A client that grants no window and then closes the connection: the application, blocked
+    sending into a full stream buffer, must be released so the connection (and socket) ends.
+    Without the fix it waits forever and the server's socket stays in CLOSE_WAIT."""
+    import socket
+
+    import h2.config
+    import h2.connection
+
+    tune_hypercorn()
+    finished = asyncio.Event()
+
+    async def endless(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "lifespan":
+            await _app(scope, receive, send)
+            return
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * 16384, "more_body": True})  # type: ignore[operator]
+        finally:
+            finished.set()
+
+    sock = create_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    shutdown = asyncio.Event()
+    server = asyncio.create_task(serve(endless, sock, shutdown, graceful_timeout=1), name="test-h2-server")
+    try:
+        client = socket.create_connection(("127.0.0.1", port))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1})
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream_id,
+            [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")],
+            end_stream=True,
+        )
+        client.sendall(conn.data_to_send())
+        await asyncio.sleep(0.5)  # the app fills the stream's buffer and blocks in send
+        assert not finished.is_set()
+        client.close()  # the peer leaves without reading
+        await asyncio.wait_for(finished.wait(), 5)
+    finally:
+        shutdown.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(server, 10)
