@@ -264,7 +264,18 @@ def _check_error_body(status: int, text: str, cluster: Any, timeout_ms: int | No
         return f"message is not a string: {message!r}"
     if LEAK_RE.search(message):
         return f"message leaks internals: {message[:300]!r}"
+    if code == "internal" and not message.startswith(OUR_INTERNAL):
+        # Kubernetes' own answer, passed through as api.md says (a Status with reason
+        # InternalError): kube-apiserver answers some garbage with 500, e.g. a watch from an
+        # unparseable resourceVersion. Shown, not failed: this test judges the hub and the agent,
+        # whose own failures say "internal error in the ..." and do fail it.
+        print(f"[fuzz] kube-apiserver's own internal passed through: {message[:200]!r}")
+        return None
     return _check_code(code, cluster, timeout_ms)
+
+
+#: How the hub's and the agent's own internal errors begin (a bug of ours, never Kubernetes').
+OUR_INTERNAL = "internal error in the"
 
 
 def _check_code(code: str, cluster: Any, timeout_ms: int | None) -> str | None:
