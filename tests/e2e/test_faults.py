@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -49,11 +50,16 @@ def list_configmaps(cluster: str, namespace: str = "default") -> pb.ListRequest:
     return pb.ListRequest(cluster=cluster, version="v1", resource="configmaps", namespace=namespace)
 
 
-async def until(check: Callable[[], Awaitable[Any]], within: float, what: str, every: float = 0.05) -> Any:
-    """Await ``check()`` until it returns a truthy value (returned); AssertionError after ``within``."""
+async def until(
+    check: Callable[[], Awaitable[Any] | Any], within: float, what: str, every: float = 0.05
+) -> Any:
+    """Call ``check()`` (awaiting it if it is a coroutine function's) until it gives a truthy value
+    (returned); AssertionError after ``within``."""
     deadline = time.monotonic() + within
     while True:
-        value = await check()
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
@@ -293,6 +299,58 @@ class ResumingWatch:
         if self.relists:
             return self.view == writer.last_versions()
         return set(writer.written) <= set(self.changes())
+
+
+def writer_objects(cluster: str, namespace: str, writer: Writer) -> pb.ListRequest:
+    """A List of ``writer``'s ConfigMaps in ``cluster``."""
+    return pb.ListRequest(
+        cluster=cluster,
+        version="v1",
+        resource="configmaps",
+        namespace=namespace,
+        label_selector=writer.selector,
+    )
+
+
+def watch_writer(
+    client: Any,
+    headers: dict[str, str],
+    cluster: str,
+    namespace: str,
+    writer: Writer,
+    resource_version: str,
+    *,
+    relist: Callable[[], Awaitable[pb.ListResponse]] | None = None,
+) -> ResumingWatch:
+    """A :class:`ResumingWatch` of ``writer``'s ConfigMaps from ``resource_version`` (a List's)."""
+    request = pb.WatchRequest(
+        cluster=cluster,
+        version="v1",
+        resource="configmaps",
+        namespace=namespace,
+        label_selector=writer.selector,
+        resource_version=resource_version,
+    )
+    return ResumingWatch(client, headers, request, relist=relist)
+
+
+async def start_watching_writes(
+    client: Any, headers: dict[str, str], cluster: str, namespace: str, writer: Writer
+) -> tuple[ResumingWatch, asyncio.Task[None]]:
+    """List ``writer``'s objects, watch them from the List's resourceVersion, start ``writer`` and
+    return once the watch has seen its first writes; the caller cancels the task."""
+    start = await client.list(writer_objects(cluster, namespace, writer), headers=headers)
+    watch = watch_writer(client, headers, cluster, namespace, writer, start.resource_version)
+    task = asyncio.create_task(watch.run(), name="resuming-watch")
+    writer.start()
+    try:
+        await until(lambda: writer.count >= 6 and watch.check_caught_up(writer), 20, "first writes seen")
+    except BaseException:
+        writer.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    return watch, task
 
 
 def assert_saw_exactly_what_was_written(watch: ResumingWatch, writer: Writer) -> None:

@@ -29,12 +29,12 @@ from .conftest import Hub, Measurements, unique
 from .test_faults import (
     FAST_FAIL,
     UNAVAILABLE_WITHIN,
-    ResumingWatch,
     Writer,
     assert_clean_error,
     assert_saw_exactly_what_was_written,
     call_code,
     list_configmaps,
+    start_watching_writes,
     until,
 )
 
@@ -160,49 +160,23 @@ async def test_a_watch_resumed_after_an_agent_kill_sees_every_write_once(
     auth = hub.auth("bob")
     client = hub.client("grpc-h2c", timeout_ms=None)
     writer = Writer(cp, namespace, unique("agentkill"))
-    start = await client.list(
-        pb.ListRequest(
-            cluster="west",
-            version="v1",
-            resource="configmaps",
-            namespace=namespace,
-            label_selector=writer.selector,
-        ),
-        headers=auth,
-    )
-    watch = ResumingWatch(
-        client,
-        auth,
-        pb.WatchRequest(
-            cluster="west",
-            version="v1",
-            resource="configmaps",
-            namespace=namespace,
-            label_selector=writer.selector,
-            resource_version=start.resource_version,
-        ),
-    )
-    task = asyncio.create_task(watch.run(), name="resuming-watch")
-    writer.start()
+    watch, task = await start_watching_writes(client, auth, "west", namespace, writer)
     try:
-        await until(
-            lambda: _async(writer.count >= 6 and watch.check_caught_up(writer)), 20, "first writes seen"
-        )
         before_kill = writer.count
         killed = time.monotonic()
         system.kill_agent("west")
-        await until(lambda: _async(bool(watch.endings_since(killed))), UNAVAILABLE_WITHIN, "the watch ending")
+        await until(lambda: bool(watch.endings_since(killed)), UNAVAILABLE_WITHIN, "the watch ending")
         first = watch.endings_since(killed)[0]
         assert first.code is Code.UNAVAILABLE, first
         # The agent stays dead until the writer has written while nobody could watch.
-        await until(lambda: _async(writer.count >= before_kill + 6), 20, "writes while the agent is dead")
+        await until(lambda: writer.count >= before_kill + 6, 20, "writes while the agent is dead")
         written_while_dead = writer.count - before_kill
         restarted = time.monotonic()
         system.start_agent("west")
-        await until(lambda: _async(watch.check_caught_up(writer)), 30, "the resumed watch catching up")
+        await until(lambda: watch.check_caught_up(writer), 30, "the resumed watch catching up")
         caught_up = time.monotonic() - restarted
         writer.stop()
-        await until(lambda: _async(watch.check_caught_up(writer)), 10, "the last writes seen")
+        await until(lambda: watch.check_caught_up(writer), 10, "the last writes seen")
     finally:
         writer.stop()
         task.cancel()
@@ -220,10 +194,6 @@ async def test_a_watch_resumed_after_an_agent_kill_sees_every_write_once(
             "attempts": watch.attempts,
         },
     )
-
-
-async def _async(value: Any) -> Any:
-    return value
 
 
 def manifest(name: str, namespace: str, value: str) -> bytes:
@@ -402,7 +372,7 @@ async def test_writes_in_flight_when_the_agent_dies_end_up_exactly_once(
     workers = [asyncio.create_task(worker(k), name=f"writer-{k}") for k in ("create", "apply", "delete")]
     try:
         await until(
-            lambda: _async(len(outcomes) >= ANSWERED_BEFORE_KILL),
+            lambda: len(outcomes) >= ANSWERED_BEFORE_KILL,
             30,
             "the first writes answered",
             every=0.005,

@@ -19,19 +19,18 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import BlackHoleRelay, System
 
 from .conftest import Hub, Measurements, unique
 from .test_faults import (
     FAST_FAIL,
-    ResumingWatch,
     Writer,
     assert_clean_error,
     assert_saw_exactly_what_was_written,
     call_code,
     child_pids,
     list_configmaps,
+    start_watching_writes,
     until,
 )
 
@@ -53,10 +52,6 @@ BLACK_HOLE_DETECTED_WITHIN = 25.0
 BLACK_HOLE_RECOVERED_WITHIN = 45.0
 #: A call in flight when the link froze must end (not hang for the client's whole deadline).
 IN_FLIGHT_ENDS_WITHIN = 30.0
-
-
-async def _value(value: Any) -> Any:
-    return value
 
 
 async def test_a_black_holed_tunnel_is_unavailable_fast_and_the_agent_reconnects(
@@ -154,43 +149,17 @@ async def test_a_watch_across_a_killed_agent_chisel_resumes_without_losing_a_wri
     client = hub.client("grpc-h2c", timeout_ms=None)
     auth = hub.auth("bob")
     writer = Writer(cp, namespace, unique("chisel"))
-    start = await client.list(
-        pb.ListRequest(
-            cluster="west",
-            version="v1",
-            resource="configmaps",
-            namespace=namespace,
-            label_selector=writer.selector,
-        ),
-        headers=auth,
-    )
-    watch = ResumingWatch(
-        client,
-        auth,
-        pb.WatchRequest(
-            cluster="west",
-            version="v1",
-            resource="configmaps",
-            namespace=namespace,
-            label_selector=writer.selector,
-            resource_version=start.resource_version,
-        ),
-    )
-    task = asyncio.create_task(watch.run(), name="resuming-watch")
-    writer.start()
+    watch, task = await start_watching_writes(client, auth, "west", namespace, writer)
     try:
-        await until(
-            lambda: _value(writer.count >= 6 and watch.check_caught_up(writer)), 20, "first writes seen"
-        )
         killed = time.monotonic()
         os.kill(chisel, signal.SIGKILL)
-        await until(lambda: _value(bool(watch.endings_since(killed))), 10, "the watch ending")
+        await until(lambda: bool(watch.endings_since(killed)), 10, "the watch ending")
         first = watch.endings_since(killed)[0]
         assert first.code is Code.UNAVAILABLE, first
-        await until(lambda: _value(watch.check_caught_up(writer)), 30, "the resumed watch catching up")
+        await until(lambda: watch.check_caught_up(writer), 30, "the resumed watch catching up")
         caught_up = time.monotonic() - killed
         writer.stop()
-        await until(lambda: _value(watch.check_caught_up(writer)), 10, "the last writes seen")
+        await until(lambda: watch.check_caught_up(writer), 10, "the last writes seen")
     finally:
         writer.stop()
         task.cancel()

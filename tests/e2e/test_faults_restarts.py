@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 from connectrpc.code import Code
@@ -30,6 +28,8 @@ from .test_faults import (
     call_code,
     list_configmaps,
     until,
+    watch_writer,
+    writer_objects,
 )
 
 pytestmark = [
@@ -45,34 +45,6 @@ pytestmark = [
 APISERVER_DOWN_FAILS_WITHIN = 5.0
 
 
-async def _value(value: Any) -> Any:
-    return value
-
-
-def resuming_watch(
-    client: Any,
-    auth: dict[str, str],
-    cluster: str,
-    namespace: str,
-    writer: Writer,
-    rv: str,
-    relist: Callable[[], Awaitable[pb.ListResponse]] | None = None,
-) -> ResumingWatch:
-    return ResumingWatch(
-        client,
-        auth,
-        pb.WatchRequest(
-            cluster=cluster,
-            version="v1",
-            resource="configmaps",
-            namespace=namespace,
-            label_selector=writer.selector,
-            resource_version=rv,
-        ),
-        relist=relist,
-    )
-
-
 async def test_kube_apiserver_restarted_under_an_agent(
     hub: Hub, otterscale_system: System, namespace: str, measurements: Measurements
 ) -> None:
@@ -85,39 +57,20 @@ async def test_kube_apiserver_restarted_under_an_agent(
     auth = hub.auth("bob")
     client = hub.client("connect-h2c")
     writer = Writer(cp, namespace, unique("apiserver"))
-    start = await client.list(
-        pb.ListRequest(
-            cluster="west",
-            version="v1",
-            resource="configmaps",
-            namespace=namespace,
-            label_selector=writer.selector,
-        ),
-        headers=auth,
-    )
-    list_request = pb.ListRequest(
-        cluster="west",
-        version="v1",
-        resource="configmaps",
-        namespace=namespace,
-        label_selector=writer.selector,
-    )
     watch_client = hub.client("grpc-h2c", timeout_ms=None)
+    listing = writer_objects("west", namespace, writer)
+    start = await watch_client.list(listing, headers=auth)
 
     async def relist() -> pb.ListResponse:
-        listed: pb.ListResponse = await watch_client.list(list_request, headers=auth)
+        listed: pb.ListResponse = await watch_client.list(listing, headers=auth)
         return listed
 
-    watch = resuming_watch(
-        watch_client, auth, "west", namespace, writer, start.resource_version, relist=relist
-    )
+    watch = watch_writer(watch_client, auth, "west", namespace, writer, start.resource_version, relist=relist)
     task = asyncio.create_task(watch.run(), name="resuming-watch")
     writer.start()
     stopped = False
     try:
-        await until(
-            lambda: _value(writer.count >= 6 and watch.check_caught_up(writer)), 20, "first writes seen"
-        )
+        await until(lambda: writer.count >= 6 and watch.check_caught_up(writer), 20, "first writes seen")
         writer.pause()
         before = writer.count
         down = time.monotonic()
@@ -125,7 +78,7 @@ async def test_kube_apiserver_restarted_under_an_agent(
         stopped = True
         stop_took = time.monotonic() - down
 
-        await until(lambda: _value(bool(watch.endings_since(down))), 10, "the open watch ending")
+        await until(lambda: bool(watch.endings_since(down)), 10, "the open watch ending")
         ended = watch.endings_since(down)[0]
         # Unavailable (the client resumes), no stack trace, and where to resume from, as when
         # kube-apiserver ends a watch in an orderly way.
@@ -175,9 +128,9 @@ async def test_kube_apiserver_restarted_under_an_agent(
         await until(works, 30, "calls through the hub working again")
         calls_back = time.monotonic() - restarted
         writer.resume()
-        await until(lambda: _value(writer.count >= before + 6), 20, "writes after the restart")
+        await until(lambda: writer.count >= before + 6, 20, "writes after the restart")
         writer.stop()
-        await until(lambda: _value(watch.check_caught_up(writer)), 30, "the resumed watch catching up")
+        await until(lambda: watch.check_caught_up(writer), 30, "the resumed watch catching up")
     finally:
         writer.stop()
         task.cancel()
@@ -236,19 +189,10 @@ async def test_watches_survive_a_hub_restart_without_missing_a_write(
     assert cp is not None
     auth = hub.auth("alice")
     writer = Writer(cp, namespace, unique("hubrestart"))
-    start = await hub.client("connect-h2c").list(
-        pb.ListRequest(
-            cluster="east",
-            version="v1",
-            resource="configmaps",
-            namespace=namespace,
-            label_selector=writer.selector,
-        ),
-        headers=auth,
-    )
+    start = await hub.client("connect-h2c").list(writer_objects("east", namespace, writer), headers=auth)
     transports = ("connect-h1", "grpc-h2c", "grpcweb-h1")
     watches = {
-        t: resuming_watch(
+        t: watch_writer(
             hub.client(t, timeout_ms=None), auth, "east", namespace, writer, start.resource_version
         )
         for t in transports
@@ -260,13 +204,13 @@ async def test_watches_survive_a_hub_restart_without_missing_a_write(
         async def all_caught_up() -> bool:
             return all(w.check_caught_up(writer) for w in watches.values())
 
-        await until(lambda: _value(writer.count >= 6), 20, "first writes")
+        await until(lambda: writer.count >= 6, 20, "first writes")
         await until(all_caught_up, 20, "first writes seen by every watch")
         stopped = time.monotonic()
         system.stop_hub()
         before_start = writer.count
         # The writer goes on while the hub is away; the hub stays away until it has written.
-        await until(lambda: _value(writer.count >= before_start + 6), 20, "writes while the hub is away")
+        await until(lambda: writer.count >= before_start + 6, 20, "writes while the hub is away")
         written_while_away = writer.count - before_start
         for transport, w in watches.items():
             first = w.endings_since(stopped)
@@ -279,7 +223,7 @@ async def test_watches_survive_a_hub_restart_without_missing_a_write(
         back = time.monotonic() - spawned
         await until(all_caught_up, 30, "every resumed watch catching up")
         caught_up = time.monotonic() - spawned
-        await until(lambda: _value(writer.count >= before_start + written_while_away + 6), 20, "writes after")
+        await until(lambda: writer.count >= before_start + written_while_away + 6, 20, "writes after")
         writer.stop()
         await until(all_caught_up, 20, "the last writes seen by every watch")
     finally:
