@@ -47,8 +47,8 @@ from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec, RawMessage
 from ._errors import LeaderUnavailableError, NotLeaderError, ShuttingDownError, to_connect_error
 from ._leader import LeaderInfo, Leadership
 from ._metrics import HubMetrics
-from ._observe import FORWARDED_BY_HEADER, REQUEST_ID_HEADER, current_call
-from ._passthrough import PassThroughResourceService
+from ._observe import FORWARDED_BY_HEADER
+from ._passthrough import PassThroughResourceService, close_upstream, next_hop_timeout_ms, with_request_id
 from ._upstream import MAX_RESPONSE_BYTES, STREAM_TRANSPORTS
 
 logger = logging.getLogger(__name__)
@@ -166,9 +166,7 @@ class LeaderForwarder(PassThroughResourceService):
                     async for message in upstream:
                         yield message
                 finally:
-                    aclose = getattr(upstream, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+                    await close_upstream(upstream)
             except ConnectError as exc:
                 raise self._upstream_error(leader, exc, task) from None
             except asyncio.CancelledError as exc:
@@ -218,18 +216,8 @@ class LeaderForwarder(PassThroughResourceService):
         headers = {HOP_HEADER: me}
         if authorization:
             headers["authorization"] = authorization[0]
-        call = current_call()
-        if call is not None:
-            headers[REQUEST_ID_HEADER] = call.request_id
-        timeout_ms: int | None = None
-        remaining = ctx.timeout_ms
-        if remaining is not None:
-            if remaining <= 0:
-                raise ConnectError(
-                    Code.DEADLINE_EXCEEDED, "the deadline passed before the call was forwarded"
-                )
-            timeout_ms = max(1, int(remaining))
-        return leader, headers, timeout_ms
+        timeout_ms = next_hop_timeout_ms(ctx, f"the leader {leader.identity}")
+        return leader, with_request_id(headers), timeout_ms
 
     def _client(self, leader: LeaderInfo, codec: str, index: int) -> ConnectClient:
         url = client_url(leader)

@@ -11,9 +11,40 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from ._codec import RawMessage
+from ._observe import REQUEST_ID_HEADER, current_call
+
+
+def next_hop_timeout_ms(ctx: RequestContext[Any, Any], hop: str) -> int | None:
+    """The caller's remaining deadline for the call passed on to ``hop`` (None: it has none).
+
+    deadline_exceeded at once if it has already passed, instead of a call that cannot succeed.
+    """
+    remaining = ctx.timeout_ms
+    if remaining is None:
+        return None
+    if remaining <= 0:
+        raise ConnectError(Code.DEADLINE_EXCEEDED, f"the deadline passed before the call reached {hop}")
+    return max(1, int(remaining))
+
+
+def with_request_id(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` plus the current call's request id (so the next hop logs the same id)."""
+    call = current_call()
+    if call is not None:
+        headers[REQUEST_ID_HEADER] = call.request_id
+    return headers
+
+
+async def close_upstream(upstream: AsyncIterator[RawMessage]) -> None:
+    """Close a passed-on stream now (HTTP/2 RST_STREAM), not whenever it is garbage-collected."""
+    aclose = getattr(upstream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class PassThroughResourceService:

@@ -61,8 +61,8 @@ from ._limits import (
     response_too_large,
 )
 from ._metrics import HubMetrics
-from ._observe import REQUEST_ID_HEADER, current_call
-from ._passthrough import PassThroughResourceService
+from ._observe import current_call
+from ._passthrough import PassThroughResourceService, close_upstream, next_hop_timeout_ms, with_request_id
 from ._tunnels import ClusterStatus, Tunnels
 from ._upstream import AgentClients
 
@@ -186,9 +186,7 @@ class ResourceProxy(PassThroughResourceService):
                             first = False
                         yield message
                 finally:
-                    aclose = getattr(upstream, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+                    await close_upstream(upstream)
         except ConnectError as exc:
             raise self._upstream_error(cluster, exc, task=task) from None
         except asyncio.CancelledError as exc:
@@ -214,18 +212,13 @@ class ResourceProxy(PassThroughResourceService):
             raise ShuttingDownError("the hub is shutting down; retry the Watch from the last resourceVersion")
         procedure = f"/{ctx.method.service_name}/{ctx.method.name}"
         headers = sign_identity(identity, cluster=cluster, method=procedure, key=self._keys[cluster])
-        if call is not None:
-            headers[REQUEST_ID_HEADER] = call.request_id
-        timeout_ms: int | None = None
-        remaining = ctx.timeout_ms
-        if remaining is not None:
-            if remaining <= 0:
-                raise ConnectError(
-                    Code.DEADLINE_EXCEEDED, "the deadline passed before the call reached the agent"
-                )
-            timeout_ms = max(1, int(remaining))
+        timeout_ms = next_hop_timeout_ms(ctx, "the agent")
         return _Forward(
-            cluster, identity.subject, self._agents.client(cluster, request.codec), headers, timeout_ms
+            cluster,
+            identity.subject,
+            self._agents.client(cluster, request.codec),
+            with_request_id(headers),
+            timeout_ms,
         )
 
     def _route(self, cluster: str) -> ClusterStatus:
