@@ -1,7 +1,8 @@
 """Fixtures of the hub's tests: a local OIDC issuer, a hub in-process, and fake agents.
 
-- ``issuer``: a real OIDC issuer on loopback (aiohttp: discovery document and JWKS) with an RSA
-  key generated per session; ``issuer.token(...)`` signs tokens locally. No Keycloak needed.
+- ``issuer``: a real OIDC issuer on loopback (:class:`~otterscale.testing.LocalIssuer`: discovery
+  document and JWKS) with an RSA key generated per session; ``issuer.token(...)`` signs tokens
+  locally. No Keycloak needed.
 - ``hub_env``: writes an ``otterscale.yaml`` with two clusters (alpha, beta), starts a
   :class:`~otterscale.hub.Hub` in the test's event loop (real chisel server, real HTTP server on
   a free port), and gives clients and agents; everything is stopped after the test.
@@ -16,18 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 import pytest_asyncio
 import yaml
-from aiohttp import web
 from connectrpc.code import Code
 from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 from connectrpc.errors import ConnectError
@@ -55,11 +53,9 @@ from otterscale.common import (
 from otterscale.hub import Hub, HubSettings
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication, ResourceServiceClient
-from otterscale.testing import free_port, tool_path
+from otterscale.testing import LocalIssuer, free_port, tool_path
 
 AUDIENCE = "otterscale"
-REALM = "/realms/test"
-KID = "test-key-1"
 
 TRANSPORTS: dict[str, tuple[ProtocolType, Any]] = {
     "connect-h1": (ProtocolType.CONNECT, HTTPVersion.HTTP1),
@@ -92,14 +88,10 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
 # OIDC issuer
 
 
-@dataclass
-class Issuer:
-    """A local OIDC issuer: ``url`` serves discovery and JWKS; ``token()`` signs with its key."""
+class Issuer(LocalIssuer):
+    """The local OIDC issuer (:class:`~otterscale.testing.LocalIssuer`) with these tests' defaults."""
 
-    key: rsa.RSAPrivateKey
-    url: str = ""
-
-    def token(
+    def token(  # type: ignore[override]  # the same call with defaults for every argument
         self,
         subject: str = "alice",
         groups: tuple[str, ...] = ("developers",),
@@ -109,17 +101,7 @@ class Issuer:
         key: rsa.RSAPrivateKey | None = None,
         **claims: Any,
     ) -> str:
-        now = int(__import__("time").time())
-        payload = {
-            "iss": self.url,
-            "aud": audience,
-            "sub": subject,
-            "groups": list(groups),
-            "iat": now,
-            "exp": now + expires_in,
-            **claims,
-        }
-        return jwt.encode(payload, key or self.key, algorithm="RS256", headers={"kid": KID})
+        return super().token(subject, groups, audience=audience, lifetime=expires_in, key=key, **claims)
 
 
 @pytest.fixture(scope="session")
@@ -127,33 +109,13 @@ def signing_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-@pytest_asyncio.fixture
-async def issuer(signing_key: rsa.RSAPrivateKey) -> AsyncIterator[Issuer]:
-    found = Issuer(key=signing_key)
-    jwk = json.loads(jwt.get_algorithm_by_name("RS256").to_jwk(signing_key.public_key()))
-    jwk.update(kid=KID, alg="RS256", use="sig")
-
-    async def discovery(request: web.Request) -> web.Response:
-        return web.json_response(
-            {"issuer": found.url, "jwks_uri": found.url + "/protocol/openid-connect/certs"}
-        )
-
-    async def certs(request: web.Request) -> web.Response:
-        return web.json_response({"keys": [jwk]})
-
-    app = web.Application()
-    app.router.add_get(REALM + "/.well-known/openid-configuration", discovery)
-    app.router.add_get(REALM + "/protocol/openid-connect/certs", certs)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)  # the kernel's port, read back: no race
-    await site.start()
-    port = runner.addresses[0][1]
-    found.url = f"http://127.0.0.1:{port}{REALM}"
+@pytest.fixture
+def issuer(signing_key: rsa.RSAPrivateKey) -> Iterator[Issuer]:
+    found = Issuer(signing_key).start()
     try:
         yield found
     finally:
-        await runner.cleanup()
+        found.stop()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,8 +155,9 @@ def write_config(
     specs: dict[str, ClusterSpec],
     tunnel_port: int,
     key_seed: str = "test-seed",
+    limits: dict[str, Any] | None = None,
 ) -> Path:
-    document = {
+    document: dict[str, Any] = {
         "keycloak": {"realm_url": issuer_url, "client_id": AUDIENCE},
         "tunnel": {"server": {"host": "127.0.0.1", "port": tunnel_port, "key_seed": key_seed}},
         "clusters": {
@@ -208,6 +171,8 @@ def write_config(
             for spec in specs.values()
         },
     }
+    if limits is not None:
+        document["limits"] = limits
     path.write_text(yaml.safe_dump(document))
     return path
 

@@ -30,8 +30,8 @@ KID = "local-rs256"
 class LocalIssuer:
     """Serve an OIDC issuer on 127.0.0.1 until :meth:`stop`; sign tokens with :meth:`token`."""
 
-    def __init__(self) -> None:
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    def __init__(self, key: rsa.RSAPrivateKey | None = None) -> None:
+        self._key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.url = ""
         self.requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -54,19 +54,31 @@ class LocalIssuer:
         self._thread.join(10)
 
     def token(
-        self, subject: str, groups: tuple[str, ...] = (), *, audience: str, lifetime: float = 3600.0
+        self,
+        subject: str,
+        groups: tuple[str, ...] = (),
+        *,
+        audience: str,
+        lifetime: float = 3600.0,
+        key: rsa.RSAPrivateKey | None = None,
+        **claims: Any,
     ) -> str:
-        """A signed RS256 access token for ``subject`` with a ``groups`` claim."""
+        """A signed RS256 access token for ``subject`` with a ``groups`` claim.
+
+        ``lifetime`` may be negative (an expired token); ``key`` signs with another key under this
+        issuer's key id (a forgery); ``claims`` are added or override the standard ones.
+        """
         now = int(time.time())
-        claims = {
+        payload = {
             "iss": self.url,
             "aud": audience,
             "sub": subject,
             "groups": list(groups),
             "iat": now,
             "exp": now + int(lifetime),
+            **claims,
         }
-        return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": KID})
+        return jwt.encode(payload, key or self._key, algorithm="RS256", headers={"kid": KID})
 
     def _jwks(self) -> dict[str, Any]:
         jwk: dict[str, Any] = json.loads(jwt.get_algorithm_by_name("RS256").to_jwk(self._key.public_key()))
