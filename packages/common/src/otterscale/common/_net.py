@@ -49,6 +49,55 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 
+#: Responses that never carry a body, so never a Content-Length of their (empty) body either.
+_BODILESS_STATUS = frozenset({204, 304})
+
+
+def with_content_length(app: ASGIApp) -> ASGIApp:
+    """``app``, with a ``Content-Length`` on every response whose whole body comes in one message.
+
+    connectrpc writes a unary answer as a start message without one and a single final body
+    message, so hypercorn sends it chunked (HTTP/1.1) or with no declared length (HTTP/2). Holding
+    the start message until the next one costs nothing and lets a reader know the size up front:
+    the hub checks an agent's answer against ``max_response_bytes`` before reading it and then
+    reads it natively, not chunk by chunk through Python (~50 ms less per 5 MB List). Streams
+    (the first body message says more follows) and responses with trailers go out unchanged.
+    """
+
+    async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") == "HEAD":
+            await app(scope, receive, send)
+            return
+        held: dict[str, Any] | None = None
+
+        async def send_with_length(message: dict[str, Any]) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and not message.get("trailers"):
+                held = message
+                return
+            if held is not None:
+                start, held = held, None
+                if (
+                    message["type"] == "http.response.body"
+                    and not message.get("more_body", False)
+                    and start["status"] not in _BODILESS_STATUS
+                    and not any(
+                        name.lower() in (b"content-length", b"transfer-encoding")
+                        for name, _ in start["headers"]
+                    )
+                ):
+                    length = str(len(message.get("body", b""))).encode()
+                    start = {**start, "headers": [*start["headers"], (b"content-length", length)]}
+                await send(start)
+            await send(message)
+
+        await app(scope, receive, send_with_length)
+        if held is not None:  # a start without a body (not valid ASGI): pass it on as it came
+            await send(held)
+
+    return application
+
+
 def server_config(*, graceful_timeout: float) -> Config:
     """hypercorn settings for a service whose clients hold long-lived, multiplexed connections.
 
@@ -82,7 +131,8 @@ async def serve(
 
     Then stop accepting and drain: returns once open requests have finished or
     ``graceful_timeout`` has passed, and closes ``sock``. hypercorn is tuned first
-    (:func:`tune_hypercorn`: O(1) HTTP/2 scheduling, bounded send buffers).
+    (:func:`tune_hypercorn`: O(1) HTTP/2 scheduling, bounded send buffers); one-message answers
+    get a Content-Length (:func:`with_content_length`).
     """
     from hypercorn.asyncio.run import worker_serve
     from hypercorn.config import Sockets
@@ -92,7 +142,7 @@ async def serve(
     config = server_config(graceful_timeout=graceful_timeout)
     try:
         await worker_serve(
-            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+            wrap_app(with_content_length(app), config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
             config,
             sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
             shutdown_trigger=shutdown.wait,
