@@ -166,7 +166,9 @@ class Replicas:
 SETUP_ATTEMPTS = 3
 
 
-async def start_replicas(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -> Replicas:
+async def start_replicas(
+    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary, *, limits: dict[str, Any] | None = None
+) -> Replicas:
     """Hubs ``a`` (leading, with the tunnel server) and ``b``, and cluster alpha's agent.
 
     ``free_port`` picks ports the kernel never hands out by itself, but another process may still
@@ -182,6 +184,7 @@ async def start_replicas(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBi
             issuer_url=issuer.url,
             specs=specs,
             tunnel_port=tunnel_port,
+            limits=limits,
         )
         found = Replicas(issuer, specs, chisel_binary, config_path, tunnel_port)
         try:
@@ -463,3 +466,97 @@ async def test_a_replica_that_cannot_start_the_tunnel_server_steps_down(replicas
     # The leader was not disturbed.
     got = await replicas.client("a").get(get("still"), headers=replicas.auth())
     assert got.object["metadata"]["name"] == "still"
+
+
+# --------------------------------------------------------------------------------------------------
+# Limits on the forwarding path
+
+
+async def test_followers_enforce_the_same_limits(
+    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary
+) -> None:
+    """A follower refuses a request over ``max_request_bytes`` itself (nothing reaches the leader
+    or the agent); an answer over ``max_response_bytes`` is refused by the leader and that refusal
+    reaches the follower's caller unchanged; Watches through a follower hold their subject's
+    slots on the leader, so ``max_watches_per_subject`` counts them with direct ones."""
+    kib = 1024
+    replicas = await start_replicas(
+        tmp_path,
+        issuer,
+        chisel_binary,
+        limits={
+            "max_request_bytes": 64 * kib,
+            "max_response_bytes": 1024 * kib,
+            "max_watches_per_subject": 2,
+        },
+    )
+    watches: list[asyncio.Task[Any]] = []
+    try:
+        follower, leader = replicas.client("b"), replicas.client("a")
+        agent = replicas.agents["alpha"]
+        seen_by_agent = len(agent.resources.records)
+
+        big = pb.ApplyRequest(
+            cluster="alpha",
+            version="v1",
+            resource="configmaps",
+            namespace="default",
+            name="big",
+            manifest=b"{" + b" " * (100 * kib) + b"}",
+        )
+        with pytest.raises(ConnectError) as too_big:
+            await follower.apply(big, headers=replicas.auth())
+        assert too_big.value.code is Code.RESOURCE_EXHAUSTED
+        assert "limits.max_request_bytes" in too_big.value.message
+        assert refusals(replicas.hubs["b"], "request_too_large") == 1
+        assert refusals(replicas.hubs["a"], "request_too_large") == 0
+        assert (
+            replicas.forwarded("b", "Apply", "ok") + replicas.forwarded("b", "Apply", "resource_exhausted")
+            == 0
+        )
+        assert len(agent.resources.records) == seen_by_agent
+
+        # ~1.8 MB of ConfigMaps (the fake agent makes 900-byte items): over the 1 MiB answer limit.
+        listing = pb.ListRequest(
+            cluster="alpha", version="v1", resource="configmaps", namespace="default", limit=2000
+        )
+        with pytest.raises(ConnectError) as via_follower:
+            await follower.list(listing, headers=replicas.auth())
+        with pytest.raises(ConnectError) as direct:
+            await leader.list(listing, headers=replicas.auth())
+        assert via_follower.value.code is direct.value.code is Code.RESOURCE_EXHAUSTED
+        assert via_follower.value.message == direct.value.message
+        assert "limits.max_response_bytes" in direct.value.message
+        assert refusals(replicas.hubs["a"], "response_too_large") == 2
+        small = listing.__class__()
+        small.CopyFrom(listing)
+        small.limit = 10
+        assert len((await follower.list(small, headers=replicas.auth())).items) == 10
+
+        async def hold(client: ResourceServiceClient) -> None:
+            async for _ in client.watch(watch(1), headers=replicas.auth()):
+                pass  # the fake agent sends one event and then holds the stream open
+
+        watches = [asyncio.create_task(hold(replicas.client("b", "grpc-h2c"))) for _ in range(2)]
+        assert replicas.hubs["a"]._proxy is not None
+        slots = replicas.hubs["a"]._proxy.watch_slots
+        await wait_for(lambda: slots.total() == 2, 10, "two forwarded Watches holding slots on the leader")
+        for client in (follower, leader):
+            with pytest.raises(ConnectError) as third:
+                await read_all(client.watch(watch(1), headers=replicas.auth()))
+            assert third.value.code is Code.RESOURCE_EXHAUSTED
+            assert "limits.max_watches_per_subject" in third.value.message
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+        await wait_for(lambda: slots.total() == 0, 10, "slots freed when the forwarded Watches end")
+    finally:
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+        await replicas.close()
+
+
+def refusals(hub: Hub, reason: str) -> float:
+    assert hub.metrics is not None
+    return float(hub.metrics.limit_refusals.labels(reason=reason)._value.get())

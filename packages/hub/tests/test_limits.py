@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import select
 import socket
@@ -174,12 +175,12 @@ async def limited_hub(
         spec = specs[CLUSTER]
         tunnel_port = free_port()
         path = write_config(
-            tmp_path / "otterscale.yaml", issuer_url=issuer.url, specs=specs, tunnel_port=tunnel_port
+            tmp_path / "otterscale.yaml",
+            issuer_url=issuer.url,
+            specs=specs,
+            tunnel_port=tunnel_port,
+            limits=limits,
         )
-        if limits is not None:
-            document = yaml.safe_load(path.read_text())
-            document["limits"] = limits
-            path.write_text(yaml.safe_dump(document))
         hub = Hub(hub_settings(path, chisel_binary))
         env = HubEnv(
             hub=hub,
@@ -635,26 +636,9 @@ async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) ->
     """
     timeout = 3.0
     limited = await limited_hub({"watch_send_timeout_seconds": timeout})
-    # One 256 KiB ConfigMap rewritten again and again: each MODIFIED event is ~256 KiB.
-    size = 256 * KIB
-    limited.cp.request(
-        "POST", f"/api/v1/namespaces/{limited.namespace}/configmaps", limited.configmap("churn", size)
-    )
-    churning = threading.Event()
-    stop = threading.Event()
-    written = 0
-
-    def churn() -> None:
-        nonlocal written
-        path = f"/api/v1/namespaces/{limited.namespace}/configmaps/churn"
-        while not stop.is_set():
-            body = limited.configmap("churn", size)
-            body["data"]["payload"] = uuid.uuid4().hex * (size // 32)
-            limited.cp.request("PUT", path, body)
-            written += size
-            churning.set()
-
+    churn = Churn(limited)
     rss_samples: list[int] = []
+    latencies: list[float] = []
     baseline = _rss()
     async with RawH2(limited, window=KIB) as conn:
         watch = conn.request("Watch", "application/connect+proto")
@@ -663,45 +647,25 @@ async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) ->
         await conn.wait(lambda: conn.streams[watch].status is not None, 10)
         assert conn.streams[watch].status == 200
         assert limited.watches_open() == 1
-        worker = threading.Thread(target=churn, name="churn", daemon=True)
-        worker.start()
-        try:
-            # The hub sends the headers with the first event (the ConfigMap as it is), whose body
-            # no longer fits the window: from here on the client accepts nothing.
-            started = conn.streams[watch].headers_at
-            await asyncio.to_thread(churning.wait, 10)
-            other = limited.env.client("connect-h2c")
-            get = pb.GetRequest(
-                cluster=CLUSTER,
-                version="v1",
-                resource="configmaps",
-                namespace=limited.namespace,
-                name="churn",
+        # The hub sends the headers with the first event (the ConfigMap as it is), whose body
+        # no longer fits the window: from here on the client accepts nothing.
+        started = conn.streams[watch].headers_at
+        with churn:
+            await churn.meanwhile(
+                lambda: conn.streams[watch].reset,
+                rss_samples,
+                latencies,
+                within=timeout + 10,
+                baseline=baseline,
             )
-            latencies = []
-            while not conn.streams[watch].reset:
-                rss_samples.append(_rss())
-                t0 = time.perf_counter()
-                got = await other.get(get, headers=limited.env.auth())
-                latencies.append(time.perf_counter() - t0)
-                assert got.object["metadata"]["name"] == "churn"
-                assert time.monotonic() - started < timeout + 10, (
-                    "the stalled Watch was never dropped",
-                    f"refusals {limited.refusals('slow_watch_client')}, open {limited.watches_open()}",
-                    f"RSS +{(_rss() - baseline) / MIB:.0f} MiB, {written / MIB:.0f} MiB written",
-                )
-                await conn.wait(lambda: conn.streams[watch].reset, 0.2, quiet=True)
             dropped_after = conn.streams[watch].reset_at - started
-        finally:
-            stop.set()
-            await asyncio.to_thread(worker.join, 30)
         assert conn.streams[watch].reset_code == h2.errors.ErrorCodes.CANCEL
         received = len(conn.streams[watch].body)
     peak = max(rss_samples) - baseline
     print(
-        f"slow reader: dropped {dropped_after:.2f}s after the client stopped accepting "
+        f"slow reader (h2c): dropped {dropped_after:.2f}s after the client stopped accepting "
         f"(timeout {timeout:g}s); "
-        f"{written / MIB:.0f} MiB of events written meanwhile, {received} bytes reached the client; "
+        f"{churn.written / MIB:.0f} MiB of events written meanwhile, {received} bytes reached the client; "
         f"process RSS +{peak / MIB:.1f} MiB over {len(rss_samples)} samples; "
         f"other Gets meanwhile: {len(latencies)}, slowest {max(latencies) * 1000:.0f} ms"
     )
@@ -713,6 +677,163 @@ async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) ->
     await wait_for(lambda: limited.watches_open() == 0 and limited.slots() == 0, 5, "watch released")
     assert limited.hub._agents is not None
     assert sum(limited.hub._agents._open_streams[CLUSTER]) == 0
+
+
+@pytest.mark.integration
+async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Start) -> None:
+    """The same over HTTP/1.1 (Connect streaming, chunked): a client with a 4 KiB receive buffer
+    reads the response headers and then nothing. TCP fills up (the hub's send blocks), the call
+    ends after the send timeout, and the hub closes its socket although unsent data is left in
+    it, instead of waiting forever to flush it (a leaked connection per slow client)."""
+    timeout = 3.0
+    limited = await limited_hub({"watch_send_timeout_seconds": timeout})
+    port = limited.hub.port
+    assert port is not None
+    churn = Churn(limited)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)  # before connect: a small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    client_port = sock.getsockname()[1]
+    message = watch_request(limited.namespace).SerializeToString()
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    writer.write(
+        (
+            f"POST {RESOURCE_SERVICE}/Watch HTTP/1.1\r\nHost: hub\r\n"
+            "Content-Type: application/connect+proto\r\nConnect-Protocol-Version: 1\r\n"
+            f"Authorization: Bearer {limited.env.issuer.token()}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+    )
+    await writer.drain()
+    rss_samples: list[int] = []
+    latencies: list[float] = []
+    baseline = _rss()
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.split()[1] == b"200", head
+        assert limited.watches_open() == 1
+        started = time.monotonic()
+        with churn:
+            await churn.meanwhile(
+                lambda: limited.refusals("slow_watch_client") == 1,
+                rss_samples,
+                latencies,
+                within=timeout + 20,
+                baseline=baseline,
+            )
+            dropped_after = time.monotonic() - started
+        # The hub's end of the connection: its socket (found by the two ports) must be closed,
+        # with the client still reading nothing.
+        await wait_for(
+            lambda: not _open_socket(local_port=port, remote_port=client_port),
+            5,
+            "the hub closing the stalled connection's socket",
+        )
+    finally:
+        writer.transport.abort()
+    peak = max(rss_samples) - baseline
+    print(
+        f"slow reader (HTTP/1.1): dropped {dropped_after:.2f}s after the headers (timeout {timeout:g}s, "
+        f"plus the time to fill TCP's buffers); {churn.written / MIB:.0f} MiB of events written "
+        f"meanwhile; process RSS +{peak / MIB:.1f} MiB over {len(rss_samples)} samples; "
+        f"other Gets meanwhile: {len(latencies)}, slowest {max(latencies) * 1000:.0f} ms"
+    )
+    assert max(latencies) < 1.0
+    assert peak < 24 * MIB
+    await wait_for(lambda: limited.watches_open() == 0 and limited.slots() == 0, 5, "watch released")
+
+
+class Churn:
+    """One 256 KiB ConfigMap rewritten without pause from a thread while a test waits (``with``):
+    each write is a ~256 KiB MODIFIED event for the Watch under test."""
+
+    SIZE = 256 * KIB
+
+    def __init__(self, limited: LimitedHub) -> None:
+        self.limited = limited
+        self.written = 0
+        self._started = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="churn", daemon=True)
+        limited.cp.request(
+            "POST",
+            f"/api/v1/namespaces/{limited.namespace}/configmaps",
+            limited.configmap("churn", self.SIZE),
+        )
+
+    def __enter__(self) -> Churn:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        path = f"/api/v1/namespaces/{self.limited.namespace}/configmaps/churn"
+        while not self._stop.is_set():
+            body = self.limited.configmap("churn", self.SIZE)
+            body["data"]["payload"] = uuid.uuid4().hex * (self.SIZE // 32)
+            self.limited.cp.request("PUT", path, body)
+            self.written += self.SIZE
+            self._started.set()
+
+    async def meanwhile(
+        self,
+        done: Callable[[], bool],
+        rss_samples: list[int],
+        latencies: list[float],
+        *,
+        within: float,
+        baseline: int,
+    ) -> None:
+        """Until ``done()``: sample this process's RSS and time a Get through the hub, 5 a second;
+        fail after ``within`` seconds."""
+        await asyncio.to_thread(self._started.wait, 10)
+        limited = self.limited
+        other = limited.env.client("connect-h2c")
+        get = pb.GetRequest(
+            cluster=CLUSTER, version="v1", resource="configmaps", namespace=limited.namespace, name="churn"
+        )
+        started = time.monotonic()
+        while not done():
+            rss_samples.append(_rss())
+            t0 = time.perf_counter()
+            got = await other.get(get, headers=limited.env.auth())
+            latencies.append(time.perf_counter() - t0)
+            assert got.object["metadata"]["name"] == "churn"
+            assert time.monotonic() - started < within, (
+                "the stalled Watch was never dropped",
+                f"refusals {limited.refusals('slow_watch_client')}, open {limited.watches_open()}",
+                f"RSS +{(_rss() - baseline) / MIB:.0f} MiB, {self.written / MIB:.0f} MiB written",
+            )
+            await asyncio.sleep(0.2)
+
+
+def _open_socket(*, local_port: int, remote_port: int) -> bool:
+    """Whether this process holds an open file descriptor on the TCP socket between the ports."""
+    inodes = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                local, remote, inode = fields[1], fields[2], fields[9]
+                if (
+                    int(local.rsplit(":", 1)[1], 16) == local_port
+                    and int(remote.rsplit(":", 1)[1], 16) == remote_port
+                ):
+                    inodes.add(f"socket:[{inode}]")
+    if not inodes:
+        return False
+    fds = Path("/proc/self/fd")
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in inodes:
+                return True
+    return False
 
 
 def _rss() -> int:
