@@ -56,7 +56,8 @@ class FaultInjector:
     control_planes: list[ControlPlane]
     interval: float
     seed: int
-    apiserver_faults: bool = True
+    #: The fault kinds to inject (keys of :data:`WEIGHTS`), with their weights.
+    kinds: tuple[str, ...] = tuple(WEIGHTS)
     apiserver: ApiserverRestarts = field(default_factory=ApiserverRestarts)
     injected: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
@@ -72,7 +73,7 @@ class FaultInjector:
         self._stopping.set()
 
     async def run(self) -> None:
-        kinds = [k for k in WEIGHTS if self.apiserver_faults or k != "apiserver_restart"]
+        kinds = list(self.kinds)
         while not self._stopping.is_set():
             with_jitter = self.interval * self.rng.uniform(0.5, 1.5)
             try:

@@ -53,7 +53,7 @@ from otterscale.testing import (
     start_hub_replicas,
 )
 
-from ._faults import FaultInjector
+from ._faults import WEIGHTS, FaultInjector
 from ._procs import ProcessWatch, Tracked, by_parent, describe_fds, read
 from ._traffic import UNKNOWN, Stats, Watcher, Worker
 
@@ -85,6 +85,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fault-interval", type=float, default=5.0, help="mean seconds between faults (default 5)"
     )
+    parser.add_argument(
+        "--faults",
+        type=_fault_kinds,
+        default=tuple(WEIGHTS),
+        metavar="KIND,...",
+        help=f"the fault kinds to inject (default all: {','.join(WEIGHTS)}); leaving agent_kill out lets "
+        "the agents live the whole run, so their fd and memory checks span it",
+    )
     parser.add_argument("--no-apiserver-faults", action="store_true", help="never restart kube-apiserver")
     parser.add_argument(
         "--two-control-planes", action="store_true", help="give cluster beta its own control plane"
@@ -106,7 +114,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the logs directory even when the run passes"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.no_apiserver_faults:
+        args.faults = tuple(k for k in args.faults if k != "apiserver_restart")
+    return args
+
+
+def _fault_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in WEIGHTS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown fault kind(s) {unknown or [text]}; choose from {', '.join(WEIGHTS)}"
+        )
+    return kinds
 
 
 @dataclass
@@ -218,7 +239,7 @@ async def _soak(
         list({id(cp): cp for cp in control_planes.values()}.values()),
         interval=args.fault_interval,
         seed=rng.randrange(2**31),
-        apiserver_faults=not args.no_apiserver_faults,
+        kinds=args.faults,
         apiserver=stats.apiserver,
     )
     tasks: dict[str, asyncio.Task[None]] = {}
