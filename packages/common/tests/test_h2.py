@@ -188,15 +188,20 @@ async def test_a_writer_blocked_on_a_peer_that_left_is_released() -> None:
 
     tune_hypercorn()
     finished = asyncio.Event()
+    sent = 0
+    stop = False
 
     async def endless(scope: dict[str, object], receive: object, send: object) -> None:
+        nonlocal sent
         if scope["type"] == "lifespan":
             await _app(scope, receive, send)
             return
         try:
             await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
-            while True:
+            while not stop:
                 await send({"type": "http.response.body", "body": b"x" * 16384, "more_body": True})  # type: ignore[operator]
+                sent += 1
+                await asyncio.sleep(0)  # as a real application waits for its next event
         finally:
             finished.set()
 
@@ -217,10 +222,70 @@ async def test_a_writer_blocked_on_a_peer_that_left_is_released() -> None:
         )
         client.sendall(conn.data_to_send())
         await asyncio.sleep(0.5)  # the app fills the stream's buffer and blocks in send
+        blocked_at = sent
+        await asyncio.sleep(0.3)
+        assert sent == blocked_at, "the application was never blocked: no backpressure"
         assert not finished.is_set()
         client.close()  # the peer leaves without reading
+        # The blocked send returns (hypercorn drops what is sent to a closed connection).
+        deadline = asyncio.get_running_loop().time() + 5
+        while sent == blocked_at and not finished.is_set():
+            assert asyncio.get_running_loop().time() < deadline, "the blocked send was never released"
+            await asyncio.sleep(0.05)
+        stop = True
         await asyncio.wait_for(finished.wait(), 5)
     finally:
         shutdown.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(server, 10)
+
+
+async def test_an_http1_connection_whose_peer_reads_nothing_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The application gives up on a client that reads nothing (as the hub's Watch send timeout
+    does) and hypercorn closes the connection, but its own close waits without a bound for the
+    write buffer to go out: the server's socket stayed open for as long as the client's did.
+    (Over HTTP/2 the stream is reset and the connection lives on: see the stream reset tests.)"""
+    import socket
+
+    from otterscale.common import _h2
+    from otterscale.testing import holds_socket
+
+    monkeypatch.setattr(_h2, "CLOSE_TIMEOUT", 1.0)
+    tune_hypercorn()
+    gave_up = asyncio.Event()
+
+    async def endless(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "lifespan":
+            await _app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        try:
+            while True:
+                async with asyncio.timeout(0.5):
+                    await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})  # type: ignore[operator]
+        except TimeoutError:
+            gave_up.set()  # returns without finishing the response
+
+    sock = create_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    shutdown = asyncio.Event()
+    server = asyncio.create_task(serve(endless, sock, shutdown, graceful_timeout=1), name="test-h2-server")
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, ("127.0.0.1", port))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(gave_up.wait(), 30)
+        local = client.getsockname()[1]
+        deadline = asyncio.get_running_loop().time() + _h2.CLOSE_TIMEOUT + 3
+        while holds_socket(local_port=port, remote_port=local):
+            assert asyncio.get_running_loop().time() < deadline, "the server kept the socket open"
+            await asyncio.sleep(0.05)
+    finally:
+        client.close()
+        shutdown.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(server, 15)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import resource
 import select
 import socket
@@ -42,6 +41,7 @@ from pyqwest import Client, Headers, HTTPTransport, Request, Response
 
 from otterscale.agent import Agent, AgentSettings
 from otterscale.common import ChiselBinary, ChiselClient, ConfigError, parse_config
+from otterscale.common._h2 import CLOSE_TIMEOUT
 from otterscale.hub import Hub
 from otterscale.hub._errors import ResponseTooLargeError, WatchLimitError, to_connect_error
 from otterscale.hub._limits import (
@@ -54,7 +54,7 @@ from otterscale.hub._limits import (
 )
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
-from otterscale.testing import ControlPlane, KubeAPIError, free_port
+from otterscale.testing import ControlPlane, KubeAPIError, free_port, holds_socket
 
 from .conftest import TRANSPORTS, HubEnv, Issuer, hub_settings, make_specs, wait_for, write_config
 
@@ -725,19 +725,22 @@ async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Sta
             )
             dropped_after = time.monotonic() - started
         # The hub's end of the connection: its socket (found by the two ports) must be closed,
-        # with the client still reading nothing.
+        # with the client still reading nothing (after hypercorn's bounded close, CLOSE_TIMEOUT).
+        dropped = time.monotonic()
         await wait_for(
-            lambda: not _open_socket(local_port=port, remote_port=client_port),
-            5,
+            lambda: not holds_socket(local_port=port, remote_port=client_port),
+            CLOSE_TIMEOUT + 5,
             "the hub closing the stalled connection's socket",
         )
+        closed_after = time.monotonic() - dropped
     finally:
         writer.transport.abort()
     peak = max(rss_samples) - baseline
     print(
         f"slow reader (HTTP/1.1): dropped {dropped_after:.2f}s after the headers (timeout {timeout:g}s, "
         f"plus the time to fill TCP's buffers); {churn.written / MIB:.0f} MiB of events written "
-        f"meanwhile; process RSS +{peak / MIB:.1f} MiB over {len(rss_samples)} samples; "
+        f"meanwhile; socket closed {closed_after:.2f}s later; "
+        f"process RSS +{peak / MIB:.1f} MiB over {len(rss_samples)} samples; "
         f"other Gets meanwhile: {len(latencies)}, slowest {max(latencies) * 1000:.0f} ms"
     )
     assert max(latencies) < 1.0
@@ -810,30 +813,6 @@ class Churn:
                 f"RSS +{(_rss() - baseline) / MIB:.0f} MiB, {self.written / MIB:.0f} MiB written",
             )
             await asyncio.sleep(0.2)
-
-
-def _open_socket(*, local_port: int, remote_port: int) -> bool:
-    """Whether this process holds an open file descriptor on the TCP socket between the ports."""
-    inodes = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                local, remote, inode = fields[1], fields[2], fields[9]
-                if (
-                    int(local.rsplit(":", 1)[1], 16) == local_port
-                    and int(remote.rsplit(":", 1)[1], 16) == remote_port
-                ):
-                    inodes.add(f"socket:[{inode}]")
-    if not inodes:
-        return False
-    fds = Path("/proc/self/fd")
-    for fd in fds.iterdir():
-        with contextlib.suppress(OSError):
-            if os.readlink(fd) in inodes:
-                return True
-    return False
 
 
 def _rss() -> int:

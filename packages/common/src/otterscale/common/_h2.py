@@ -1,7 +1,7 @@
 """hypercorn 0.18's HTTP/2, made fit for hundreds of Watch streams and clients that stop reading.
 
 The hub and the agent both serve through hypercorn; :func:`tune_hypercorn` (called by
-:func:`otterscale.common.serve`) changes four things in it, process-wide, because hypercorn's
+:func:`otterscale.common.serve`) changes five things in it, process-wide, because hypercorn's
 configuration has no hook for any of them:
 
 1. **An O(1) send scheduler.** hypercorn picks the next stream to send from with
@@ -37,6 +37,13 @@ configuration has no hook for any of them:
    when the peer closes the connection, the buffers of its streams are closed too: otherwise an
    application blocked on a full buffer waits forever and the socket stays in CLOSE_WAIT.
 
+5. **Closing a connection whose peer reads nothing.** hypercorn closes a connection (after an
+   HTTP/1.1 response the application abandoned, on the keep-alive timeout, at shutdown) with
+   asyncio's ``close()``, which keeps the socket open until its write buffer has gone out, and
+   then waits for that without a bound: a client that stopped reading (the hub ends its Watch
+   after the send timeout) kept a socket, a task and the buffered bytes forever. The close now
+   waits at most :data:`CLOSE_TIMEOUT` seconds and then resets the connection.
+
 Each change checks the hypercorn version it was written against (the dependency is pinned) and
 leaves hypercorn alone, with a warning, for any other version. :func:`tune_hypercorn` is
 idempotent.
@@ -44,6 +51,8 @@ idempotent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -266,6 +275,61 @@ def _install_flow_fixes() -> bool:
     return True
 
 
+#: Seconds a closing connection may take to hand its last bytes to the peer before it is reset.
+CLOSE_TIMEOUT = 5.0
+
+
+def _install_bounded_close() -> bool:
+    """Close a connection whose peer reads nothing within :data:`CLOSE_TIMEOUT` (item 5).
+
+    Replaces ``TCPServer._close`` of hypercorn's asyncio worker, for HTTP/1.1 and HTTP/2 alike.
+    """
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    original = TCPServer._close
+    if getattr(original, "_otterscale_bounded", False):
+        return True
+    version = metadata.version("hypercorn")
+    if not version.startswith(SUPPORTED_HYPERCORN):
+        logger.warning(
+            "hypercorn %s: connections of clients that stop reading are not closed "
+            "(the fix is written for %s)",
+            version,
+            ", ".join(v + "x" for v in SUPPORTED_HYPERCORN),
+        )
+        return False
+
+    async def _close(self: Any) -> None:
+        with contextlib.suppress(NotImplementedError, OSError, RuntimeError):  # TLS has no EOF
+            self.writer.write_eof()
+        try:
+            self.writer.close()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self.writer.wait_closed()
+            except TimeoutError:
+                # asyncio closes the socket only once its write buffer is empty, and the peer
+                # takes nothing: drop the rest (at most the 64 KiB over which hypercorn's writes
+                # wait) and reset the connection, or the socket and this task stay forever.
+                logger.debug("reset a connection whose peer took no data for %.0fs", CLOSE_TIMEOUT)
+                self.writer.transport.abort()
+                await self.writer.wait_closed()
+        except (
+            BrokenPipeError,
+            ConnectionAbortedError,
+            ConnectionResetError,
+            RuntimeError,
+            asyncio.CancelledError,
+        ):
+            pass  # Already closed (as hypercorn's own _close)
+        finally:
+            await self.idle_task.stop()
+
+    _close._otterscale_bounded = True  # type: ignore[attr-defined]
+    TCPServer._close = _close
+    return True
+
+
 async def _reset_unfinished(protocol: Any, stream_id: int) -> None:
     import h2.errors
     import h2.exceptions
@@ -295,7 +359,7 @@ async def _reset_unfinished(protocol: Any, stream_id: int) -> None:
 
 
 def tune_hypercorn() -> bool:
-    """Apply the four changes of the module docstring to hypercorn, once per process.
+    """Apply the five changes of the module docstring to hypercorn, once per process.
 
     Call it before serving (:func:`otterscale.common.serve` does). Returns whether all of them
     are in place: False, with a warning logged, when the installed hypercorn is not the version
@@ -303,4 +367,5 @@ def tune_hypercorn() -> bool:
     """
     scheduler = _install_scheduler_and_cache()
     flow = _install_flow_fixes()
-    return scheduler and flow
+    close = _install_bounded_close()
+    return scheduler and flow and close

@@ -23,7 +23,7 @@ from ._keycloak import (
     TokenRequestError,
     start_keycloak,
 )
-from ._process import ManagedProcess, free_port
+from ._process import ManagedProcess, free_port, holds_socket
 from ._relay import BlackHoleRelay
 from ._system import ClusterEntry, System, Timings, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
@@ -49,6 +49,7 @@ __all__ = [
     "caller_rbac",
     "create_namespace",
     "free_port",
+    "holds_socket",
     "keycloak_home",
     "object_path",
     "replica_ip",

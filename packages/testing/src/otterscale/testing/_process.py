@@ -66,6 +66,30 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
+def holds_socket(*, local_port: int, remote_port: int) -> bool:
+    """Whether this process has a file descriptor open on the TCP socket between the two ports.
+
+    For tests of a server in the test's own process: a socket the server closed is gone from its
+    fds even while the kernel still lingers over it (FIN_WAIT, TIME_WAIT).
+    """
+    inodes = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)  # the header
+            for line in lines:
+                fields = line.split()
+                local, remote = (int(address.rsplit(":", 1)[1], 16) for address in fields[1:3])
+                if (local, remote) == (local_port, remote_port):
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # an fd closed while iterating
+            if os.readlink(fd) in inodes:
+                return True
+    return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port for a test server to listen on, chosen so nothing else takes it first.
 
