@@ -289,3 +289,61 @@ async def test_an_http1_connection_whose_peer_reads_nothing_is_closed(
         shutdown.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(server, 15)
+
+
+@pytest.mark.parametrize("version", ["http1", "h2c"])
+async def test_a_connection_closed_by_its_peer_while_idle_is_released_at_once(version: str) -> None:
+    """A client makes a call, then closes its idle connection: the server's socket must go at
+    once, not when the keep-alive timer (120 s) runs out. Without the fix every connection cut
+    while idle (a hub or tunnel restarting) stayed in CLOSE_WAIT for two minutes."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from otterscale.testing import holds_socket
+
+    tune_hypercorn()
+    sock = create_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    shutdown = asyncio.Event()
+    server = asyncio.create_task(serve(_app, sock, shutdown, graceful_timeout=1), name="test-h2-server")
+    loop = asyncio.get_running_loop()
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setblocking(False)
+    try:
+        await loop.sock_connect(client, ("127.0.0.1", port))
+        if version == "http1":
+            await loop.sock_sendall(client, b"GET /100-1-0 HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"0\r\n\r\n"):  # the chunked body's end
+                answer += await loop.sock_recv(client, 65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+        else:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(
+                1,
+                [(":method", "GET"), (":path", "/100-1-0"), (":scheme", "http"), (":authority", "x")],
+                end_stream=True,
+            )
+            await loop.sock_sendall(client, conn.data_to_send())
+            ended = False
+            while not ended:
+                for event in conn.receive_data(await loop.sock_recv(client, 65536)):
+                    ended = ended or isinstance(event, h2.events.StreamEnded)
+                await loop.sock_sendall(client, conn.data_to_send())
+        local = client.getsockname()[1]
+        await asyncio.sleep(0.2)  # idle: hypercorn's keep-alive timer runs
+        assert holds_socket(local_port=port, remote_port=local)
+        client.close()
+        deadline = loop.time() + 2
+        while holds_socket(local_port=port, remote_port=local):
+            assert loop.time() < deadline, "the server kept the closed connection's socket"
+            await asyncio.sleep(0.05)
+    finally:
+        client.close()
+        shutdown.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(server, 15)

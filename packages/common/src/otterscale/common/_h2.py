@@ -42,7 +42,10 @@ configuration has no hook for any of them:
    asyncio's ``close()``, which keeps the socket open until its write buffer has gone out, and
    then waits for that without a bound: a client that stopped reading (the hub ends its Watch
    after the send timeout) kept a socket, a task and the buffered bytes forever. The close now
-   waits at most :data:`CLOSE_TIMEOUT` seconds and then resets the connection.
+   waits at most :data:`CLOSE_TIMEOUT` seconds and then resets the connection. And a connection
+   whose peer has gone is closed at once: hypercorn kept it open until its keep-alive timer ran
+   out (120 s here), so every connection cut while idle (a hub or a tunnel restarting) sat in
+   CLOSE_WAIT that long (the 30-minute soak with long-lived agents ended with about 20 in each agent).
 
 Each change checks the hypercorn version it was written against (the dependency is pinned) and
 leaves hypercorn alone, with a warning, for any other version. :func:`tune_hypercorn` is
@@ -280,11 +283,14 @@ CLOSE_TIMEOUT = 5.0
 
 
 def _install_bounded_close() -> bool:
-    """Close a connection whose peer reads nothing within :data:`CLOSE_TIMEOUT` (item 5).
+    """Close a connection whose peer reads nothing within :data:`CLOSE_TIMEOUT`, and one whose
+    peer has gone at once (item 5).
 
-    Replaces ``TCPServer._close`` of hypercorn's asyncio worker, for HTTP/1.1 and HTTP/2 alike.
+    Replaces ``TCPServer._close`` and wraps ``_read_data`` and ``protocol_send`` of hypercorn's
+    asyncio worker, for HTTP/1.1 and HTTP/2 alike.
     """
     from hypercorn.asyncio.tcp_server import TCPServer
+    from hypercorn.events import Updated
 
     original = TCPServer._close
     if getattr(original, "_otterscale_bounded", False):
@@ -327,6 +333,28 @@ def _install_bounded_close() -> bool:
 
     _close._otterscale_bounded = True  # type: ignore[attr-defined]
     TCPServer._close = _close
+
+    original_read = TCPServer._read_data
+    original_protocol_send = TCPServer.protocol_send
+
+    async def _read_data(self: Any) -> None:
+        try:
+            await original_read(self)
+        finally:
+            # The peer is gone (or the read failed): the keep-alive timer must not hold the
+            # connection open. hypercorn stops it only after the connection's task group has
+            # ended, and the group waits for the timer: every connection closed by its peer while
+            # idle stayed open (CLOSE_WAIT) for the whole keep_alive_timeout (120 s here).
+            self._otterscale_peer_gone = True
+            await self.idle_task.stop()
+
+    async def protocol_send(self: Any, event: Any) -> None:
+        if isinstance(event, Updated) and getattr(self, "_otterscale_peer_gone", False):
+            return  # an application that ends later would start the timer again
+        await original_protocol_send(self, event)
+
+    TCPServer._read_data = _read_data
+    TCPServer.protocol_send = protocol_send
     return True
 
 
