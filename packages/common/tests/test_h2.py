@@ -87,6 +87,9 @@ def test_install_is_idempotent_and_replaces_the_tree() -> None:
     assert tune_hypercorn()
     assert getattr(H2Protocol.__init__, "_otterscale_round_robin", False)
     assert getattr(H2Protocol.stream_send, "_otterscale_stream_reset", False)
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    assert getattr(TCPServer._close, "_otterscale_bounded", False)
 
 
 async def _app(scope: dict[str, object], receive: object, send: object) -> None:

@@ -1,4 +1,4 @@
-"""hypercorn 0.18's HTTP/2, made fit for hundreds of Watch streams and clients that stop reading.
+"""hypercorn 0.18, made fit for hundreds of Watch streams and for clients that stop reading or leave.
 
 The hub and the agent both serve through hypercorn; :func:`tune_hypercorn` (called by
 :func:`otterscale.common.serve`) changes five things in it, process-wide, because hypercorn's
@@ -45,7 +45,7 @@ configuration has no hook for any of them:
    waits at most :data:`CLOSE_TIMEOUT` seconds and then resets the connection. And a connection
    whose peer has gone is closed at once: hypercorn kept it open until its keep-alive timer ran
    out (120 s here), so every connection cut while idle (a hub or a tunnel restarting) sat in
-   CLOSE_WAIT that long (the 30-minute soak with long-lived agents ended with about 20 in each agent).
+   CLOSE_WAIT that long (a 30-minute soak with long-lived agents ended with ~20 in each agent).
 
 Each change checks the hypercorn version it was written against (the dependency is pinned) and
 leaves hypercorn alone, with a warning, for any other version. :func:`tune_hypercorn` is
