@@ -350,3 +350,15 @@ async def test_a_connection_closed_by_its_peer_while_idle_is_released_at_once(ve
         shutdown.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(server, 15)
+
+
+def test_another_hypercorn_is_left_alone_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from otterscale.common import _h2
+
+    monkeypatch.setattr(_h2.metadata, "version", lambda name: "0.19.0")
+    assert not _h2._supported("its own scheduler stays")
+    assert "hypercorn 0.19.0: its own scheduler stays (the change is written for 0.18.x)" in caplog.text
+    monkeypatch.setattr(_h2.metadata, "version", lambda name: "0.18.0")
+    assert _h2._supported("unused")

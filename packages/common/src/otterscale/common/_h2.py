@@ -181,6 +181,21 @@ def cached_huffman_decoder(decode: Callable[[Any], bytes]) -> Callable[[Any], by
     return decode_huffman
 
 
+def _supported(otherwise: str) -> bool:
+    """Whether the installed hypercorn is one the changes were written for; if not, log what
+    stays as it is (``otherwise``)."""
+    version = metadata.version("hypercorn")
+    if version.startswith(SUPPORTED_HYPERCORN):
+        return True
+    logger.warning(
+        "hypercorn %s: %s (the change is written for %s)",
+        version,
+        otherwise,
+        ", ".join(v + "x" for v in SUPPORTED_HYPERCORN),
+    )
+    return False
+
+
 def _install_scheduler_and_cache() -> bool:
     """Make every hypercorn HTTP/2 connection opened from now on use :class:`RoundRobinScheduler`,
     and hpack's Huffman decoding cached (items 1 and 2 of the module docstring).
@@ -196,14 +211,7 @@ def _install_scheduler_and_cache() -> bool:
 
     if getattr(H2Protocol.__init__, "_otterscale_round_robin", False):
         return True
-    version = metadata.version("hypercorn")
-    if not version.startswith(SUPPORTED_HYPERCORN):
-        logger.warning(
-            "hypercorn %s: keeping its own HTTP/2 stream scheduler (O(streams) per frame); "
-            "the round-robin one was written for %s",
-            version,
-            ", ".join(v + "x" for v in SUPPORTED_HYPERCORN),
-        )
+    if not _supported("keeping its own HTTP/2 stream scheduler (O(streams) per frame)"):
         return False
     original = H2Protocol.__init__
 
@@ -230,14 +238,7 @@ def _install_flow_fixes() -> bool:
     original = H2Protocol.stream_send
     if getattr(original, "_otterscale_stream_reset", False):
         return True
-    version = metadata.version("hypercorn")
-    if not version.startswith(SUPPORTED_HYPERCORN):
-        logger.warning(
-            "hypercorn %s: HTTP/2 send buffers of clients that stop reading are not bounded "
-            "(the fixes are written for %s)",
-            version,
-            ", ".join(v + "x" for v in SUPPORTED_HYPERCORN),
-        )
+    if not _supported("HTTP/2 send buffers of clients that stop reading are not bounded"):
         return False
 
     async def pop(self: Any, max_length: int) -> bytes:
@@ -295,14 +296,7 @@ def _install_bounded_close() -> bool:
     original = TCPServer._close
     if getattr(original, "_otterscale_bounded", False):
         return True
-    version = metadata.version("hypercorn")
-    if not version.startswith(SUPPORTED_HYPERCORN):
-        logger.warning(
-            "hypercorn %s: connections of clients that stop reading are not closed "
-            "(the fix is written for %s)",
-            version,
-            ", ".join(v + "x" for v in SUPPORTED_HYPERCORN),
-        )
+    if not _supported("connections of clients that stop reading or leave are not released"):
         return False
 
     async def _close(self: Any) -> None:
