@@ -253,7 +253,6 @@ async def test_an_http1_connection_whose_peer_reads_nothing_is_closed(
     import socket
 
     from otterscale.common import _h2
-    from otterscale.testing import holds_socket
 
     monkeypatch.setattr(_h2, "CLOSE_TIMEOUT", 1.0)
     tune_hypercorn()
@@ -283,10 +282,7 @@ async def test_an_http1_connection_whose_peer_reads_nothing_is_closed(
         client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         await asyncio.wait_for(gave_up.wait(), 30)
         local = client.getsockname()[1]
-        deadline = asyncio.get_running_loop().time() + _h2.CLOSE_TIMEOUT + 3
-        while holds_socket(local_port=port, remote_port=local):
-            assert asyncio.get_running_loop().time() < deadline, "the server kept the socket open"
-            await asyncio.sleep(0.05)
+        await _released(port, local, within=_h2.CLOSE_TIMEOUT + 3)
     finally:
         client.close()
         shutdown.set()
@@ -341,10 +337,7 @@ async def test_a_connection_closed_by_its_peer_while_idle_is_released_at_once(ve
         await asyncio.sleep(0.2)  # idle: hypercorn's keep-alive timer runs
         assert holds_socket(local_port=port, remote_port=local)
         client.close()
-        deadline = loop.time() + 2
-        while holds_socket(local_port=port, remote_port=local):
-            assert loop.time() < deadline, "the server kept the closed connection's socket"
-            await asyncio.sleep(0.05)
+        await _released(port, local, within=2)
     finally:
         client.close()
         shutdown.set()
@@ -362,3 +355,13 @@ def test_another_hypercorn_is_left_alone_with_a_warning(
     assert "hypercorn 0.19.0: its own scheduler stays (the change is written for 0.18.x)" in caplog.text
     monkeypatch.setattr(_h2.metadata, "version", lambda name: "0.18.0")
     assert _h2._supported("unused")
+
+
+async def _released(port: int, client_port: int, *, within: float) -> None:
+    """Wait until the server (this process) no longer holds the socket of that connection."""
+    from otterscale.testing import holds_socket
+
+    deadline = asyncio.get_running_loop().time() + within
+    while holds_socket(local_port=port, remote_port=client_port):
+        assert asyncio.get_running_loop().time() < deadline, f"the server kept the socket for {within:g}s"
+        await asyncio.sleep(0.05)
