@@ -13,10 +13,11 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 
+from otterscale.common import sign_identity
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import ControlPlane
 
-from .conftest import CLUSTER, CRD_GROUP, ClientFactory, unique
+from .conftest import ADMIN, CLUSTER, CRD_GROUP, IDENTITY_KEY, AgentThread, ClientFactory, unique
 
 pytestmark = pytest.mark.integration
 
@@ -335,3 +336,37 @@ async def test_json_codec(make_client: ClientFactory, namespace: str) -> None:
         pb.ListRequest(cluster=CLUSTER, version="v1", resource="configmaps", namespace=namespace)
     )
     assert name in [as_dict(i.object)["metadata"]["name"] for i in listed.items]
+
+
+@pytest.mark.parametrize("version", ["http1", "h2c"])
+async def test_a_unary_answer_declares_its_length(
+    agent_server: AgentThread, namespace: str, version: str
+) -> None:
+    """The hub checks an agent's answer against its size limit from Content-Length before
+    reading it, and then reads it natively (otterscale.common.serve adds the header)."""
+    from pyqwest import Client, HTTPTransport, HTTPVersion
+
+    # As the hub's: no compression (a client that inflates an answer drops its Content-Length).
+    transport = HTTPTransport(
+        http_version=HTTPVersion.HTTP1 if version == "http1" else HTTPVersion.HTTP2,
+        enable_gzip=False,
+        enable_brotli=False,
+        enable_zstd=False,
+    )
+    try:
+        method = "/otterscale.resource.v1.ResourceService/List"
+        headers = {
+            "content-type": "application/proto",
+            "connect-protocol-version": "1",
+            **sign_identity(ADMIN, cluster=CLUSTER, method=method, key=IDENTITY_KEY),
+        }
+        body = pb.ListRequest(cluster=CLUSTER, version="v1", resource="configmaps", namespace=namespace)
+        response = await Client(transport).post(
+            agent_server.url + method, headers=headers, content=body.SerializeToString()
+        )
+        content = bytes(response.content)
+        assert response.status == 200, content
+        assert response.headers.get("content-length") == str(len(content))
+        assert pb.ListResponse.FromString(content).resource_version
+    finally:
+        await transport.aclose()
