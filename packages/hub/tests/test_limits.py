@@ -637,9 +637,6 @@ async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) ->
     timeout = 3.0
     limited = await limited_hub({"watch_send_timeout_seconds": timeout})
     churn = Churn(limited)
-    rss_samples: list[int] = []
-    latencies: list[float] = []
-    baseline = _rss()
     async with RawH2(limited, window=KIB) as conn:
         watch = conn.request("Watch", "application/connect+proto")
         message = watch_request(limited.namespace).SerializeToString()
@@ -651,27 +648,21 @@ async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) ->
         # no longer fits the window: from here on the client accepts nothing.
         started = conn.streams[watch].headers_at
         with churn:
-            await churn.meanwhile(
-                lambda: conn.streams[watch].reset,
-                rss_samples,
-                latencies,
-                within=timeout + 10,
-                baseline=baseline,
-            )
+            await churn.meanwhile(lambda: conn.streams[watch].reset, within=timeout + 10)
             dropped_after = conn.streams[watch].reset_at - started
         assert conn.streams[watch].reset_code == h2.errors.ErrorCodes.CANCEL
         received = len(conn.streams[watch].body)
-    peak = max(rss_samples) - baseline
+    peak = churn.peak_growth
     print(
         f"slow reader (h2c): dropped {dropped_after:.2f}s after the client stopped accepting "
         f"(timeout {timeout:g}s); "
         f"{churn.written / MIB:.0f} MiB of events written meanwhile, {received} bytes reached the client; "
-        f"process RSS +{peak / MIB:.1f} MiB over {len(rss_samples)} samples; "
-        f"other Gets meanwhile: {len(latencies)}, slowest {max(latencies) * 1000:.0f} ms"
+        f"process RSS +{peak / MIB:.1f} MiB over {len(churn.rss_samples)} samples; "
+        f"other Gets meanwhile: {len(churn.latencies)}, slowest {max(churn.latencies) * 1000:.0f} ms"
     )
     assert timeout - 0.1 <= dropped_after < timeout + 3.0
     assert received <= KIB  # the client never granted more than its first window
-    assert max(latencies) < 1.0
+    assert max(churn.latencies) < 1.0
     assert peak < 24 * MIB
     assert limited.refusals("slow_watch_client") == 1
     await wait_for(lambda: limited.watches_open() == 0 and limited.slots() == 0, 5, "watch released")
@@ -707,22 +698,13 @@ async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Sta
         + body
     )
     await writer.drain()
-    rss_samples: list[int] = []
-    latencies: list[float] = []
-    baseline = _rss()
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.split()[1] == b"200", head
         assert limited.watches_open() == 1
         started = time.monotonic()
         with churn:
-            await churn.meanwhile(
-                lambda: limited.refusals("slow_watch_client") == 1,
-                rss_samples,
-                latencies,
-                within=timeout + 20,
-                baseline=baseline,
-            )
+            await churn.meanwhile(lambda: limited.refusals("slow_watch_client") == 1, within=timeout + 20)
             dropped_after = time.monotonic() - started
         # The hub's end of the connection: its socket (found by the two ports) must be closed,
         # with the client still reading nothing (after hypercorn's bounded close, CLOSE_TIMEOUT).
@@ -735,15 +717,15 @@ async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Sta
         closed_after = time.monotonic() - dropped
     finally:
         writer.transport.abort()
-    peak = max(rss_samples) - baseline
+    peak = churn.peak_growth
     print(
         f"slow reader (HTTP/1.1): dropped {dropped_after:.2f}s after the headers (timeout {timeout:g}s, "
         f"plus the time to fill TCP's buffers); {churn.written / MIB:.0f} MiB of events written "
         f"meanwhile; socket closed {closed_after:.2f}s later; "
-        f"process RSS +{peak / MIB:.1f} MiB over {len(rss_samples)} samples; "
-        f"other Gets meanwhile: {len(latencies)}, slowest {max(latencies) * 1000:.0f} ms"
+        f"process RSS +{peak / MIB:.1f} MiB over {len(churn.rss_samples)} samples; "
+        f"other Gets meanwhile: {len(churn.latencies)}, slowest {max(churn.latencies) * 1000:.0f} ms"
     )
-    assert max(latencies) < 1.0
+    assert max(churn.latencies) < 1.0
     assert peak < 24 * MIB
     await wait_for(lambda: limited.watches_open() == 0 and limited.slots() == 0, 5, "watch released")
 
@@ -765,6 +747,16 @@ class Churn:
             f"/api/v1/namespaces/{limited.namespace}/configmaps",
             limited.configmap("churn", self.SIZE),
         )
+        #: This process's RSS before the test's client starts, and while the churn goes on.
+        self.baseline = _rss()
+        self.rss_samples: list[int] = []
+        #: Seconds each Get through the hub took meanwhile.
+        self.latencies: list[float] = []
+
+    @property
+    def peak_growth(self) -> int:
+        """Bytes the RSS grew at most over :attr:`baseline`."""
+        return max(self.rss_samples) - self.baseline
 
     def __enter__(self) -> Churn:
         self._thread.start()
@@ -783,17 +775,9 @@ class Churn:
             self.written += self.SIZE
             self._started.set()
 
-    async def meanwhile(
-        self,
-        done: Callable[[], bool],
-        rss_samples: list[int],
-        latencies: list[float],
-        *,
-        within: float,
-        baseline: int,
-    ) -> None:
-        """Until ``done()``: sample this process's RSS and time a Get through the hub, 5 a second;
-        fail after ``within`` seconds."""
+    async def meanwhile(self, done: Callable[[], bool], *, within: float) -> None:
+        """Until ``done()``: sample this process's RSS (:attr:`rss_samples`) and time a Get
+        through the hub (:attr:`latencies`), 5 a second; fail after ``within`` seconds."""
         await asyncio.to_thread(self._started.wait, 10)
         limited = self.limited
         other = limited.env.client("connect-h2c")
@@ -802,15 +786,15 @@ class Churn:
         )
         started = time.monotonic()
         while not done():
-            rss_samples.append(_rss())
+            self.rss_samples.append(_rss())
             t0 = time.perf_counter()
             got = await other.get(get, headers=limited.env.auth())
-            latencies.append(time.perf_counter() - t0)
+            self.latencies.append(time.perf_counter() - t0)
             assert got.object["metadata"]["name"] == "churn"
             assert time.monotonic() - started < within, (
                 "the stalled Watch was never dropped",
                 f"refusals {limited.refusals('slow_watch_client')}, open {limited.watches_open()}",
-                f"RSS +{(_rss() - baseline) / MIB:.0f} MiB, {self.written / MIB:.0f} MiB written",
+                f"RSS +{(_rss() - self.baseline) / MIB:.0f} MiB, {self.written / MIB:.0f} MiB written",
             )
             await asyncio.sleep(0.2)
 
