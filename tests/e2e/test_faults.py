@@ -46,8 +46,14 @@ FAST_FAIL = 1.0
 WATCH_IDLE = 12.0
 
 
-def list_configmaps(cluster: str, namespace: str = "default") -> pb.ListRequest:
-    return pb.ListRequest(cluster=cluster, version="v1", resource="configmaps", namespace=namespace)
+def list_configmaps(cluster: str, namespace: str = "default", label_selector: str = "") -> pb.ListRequest:
+    return pb.ListRequest(
+        cluster=cluster,
+        version="v1",
+        resource="configmaps",
+        namespace=namespace,
+        label_selector=label_selector,
+    )
 
 
 async def until(
@@ -301,17 +307,6 @@ class ResumingWatch:
         return set(writer.written) <= set(self.changes())
 
 
-def writer_objects(cluster: str, namespace: str, writer: Writer) -> pb.ListRequest:
-    """A List of ``writer``'s ConfigMaps in ``cluster``."""
-    return pb.ListRequest(
-        cluster=cluster,
-        version="v1",
-        resource="configmaps",
-        namespace=namespace,
-        label_selector=writer.selector,
-    )
-
-
 def watch_writer(
     client: Any,
     headers: dict[str, str],
@@ -339,7 +334,7 @@ async def start_watching_writes(
 ) -> tuple[ResumingWatch, asyncio.Task[None]]:
     """List ``writer``'s objects, watch them from the List's resourceVersion, start ``writer`` and
     return once the watch has seen its first writes; the caller cancels the task."""
-    start = await client.list(writer_objects(cluster, namespace, writer), headers=headers)
+    start = await client.list(list_configmaps(cluster, namespace, writer.selector), headers=headers)
     watch = watch_writer(client, headers, cluster, namespace, writer, start.resource_version)
     task = asyncio.create_task(watch.run(), name="resuming-watch")
     writer.start()

@@ -29,7 +29,6 @@ from .test_faults import (
     list_configmaps,
     until,
     watch_writer,
-    writer_objects,
 )
 
 pytestmark = [
@@ -58,7 +57,7 @@ async def test_kube_apiserver_restarted_under_an_agent(
     client = hub.client("connect-h2c")
     writer = Writer(cp, namespace, unique("apiserver"))
     watch_client = hub.client("grpc-h2c", timeout_ms=None)
-    listing = writer_objects("west", namespace, writer)
+    listing = list_configmaps("west", namespace, writer.selector)
     start = await watch_client.list(listing, headers=auth)
 
     async def relist() -> pb.ListResponse:
@@ -189,7 +188,9 @@ async def test_watches_survive_a_hub_restart_without_missing_a_write(
     assert cp is not None
     auth = hub.auth("alice")
     writer = Writer(cp, namespace, unique("hubrestart"))
-    start = await hub.client("connect-h2c").list(writer_objects("east", namespace, writer), headers=auth)
+    start = await hub.client("connect-h2c").list(
+        list_configmaps("east", namespace, writer.selector), headers=auth
+    )
     transports = ("connect-h1", "grpc-h2c", "grpcweb-h1")
     watches = {
         t: watch_writer(
