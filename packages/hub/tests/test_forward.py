@@ -528,10 +528,8 @@ async def test_followers_enforce_the_same_limits(
         assert via_follower.value.message == direct.value.message
         assert "limits.max_response_bytes" in direct.value.message
         assert refusals(replicas.hubs["a"], "response_too_large") == 2
-        small = listing.__class__()
-        small.CopyFrom(listing)
-        small.limit = 10
-        assert len((await follower.list(small, headers=replicas.auth())).items) == 10
+        listing.limit = 10  # a small page still goes through
+        assert len((await follower.list(listing, headers=replicas.auth())).items) == 10
 
         async def hold(client: ResourceServiceClient) -> None:
             async for _ in client.watch(watch(1), headers=replicas.auth()):
