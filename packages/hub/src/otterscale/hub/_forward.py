@@ -54,8 +54,10 @@ from ._passthrough import (
     Context,
     RequestPipe,
     Requests,
+    caller_failure,
     close_upstream,
     next_hop_timeout_ms,
+    pass_on,
     with_request_id,
 )
 from ._routes import Route
@@ -167,24 +169,20 @@ class LeaderForwarder:
             try:
                 if isinstance(requests, RawMessage):
                     client = self._client(leader, requests.codec, 1 + index)
-                    upstream = client.execute_server_stream(
-                        request=requests, method=ctx.method, headers=headers, timeout_ms=timeout_ms
-                    )
+                    upstream = pass_on(client, requests, ctx, headers, timeout_ms)
                 else:
                     # A request stream goes on as it arrives; the leader routes it by its first message.
                     pipe = RequestPipe(requests, name=f"hub-forward-requests:{route.procedure}")
                     client = self._client(leader, _codec(ctx), 1 + index)
-                    upstream = client.execute_bidi_stream(
-                        request=pipe.messages(), method=ctx.method, headers=headers, timeout_ms=timeout_ms
-                    )
+                    upstream = pass_on(client, pipe, ctx, headers, timeout_ms)
                 try:
                     async for message in upstream:
                         yield message
                 finally:
                     await close_upstream(upstream)
             except ConnectError as exc:
-                if pipe is not None and pipe.failure is not None:
-                    raise to_connect_error(pipe.failure) from None
+                if (failure := caller_failure(pipe)) is not None:
+                    raise failure from None
                 raise self._upstream_error(route, leader, exc, task) from None
             except asyncio.CancelledError as exc:
                 raise self._cancelled(route, leader, exc, task) from None

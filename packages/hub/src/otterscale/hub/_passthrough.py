@@ -22,6 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
+from connectrpc.client import ConnectClient
 from connectrpc.code import Code
 from connectrpc.codec import Codec
 from connectrpc.compression import Compression
@@ -33,7 +34,7 @@ from connectrpc.server import ConnectASGIApplication, Endpoint
 from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
 
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec, RawMessage
-from ._errors import MalformedRequestError
+from ._errors import MalformedRequestError, to_connect_error
 from ._observe import REQUEST_ID_HEADER, current_call
 from ._routes import Route
 from ._tasks import cancel_and_wait, spawn
@@ -185,6 +186,32 @@ class RequestPipe:
     async def close(self) -> None:
         """Stop reading the caller's stream (idempotent)."""
         await cancel_and_wait([self._task])
+
+
+def pass_on(
+    client: ConnectClient,
+    requests: RawMessage | RequestPipe,
+    ctx: Context,
+    headers: dict[str, str],
+    timeout_ms: int | None,
+) -> AsyncIterator[RawMessage]:
+    """The next hop's answers to a streaming call: of a server stream's one request, or of the
+    messages of a client or bidirectional stream's pipe (the same wire format either way)."""
+    if isinstance(requests, RawMessage):
+        return client.execute_server_stream(
+            request=requests, method=ctx.method, headers=headers, timeout_ms=timeout_ms
+        )
+    return client.execute_bidi_stream(
+        request=requests.messages(), method=ctx.method, headers=headers, timeout_ms=timeout_ms
+    )
+
+
+def caller_failure(pipe: RequestPipe | None) -> ConnectError | None:
+    """The error of a caller whose own request stream broke (a message over the limit, a caller
+    that left): that, not the next hop's view of a cut-off request, is the call's outcome."""
+    if pipe is None or pipe.failure is None:
+        return None
+    return to_connect_error(pipe.failure)
 
 
 # --------------------------------------------------------------------------------------------------

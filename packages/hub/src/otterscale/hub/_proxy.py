@@ -71,8 +71,10 @@ from ._passthrough import (
     Context,
     RequestPipe,
     Requests,
+    caller_failure,
     close_upstream,
     next_hop_timeout_ms,
+    pass_on,
     with_request_id,
 )
 from ._routes import Route
@@ -175,7 +177,6 @@ class ClusterProxy:
 
     async def stream(self, route: Route, requests: Requests, ctx: Context) -> AsyncIterator[RawMessage]:
         """Forward a streaming call (any of the three shapes) to its cluster's agent."""
-        single = isinstance(requests, RawMessage)
         forward: _Forward | None = None
         try:
             identity = await self._authenticate(ctx)
@@ -210,21 +211,9 @@ class ClusterProxy:
             gauge.inc()
             try:
                 with self._agents.stream_client(cluster, forward.codec) as client:
-                    if single:
-                        upstream = client.execute_server_stream(
-                            request=requests,
-                            method=ctx.method,
-                            headers=forward.headers,
-                            timeout_ms=forward.timeout_ms,
-                        )
-                    else:
-                        assert pipe is not None
-                        upstream = client.execute_bidi_stream(
-                            request=pipe.messages(),
-                            method=ctx.method,
-                            headers=forward.headers,
-                            timeout_ms=forward.timeout_ms,
-                        )
+                    passed = requests if isinstance(requests, RawMessage) else pipe
+                    assert passed is not None
+                    upstream = pass_on(client, passed, ctx, forward.headers, forward.timeout_ms)
                     try:
                         answered = False
                         async for message in upstream:
@@ -235,10 +224,8 @@ class ClusterProxy:
                     finally:
                         await close_upstream(upstream)
             except ConnectError as exc:
-                if pipe is not None and pipe.failure is not None:
-                    # The caller's own stream broke (a message over the limit, the caller left):
-                    # that, not the agent's view of a cut-off request, is the call's outcome.
-                    raise to_connect_error(pipe.failure) from None
+                if (failure := caller_failure(pipe)) is not None:
+                    raise failure from None
                 raise self._upstream_error(route, cluster, exc, task=task) from None
         except asyncio.CancelledError as exc:
             if _is_shutdown(exc):
