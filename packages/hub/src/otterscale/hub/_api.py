@@ -36,7 +36,7 @@ from ._leader import Leadership
 from ._limits import BoundedGzipCompression, ClientLimits, HubLimits
 from ._metrics import HubMetrics
 from ._observe import ObservingInterceptor
-from ._passthrough import PassThroughApplication
+from ._passthrough import PassThroughApplication, Relay
 from ._proxy import ClusterProxy
 from ._reflection import reflection_apps
 from ._routes import Route, RouteError, cluster_routes, hub_routes, routes_by_procedure
@@ -149,9 +149,7 @@ class Api:
     def _refused(self, reason: str) -> None:
         self._metrics.limit_refusals.labels(reason=reason).inc()
 
-    def _pass_through(
-        self, descriptor: ServiceDescriptor, routes: list[Route], relay: ClusterProxy | LeaderForwarder
-    ) -> ASGIApp:
+    def _pass_through(self, descriptor: ServiceDescriptor, routes: list[Route], relay: Relay) -> ASGIApp:
         return PassThroughApplication(  # type: ignore[return-value]
             descriptor,
             routes,

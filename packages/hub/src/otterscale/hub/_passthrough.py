@@ -30,7 +30,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.interceptor import Interceptor
 from connectrpc.method import StreamType
 from connectrpc.request import RequestContext
-from connectrpc.server import ConnectASGIApplication, Endpoint
+from connectrpc.server import DEFAULT_READ_MAX_BYTES, ConnectASGIApplication, Endpoint
 from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
 
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec, RawMessage
@@ -69,7 +69,7 @@ class PassThroughApplication(ConnectASGIApplication[Relay]):
         *,
         interceptors: Iterable[Interceptor] = (),
         compressions: Iterable[Compression] | None = None,
-        read_max_bytes: int | None = None,
+        read_max_bytes: int | None = DEFAULT_READ_MAX_BYTES,
     ) -> None:
         self._path = f"/{service.full_name}"
         self.routes = {route.procedure: route for route in routes}
