@@ -16,6 +16,7 @@ EXPECTED = {
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
+    "CorsConfig",
     "KeycloakConfig",
     "TunnelConfig",
     "TunnelServerConfig",
