@@ -26,7 +26,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from otterscale.common import ASGIApp, CorsConfig
+from otterscale.common import ASGIApp, CorsConfig, drain_request
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -193,14 +193,8 @@ class CorsLayer:
     async def _preflight(
         self, scope: dict[str, Any], receive: Receive, send: Send, origins: list[str], method: list[str]
     ) -> None:
-        # Read the (empty) request first: answering an HTTP/2 request before its body has ended
-        # makes hypercorn drop the connection (see _server._respond).
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                break
+        if not await drain_request(receive):  # the (empty) body first, or hypercorn drops an h2 stream
+            return
         if len(origins) != 1:
             decision: list[tuple[bytes, bytes]] | str = "more than one Origin header"
         elif len(method) != 1:
