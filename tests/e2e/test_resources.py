@@ -145,6 +145,8 @@ async def test_discovery_and_schema_through_the_hub(hub: Hub) -> None:
     resources = {(r.group, r.version, r.resource) for r in discovery.api_resources}
     assert ("", "v1", "configmaps") in resources
     assert ("rbac.authorization.k8s.io", "v1", "clusterrolebindings") in resources
+    # subresources too, as the original listed them (a dashboard reads the actions they offer)
+    assert {("", "v1", "pods/log"), ("", "v1", "pods/exec"), ("apps", "v1", "deployments/scale")} <= resources
     schema = await client.schema(
         pb.SchemaRequest(cluster="east", version="v1", kind="ConfigMap"), headers=hub.auth("alice")
     )
