@@ -14,6 +14,7 @@
   log, metrics);
 - gRPC health and reflection (describing every service above), ``/metrics``, ``/healthz`` and
   ``/readyz``, all answered by this replica itself (:class:`~._server.Router`).
+- in front of everything, the CORS layer for browser pages of other origins (:mod:`._cors`).
 
 Authentication happens in the handlers (the proxy, the forwarder's leader, the hub-served
 services), after routing by path but before anything is passed on.
@@ -30,6 +31,7 @@ from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-
 from otterscale.common import ASGIApp, OIDCVerifier, OtterscaleConfig
 
 from ._auth import Authenticator
+from ._cors import with_cors
 from ._forward import LeaderForwarder
 from ._health import HealthASGIApplication, HealthService, health_file
 from ._leader import Leadership
@@ -123,8 +125,9 @@ class Api:
         ]
         for app in reflection_apps(described, interceptors=self._interceptors):
             services[_service_name(app.path)] = app  # type: ignore[assignment]
-        #: The hub's ASGI application.
-        self.router = Router(services, metrics=metrics.render, ready=ready, on_startup=on_started)
+        router = Router(services, metrics=metrics.render, ready=ready, on_startup=on_started)
+        #: The hub's ASGI application; CORS outermost: before auth, on followers too.
+        self.router: ASGIApp = with_cors(router, config.cors)
 
     def drain(self) -> None:
         """Shutdown begins: health says NOT_SERVING; new streams are refused, open ones end."""
