@@ -11,13 +11,39 @@ Run it with ``otterscale agent --cluster NAME`` (see ``--help``). Embedding (tes
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
-from ._agent import Agent, AgentSettings, RootTask, run_agent
-from ._cli import build_parser, main
-from ._discovery import DEFAULT_TTL as DISCOVERY_TTL
-from ._errors import AgentError
-from ._kubeconfig import KubeConfigError, KubeConnection, load_connection
-from ._service import DEFAULT_FIELD_MANAGER
-from ._tunnel import TunnelSettings
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from otterscale.common import lazy_exports
+
+if TYPE_CHECKING:
+    from ._agent import Agent, AgentSettings, RootTask, run_agent
+    from ._cli import build_parser, main
+    from ._discovery import DEFAULT_TTL as DISCOVERY_TTL
+    from ._errors import AgentError
+    from ._kubeconfig import KubeConfigError, KubeConnection, load_connection
+    from ._service import DEFAULT_FIELD_MANAGER
+    from ._tunnel import TunnelSettings
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "Agent": "._agent",
+        "AgentSettings": "._agent",
+        "RootTask": "._agent",
+        "run_agent": "._agent",
+        "build_parser": "._cli",
+        "main": "._cli",
+        "DISCOVERY_TTL": "._discovery:DEFAULT_TTL",
+        "AgentError": "._errors",
+        "KubeConfigError": "._kubeconfig",
+        "KubeConnection": "._kubeconfig",
+        "load_connection": "._kubeconfig",
+        "DEFAULT_FIELD_MANAGER": "._service",
+        "TunnelSettings": "._tunnel",
+    },
+)
 
 __all__ = [
     "DEFAULT_FIELD_MANAGER",

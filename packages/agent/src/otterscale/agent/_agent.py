@@ -24,11 +24,13 @@ from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any
 
+from otterscale.cluster.v1 import cluster_pb2
 from otterscale.cluster.v1.cluster_connect import AgentServiceASGIApplication
-from otterscale.common import create_listener, serve
+from otterscale.common import ASGIApp, create_listener, serve_asgi
+from otterscale.resource.v1 import resource_pb2
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
 
-from ._auth import IdentityInterceptor
+from ._auth import EarlyIdentityInterceptor, IdentityInterceptor
 from ._codecs import resource_codecs
 from ._discovery import DEFAULT_TTL, DiscoveryCache
 from ._info import AgentInfoService
@@ -43,6 +45,13 @@ from ._tunnel import Tunnel, TunnelSettings
 logger = logging.getLogger(__name__)
 
 __all__ = ["Agent", "AgentSettings", "RootTask", "run_agent"]
+
+#: The services the agent serves (their streaming methods get heartbeats and Envoy's stalled-reader
+#: reset): add a service's descriptor here when mounting its application in :meth:`Agent.start`.
+SERVICES = (
+    resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
+    cluster_pb2.DESCRIPTOR.services_by_name["AgentService"],
+)
 
 #: A long-running part of the agent that ends the agent when it ends (e.g. tunnel supervision).
 RootTask = Callable[["Agent"], Coroutine[Any, Any, None]]
@@ -69,13 +78,18 @@ class AgentSettings:
     #: The tunnel to the hub that :func:`run_agent` keeps open; None runs the agent alone
     #: (``--no-tunnel``: tests, local debugging).
     tunnel: TunnelSettings | None = None
+    #: Seconds a request's whole body may take (``limits.request_timeout_seconds``; enforced by
+    #: the serving layer inside Envoy).
+    request_timeout: float = 10.0
 
 
 class Agent:
     """One running agent; use ``async with Agent(settings) as agent``.
 
     ``readiness`` decides ``GET /readyz`` (None when ready, else the reason); without one the
-    agent is ready while it serves. Either way it is not ready once stopping.
+    agent is ready while it serves. Either way it is not ready once stopping. ``hosted``: the
+    agent runs inside Envoy (``otterscale agent``), which serves :attr:`app`; otherwise it serves
+    itself on hypercorn (tests in the same process).
     """
 
     def __init__(
@@ -84,8 +98,12 @@ class Agent:
         *,
         connection: KubeConnection | None = None,
         readiness: Readiness | None = None,
+        hosted: bool = False,
     ) -> None:
         self.settings = settings
+        self.hosted = hosted
+        #: The agent's ASGI application (ResourceService, AgentService, /ping, /readyz).
+        self.app: ASGIApp | None = None
         self._connection = connection
         self._readiness = readiness
         self._stopping = False
@@ -143,9 +161,11 @@ class Agent:
                 discovery=DiscoveryCache(self._client, ttl=settings.discovery_ttl),
                 schemas=SchemaCache(self._client, ttl=settings.discovery_ttl),
             )
+            identity = EarlyIdentityInterceptor if self.hosted else IdentityInterceptor
             interceptors = [
-                # Outermost: an unsigned call never reaches a handler.
-                IdentityInterceptor(
+                # Outermost: an unsigned call never reaches a handler (inside Envoy, its body is
+                # not even read).
+                identity(
                     cluster=settings.cluster,
                     key=settings.identity_key,
                     max_skew_seconds=settings.max_skew_seconds,
@@ -160,12 +180,17 @@ class Agent:
                     AgentInfoService(cluster=settings.cluster, client=self._client), interceptors=interceptors
                 ),
             )
+            if self.hosted:
+                self.app = make_asgi_app(connect_app, readiness=self.readiness)
+                self.host, self.port = settings.host, settings.port
+                logger.info("agent for cluster %s started", settings.cluster)
+                return
             sock = create_listener(settings.host, settings.port)
             bound = sock.getsockname()
             self.host, self.port = (settings.host, int(bound[1]))
             started = asyncio.Event()
             self._server_task = start_task(
-                serve(
+                serve_asgi(
                     make_asgi_app(connect_app, on_startup=started.set, readiness=self.readiness),
                     sock,
                     self._server_stop,
@@ -179,11 +204,15 @@ class Agent:
             raise
         logger.info("agent for cluster %s serving on %s", settings.cluster, self.url)
 
-    async def stop(self) -> None:
-        """End Watches, stop accepting, drain (bounded), close the Kubernetes client. Idempotent."""
+    def drain(self) -> None:
+        """A stop begins: not ready, and open Watch streams end with unavailable (no waiting)."""
         self._stopping = True
         if self._service is not None:
             self._service.shutdown()
+
+    async def stop(self) -> None:
+        """End Watches, stop accepting, drain (bounded), close the Kubernetes client. Idempotent."""
+        self.drain()
         self._server_stop.set()
         if self._server_task is not None and not self._server_task.done():
             try:

@@ -1,27 +1,28 @@
-"""``otterscale agent`` (also installed as ``otterscale-agent``): flags, config, signals, exit status.
+"""``otterscale agent`` (also installed as ``otterscale-agent``): flags, config, exit status.
+
+The agent runs inside Envoy (:func:`otterscale.common.serve`): :func:`main` parses the flags,
+reads the port and the request deadline from the configuration, and starts Envoy with the agent
+inside (``otterscale.agent._hosted``), which checks everything :func:`settings_from_args` checks
+before it serves: a misconfigured agent exits at once with a message (status 1) instead of
+serving a tunnel that can never come up (the cluster's fingerprint, the tunnel server URL, the
+chisel binary and its version), printed here as before.
 
 The only module of the agent that reads the process environment (``OTTERSCALE_CONTAINER`` through
 common's ``resolve_defaults``, ``PATH`` to find chisel, ``KUBECONFIG`` and the in-cluster service
-variables), which it passes down explicitly. Signal handlers only set the stop event; a second
-signal aborts the graceful shutdown.
-
-Everything that can be checked before serving is checked here, so that a misconfigured agent
-exits at once with a message (status 1) instead of serving a tunnel that can never come up: the
-cluster's fingerprint, the tunnel server URL, and the chisel binary and its version.
+variables), which it passes down explicitly. The first SIGTERM or SIGINT stops gracefully (open
+Watch streams end with unavailable, calls in flight finish); a second one stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import gc
 import logging
 import os
-import signal
 import sys
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from otterscale.common import (
@@ -29,23 +30,28 @@ from otterscale.common import (
     CONTAINER_ENV,
     DEFAULT_ADDRESS,
     MIN_CHISEL_VERSION,
+    Address,
     ChiselBinary,
     ClusterConfig,
     ConfigError,
+    Launch,
     OtterscaleConfig,
     TunnelError,
     UsageError,
     add_common_arguments,
     check_chisel,
     configure_logging,
+    configured_limits,
+    configured_value,
     derive_identity_key,
     load_config,
     resolve_defaults,
+    serve,
 )
 
-from ._agent import AgentSettings, run_agent
+from ._agent import AgentSettings
 from ._discovery import DEFAULT_TTL
-from ._kubeconfig import KubeConfigError
+from ._server import GRACEFUL_TIMEOUT
 from ._tunnel import (
     DEFAULT_KEEPALIVE,
     DEFAULT_MAX_RETRY_INTERVAL,
@@ -57,6 +63,11 @@ from ._tunnel import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_parser", "main"]
+
+#: The agent inside Envoy.
+APP = "otterscale.agent._hosted:app"
+#: Seconds the agent's own shutdown may take once calls in flight are done (chisel, client).
+STOP_TIMEOUT = 10.0
 
 _MIN_CHISEL = ".".join(str(part) for part in MIN_CHISEL_VERSION)
 # Stands in for the binary while the other tunnel settings are checked (before chisel is run).
@@ -171,15 +182,8 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
     password = cluster.agent.auth.password.get_secret_value()
     port = options.port or cluster.agent.api_port
     tunnel: TunnelSettings | None = None
-    if args.no_tunnel:
-        given = [
-            flag
-            for flag, value in (("--chisel", args.chisel), ("--tunnel-server-url", args.tunnel_server_url))
-            if value
-        ]
-        if given:
-            raise UsageError(f"--no-tunnel runs the agent without a tunnel; drop {' and '.join(given)}")
-    else:
+    check_flags(args)
+    if not args.no_tunnel:
         tunnel = _tunnel_settings(args, options.config, config, cluster, port, environ)
     settings = AgentSettings(
         cluster=args.cluster,
@@ -189,8 +193,26 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
         kubeconfig=args.kubeconfig,
         environ=dict(environ),
         tunnel=tunnel,
+        request_timeout=config.limits.request_timeout_seconds,
     )
     return settings, options.log_level, options.log_format
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """What the flags alone can get wrong (UsageError): checked before anything starts."""
+    if args.no_tunnel:
+        given = [
+            flag
+            for flag, value in (("--chisel", args.chisel), ("--tunnel-server-url", args.tunnel_server_url))
+            if value
+        ]
+        if given:
+            raise UsageError(f"--no-tunnel runs the agent without a tunnel; drop {' and '.join(given)}")
+        return
+    if args.tunnel_server_url is not None and not args.tunnel_server_url.strip():
+        raise UsageError("--tunnel-server-url must not be empty")
+    if args.chisel is not None and not str(args.chisel).strip():
+        raise UsageError("--chisel must not be empty")
 
 
 def _tunnel_settings(
@@ -220,12 +242,8 @@ def _tunnel_settings(
         )
     if args.tunnel_server_url is not None:
         url = args.tunnel_server_url.strip()
-        if not url:
-            raise UsageError("--tunnel-server-url must not be empty")
     else:
         url = default_server_url(config.tunnel.server.host, config.tunnel.server.port)
-    if args.chisel is not None and not str(args.chisel).strip():
-        raise UsageError("--chisel must not be empty")
     placeholder = TunnelSettings(
         chisel=_UNCHECKED_CHISEL,
         server_url=url,
@@ -244,31 +262,37 @@ def _tunnel_settings(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``otterscale agent`` and of the ``otterscale-agent`` script."""
-    environ = dict(os.environ)
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings, level, fmt = settings_from_args(sys.argv[1:] if argv is None else argv, environ)
-    except ConfigError as exc:
-        sys.stderr.write(f"otterscale agent: {exc}\n")
-        return 1
+        args = build_parser().parse_args(arguments)
+        options = resolve_defaults(args, os.environ)
+        check_flags(args)
     except UsageError as exc:
         sys.stderr.write(f"otterscale agent: error: {exc}\n")
         return 2
-    except TunnelError as exc:
-        sys.stderr.write(f"otterscale agent: {exc}\n")
-        return 1
-    configure_logging(level, fmt)
+    log_format = options.log_format
+    configure_logging(options.log_level, log_format)
+    # Port 0 means the cluster's api_port: read it now (the agent checks the whole file inside).
+    port = options.port or configured_value(options.config, "clusters", args.cluster, "agent", "api_port")
+    launch = Launch(
+        name="agent",
+        command="otterscale agent",
+        app=APP,
+        api=Address(options.host, port if isinstance(port, int) and 0 < port < 65536 else 0),
+        limits=configured_limits(options.config, hub=False),
+        settings={"argv": arguments},
+        drain_timeout=GRACEFUL_TIMEOUT,
+        stop_timeout=STOP_TIMEOUT,
+        log_level=options.log_level,
+        log_format=log_format,
+    )
     try:
-        _tune_gc()
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            return runner.run(_serve(settings))
-    except KubeConfigError as exc:
-        logger.error("%s", exc)
-        return 1
+        return serve(launch)
     except KeyboardInterrupt:
         return 130
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Keep what start-up imported out of the cyclic collector's passes (``gc.freeze()``).
 
     A larger first-generation threshold was measured too (5,000-ConfigMap List pipeline, CPU,
@@ -277,47 +301,3 @@ def _tune_gc() -> None:
     mid-connect), which is not worth ~10 % of a big List.
     """
     gc.freeze()
-
-
-def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where installed (a dependency on CPython, not Windows), else asyncio's.
-
-    Why: every Watch holds its own TLS connection to kube-apiserver, and asyncio's SSL transport
-    keeps a 256 KiB read buffer per connection (``asyncio.sslproto``): with 1,000 Watches the
-    agent's RSS was 416 MiB on asyncio's loop and 172 MiB on uvloop's (bench ``--only watch``).
-    CPU per Get did not change measurably either way, so the hub, which has no such connections,
-    keeps asyncio's loop. The agent behaves the same on both.
-    """
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
-async def _serve(settings: AgentSettings) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            logger.warning("second %s: aborting the graceful shutdown", signal.Signals(signum).name)
-            if main_task is not None:
-                main_task.cancel()
-            return
-        logger.info("%s received: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        if settings.tunnel is None:
-            logger.warning("--no-tunnel: the hub cannot reach this agent (/readyz answers 200 regardless)")
-        return await run_agent(settings, stop)
-    except asyncio.CancelledError:
-        return 130
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)

@@ -4,88 +4,203 @@ Configuration (``otterscale.yaml``), OIDC bearer-token verification, the verifie
 (:class:`Identity`), the signed hub-to-agent identity headers, logging set-up, the ``otterscale``
 command and the flags both services take, supervision of external processes
 (:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`) and
-serving an ASGI application with a tuned hypercorn (:func:`serve`). Nothing here knows about a
+serving a service inside Envoy (:func:`serve`, :func:`host`). Nothing here knows about a
 particular service.
 
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
+
+Names are imported on first use (PEP 562), so that ``otterscale server`` and ``otterscale agent``,
+which import this package before they start Envoy, load only what they touch.
 """
 
-from ._chisel import (
-    LOOPBACK,
-    MIN_CHISEL_VERSION,
-    ChiselBinary,
-    ChiselClient,
-    ChiselClientEvent,
-    ChiselClientState,
-    ChiselServer,
-    ChiselServerEvent,
-    ClientEventKind,
-    ServerEventKind,
-    TunnelError,
-    TunnelSession,
-    TunnelUser,
-    authfile_content,
-    check_chisel,
-    find_chisel,
-    parse_chisel_version,
-    parse_client_line,
-    parse_server_line,
-    reverse_remote_pattern,
-    write_authfile,
-)
-from ._cli import (
-    CONTAINER_CONFIG,
-    CONTAINER_ENV,
-    DEFAULT_ADDRESS,
-    DEFAULT_CONFIG,
-    ENTRY_POINT_GROUP,
-    CommandMain,
-    CommonOptions,
-    add_common_arguments,
-    container_mode,
-    parse_address,
-    resolve_defaults,
-)
-from ._config import (
-    MAX_CONFIG_BYTES,
-    AgentAuth,
-    AgentConfig,
-    ClusterConfig,
-    CorsConfig,
-    HubLimitsConfig,
-    KeycloakConfig,
-    OtterscaleConfig,
-    TunnelConfig,
-    TunnelServerConfig,
-    load_config,
-    parse_config,
-)
-from ._errors import (
-    AuthenticationError,
-    ConfigError,
-    IdentityHeaderError,
-    IdentityProviderUnavailableError,
-    OtterscaleError,
-    UsageError,
-    echo,
-)
-from ._h2 import tune_hypercorn
-from ._identity import RESERVED_PREFIXES, Identity
-from ._logging import LogFormat, RedactingFilter, configure_logging, redact
-from ._net import ASGIApp, create_listener, drain_request, serve, server_config
-from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
-from ._signing import (
-    GROUPS_HEADER,
-    IDENTITY_HEADER_PREFIX,
-    SIGNATURE_HEADER,
-    SUBJECT_HEADER,
-    TIMESTAMP_HEADER,
-    derive_identity_key,
-    sign_identity,
-    strip_identity_headers,
-    verify_identity,
-)
-from ._supervisor import ProcessError, ProcessSpec, Supervisor
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ._asgi import ASGIApp, drain_request
+    from ._chisel import (
+        LOOPBACK,
+        MIN_CHISEL_VERSION,
+        ChiselBinary,
+        ChiselClient,
+        ChiselClientEvent,
+        ChiselClientState,
+        ChiselServer,
+        ChiselServerEvent,
+        ClientEventKind,
+        ServerEventKind,
+        TunnelError,
+        TunnelSession,
+        TunnelUser,
+        authfile_content,
+        check_chisel,
+        find_chisel,
+        parse_chisel_version,
+        parse_client_line,
+        parse_server_line,
+        reverse_remote_pattern,
+        write_authfile,
+    )
+    from ._cli import (
+        CONTAINER_CONFIG,
+        CONTAINER_ENV,
+        DEFAULT_ADDRESS,
+        DEFAULT_CONFIG,
+        ENTRY_POINT_GROUP,
+        CommandMain,
+        CommonOptions,
+        add_common_arguments,
+        container_mode,
+        parse_address,
+        resolve_defaults,
+    )
+    from ._config import (
+        MAX_CONFIG_BYTES,
+        AgentAuth,
+        AgentConfig,
+        ClusterConfig,
+        CorsConfig,
+        HubLimitsConfig,
+        KeycloakConfig,
+        OtterscaleConfig,
+        TunnelConfig,
+        TunnelServerConfig,
+        listener_limits,
+        load_config,
+        parse_config,
+    )
+    from ._envoy import LIMIT_BOUNDS, Address, ListenerLimits
+    from ._errors import (
+        AuthenticationError,
+        ConfigError,
+        IdentityHeaderError,
+        IdentityProviderUnavailableError,
+        OtterscaleError,
+        UsageError,
+        echo,
+    )
+    from ._h2 import tune_hypercorn
+    from ._hosting import ClientGone, Hosted, ServeSettings, host, streaming_methods
+    from ._identity import RESERVED_PREFIXES, Identity
+    from ._launch import Launch, configured_limits, configured_value, serve
+    from ._lazy import lazy_exports
+    from ._logging import LogFormat, LogThrottle, RedactingFilter, configure_logging, redact
+    from ._net import create_listener, serve_asgi, server_config
+    from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
+    from ._signing import (
+        GROUPS_HEADER,
+        IDENTITY_HEADER_PREFIX,
+        SIGNATURE_HEADER,
+        SUBJECT_HEADER,
+        TIMESTAMP_HEADER,
+        derive_identity_key,
+        sign_identity,
+        strip_identity_headers,
+        verify_identity,
+    )
+    from ._supervisor import ProcessError, ProcessSpec, Supervisor
+
+#: Where each public name lives (imported on first use).
+_EXPORTS: dict[str, str] = {
+    "ALLOWED_ALGORITHMS": "._oidc",
+    "ASGIApp": "._asgi",
+    "AgentAuth": "._config",
+    "AgentConfig": "._config",
+    "AuthenticationError": "._errors",
+    "CONTAINER_CONFIG": "._cli",
+    "CONTAINER_ENV": "._cli",
+    "ChiselBinary": "._chisel",
+    "ChiselClient": "._chisel",
+    "ChiselClientEvent": "._chisel",
+    "ChiselClientState": "._chisel",
+    "ChiselServer": "._chisel",
+    "ChiselServerEvent": "._chisel",
+    "ClientEventKind": "._chisel",
+    "ClusterConfig": "._config",
+    "CommandMain": "._cli",
+    "CommonOptions": "._cli",
+    "ConfigError": "._errors",
+    "CorsConfig": "._config",
+    "DEFAULT_ADDRESS": "._cli",
+    "DEFAULT_CONFIG": "._cli",
+    "ENTRY_POINT_GROUP": "._cli",
+    "GROUPS_HEADER": "._signing",
+    "HubLimitsConfig": "._config",
+    "IDENTITY_HEADER_PREFIX": "._signing",
+    "Identity": "._identity",
+    "IdentityHeaderError": "._errors",
+    "IdentityProviderUnavailableError": "._errors",
+    "KeycloakConfig": "._config",
+    "LOOPBACK": "._chisel",
+    "LogFormat": "._logging",
+    "LogThrottle": "._logging",
+    "MAX_CONFIG_BYTES": "._config",
+    "MIN_CHISEL_VERSION": "._chisel",
+    "OIDCVerifier": "._oidc",
+    "OtterscaleConfig": "._config",
+    "OtterscaleError": "._errors",
+    "ProcessError": "._supervisor",
+    "ProcessSpec": "._supervisor",
+    "RESERVED_PREFIXES": "._identity",
+    "RedactingFilter": "._logging",
+    "SIGNATURE_HEADER": "._signing",
+    "SUBJECT_HEADER": "._signing",
+    "ServerEventKind": "._chisel",
+    "Supervisor": "._supervisor",
+    "TIMESTAMP_HEADER": "._signing",
+    "TunnelConfig": "._config",
+    "TunnelError": "._chisel",
+    "TunnelServerConfig": "._config",
+    "TunnelSession": "._chisel",
+    "TunnelUser": "._chisel",
+    "UsageError": "._errors",
+    "add_common_arguments": "._cli",
+    "authfile_content": "._chisel",
+    "check_chisel": "._chisel",
+    "configure_logging": "._logging",
+    "container_mode": "._cli",
+    "create_listener": "._net",
+    "derive_identity_key": "._signing",
+    "drain_request": "._asgi",
+    "echo": "._errors",
+    "find_chisel": "._chisel",
+    "load_config": "._config",
+    "listener_limits": "._config",
+    "parse_address": "._cli",
+    "parse_chisel_version": "._chisel",
+    "parse_client_line": "._chisel",
+    "parse_config": "._config",
+    "parse_server_line": "._chisel",
+    "redact": "._logging",
+    "resolve_defaults": "._cli",
+    "reverse_remote_pattern": "._chisel",
+    "serve": "._launch",
+    "serve_asgi": "._net",
+    "lazy_exports": "._lazy",
+    "Launch": "._launch",
+    "configured_limits": "._launch",
+    "configured_value": "._launch",
+    "LIMIT_BOUNDS": "._envoy",
+    "Address": "._envoy",
+    "ListenerLimits": "._envoy",
+    "ClientGone": "._hosting",
+    "Hosted": "._hosting",
+    "ServeSettings": "._hosting",
+    "host": "._hosting",
+    "streaming_methods": "._hosting",
+    "server_config": "._net",
+    "sign_identity": "._signing",
+    "strip_identity_headers": "._signing",
+    "tune_hypercorn": "._h2",
+    "verify_identity": "._signing",
+    "write_authfile": "._chisel",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -96,6 +211,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "GROUPS_HEADER",
     "IDENTITY_HEADER_PREFIX",
+    "LIMIT_BOUNDS",
     "LOOPBACK",
     "MAX_CONFIG_BYTES",
     "MIN_CHISEL_VERSION",
@@ -104,6 +220,7 @@ __all__ = [
     "SUBJECT_HEADER",
     "TIMESTAMP_HEADER",
     "ASGIApp",
+    "Address",
     "AgentAuth",
     "AgentConfig",
     "AuthenticationError",
@@ -114,23 +231,29 @@ __all__ = [
     "ChiselServer",
     "ChiselServerEvent",
     "ClientEventKind",
+    "ClientGone",
     "ClusterConfig",
     "CommandMain",
     "CommonOptions",
     "ConfigError",
     "CorsConfig",
+    "Hosted",
     "HubLimitsConfig",
     "Identity",
     "IdentityHeaderError",
     "IdentityProviderUnavailableError",
     "KeycloakConfig",
+    "Launch",
+    "ListenerLimits",
     "LogFormat",
+    "LogThrottle",
     "OIDCVerifier",
     "OtterscaleConfig",
     "OtterscaleError",
     "ProcessError",
     "ProcessSpec",
     "RedactingFilter",
+    "ServeSettings",
     "ServerEventKind",
     "Supervisor",
     "TunnelConfig",
@@ -143,12 +266,17 @@ __all__ = [
     "authfile_content",
     "check_chisel",
     "configure_logging",
+    "configured_limits",
+    "configured_value",
     "container_mode",
     "create_listener",
     "derive_identity_key",
     "drain_request",
     "echo",
     "find_chisel",
+    "host",
+    "lazy_exports",
+    "listener_limits",
     "load_config",
     "parse_address",
     "parse_chisel_version",
@@ -159,8 +287,10 @@ __all__ = [
     "resolve_defaults",
     "reverse_remote_pattern",
     "serve",
+    "serve_asgi",
     "server_config",
     "sign_identity",
+    "streaming_methods",
     "strip_identity_headers",
     "tune_hypercorn",
     "verify_identity",

@@ -16,8 +16,27 @@ Run it with ``otterscale server`` (or ``otterscale-hub``); embed it with :class:
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
-from ._cli import main
-from ._election import ElectionSettings
-from ._hub import Hub, HubSettings, hub_version, run_hub
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from otterscale.common import lazy_exports
+
+if TYPE_CHECKING:
+    from ._cli import hub_version, main
+    from ._hub import Hub, HubSettings, run_hub
+    from ._lease import ElectionSettings
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "ElectionSettings": "._lease",
+        "Hub": "._hub",
+        "HubSettings": "._hub",
+        "hub_version": "._cli",
+        "main": "._cli",
+        "run_hub": "._hub",
+    },
+)
 
 __all__ = ["ElectionSettings", "Hub", "HubSettings", "hub_version", "main", "run_hub"]

@@ -16,8 +16,13 @@
   ``/readyz``, all answered by this replica itself (:class:`~._server.Router`).
 - in front of everything, the CORS layer for browser pages of other origins (:mod:`._cors`).
 
-Authentication happens in the handlers (the proxy, the forwarder's leader, the hub-served
-services), after routing by path but before anything is passed on.
+Authentication: inside Envoy (``hosted``), :class:`~._auth.AuthInterceptor` verifies the caller
+of every API service from the headers before the request body is read, on followers too; the
+handlers take that identity. A hub embedded in a test process (hypercorn, which cannot answer an
+HTTP/2 request before its body has arrived) authenticates in the handlers, after the body.
+
+Inside Envoy the management router (``/metrics``, per-cluster health) is its own application,
+served on the management address only.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-
 
 from otterscale.common import ASGIApp, OIDCVerifier, OtterscaleConfig
 
-from ._auth import Authenticator
+from ._auth import Authenticator, AuthInterceptor
 from ._cors import with_cors
 from ._forward import LeaderForwarder
-from ._health import HealthASGIApplication, HealthService, health_file
+from ._health import HEALTH_SERVICE, HealthASGIApplication, HealthService, health_file
 from ._leader import Leadership
 from ._limits import BoundedGzipCompression, ClientLimits, HubLimits
 from ._metrics import HubMetrics
@@ -70,6 +75,7 @@ class Api:
         serves_tunnels: Callable[[], bool],
         on_started: Callable[[], None],
         on_unreachable: Callable[[str], None],
+        hosted: bool = False,
     ) -> None:
         self._limits = limits
         self._metrics = metrics
@@ -86,15 +92,28 @@ class Api:
             limits=limits,
             on_unreachable=on_unreachable,
         )
-        self.health = HealthService(
-            tunnels,
-            serving=ready,
-            resources_serving=serves_tunnels,
-            routed=[service.full_name for service in routed],
-            served=[service.descriptor.full_name for service in served],
-        )
+        self._hosted = hosted
+
+        def health(clusters: bool) -> HealthService:
+            return HealthService(
+                tunnels,
+                serving=ready,
+                resources_serving=serves_tunnels,
+                routed=[service.full_name for service in routed],
+                served=[service.descriptor.full_name for service in served],
+                clusters=clusters,
+            )
+
+        #: The API's health: the hub and its services, not the clusters (hosted), or everything.
+        self.health = health(clusters=not hosted)
+        #: The management address's health, per cluster too.
+        self.management_health = health(clusters=True) if hosted else self.health
         self.forwarder = LeaderForwarder(leadership, metrics) if leadership is not None else None
         self._interceptors: tuple[Interceptor, ...] = (ObservingInterceptor(metrics),)
+        #: The API services' interceptors: the caller is authenticated before its body is read.
+        self._authenticated: tuple[Interceptor, ...] = self._interceptors
+        if hosted:
+            self._authenticated = (*self._interceptors, AuthInterceptor(self.authenticator))
         # gzip only when the caller asks for it, at the fastest level: responses can be large
         # (a List of thousands of objects) and the hub should stay close to a plain relay. A
         # compressed request is inflated up to the request limit only.
@@ -106,7 +125,7 @@ class Api:
             keys=keys,
             metrics=metrics,
             limits=limits,
-            interceptors=self._interceptors,
+            interceptors=self._authenticated,
         )
         services: dict[str, ASGIApp] = {}
         for descriptor in routed:
@@ -118,6 +137,11 @@ class Api:
             )
         health_app = HealthASGIApplication(self.health, interceptors=self._interceptors)
         services[_service_name(health_app.path)] = health_app  # type: ignore[assignment]
+        management_services: dict[str, ASGIApp] = {HEALTH_SERVICE: health_app}  # type: ignore[dict-item]
+        if hosted:
+            management_services[HEALTH_SERVICE] = HealthASGIApplication(  # type: ignore[assignment]
+                self.management_health, interceptors=self._interceptors
+            )
         described = [
             *routed,
             *(service.descriptor for service in served),
@@ -125,13 +149,18 @@ class Api:
         ]
         for app in reflection_apps(described, interceptors=self._interceptors):
             services[_service_name(app.path)] = app  # type: ignore[assignment]
-        router = Router(services, metrics=metrics.render, ready=ready, on_startup=on_started)
+        router = Router(
+            services, metrics=None if hosted else metrics.render, ready=ready, on_startup=on_started
+        )
         #: The hub's ASGI application; CORS outermost: before auth, on followers too.
         self.router: ASGIApp = with_cors(router, config.cors)
+        #: ``/metrics``, readiness and the per-cluster health (the management address).
+        self.management: ASGIApp = Router(management_services, metrics=metrics.render, ready=ready)
 
     def drain(self) -> None:
         """Shutdown begins: health says NOT_SERVING; new streams are refused, open ones end."""
         self.health.close()
+        self.management_health.close()
         self.proxy.drain()
         if self.forwarder is not None:
             self.forwarder.drain()
@@ -157,7 +186,7 @@ class Api:
             descriptor,
             routes,
             relay,
-            interceptors=self._interceptors,
+            interceptors=self._authenticated,
             compressions=[self._gzip],
             # Bounds a compressed request once inflated (ClientLimits bounds the wire bytes).
             read_max_bytes=self._limits.max_request_bytes,
@@ -177,9 +206,34 @@ class Api:
             app = Switch(local, forward, self._leading)
         # Request size and slow stream clients are bounded for leader and follower alike.
         services[name] = ClientLimits(
-            app, self._limits, on_refused=self._refused, routes=routes_by_procedure(routes)
+            app,
+            self._limits,
+            on_refused=self._refused,
+            routes=routes_by_procedure(routes),
+            hold_refused=not self._hosted,
         )
 
 
 def _service_name(path: str) -> str:
     return path.strip("/")
+
+
+#: The streaming methods of the services every hub serves besides the registered ones.
+_OWN_STREAMING = (
+    f"/{HEALTH_SERVICE}/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+)
+_OWN_REQUEST_STREAMING = _OWN_STREAMING[1:]
+
+
+def streaming_procedures(
+    routed: Iterable[ServiceDescriptor], hub_services: Iterable[HubService]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The procedures whose answers stream and those whose requests stream, of every service a hub
+    with ``routed`` and ``hub_services`` serves (from their descriptors)."""
+    routes = [route for service in routed for route in cluster_routes(service)]
+    routes += [route for service in hub_services for route in hub_routes(service.descriptor)]
+    answers = {route.procedure for route in routes if route.streams_responses}
+    requests = {route.procedure for route in routes if route.streams_requests}
+    return frozenset((*answers, *_OWN_STREAMING)), frozenset((*requests, *_OWN_REQUEST_STREAMING))

@@ -18,7 +18,6 @@ from otterscale.common import OtterscaleError
 
 from ._auth import Authenticator
 from ._errors import to_connect_error
-from ._observe import current_call
 from ._tunnels import ClusterStatus, Tunnels
 
 logger = logging.getLogger(__name__)
@@ -36,12 +35,9 @@ class ClusterServiceImpl:
     ) -> ListClustersResponse:
         """Every configured cluster, sorted by name (authenticated)."""
         try:
-            identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
+            await self._auth.caller(ctx)
         except OtterscaleError as exc:
             raise to_connect_error(exc) from None
-        call = current_call()
-        if call is not None:
-            call.subject = identity.subject
         return ListClustersResponse(clusters=[cluster_message(status) for status in self._tunnels.snapshot()])
 
 

@@ -28,7 +28,6 @@ once instead of after the lease expires), close the agent connections and the ve
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import time
 from collections.abc import Mapping
@@ -43,14 +42,15 @@ from otterscale.common import (
     check_chisel,
     create_listener,
     derive_identity_key,
-    serve,
+    serve_asgi,
 )
 
-from ._api import Api
+from ._api import Api, streaming_procedures
 from ._auth import Authenticator
-from ._election import ElectionSettings
+from ._cli import hub_version
 from ._errors import HubError
-from ._leader import KubernetesLeadership, Leadership
+from ._leader import Leadership
+from ._lease import ElectionSettings
 from ._limits import HubLimits
 from ._metrics import HubMetrics
 from ._prober import Prober
@@ -63,14 +63,6 @@ from ._tunnels import Tunnels
 from ._upstream import AgentClients
 
 logger = logging.getLogger(__name__)
-
-
-def hub_version() -> str:
-    """The installed otterscale-hub version."""
-    try:
-        return importlib.metadata.version("otterscale-hub")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
-        return "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +96,19 @@ class Hub:
     """One running hub (see the module docstring). Use ``async with`` or start()/stop().
 
     ``leadership`` replaces the Kubernetes leader election of ``settings.election`` (tests).
+    ``hosted``: the hub runs inside Envoy (``otterscale server``), which serves :attr:`api_app`
+    and :attr:`management_app`; without it the hub serves itself on hypercorn (tests in the same
+    process, until they run the hub as a process).
     """
 
-    def __init__(self, settings: HubSettings, *, leadership: Leadership | None = None) -> None:
+    def __init__(
+        self, settings: HubSettings, *, leadership: Leadership | None = None, hosted: bool = False
+    ) -> None:
         self.settings = settings
+        self.hosted = hosted
         if leadership is None and settings.election is not None:
+            from ._leader import KubernetesLeadership  # Kubernetes' client only when it is used
+
             leadership = KubernetesLeadership(settings.election, port=settings.port)
         self.leadership = leadership
         self._elected = leadership is not None
@@ -183,6 +183,38 @@ class Hub:
             tasks.extend(self._role.tasks())
         return tasks
 
+    def refused(self, reason: str) -> None:
+        """Count a call refused by a limit enforced outside the hub's own code (the serving layer)."""
+        if self.metrics is not None:
+            self.metrics.limit_refusals.labels(reason=reason).inc()
+
+    def streaming(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The procedures whose answers stream, and those whose requests stream."""
+        return streaming_procedures(self.settings.routed_services, HUB_SERVICES)
+
+    async def api_app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The API (an ASGI application; serves once the hub has started)."""
+        if self._api is None:
+            raise RuntimeError("the hub was not started")
+        await self._api.router(scope, receive, send)
+
+    async def management_app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """``/metrics``, readiness and the per-cluster health (an ASGI application)."""
+        if self._api is None:
+            raise RuntimeError("the hub was not started")
+        await self._api.management(scope, receive, send)
+
+    async def failed(self) -> str:
+        """Return (a reason) once a root task has ended: the hub can no longer serve."""
+        while True:
+            tasks = self.root_tasks
+            if tasks:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                ended = next((task.get_name() for task in tasks if task.done()), None)
+                if ended is not None and not self._draining:
+                    return f"{ended} stopped unexpectedly"
+            await asyncio.sleep(1.0)
+
     @property
     def server_task(self) -> asyncio.Task[None]:
         """The task serving HTTP; it ends when the server stops (or fails)."""
@@ -224,6 +256,9 @@ class Hub:
             await self.stop()
             raise
         self.started_in = time.perf_counter() - started
+        if self.hosted:  # the launcher says when Envoy serves it
+            logger.debug("hub started in %.0f ms", self.started_in * 1000)
+            return
         logger.info(
             "hub ready at %s (started in %.0f ms)",
             self.url,
@@ -280,6 +315,7 @@ class Hub:
             serves_tunnels=self._serves_api,
             on_started=self._serving.set,
             on_unreachable=self.probe_soon,
+            hosted=self.hosted,
         )
         self._auth, self._proxy = api.authenticator, api.proxy
 
@@ -298,6 +334,15 @@ class Hub:
                 extra={"fingerprint": fingerprint},
             )
 
+        if self.hosted:
+            # Envoy serves the API once start-up is over; it listens only after that.
+            self.port = settings.port
+            self._serving.set()
+            if not self._elected:
+                role.serving()
+                return
+            await role.campaign(api.leader_changed)
+            return
         try:
             sock = create_listener(settings.host, settings.port)
         except OSError as exc:
@@ -306,7 +351,7 @@ class Hub:
             ) from exc
         self.port = sock.getsockname()[1]
         self._server_task = spawn(
-            serve(api.router, sock, self._shutdown, graceful_timeout=settings.drain_timeout),
+            serve_asgi(api.router, sock, self._shutdown, graceful_timeout=settings.drain_timeout),
             name="hub-server",
         )
         serving = asyncio.ensure_future(self._serving.wait())
@@ -336,10 +381,13 @@ class Hub:
             self._stopper = asyncio.create_task(self._stop(), name="hub-stop")
         await asyncio.shield(self._stopper)
 
-    async def _stop(self) -> None:
-        was_serving = self._serving.is_set()
+    def drain(self) -> None:
+        """A stop begins: not ready (health NOT_SERVING), new streams refused, open ones ended
+        with unavailable, no new probes or roles. Idempotent; :meth:`stop` does the rest."""
+        if self._draining:
+            return
         self._draining = True
-        if was_serving:
+        if self._serving.is_set():
             logger.info("hub shutting down: draining (at most %gs)", self.settings.drain_timeout)
         if self._tunnel_server is not None:
             self._tunnel_server.quiet()
@@ -349,6 +397,10 @@ class Hub:
             self._role.closing()
         if self._api is not None:
             self._api.drain()
+
+    async def _stop(self) -> None:
+        was_serving = self._serving.is_set()
+        self.drain()
         self._shutdown.set()
         if self._server_task is not None:
             try:

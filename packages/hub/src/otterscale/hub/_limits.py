@@ -195,13 +195,15 @@ class ClientLimits:
     an envelope's length prefix) pass the limit, so nothing larger is ever buffered. A request
     stream's messages are bounded one by one, on each envelope's length prefix.
 
-    That answer is held back while the rest of the refused body is read and dropped (at most
+    On hypercorn (``hold_refused``, a hub embedded in a test process) that answer is held back
+    while the rest of the refused body is read and dropped (at most
     :data:`DISCARD_BYTES`, for at most :data:`DISCARD_SECONDS`): hypercorn 0.18 forgets a stream
     as soon as its response is complete, and a DATA frame for a forgotten stream makes it drop the
     whole HTTP/2 connection (every other call of that client with it); over HTTP/1.1 it closes
     the connection, and a client still sending may then lose the answer to a TCP reset. A client
     that sends a finite body gets the answer once it is sent; one that sends without end gets it
-    after those bounds, and loses the connection.
+    after those bounds, and loses the connection. Envoy answers early safely (the rest of the body
+    is dropped there), so inside Envoy the answer goes out at once.
 
     Streamed responses: each ``send`` of the response may take at most ``watch_send_timeout``;
     hypercorn's send blocks only when the client's HTTP/2 window and the stream's small buffer
@@ -217,11 +219,13 @@ class ClientLimits:
         *,
         on_refused: Callable[[str], None],
         routes: Mapping[str, Route] | None = None,
+        hold_refused: bool = True,
     ) -> None:
         self._app = app
         self._limits = limits
         self._on_refused = on_refused
         self._routes = routes if routes is not None else default_routes()
+        self._hold_refused = hold_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -230,22 +234,28 @@ class ClientLimits:
         route = self._routes.get(scope["path"])
         per_message = route is not None and route.streams_requests
         body = _BodyLimit(scope, receive, self._limits.max_request_bytes, self._on_refused, per_message)
+        if not self._hold_refused:
+            await self._serve(scope, body, send, route)
+            return
         held = _HeldSend(send, body)
-        if route is None or not route.streams_responses:
-            await self._app(scope, body, held)
-        else:
-            sender = _StreamSender(held, self._limits.watch_send_timeout, self._on_refused, route)
-            try:
-                await self._app(scope, body, sender)
-            except ConnectError as exc:
-                if exc is not sender.stalled:
-                    raise
-                # The stream cannot be ended in-band (the client reads nothing): returning without
-                # completing the response makes the server reset it.
-                return
+        await self._serve(scope, body, held, route)
         if body.refused:
             await body.discard()
         await held.release()
+
+    async def _serve(self, scope: Scope, body: _BodyLimit, send: Send, route: Route | None) -> None:
+        if route is None or not route.streams_responses:
+            await self._app(scope, body, send)
+            return
+        sender = _StreamSender(send, self._limits.watch_send_timeout, self._on_refused, route)
+        try:
+            await self._app(scope, body, sender)
+        except ConnectError as exc:
+            if exc is not sender.stalled:
+                raise
+            # The stream cannot be ended in-band (the client reads nothing): returning without
+            # completing the response makes the server reset it (Envoy: its idle timeout on the
+            # route, a moment later).
 
 
 class _HeldSend:

@@ -30,6 +30,8 @@ from connectrpc.errors import ConnectError
 from connectrpc.method import StreamType
 from connectrpc.request import RequestContext
 
+from otterscale.common import Identity
+
 from ._metrics import HubMetrics
 
 logger = logging.getLogger("otterscale.hub.access")
@@ -59,6 +61,8 @@ class CallInfo:
     cluster: str = ""
     subject: str = ""
     forwarded_by: str = ""
+    #: The verified caller, once authenticated (before the request body is read, see ``_auth``).
+    identity: Identity | None = None
 
 
 _CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("otterscale_hub_call", default=None)

@@ -1,13 +1,16 @@
-"""The hub's HTTP front: one ASGI application on hypercorn, HTTP/1.1 and h2c on one port.
+"""The hub's HTTP front: its ASGI applications, by path.
 
-Routes: every Connect service under ``/<package>.<Service>/`` (ResourceService, ClusterService,
-gRPC health, gRPC reflection v1 and v1alpha), ``GET /metrics`` (Prometheus), ``GET /healthz``
-(the process is up) and ``GET /readyz`` (the hub serves: started, not draining, and its tunnel
-server up unless it is a follower, which has none). Anything else is 404. With leader election
-the two API services are a :class:`Switch` between serving and forwarding to the leader.
+The API's router: every Connect service under ``/<package>.<Service>/`` (ResourceService,
+ClusterService, gRPC health without the per-cluster entries, gRPC reflection v1 and v1alpha),
+``GET /healthz`` and ``/livez`` (the process is up) and ``GET /readyz`` (the hub serves: started,
+not draining, and its tunnel server up unless it is a follower, which has none). The management
+router: ``GET /metrics`` (Prometheus), the full gRPC health (per cluster too), ``/healthz``,
+``/livez`` and ``/readyz``. Anything else is 404. With leader election the API services are a
+:class:`Switch` between serving and forwarding to the leader.
 
-Served by :func:`otterscale.common.serve` (hypercorn, HTTP/1.1 and h2c on one port, tuned for
-long-lived multiplexed connections; the hub's ``--drain-timeout`` is its graceful timeout).
+Served by Envoy (:func:`otterscale.common.serve`): the API on ``--address``, the management
+router on ``--management-address``. A hub embedded in a test process (on hypercorn) serves one
+router with both.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Router:
         self,
         services: Mapping[str, ASGIApp],
         *,
-        metrics: Callable[[], tuple[bytes, str]],
+        metrics: Callable[[], tuple[bytes, str]] | None,
         ready: Callable[[], bool],
         on_startup: Callable[[], None] | None = None,
     ) -> None:
@@ -71,7 +74,7 @@ class Router:
             await app(scope, receive, send)
             return
         method = scope["method"]
-        if path == "/metrics":
+        if path == "/metrics" and self._metrics is not None:
             if method not in ("GET", "HEAD"):
                 await _respond(receive, send, 405, b"", headers=[(b"allow", b"GET, HEAD")])
                 return

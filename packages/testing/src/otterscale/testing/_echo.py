@@ -32,7 +32,7 @@ from otterscale.common import (
     Identity,
     IdentityHeaderError,
     create_listener,
-    serve,
+    serve_asgi,
     verify_identity,
 )
 
@@ -193,7 +193,7 @@ class EchoAgent:
             await self._app(scope, receive, send)
 
         self._server = asyncio.create_task(
-            serve(app, sock, self._stop, graceful_timeout=2.0), name=f"echo-agent:{self.service.cluster}"
+            serve_asgi(app, sock, self._stop, graceful_timeout=2.0), name=f"echo-agent:{self.service.cluster}"
         )
         waiter = asyncio.ensure_future(started.wait())
         try:

@@ -207,6 +207,7 @@ class HubReplicas:
     directory: Path
     replicas: int
     port: int
+    management_port: int
     tunnel_port: int
     configs: list[Path]
     kubeconfig: Path
@@ -220,6 +221,10 @@ class HubReplicas:
     def url(self, index: int) -> str:
         return f"http://{replica_ip(index)}:{self.port}"
 
+    def management_url(self, index: int) -> str:
+        """Replica ``index``'s management address (``/metrics``)."""
+        return f"http://{replica_ip(index)}:{self.management_port}"
+
     def start_hub(self, index: int, *, log_level: str = "info") -> ManagedProcess:
         """Spawn replica ``index`` (does not wait; see :meth:`ready`)."""
         self.starts += 1
@@ -229,6 +234,7 @@ class HubReplicas:
                 _otterscale(),
                 "server",
                 f"--address={replica_ip(index)}:{self.port}",
+                f"--management-address={replica_ip(index)}:{self.management_port}",
                 f"--config={self.configs[index]}",
                 f"--chisel={self.chisel}",
                 f"--kubeconfig={self.kubeconfig}",
@@ -280,7 +286,7 @@ class HubReplicas:
 
     async def metrics(self, index: int) -> dict[str, float]:
         """Replica ``index``'s ``/metrics`` samples (``name{labels}`` -> value)."""
-        text = await asyncio.to_thread(_http_text, self.url(index) + "/metrics")
+        text = await asyncio.to_thread(_http_text, self.management_url(index) + "/metrics")
         found: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -542,7 +548,7 @@ async def start_hub_replicas(
         )
 
     chisel = str(tool_path("chisel"))
-    port, tunnel_port = free_port(), free_port()
+    port, management_port, tunnel_port = free_port(), free_port(), free_port()
     kubeconfigs = dict(clusters) if clusters is not None else {"alpha": cp.kubeconfig}
     agents = {
         name: AgentCluster(
@@ -594,6 +600,7 @@ async def start_hub_replicas(
         directory=directory,
         replicas=replicas,
         port=port,
+        management_port=management_port,
         tunnel_port=tunnel_port,
         configs=configs,
         kubeconfig=service_account_kubeconfig(cp, namespace, directory / "hub.kubeconfig"),

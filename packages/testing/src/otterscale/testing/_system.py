@@ -8,8 +8,8 @@ the harness reads it from the hub's JSON log and writes it into the agents' part
 configuration before any agent starts, as an operator would.
 
 Readiness is observed, never slept for: the hub's ``/readyz``, the agent's ``/ping``, and the
-hub's own view of each cluster (the ``otterscale_hub_tunnel_up`` gauge of its unauthenticated
-``/metrics``), so "connected" means what a user of the hub sees. Every wait has a deadline and
+hub's own view of each cluster (the ``otterscale_hub_tunnel_up`` gauge of ``/metrics`` on its
+management address), so "connected" means what a user of the hub sees. Every wait has a deadline and
 fails with the tail of the process's log. Timings of every start are kept in
 :attr:`System.timings` (the e2e tests report them).
 
@@ -149,6 +149,7 @@ class System:
         self.key_seed = secrets.token_urlsafe(24)
         self.tunnel_port = free_port()
         self.hub_port = free_port()
+        self.management_port = free_port()
         self.clusters: dict[str, ClusterEntry] = {}
         self.fingerprint: str | None = None
         self.hub: ManagedProcess | None = None
@@ -159,6 +160,11 @@ class System:
     @property
     def hub_url(self) -> str:
         return f"http://127.0.0.1:{self.hub_port}"
+
+    @property
+    def management_url(self) -> str:
+        """The hub's management address (``/metrics``, per-cluster health)."""
+        return f"http://127.0.0.1:{self.management_port}"
 
     @property
     def tunnel_url(self) -> str:
@@ -233,6 +239,7 @@ class System:
                 *_otterscale_command(),
                 "server",
                 f"--address=127.0.0.1:{self.hub_port}",
+                f"--management-address=127.0.0.1:{self.management_port}",
                 f"--config={self.config_path}",
                 f"--chisel={self.chisel}",
                 "--log-format=json",
@@ -261,8 +268,8 @@ class System:
             self.hub = None
 
     def hub_metrics(self) -> str:
-        """The hub's ``/metrics`` text (unauthenticated)."""
-        with urllib.request.urlopen(self.hub_url + "/metrics", timeout=5) as resp:  # noqa: S310
+        """The hub's ``/metrics`` text (its management address)."""
+        with urllib.request.urlopen(self.management_url + "/metrics", timeout=5) as resp:  # noqa: S310
             return str(resp.read().decode())
 
     def connected(self) -> dict[str, bool]:
