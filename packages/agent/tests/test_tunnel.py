@@ -183,8 +183,16 @@ class AgentProcess:
         return self.process.log_file.read_text(errors="replace")
 
     def chisel_pids(self) -> list[int]:
-        """The agent's chisel children (the chisel client)."""
-        return [pid for pid, ppid, comm in _processes() if ppid == self.pid and comm == "chisel"]
+        """The agent's chisel client (a child of Envoy, the agent command's child)."""
+        processes = _processes()
+        parents = {pid: ppid for pid, ppid, _ in processes}
+
+        def descends(pid: int) -> bool:
+            while pid in parents and pid != self.pid:
+                pid = parents[pid]
+            return pid == self.pid
+
+        return [pid for pid, _, comm in processes if comm == "chisel" and descends(pid)]
 
     async def wait_for(self, check: Callable[[], bool | Awaitable[bool]], what: str, within: float) -> float:
         """Poll ``check``; return the seconds it took. Fails with the log tail if the agent dies."""

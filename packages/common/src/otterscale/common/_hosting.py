@@ -60,10 +60,15 @@ from typing import Any, NoReturn, Protocol
 from ._asgi import ASGIApp, Receive, Send, with_content_length
 from ._envoy import STREAM_RESET_MARGIN, ListenerLimits, route_config, write_json
 from ._errors import OtterscaleError
-from ._launch import SETTINGS_ENV, STARTUP_FAILED, listener_addresses
+from ._launch import SETTINGS_ENV, STARTUP_FAILED, listener_addresses, process_age
 from ._logging import configure_logging
 
 logger = logging.getLogger(__name__)
+
+
+#: When the service's modules started to load, as seconds since Envoy started (start-up report).
+_LOADING = process_age()
+_LOADING_AT = time.monotonic()
 
 #: The ``reason`` a service counts a request refused for its body deadline under.
 REQUEST_TIMEOUT = "request_timeout"
@@ -175,12 +180,13 @@ def streaming_methods(services: Iterable[Any]) -> tuple[frozenset[str], frozense
 
 def host(factory: Factory) -> ASGIApp:
     """The ASGI application pyvoy serves: ``factory``'s service, started, drained and stopped."""
-    return _Host(factory)
+    return _Host(factory, loaded=time.monotonic())
 
 
 class _Host:
-    def __init__(self, factory: Factory) -> None:
+    def __init__(self, factory: Factory, *, loaded: float) -> None:
         self._factory = factory
+        self._loaded = loaded
         self._settings: ServeSettings | None = None
         self._hosted: Hosted | None = None
         self._ports: dict[int, ASGIApp] = {}
@@ -214,12 +220,14 @@ class _Host:
                 return
 
     async def _startup(self) -> None:
+        began = time.monotonic()
         settings = self._settings = ServeSettings.from_environ()
         configure_logging(settings.log_level, settings.log_format)
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         try:
             hosted = await self._factory(settings)
+            built = time.monotonic()
             if hosted.limits != settings.limits:
                 raise OtterscaleError(
                     "the limits Envoy was started with differ from the configuration's "
@@ -245,7 +253,16 @@ class _Host:
         self._tasks.append(asyncio.create_task(self._watch_failure(hosted.service), name="serve-failure"))
         os.set_blocking(settings.control_fd, False)
         loop.add_reader(settings.control_fd, self._on_control)
-        self._report({"event": "started"})
+        done = time.monotonic()
+        # Where start-up went, in milliseconds: Envoy and Python until the service's modules began
+        # to load, loading them, the configuration and the service's objects, starting the service.
+        timings = {
+            "envoy_python": round(_LOADING * 1000) if _LOADING is not None else None,
+            "imports": round((self._loaded - _LOADING_AT) * 1000),
+            "configuration": round((built - began) * 1000),
+            "service": round((done - built) * 1000),
+        }
+        self._report({"event": "started", "timings": timings})
 
     def _startup_failed(self, exc: Exception) -> NoReturn:
         if isinstance(exc, OtterscaleError):

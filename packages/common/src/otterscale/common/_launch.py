@@ -55,6 +55,7 @@ from ._envoy import (
     EnvoyUnavailableError,
     ListenerLimits,
     bootstrap,
+    envoy_host,
     envoy_log_format,
     envoy_log_level,
     route_config,
@@ -105,6 +106,11 @@ def serve(launch: Launch) -> int:
     except EnvoyUnavailableError as exc:
         sys.stderr.write(f"{launch.command}: {exc}\n")
         return 1
+    for address in (launch.api, launch.management):
+        problem = _unusable(address) if address is not None else None
+        if problem is not None:
+            sys.stderr.write(f"{launch.command}: {problem}\n")
+            return 1
     workdir = Path(tempfile.mkdtemp(prefix=f"otterscale-{launch.name}-"))
     try:
         return _Run(launch, install, workdir, started).run()
@@ -126,6 +132,7 @@ class _Run:
         self.signals = 0
         self.stop_requested_at: float | None = None
         self.ready = False
+        self.timings: dict[str, Any] = {}
         self._status_buffer = b""
 
     def run(self) -> int:
@@ -186,6 +193,7 @@ class _Run:
         ]
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
+            self.spawned_after = process_age() or (time.monotonic() - self.started)
             try:
                 self.envoy = subprocess.Popen(
                     argv, env=env, stdin=subprocess.DEVNULL, pass_fds=(control_read, status_write)
@@ -211,10 +219,10 @@ class _Run:
         name = signal.Signals(signum).name
         if self.signals == 1:
             self.stop_requested_at = time.monotonic()
-            logger.info("received %s: shutting down", name)
+            logger.info("%s received: shutting down", name)
             self._control(DRAIN)
         elif self.signals == 2:
-            logger.warning("received %s again: stopping at once", name)
+            logger.warning("%s received again: stopping at once", name)
             self._signal_envoy(signal.SIGTERM)
         else:
             self._signal_envoy(signal.SIGKILL)
@@ -292,6 +300,7 @@ class _Run:
             event = message.get("event")
             if event == "started":
                 self.ready = True
+                self.timings = dict(message.get("timings") or {})
             elif event == "failed":
                 self.failure = str(message.get("message") or "the service failed")
 
@@ -306,14 +315,48 @@ class _Run:
             return False
         api, management = listener_addresses(json.loads(body))
         launch = self.launch
-        elapsed = time.monotonic() - self.started
-        extra: dict[str, Any] = {"address": _url(launch.api.host, api), "started_ms": round(elapsed * 1000)}
+        # From this process's start (what a user or a probe waits for), not from serve()'s call.
+        elapsed = process_age() or (time.monotonic() - self.started)
+        extra: dict[str, Any] = {
+            "address": _url(launch.api.host, api),
+            "started_ms": round(elapsed * 1000),
+            "startup_ms": {"launcher": round(self.spawned_after * 1000), **self.timings},
+        }
         if management is not None and launch.management is not None:
             extra["management_address"] = _url(launch.management.host, management)
         logger.info(
             "%s ready at %s (started in %.0f ms)", launch.name, extra["address"], elapsed * 1000, extra=extra
         )
         return True
+
+
+def _unusable(address: Address) -> str | None:
+    """Why Envoy could not listen on ``address`` (in use, not local...), or None.
+
+    Checked before Envoy starts, so the failure is reported as one line and the service's
+    start-up (chisel, the Lease) is not even begun; Envoy would find the same and exit.
+    """
+    if address.port == 0:
+        return None
+    host, _ = envoy_host(address.host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, address.port))
+    except OSError as exc:
+        return f"cannot listen on {address.host or '*'}:{address.port}: {exc.strerror or exc}"
+    return None
+
+
+def process_age() -> float | None:
+    """Seconds since this process was started, from /proc (None where there is none)."""
+    try:
+        with open("/proc/self/stat", "rb") as stat, open("/proc/uptime", "rb") as uptime:
+            started = int(stat.read().rsplit(b")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return float(uptime.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def listener_addresses(listeners: Mapping[str, Any]) -> tuple[int, int | None]:

@@ -142,6 +142,22 @@ def _text_value(value: object) -> str:
 FRAME_LOGGERS = ("h2", "hpack", "hyperframe", "hypercorn.access", "priority")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record (not the one at set-up):
+    a command run inside a test process must not keep writing to a capture that was closed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def configure_logging(
     level: str | int = "info", fmt: LogFormat | str = "text", *, stream: IO[str] | None = None
 ) -> None:
@@ -159,7 +175,7 @@ def configure_logging(
     if fmt not in LOG_FORMATS:
         raise ValueError(f"unknown log format {fmt!r}; use one of {', '.join(LOG_FORMATS)}")
 
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())
     setattr(handler, _HANDLER_MARK, True)
