@@ -36,7 +36,7 @@ from otterscale.testing import ControlPlane, LocalIssuer, System, start_control_
 from . import _report, _scenarios
 from ._kube import KubeDirect
 from ._paths import Endpoints
-from ._procs import ProcessSet, child_pid
+from ._procs import ProcessSet, child_pid, envoy_of
 from ._scenarios import FULL, SMOKE, Bench, Sizes
 
 logger = logging.getLogger("otterscale_bench")
@@ -44,7 +44,7 @@ logger = logging.getLogger("otterscale_bench")
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "otterscale"
 BENCH_IDENTITY = Identity("otterscale-bench", ("otterscale-bench",))
-SCENARIOS = ("idle", "latency", "throughput", "lists", "watch")
+SCENARIOS = ("startup", "idle", "latency", "throughput", "lists", "watch")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
         "--only", action="append", choices=SCENARIOS, help="run only these scenarios (repeatable)"
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    parser.add_argument(
+        "--baseline",
+        metavar="OTTERSCALE",
+        type=Path,
+        help="the `otterscale` command of another tree (e.g. main's, installed in a venv of its own): "
+        "every scenario runs against it first, then against this tree, with the same control plane "
+        "and client (a before/after table; no profiles of the baseline)",
+    )
     parser.add_argument(
         "--service-log-level",
         choices=("debug", "info"),
@@ -188,11 +196,15 @@ WATCH_LIMIT_MARGIN = 100
 
 class _BenchSystem(System):
     """The test harness's system, with the hub's per-subject Watch limit raised: the Watch
-    scenario opens all its streams with one token (one subject)."""
+    scenario opens all its streams with one token (one subject). ``command`` runs another tree's
+    ``otterscale`` (a baseline, whose hub serves its metrics on its API address)."""
 
-    def __init__(self, *args: Any, max_watches: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_watches: int, command: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_watches = max_watches
+        if command is not None:
+            self.command = [str(command)]
+            self.separate_management = False
 
     def config(self) -> dict[str, Any]:
         document = super().config()
@@ -210,10 +222,13 @@ def _start_system(
     realm_url: str,
     log_level: str,
     max_watches: int,
+    command: Path | None = None,
 ) -> System:
     """``otterscale.testing.start_system`` with :class:`_BenchSystem`."""
     directory.mkdir(parents=True, exist_ok=True)
-    system = _BenchSystem(directory, realm_url, CLIENT_ID, None, log_level=log_level, max_watches=max_watches)
+    system = _BenchSystem(
+        directory, realm_url, CLIENT_ID, None, log_level=log_level, max_watches=max_watches, command=command
+    )
     for name, cp in clusters.items():
         system.add_cluster(name, cp)
     try:
@@ -231,15 +246,19 @@ def _process_set(system: System, cp: ControlPlane, cluster: str) -> ProcessSet:
     assert system.hub is not None
     hub = system.hub.pid
     agent = system.agents[cluster].pid
+    # Inside Envoy, the service is the Envoy process and the command that started it its launcher.
+    hub_envoy, agent_envoy = envoy_of(hub), envoy_of(agent)
 
     def of(suffix: str) -> int:
         return next(p.pid for p in cp.processes if p.name.endswith(suffix))
 
     return ProcessSet(
         {
-            "hub": hub,
+            "hub": hub_envoy or hub,
+            "hub-launcher": hub if hub_envoy else None,
             "chisel-server": child_pid(hub, "chisel"),
-            "agent": agent,
+            "agent": agent_envoy or agent,
+            "agent-launcher": agent if agent_envoy else None,
             "chisel-client": child_pid(agent, "chisel"),
             "kube-apiserver": of("/kube-apiserver"),
             "etcd": of("/etcd"),
@@ -274,6 +293,8 @@ async def _run_scenarios(
     profiles: list[dict[str, Any]] = []
     results["profiles"] = profiles
     try:
+        if "startup" in only:
+            results["startup"] = await _scenarios.startup(b, sizes.startup_repeats)
         if "idle" in only:
             logger.info(
                 "idle: %d clusters configured, %d connected", sizes.idle_clusters, sizes.idle_connected
@@ -340,17 +361,34 @@ def main(argv: list[str] | None = None) -> int:
         configured = sizes.idle_clusters if "idle" in only else 1
         connected = sizes.idle_connected if "idle" in only else 1
         clusters = {f"c{i:02d}": (cp if i < connected else None) for i in range(configured)}
-        t = time.monotonic()
-        logger.info("starting the hub and %d agents (%d clusters configured)", connected, configured)
-        system = _start_system(
-            work / "system",
-            clusters,
-            realm_url=issuer.url,
-            log_level=args.service_log_level,
-            max_watches=sizes.watch_streams + WATCH_LIMIT_MARGIN,
-        )
-        results["timings"]["system_start"] = round(time.monotonic() - t, 2)
-        failures = asyncio.run(_run_scenarios(system, cp, issuer, sizes, out, only, results))
+        runs: list[tuple[str, Path | None, dict[str, Any]]] = []
+        if args.baseline is not None:
+            baseline: dict[str, Any] = {"label": str(args.baseline), "timings": {}}
+            results["baseline"] = baseline
+            runs.append(("baseline", args.baseline, baseline))
+        runs.append(("this tree", None, results))
+        for label, command, target in runs:
+            t = time.monotonic()
+            logger.info(
+                "%s: starting the hub and %d agents (%d clusters configured)", label, connected, configured
+            )
+            system = _start_system(
+                work / ("system-baseline" if command else "system"),
+                clusters,
+                realm_url=issuer.url,
+                log_level=args.service_log_level,
+                max_watches=sizes.watch_streams + WATCH_LIMIT_MARGIN,
+                command=command,
+            )
+            target.setdefault("timings", {})["system_start"] = round(time.monotonic() - t, 2)
+            run_sizes = dataclasses.replace(sizes, profile=False) if command else sizes
+            try:
+                failures += asyncio.run(_run_scenarios(system, cp, issuer, run_sizes, out, only, target))
+            finally:
+                system.stop()
+                system = None
+        if "baseline" in results:
+            results["baseline"]["targets"] = _report.targets(results["baseline"])
     except BaseException as exc:
         failures.append(f"the benchmark itself failed: {type(exc).__name__}: {exc}")
         logger.error("benchmark failed:\n%s", traceback.format_exc())

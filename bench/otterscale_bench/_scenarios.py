@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +32,10 @@ from ._stats import median, summary
 logger = logging.getLogger(__name__)
 
 #: Processes whose cost is reported, in the order of the request path.
-HUB_SIDE = ("hub", "chisel-server")
-AGENT_SIDE = ("agent", "chisel-client")
+#: A service inside Envoy is ``hub``/``agent`` (the Envoy process) plus its launcher (the command);
+#: a service that serves itself has no launcher (it reads as zero).
+HUB_SIDE = ("hub", "hub-launcher", "chisel-server")
+AGENT_SIDE = ("agent", "agent-launcher", "chisel-client")
 CLUSTER_SIDE = ("kube-apiserver", "etcd")
 CLIENT = "bench-client"
 
@@ -64,6 +67,7 @@ class Sizes:
     idle_seconds: float
     profile: bool
     profile_seconds: float
+    startup_repeats: int
 
 
 FULL = Sizes(
@@ -86,6 +90,7 @@ FULL = Sizes(
     idle_seconds=30.0,
     profile=True,
     profile_seconds=10.0,
+    startup_repeats=7,
 )
 
 SMOKE = Sizes(
@@ -108,6 +113,7 @@ SMOKE = Sizes(
     idle_seconds=3.0,
     profile=False,
     profile_seconds=2.0,
+    startup_repeats=1,
 )
 
 
@@ -207,8 +213,10 @@ async def idle(b: Bench, configured: int, connected: int) -> dict[str, Any]:
         "seconds": wall,
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
         "cpu_percent_of_core": percent,
-        "hub_tree_rss_mib": round(rss["hub"] + rss["chisel-server"], 1),
-        "hub_tree_cpu_percent": round(percent["hub"] + percent["chisel-server"], 3),
+        "hub_tree_rss_mib": round(sum(rss[name] for name in HUB_SIDE), 1),
+        "hub_tree_cpu_percent": round(sum(percent[name] for name in HUB_SIDE), 3),
+        "agent_tree_rss_mib": round(sum(rss[name] for name in AGENT_SIDE), 1),
+        "agent_tree_cpu_percent": round(sum(percent[name] for name in AGENT_SIDE), 3),
         "other_cores": cpu["other_cores"],
     }
 
@@ -320,6 +328,7 @@ async def _load(
     tasks = [asyncio.create_task(worker(), name=f"bench-load-{i}") for i in range(concurrency)]
     try:
         await asyncio.sleep(warmup)
+        threads_before = _threads(procs)
         before = procs.cpu() if procs is not None else None
         measuring = True
         started = time.monotonic()
@@ -327,6 +336,7 @@ async def _load(
         measuring = False
         elapsed = time.monotonic() - started
         after = procs.cpu() if procs is not None else None
+        threads_after = _threads(procs)
         count = done
     finally:
         stop = True
@@ -349,7 +359,22 @@ async def _load(
             for name, value in cpu["cpu_seconds"].items()
             if name != "(machine)"
         }
+        # Inside an Envoy process: the service's Python, Envoy's own threads, pyqwest's runtime.
+        result["thread_cpu_seconds_per_1000"] = {
+            service: {
+                kind: round(1000.0 * (seconds - threads_before[service].get(kind, 0.0)) / count, 4)
+                for kind, seconds in kinds.items()
+            }
+            for service, kinds in threads_after.items()
+            if count and kinds
+        }
     return result
+
+
+def _threads(procs: ProcessSet | None) -> dict[str, dict[str, float]]:
+    if procs is None:
+        return {}
+    return {service: procs.threads(service) for service in ("hub", "agent")}
 
 
 async def throughput(b: Bench) -> list[dict[str, Any]]:
@@ -727,7 +752,7 @@ async def watch(b: Bench) -> dict[str, Any]:
             "rss_mib_open": {k: round(v, 1) for k, v in rss_open.items()},
             "rss_mib_steady": {k: round(v, 1) for k, v in rss_steady.items()},
             "peak_rss_mib": {k: round(v, 1) for k, v in peak.items()},
-            "hub_tree_peak_rss_mib": round(peak["hub"] + peak["chisel-server"], 1),
+            "hub_tree_peak_rss_mib": round(sum(peak[name] for name in HUB_SIDE), 1),
             "cpu_percent_of_core": {k: round(100.0 * v / wall, 2) for k, v in cpu["cpu_seconds"].items()},
             "other_cores": cpu["other_cores"],
             "stream_failures": len(state.failures),
@@ -760,3 +785,111 @@ def cdf_points(values: Sequence[float]) -> list[float]:
     if not ordered:
         return []
     return [ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)] for q in range(1, 101)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Start-up
+
+
+def _spawn_until(
+    argv: list[str], url: str, expected: tuple[int, ...], log: Path
+) -> tuple[float, dict[str, Any]]:
+    """Start ``argv``; seconds until ``url`` answers one of ``expected``, and the start-up
+    breakdown the service logged with its ready line (if it does); then stop it (SIGTERM)."""
+    import json
+    import signal
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    with log.open("wb") as out:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{argv[1]} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 - loopback
+                        status = answer.status
+                except urllib.error.HTTPError as exc:
+                    status = exc.code
+                except OSError:
+                    status = 0
+                if status in expected:
+                    elapsed = time.monotonic() - started
+                    break
+                if time.monotonic() - started > 120:
+                    raise RuntimeError(f"{argv[1]} not ready after 120s: {log.read_text()[-2000:]}")
+                time.sleep(0.005)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    breakdown: dict[str, Any] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if "ready at" in line and line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                breakdown = dict(json.loads(line).get("startup_ms") or {})
+    return elapsed, breakdown
+
+
+async def startup(b: Bench, repeats: int) -> dict[str, Any]:
+    """Process spawn -> ready: a hub (``/readyz`` 200, its tunnel server up) and an agent without a
+    tunnel (``/ping`` 204), ``repeats`` times each, with the breakdown each reports."""
+    import yaml
+
+    from otterscale.testing import free_port
+
+    system = b.system
+    folder = b.out / "work" / "startup"
+    folder.mkdir(parents=True, exist_ok=True)
+    document = system.config()
+    document["tunnel"]["server"]["port"] = free_port()  # beside the running hub
+    config = folder / "otterscale.yaml"
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        yaml.safe_dump(document, out)
+    cluster = next(name for name, entry in system.clusters.items() if entry.control_plane is not None)
+    kubeconfig = system.clusters[cluster].control_plane.kubeconfig  # type: ignore[union-attr]
+    rows: dict[str, Any] = {}
+    for service in ("hub", "agent"):
+        times: list[float] = []
+        breakdowns: list[dict[str, Any]] = []
+        for attempt in range(repeats):
+            port = free_port()
+            if service == "hub":
+                argv = [*system.command, "server", f"--address=127.0.0.1:{port}", f"--config={config}"]
+                argv += [f"--chisel={system.chisel}", "--log-format=json", "--log-level=info"]
+                if system.separate_management:
+                    argv.append(f"--management-address=127.0.0.1:{free_port()}")
+                url, expected = f"http://127.0.0.1:{port}/readyz", (200,)
+            else:
+                argv = [*system.command, "agent", f"--cluster={cluster}", f"--address=127.0.0.1:{port}"]
+                argv += [
+                    f"--config={config}",
+                    f"--kubeconfig={kubeconfig}",
+                    "--no-tunnel",
+                    "--log-format=json",
+                ]
+                url, expected = f"http://127.0.0.1:{port}/ping", (200, 204)
+            log = folder / f"{service}-{attempt}.log"
+            try:
+                seconds, breakdown = await asyncio.to_thread(_spawn_until, argv, url, expected, log)
+            except Exception as exc:
+                b.fail(f"startup {service}", exc)
+                break
+            times.append(seconds)
+            breakdowns.append(breakdown)
+        if times:
+            rows[service] = {
+                "seconds": [round(t, 3) for t in times],
+                "median_s": round(median(times), 3),
+                "breakdown_ms": breakdowns[len(breakdowns) // 2] if breakdowns else {},
+            }
+            logger.info("startup %s: median %.3fs of %s", service, median(times), rows[service]["seconds"])
+    return rows

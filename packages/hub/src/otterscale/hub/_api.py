@@ -150,12 +150,18 @@ class Api:
         for app in reflection_apps(described, interceptors=self._interceptors):
             services[_service_name(app.path)] = app  # type: ignore[assignment]
         router = Router(
-            services, metrics=None if hosted else metrics.render, ready=ready, on_startup=on_started
+            services,
+            metrics=None if hosted else metrics.render,
+            ready=ready,
+            on_startup=on_started,
+            read_body=not hosted,
         )
         #: The hub's ASGI application; CORS outermost: before auth, on followers too.
         self.router: ASGIApp = with_cors(router, config.cors)
         #: ``/metrics``, readiness and the per-cluster health (the management address).
-        self.management: ASGIApp = Router(management_services, metrics=metrics.render, ready=ready)
+        self.management: ASGIApp = Router(
+            management_services, metrics=metrics.render, ready=ready, read_body=not hosted
+        )
 
     def drain(self) -> None:
         """Shutdown begins: health says NOT_SERVING; new streams are refused, open ones end."""

@@ -54,11 +54,14 @@ class Router:
         metrics: Callable[[], tuple[bytes, str]] | None,
         ready: Callable[[], bool],
         on_startup: Callable[[], None] | None = None,
+        read_body: bool = True,
     ) -> None:
         self._services = dict(services)
         self._metrics = metrics
         self._ready = ready
         self._on_startup = on_startup
+        # hypercorn (a hub in a test process) must read a request's body before answering it.
+        self._read_body = read_body
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -74,19 +77,25 @@ class Router:
             await app(scope, receive, send)
             return
         method = scope["method"]
+        pending = receive if self._read_body else None
         if path == "/metrics" and self._metrics is not None:
             if method not in ("GET", "HEAD"):
-                await _respond(receive, send, 405, b"", headers=[(b"allow", b"GET, HEAD")])
+                await _respond(pending, send, 405, b"", headers=[(b"allow", b"GET, HEAD")])
                 return
             body, content_type = self._metrics()
-            await _respond(receive, send, 200, body if method == "GET" else b"", content_type=content_type)
+            await _respond(pending, send, 200, body if method == "GET" else b"", content_type=content_type)
         elif path in ("/healthz", "/livez"):
-            await _respond(receive, send, 200, b"ok\n")
+            await _respond(pending, send, 200, b"ok\n")
         elif path == "/readyz":
             ready = self._ready()
-            await _respond(receive, send, 200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+            await _respond(
+                receive if self._read_body else None,
+                send,
+                200 if ready else 503,
+                b"ready\n" if ready else b"not ready\n",
+            )
         else:
-            await _respond(receive, send, 404, b"not found\n")
+            await _respond(pending, send, 404, b"not found\n")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -101,7 +110,7 @@ class Router:
 
 
 async def _respond(
-    receive: Receive,
+    receive: Receive | None,
     send: Send,
     status: int,
     body: bytes,
@@ -109,9 +118,10 @@ async def _respond(
     content_type: str = "text/plain; charset=utf-8",
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    # Read the whole request first: answering an HTTP/2 request before its body has arrived makes
-    # hypercorn 0.18 fail on the DATA frames that follow and drop the whole connection.
-    while True:
+    # On hypercorn, read the whole request first: answering an HTTP/2 request before its body has
+    # arrived makes hypercorn 0.18 fail on the DATA frames that follow and drop the whole
+    # connection. Envoy drops the rest of the body itself.
+    while receive is not None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return

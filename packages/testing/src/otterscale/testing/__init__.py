@@ -25,6 +25,7 @@ from ._keycloak import (
     start_keycloak,
 )
 from ._process import ManagedProcess, free_port, holds_socket
+from ._rawhttp import RawH1, RawH2, StreamState
 from ._relay import BlackHoleRelay
 from ._system import ClusterEntry, System, Timings, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
@@ -47,6 +48,9 @@ __all__ = [
     "LeaderRelay",
     "LocalIssuer",
     "ManagedProcess",
+    "RawH1",
+    "RawH2",
+    "StreamState",
     "System",
     "Timings",
     "TokenRequestError",

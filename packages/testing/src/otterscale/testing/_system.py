@@ -156,6 +156,11 @@ class System:
         self.agents: dict[str, ManagedProcess] = {}
         self.chisel = str(tool_path("chisel"))
         self.timings = Timings()
+        #: The ``otterscale`` command the hub and agents run (another tree's, to compare with).
+        self.command = _otterscale_command()
+        #: Whether the hub serves ``/metrics`` on a management address of its own (hubs that predate
+        #: it serve them on the API's address).
+        self.separate_management = True
 
     @property
     def hub_url(self) -> str:
@@ -164,6 +169,8 @@ class System:
     @property
     def management_url(self) -> str:
         """The hub's management address (``/metrics``, per-cluster health)."""
+        if not self.separate_management:
+            return self.hub_url
         return f"http://127.0.0.1:{self.management_port}"
 
     @property
@@ -233,13 +240,14 @@ class System:
         _spawning_thread_check()
         self.write_config()
         started = time.monotonic()
+        management = [f"--management-address=127.0.0.1:{self.management_port}"]
         hub = ManagedProcess(
             "hub",
             [
-                *_otterscale_command(),
+                *self.command,
                 "server",
                 f"--address=127.0.0.1:{self.hub_port}",
-                f"--management-address=127.0.0.1:{self.management_port}",
+                *(management if self.separate_management else []),
                 f"--config={self.config_path}",
                 f"--chisel={self.chisel}",
                 "--log-format=json",
@@ -318,7 +326,7 @@ class System:
         agent = ManagedProcess(
             f"agent-{name}",
             [
-                *_otterscale_command(),
+                *self.command,
                 "agent",
                 f"--cluster={name}",
                 f"--address=127.0.0.1:{entry.api_port}",
