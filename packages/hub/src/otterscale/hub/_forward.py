@@ -18,7 +18,9 @@ What goes with a forwarded call, and nothing else:
 - the request id;
 - ``X-Otterscale-Forwarded-By: <this replica>``, the hop guard: a replica that receives a call
   carrying it and does not lead answers unavailable instead of forwarding it again, so two
-  replicas that disagree about the leader for a moment never bounce a call between them.
+  replicas that disagree about the leader for a moment never bounce a call between them;
+  with ``X-Otterscale-Forwarded-For`` (the caller's address) and a signature, so the receiving
+  replica trusts neither unless another replica sent them (:mod:`._replicas`).
 
 During a hand-over a follower answers unavailable at once, saying why (no leader, the leader's
 address is not known yet, the leader cannot be reached: connect timeout 2 s), instead of
@@ -49,6 +51,7 @@ from ._leader import LeaderInfo, Leadership
 from ._metrics import HubMetrics
 from ._observe import FORWARDED_BY_HEADER
 from ._passthrough import PassThroughResourceService, close_upstream, next_hop_timeout_ms, with_request_id
+from ._replicas import ReplicaSigner
 from ._upstream import MAX_RESPONSE_BYTES, STREAM_TRANSPORTS
 
 logger = logging.getLogger(__name__)
@@ -69,9 +72,10 @@ class LeaderForwarder(PassThroughResourceService):
     those of both service protocols.
     """
 
-    def __init__(self, leadership: Leadership, metrics: HubMetrics) -> None:
+    def __init__(self, leadership: Leadership, metrics: HubMetrics, replicas: ReplicaSigner) -> None:
         self._leadership = leadership
         self._metrics = metrics
+        self._replicas = replicas
         self._transports = [_transport() for _ in range(1 + STREAM_TRANSPORTS)]
         self._http = [Client(transport) for transport in self._transports]
         self._clients: dict[tuple[str, str, int], ConnectClient] = {}
@@ -213,7 +217,8 @@ class LeaderForwarder(PassThroughResourceService):
         authorization = ctx.request_headers.getall("authorization")
         if len(authorization) > 1:
             raise AuthenticationError("more than one Authorization header")
-        headers = {HOP_HEADER: me}
+        procedure = f"/{ctx.method.service_name}/{ctx.method.name}"
+        headers = self._replicas.headers(me, ctx.client_address or "", procedure)
         if authorization:
             headers["authorization"] = authorization[0]
         timeout_ms = next_hop_timeout_ms(ctx, f"the leader {leader.identity}")

@@ -45,6 +45,7 @@ from otterscale.cluster.v1 import cluster_pb2
 from otterscale.cluster.v1.cluster_connect import ClusterServiceASGIApplication
 from otterscale.common import (
     ASGIApp,
+    AuditLog,
     ChiselBinary,
     ChiselServer,
     ChiselServerEvent,
@@ -60,6 +61,7 @@ from otterscale.common import (
 from otterscale.resource.v1 import resource_pb2
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
 
+from ._audit import AuditFields, AuditInterceptor
 from ._auth import Authenticator
 from ._clusters import ClusterServiceImpl
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec
@@ -73,6 +75,7 @@ from ._metrics import HubMetrics
 from ._observe import ObservingInterceptor
 from ._proxy import ResourceProxy
 from ._reflection import reflection_apps
+from ._replicas import ReplicaHeaderGuard, ReplicaSigner, replica_key
 from ._server import Router, Switch
 from ._tasks import cancel_and_wait, spawn
 from ._tunnels import Tunnels
@@ -151,6 +154,8 @@ class Hub:
         self.chisel: ChiselServer | None = None
         self._agents: AgentClients | None = None
         self._auth: Authenticator | None = None
+        self._audit: AuditLog | None = None
+        self._replicas: ReplicaSigner | None = None
         self._proxy: ResourceProxy | None = None
         self._health: HealthService | None = None
         self._shutdown = asyncio.Event()
@@ -273,6 +278,11 @@ class Hub:
             max_response_bytes=self.limits.max_response_bytes,
         )
         self._auth = authenticator = Authenticator(OIDCVerifier.from_config(config.keycloak))
+        try:
+            self._audit = AuditLog.from_config(config.audit)
+            self._replicas = ReplicaSigner(replica_key(config))
+        except OSError as exc:
+            raise HubError(f"cannot open {exc.filename or 'a file'}: {exc.strerror or exc}") from exc
         self._proxy = ResourceProxy(
             authenticator=authenticator,
             tunnels=tunnels,
@@ -284,7 +294,7 @@ class Hub:
         )
         self._health = HealthService(tunnels, serving=self.ready, resources_serving=self._serves_api)
         if self.leadership is not None:
-            self._forwarder = LeaderForwarder(self.leadership, metrics)
+            self._forwarder = LeaderForwarder(self.leadership, metrics, self._replicas)
         router = self._router(metrics)
 
         if not self._elected:
@@ -380,12 +390,18 @@ class Hub:
                 if self.chisel is chisel:
                     self.chisel = None
 
-    def _router(self, metrics: HubMetrics) -> Router:
+    def _router(self, metrics: HubMetrics) -> ASGIApp:
         assert self._proxy is not None
         assert self._health is not None
         assert self._auth is not None
         assert self.tunnels is not None
-        interceptors = (ObservingInterceptor(metrics),)
+        assert self._audit is not None
+        assert self._replicas is not None
+        observing = ObservingInterceptor(metrics)
+        interceptors = (observing,)
+        # The services this replica serves itself write the audit trail; forwarding writes none.
+        replica = self.leadership.identity if self.leadership is not None else socket.gethostname()
+        served = (observing, AuditInterceptor(self._audit, replica=replica), AuditFields(self._audit))
         max_request = self.limits.max_request_bytes
         refusals = metrics.limit_refusals
 
@@ -398,14 +414,14 @@ class Hub:
         gzip = BoundedGzipCompression(level=1, on_refused=refused)
         resource_app = ResourceServiceASGIApplication(
             self._proxy,
-            interceptors=interceptors,
+            interceptors=served,
             codecs=[PassthroughCodec(CODEC_PROTO), PassthroughCodec(CODEC_JSON)],
             compressions=[gzip],
             # Bounds a compressed request once inflated (ClientLimits bounds the wire bytes).
             read_max_bytes=max_request,
         )
         cluster_app = ClusterServiceASGIApplication(
-            ClusterServiceImpl(authenticator=self._auth, tunnels=self.tunnels), interceptors=interceptors
+            ClusterServiceImpl(authenticator=self._auth, tunnels=self.tunnels), interceptors=served
         )
         health_app = HealthASGIApplication(self._health, interceptors=interceptors)
         resource: ASGIApp = resource_app  # type: ignore[assignment]
@@ -442,7 +458,8 @@ class Hub:
         ]
         for app in reflection_apps(described, interceptors=interceptors):
             services[_service_name(app.path)] = app  # type: ignore[assignment]
-        return Router(services, metrics=metrics.render, ready=self.ready, on_startup=self._serving.set)
+        router = Router(services, metrics=metrics.render, ready=self.ready, on_startup=self._serving.set)
+        return ReplicaHeaderGuard(router, self._replicas)
 
     async def stop(self) -> None:
         """Shut down gracefully (see the module docstring); idempotent and bounded."""
@@ -491,6 +508,8 @@ class Hub:
             await self._forwarder.aclose()
         if self._auth is not None:
             await self._auth.aclose()
+        if self._audit is not None:
+            self._audit.close()
         if was_serving:
             logger.info("hub stopped")
 

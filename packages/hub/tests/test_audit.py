@@ -1,0 +1,188 @@
+"""The hub's audit trail: one event per audited RPC, however the call ends, keyed on the RPC.
+
+A hub in the test's process (real HTTP server, real chisel) with the fake agent of conftest.py,
+writing its audit trail to a file. The end-to-end test against a real kube-apiserver is
+tests/e2e/test_audit.py; here every way a call can end, both codecs, streams, and the read level.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from otterscale.cluster.v1 import cluster_pb2
+from otterscale.common import ChiselBinary
+from otterscale.hub._audit import READS, UNAUDITED_SERVICES, audit_kind
+from otterscale.resource.v1 import resource_pb2 as pb
+
+from .conftest import HubEnv, Issuer, start_hub_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+RESOURCE = "otterscale.resource.v1.ResourceService"
+MANIFEST = b'{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"k": "CANARY-42"}}'
+
+
+@pytest_asyncio.fixture(params=["off", "metadata"])
+async def audited(
+    request: pytest.FixtureRequest, tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary
+) -> AsyncIterator[tuple[HubEnv, Path, str]]:
+    """A hub writing its audit trail to a file, reads audited or not (the parameter)."""
+    log = tmp_path / "audit.log"
+    env = await start_hub_env(
+        tmp_path, issuer, chisel_binary, audit={"sink": "file", "file": str(log), "reads": request.param}
+    )
+    try:
+        yield env, log, request.param
+    finally:
+        await env.close()
+
+
+def events(log: Path, request_id: str) -> list[dict[str, Any]]:
+    """The events of one call: written before the hub answers, so complete once it has."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [e for e in (json.loads(line) for line in lines) if e["request_id"] == request_id]
+
+
+async def outcome(call: Awaitable[object]) -> Code | None:
+    try:
+        await call
+    except ConnectError as exc:
+        return exc.code
+    return None
+
+
+def rid() -> str:
+    return f"r-{uuid.uuid4().hex[:12]}"
+
+
+def test_every_rpc_not_known_as_a_read_is_audited_as_a_write() -> None:
+    assert audit_kind(RESOURCE, "Create") == "write"
+    assert audit_kind(RESOURCE, "Apply") == "write"
+    assert audit_kind(RESOURCE, "Delete") == "write"
+    assert audit_kind(RESOURCE, "Exec") == "write"  # a future RPC is audited until declared a read
+    assert audit_kind("otterscale.session.v1.SessionService", "PortForward") == "write"
+    for method in ("Discovery", "Schema", "List", "Get", "Watch"):
+        assert audit_kind(RESOURCE, method) == "read"
+    assert audit_kind("otterscale.cluster.v1.ClusterService", "ListClusters") == "read"
+    assert len(READS) == 6
+    for service in UNAUDITED_SERVICES:
+        assert audit_kind(service, "Check") is None
+
+
+async def test_writes_are_audited_once_whatever_the_outcome(audited: tuple[HubEnv, Path, str]) -> None:
+    env, log, _ = audited
+    await env.agent("alpha")  # beta stays unconnected
+    calls: dict[str, tuple[Any, dict[str, str], Code | None]] = {}
+    create = pb.CreateRequest(
+        cluster="alpha", version="v1", resource="configmaps", namespace="ns", manifest=MANIFEST
+    )
+    apply = pb.ApplyRequest(
+        cluster="alpha", group="apps", version="v1", resource="deployments", namespace="ns", name="web",
+        manifest=MANIFEST, dry_run=True,
+    )  # fmt: skip
+    delete = pb.DeleteRequest(
+        cluster="north", version="v1", resource="configmaps", namespace="ns", name="gone"
+    )
+    offline = pb.DeleteRequest(cluster="beta", version="v1", resource="configmaps", namespace="ns", name="x")
+    token = env.issuer.token("alice", ("developers", "oidc:ops"))
+    auth = {"authorization": f"Bearer {token}"}
+    cases = [
+        ("create-json", env.client(json=True).create, create, auth, None),
+        ("apply-proto-dry-run", env.client("grpc-h2c").apply, apply, auth, None),
+        ("delete-unknown-cluster", env.client().delete, delete, auth, Code.NOT_FOUND),
+        ("delete-offline-cluster", env.client().delete, offline, auth, Code.UNAVAILABLE),
+        ("create-no-token", env.client().create, create, {}, Code.UNAUTHENTICATED),
+        ("create-expired", env.client().create, create,
+         {"authorization": f"Bearer {env.issuer.token(expires_in=-600)}"}, Code.UNAUTHENTICATED),
+    ]  # fmt: skip
+    for name, call, request, headers, code in cases:
+        request_id = rid()
+        calls[name] = (request, headers, code)
+        assert await outcome(call(request, headers={**headers, "x-request-id": request_id})) is code, name
+        [event] = events(log, request_id)
+        assert event["code"] == (code.value if code else "ok"), (name, event)
+        assert event["verb"] == type(request).__name__.removesuffix("Request"), name
+        assert event["service"] == RESOURCE
+        assert event["cluster"] == request.cluster, name
+        assert event["resource"] == request.resource
+        assert event["namespace"] == "ns"
+        assert event["replica"] == socket.gethostname()
+        assert event["source"].startswith("127.0.0.1:")
+        assert event["forwarded_by"] == ""
+        if headers is auth:
+            assert (event["subject"], event["groups"]) == ("alice", ["developers", "oidc:ops"])
+        else:
+            assert (event["subject"], event["groups"]) == ("", [])
+        if name == "create-json":
+            assert event["name"] == "created"  # what the agent created (the manifest is not parsed)
+        if name == "apply-proto-dry-run":
+            assert (event["group"], event["name"], event["dry_run"]) == ("apps", "web", True)
+    trail = log.read_text()
+    assert "CANARY-42" not in trail
+    assert token not in trail
+    assert token.rsplit(".", 1)[1] not in trail
+
+
+async def test_reads_are_audited_only_at_the_metadata_level(audited: tuple[HubEnv, Path, str]) -> None:
+    env, log, reads = audited
+    await env.agent("alpha")
+    auth = env.auth()
+    ids = {name: rid() for name in ("get", "list", "watch", "clusters")}
+    get = pb.GetRequest(cluster="alpha", version="v1", resource="configmaps", namespace="default", name="cm")
+    await env.client().get(get, headers={**auth, "x-request-id": ids["get"]})
+    listing = pb.ListRequest(cluster="alpha", version="v1", resource="configmaps", limit=2)
+    await env.client(json=True).list(listing, headers={**auth, "x-request-id": ids["list"]})
+    watch = pb.WatchRequest(
+        cluster="alpha", version="v1", resource="configmaps", namespace="default", resource_version="2",
+        field_selector="ok",
+    )  # fmt: skip
+    seen = [
+        e async for e in env.client("grpc-h2c").watch(watch, headers={**auth, "x-request-id": ids["watch"]})
+    ]
+    assert len(seen) == 2
+    await env.cluster_client().list_clusters(
+        cluster_pb2.ListClustersRequest(), headers={**auth, "x-request-id": ids["clusters"]}
+    )
+    found = {name: events(log, request_id) for name, request_id in ids.items()}
+    if reads == "off":
+        assert found == {name: [] for name in ids}
+        return
+    assert {name: len(found_events) for name, found_events in found.items()} == dict.fromkeys(ids, 1)
+    assert found["get"][0]["name"] == "cm"
+    assert (found["list"][0]["verb"], found["list"][0]["namespace"]) == ("List", "")
+    assert (found["watch"][0]["verb"], found["watch"][0]["code"]) == ("Watch", "ok")
+    clusters = found["clusters"][0]
+    assert (clusters["service"], clusters["verb"], clusters["cluster"]) == (
+        "otterscale.cluster.v1.ClusterService",
+        "ListClusters",
+        "",
+    )
+    assert all(e[0]["subject"] == "alice" for e in found.values())
+
+
+async def test_a_request_the_hub_cannot_read_is_still_audited(audited: tuple[HubEnv, Path, str]) -> None:
+    env, log, _ = audited
+    request_id = rid()
+    response = await env.http().post(
+        env.hub.url + f"/{RESOURCE}/Create",
+        headers=env.auth(**{"content-type": "application/proto", "x-request-id": request_id}),
+        content=b"\x0a\xff\xff\xff",  # field 1 claims more bytes than there are
+    )
+    assert response.status == 400
+    [event] = events(log, request_id)
+    assert (event["verb"], event["code"], event["cluster"], event["subject"]) == (
+        "Create",
+        "invalid_argument",
+        "",
+        "alice",
+    )
