@@ -789,3 +789,17 @@ def test_audit_reads_off_may_be_written_unquoted() -> None:
 )
 def test_audit_mistakes_name_the_key(section: dict[str, Any], path: str, reason: str) -> None:
     assert_problem(problems_of(document(audit=section)), path, reason)
+
+
+def test_the_readme_sample_is_refused_only_for_its_example_secrets() -> None:
+    """The README's otterscale.yaml, copied as is, must not run with its placeholder secrets."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    start = readme.index("   keycloak:\n     realm_url:")
+    sample = textwrap.dedent(readme[start : readme.index("   ```", start)])
+    with pytest.raises(ConfigError) as caught:
+        parse_config(sample, "otterscale.yaml")
+    assert {path for path, _ in caught.value.problems} == {
+        "tunnel.server.key_seed",
+        "clusters.dev.agent.auth.pass",
+    }
+    assert all("example value" in reason for _, reason in caught.value.problems)
