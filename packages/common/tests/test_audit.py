@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from otterscale.common import AuditConfig, AuditEvent, AuditLog
+from otterscale.common import AuditConfig, AuditEvent, AuditLog, AuditTarget
 
 
 def event(**changes: object) -> AuditEvent:
@@ -19,16 +19,14 @@ def event(**changes: object) -> AuditEvent:
         "request_id": "req-1",
         "subject": "alice",
         "groups": ("oidc:team-a",),
-        "cluster": "east",
         "service": "otterscale.resource.v1.ResourceService",
         "verb": "Create",
+        "target": AuditTarget(
+            cluster="east", version="v1", resource="configmaps", namespace="team-a", name="settings"
+        ),
         "code": "ok",
         "duration_ms": 12.5,
         "source": "10.0.0.7:51234",
-        "version": "v1",
-        "resource": "configmaps",
-        "namespace": "team-a",
-        "name": "settings",
     }
     values.update(changes)
     return AuditEvent(**values)  # type: ignore[arg-type]

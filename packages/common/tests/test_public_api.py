@@ -31,6 +31,7 @@ EXPECTED = {
     "AuditEvent",
     "AuditKind",
     "AuditLog",
+    "AuditTarget",
     # errors
     "OtterscaleError",
     "ConfigError",

@@ -11,7 +11,7 @@ particular service.
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
-from ._audit import AuditEvent, AuditKind, AuditLog
+from ._audit import AuditEvent, AuditKind, AuditLog, AuditTarget
 from ._chisel import (
     LOOPBACK,
     MIN_CHISEL_VERSION,
@@ -116,6 +116,7 @@ __all__ = [
     "AuditEvent",
     "AuditKind",
     "AuditLog",
+    "AuditTarget",
     "AuthenticationError",
     "ChiselBinary",
     "ChiselClient",

@@ -42,9 +42,22 @@ logger = logging.getLogger(__name__)
 AuditKind = Literal["write", "read"]
 
 
+@dataclass(slots=True)
+class AuditTarget:
+    """What an audited call names (empty where its request has no such field)."""
+
+    cluster: str = ""
+    group: str = ""
+    version: str = ""
+    resource: str = ""
+    namespace: str = ""
+    name: str = ""
+    dry_run: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
-    """One audited call (see the module docstring for the fields)."""
+    """One audited call (see the module docstring for the fields; ``target``'s are inlined)."""
 
     time: float
     component: str
@@ -52,23 +65,18 @@ class AuditEvent:
     request_id: str
     subject: str
     groups: tuple[str, ...]
-    cluster: str
     service: str
     verb: str
+    target: AuditTarget
     code: str
     duration_ms: float
     source: str
-    group: str = ""
-    version: str = ""
-    resource: str = ""
-    namespace: str = ""
-    name: str = ""
-    dry_run: bool = False
     forwarded_by: str = ""
 
     def to_json(self) -> str:
-        """The event as one line of JSON (no trailing newline)."""
+        """The event as one line of JSON (no trailing newline), the target's fields inlined."""
         document = asdict(self)
+        document.update(document.pop("target"))
         document["time"] = _timestamp(self.time)
         document["groups"] = list(self.groups)
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))

@@ -30,18 +30,18 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from connectrpc.request import RequestContext
 from google.protobuf import json_format  # type: ignore[import-untyped]  # no stubs for protobuf 7
 from google.protobuf.message import DecodeError, Message  # type: ignore[import-untyped]
 
-from otterscale.common import AuditEvent, AuditKind, AuditLog
+from otterscale.common import AuditEvent, AuditKind, AuditLog, AuditTarget
 from otterscale.resource.v1 import resource_pb2
 
 from ._codec import CODEC_JSON, RawMessage
 from ._observe import code_of, current_call
+from ._passthrough import close_upstream
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +74,6 @@ def audit_kind(service: str, method: str) -> AuditKind | None:
     if service in UNAUDITED_SERVICES:
         return None
     return "read" if f"{service}/{method}" in READS else "write"
-
-
-@dataclass(slots=True)
-class AuditTarget:
-    """What an audited request names (empty strings for fields its type does not have)."""
-
-    cluster: str = ""
-    group: str = ""
-    version: str = ""
-    resource: str = ""
-    namespace: str = ""
-    name: str = ""
-    dry_run: bool = False
 
 
 def decode_target(message: RawMessage, input_class: type[Message]) -> AuditTarget:
@@ -151,6 +138,8 @@ class AuditInterceptor:
             return
         call = current_call()
         target = (call.target if call is not None else None) or AuditTarget()
+        if not target.cluster and call is not None:
+            target.cluster = call.cluster
         self._log.write(
             AuditEvent(
                 time=wall,
@@ -159,15 +148,9 @@ class AuditInterceptor:
                 request_id=call.request_id if call is not None else "",
                 subject=call.subject if call is not None else "",
                 groups=call.groups if call is not None else (),
-                cluster=target.cluster or (call.cluster if call is not None else ""),
                 service=ctx.method.service_name,
                 verb=ctx.method.name,
-                group=target.group,
-                version=target.version,
-                resource=target.resource,
-                namespace=target.namespace,
-                name=target.name,
-                dry_run=target.dry_run,
+                target=target,
                 code=code_of(error),
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 source=(call.source if call is not None else "") or ctx.client_address or "",
@@ -218,6 +201,4 @@ class AuditFields:
             async for message in stream:
                 yield message
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_upstream(stream)

@@ -34,7 +34,7 @@ from connectrpc.request import RequestContext
 from ._metrics import HubMetrics
 
 if TYPE_CHECKING:
-    from ._audit import AuditTarget
+    from otterscale.common import AuditTarget
 
 logger = logging.getLogger("otterscale.hub.access")
 
