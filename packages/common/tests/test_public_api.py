@@ -10,12 +10,14 @@ import otterscale.common
 
 EXPECTED = {
     "ASGIApp",
+    "drain_request",
     "serve",
     "server_config",
     "tune_hypercorn",
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
+    "CorsConfig",
     "KeycloakConfig",
     "TunnelConfig",
     "TunnelServerConfig",

@@ -71,10 +71,10 @@ def test_every_rpc_not_known_as_a_read_is_audited_as_a_write() -> None:
     assert audit_kind(RESOURCE, "Delete") == "write"
     assert audit_kind(RESOURCE, "Exec") == "write"  # a future RPC is audited until declared a read
     assert audit_kind("otterscale.session.v1.SessionService", "PortForward") == "write"
-    for method in ("Discovery", "Schema", "List", "Get", "Watch"):
+    for method in ("Discovery", "Schema", "List", "Get", "Describe", "Watch"):
         assert audit_kind(RESOURCE, method) == "read"
     assert audit_kind("otterscale.cluster.v1.ClusterService", "ListClusters") == "read"
-    assert len(READS) == 6
+    assert len(READS) == 7
     for service in UNAUDITED_SERVICES:
         assert audit_kind(service, "Check") is None
 

@@ -55,6 +55,7 @@ from ._config import (
     AgentConfig,
     AuditConfig,
     ClusterConfig,
+    CorsConfig,
     HubLimitsConfig,
     KeycloakConfig,
     OtterscaleConfig,
@@ -75,7 +76,7 @@ from ._errors import (
 from ._h2 import tune_hypercorn
 from ._identity import RESERVED_PREFIXES, Identity
 from ._logging import LogFormat, RedactingFilter, configure_logging, redact
-from ._net import ASGIApp, create_listener, serve, server_config
+from ._net import ASGIApp, create_listener, drain_request, serve, server_config
 from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier, VerifiedToken
 from ._signing import (
     GROUPS_HEADER,
@@ -129,6 +130,7 @@ __all__ = [
     "CommandMain",
     "CommonOptions",
     "ConfigError",
+    "CorsConfig",
     "HubLimitsConfig",
     "Identity",
     "IdentityHeaderError",
@@ -158,6 +160,7 @@ __all__ = [
     "create_listener",
     "derive_identity_key",
     "derive_key",
+    "drain_request",
     "echo",
     "find_chisel",
     "load_config",

@@ -1,7 +1,7 @@
 """The hub's audit trail: exactly one event per audited call, decided by the RPC, not by a handler.
 
 Which calls: every RPC of every service except gRPC health and reflection is audited. The known
-reads (:data:`READS`: Discovery, Schema, List, Get, Watch, ListClusters) only when
+reads (:data:`READS`: Discovery, Schema, List, Get, Describe, Watch, ListClusters) only when
 ``audit.reads`` is ``metadata``; everything else (Create, Apply, Delete, and any RPC added later
 that is not listed as a read) always. So a new RPC is audited until someone decides it is a read.
 
@@ -52,6 +52,7 @@ READS = frozenset(
         "otterscale.resource.v1.ResourceService/Schema",
         "otterscale.resource.v1.ResourceService/List",
         "otterscale.resource.v1.ResourceService/Get",
+        "otterscale.resource.v1.ResourceService/Describe",
         "otterscale.resource.v1.ResourceService/Watch",
         "otterscale.cluster.v1.ClusterService/ListClusters",
     }

@@ -65,6 +65,7 @@ from ._audit import AuditFields, AuditInterceptor
 from ._auth import Authenticator
 from ._clusters import ClusterServiceImpl
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec
+from ._cors import with_cors
 from ._election import ElectionSettings
 from ._errors import HubError
 from ._forward import LeaderForwarder
@@ -459,7 +460,9 @@ class Hub:
         for app in reflection_apps(described, interceptors=interceptors):
             services[_service_name(app.path)] = app  # type: ignore[assignment]
         router = Router(services, metrics=metrics.render, ready=self.ready, on_startup=self._serving.set)
-        return ReplicaHeaderGuard(router, self._replicas)
+        # CORS outermost (preflights before auth, on followers too); then forwarding headers are
+        # trusted only when another replica signed them, before anything reads them.
+        return with_cors(ReplicaHeaderGuard(router, self._replicas), self.settings.config.cors)
 
     async def stop(self) -> None:
         """Shut down gracefully (see the module docstring); idempotent and bounded."""

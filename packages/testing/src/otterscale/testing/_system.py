@@ -137,8 +137,8 @@ class System:
         audience: str | None,
         *,
         keycloak_options: Mapping[str, Any] | None = None,
-        sections: Mapping[str, Any] | None = None,
         log_level: str = "debug",
+        extra_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.directory = directory
         #: ``--log-level`` of the hub and the agents. Debug by default: the "no secret in any log"
@@ -149,8 +149,8 @@ class System:
         self.client_id = client_id
         self.audience = audience
         self.keycloak_options = dict(keycloak_options or {})
-        #: More top-level sections of otterscale.yaml (``limits``, ``audit``).
-        self.sections = dict(sections or {})
+        #: More top-level sections of ``otterscale.yaml`` (e.g. ``{"cors": {...}}``, ``{"audit": ...}``).
+        self.extra_config = dict(extra_config or {})
         self.key_seed = secrets.token_urlsafe(32)  # 43 characters: the services refuse fewer than 32
         self.tunnel_port = free_port()
         self.hub_port = free_port()
@@ -214,7 +214,7 @@ class System:
             "keycloak": keycloak,
             "tunnel": {"server": {"host": "127.0.0.1", "port": self.tunnel_port, "key_seed": self.key_seed}},
             "clusters": clusters,
-            **self.sections,
+            **self.extra_config,
         }
 
     def write_config(self) -> None:
@@ -401,18 +401,18 @@ def start_system(
     client_id: str = "otterscale",
     audience: str | None = None,
     keycloak_options: Mapping[str, Any] | None = None,
-    sections: Mapping[str, Any] | None = None,
-    kubeconfigs: Mapping[str, Path] | None = None,
     log_level: str = "debug",
     start_agents: bool = True,
+    extra_config: Mapping[str, Any] | None = None,
+    kubeconfigs: Mapping[str, Path] | None = None,
 ) -> System:
     """Write the config, start the hub, then one agent per cluster that has a control plane.
 
     ``keycloak_options`` adds keys to the configuration's ``keycloak`` section (for example
-    ``{"leeway_seconds": 0}`` for token-expiry tests); ``sections`` adds top-level sections
-    (``{"audit": {...}}``); ``kubeconfigs`` gives an agent another kubeconfig than the control
-    plane's admin one; ``log_level`` is the services' ``--log-level``. Returns once the hub
-    reports every started agent connected.
+    ``{"leeway_seconds": 0}`` for token-expiry tests); ``log_level`` is the services'
+    ``--log-level``; ``extra_config`` adds top-level sections (``{"cors": {...}}``);
+    ``kubeconfigs`` gives an agent another kubeconfig than the control plane's admin one. Returns
+    once the hub reports every started agent connected.
     """
     directory.mkdir(parents=True, exist_ok=True)
     system = System(
@@ -421,8 +421,8 @@ def start_system(
         client_id,
         audience,
         keycloak_options=keycloak_options,
-        sections=sections,
         log_level=log_level,
+        extra_config=extra_config,
     )
     for name, cp in clusters.items():
         system.add_cluster(name, cp, kubeconfig=(kubeconfigs or {}).get(name))
