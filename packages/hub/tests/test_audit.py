@@ -2,7 +2,8 @@
 
 A hub in the test's process (real HTTP server, real chisel) with the fake agent of conftest.py,
 writing its audit trail to a file. The end-to-end test against a real kube-apiserver is
-tests/e2e/test_audit.py; here every way a call can end, both codecs, streams, and the read level.
+tests/e2e/test_audit.py; here every way a call can end, both codecs, streams, and the read level,
+and the audited set as the registered services' descriptors make it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ import pytest
 import pytest_asyncio
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from google.protobuf import json_format  # type: ignore[import-untyped]  # no stubs for protobuf 7
 
 from otterscale.cluster.v1 import cluster_pb2
-from otterscale.common import ChiselBinary
-from otterscale.hub._audit import READS, UNAUDITED_SERVICES, audit_kind
+from otterscale.common import AuditTarget, ChiselBinary
+from otterscale.hub._audit import AuditedMethod, audited_methods
+from otterscale.hub._codec import CODEC_JSON, CODEC_PROTO, RawMessage
+from otterscale.hub._routes import cluster_routes, hub_routes
+from otterscale.hub._services import HUB_SERVICES, READ_METHODS, ROUTED_SERVICES
 from otterscale.resource.v1 import resource_pb2 as pb
+from otterscale.testing import ECHO_SERVICE
+from otterscale.testing.echo.v1 import echo_pb2 as echo
 
 from .conftest import HubEnv, Issuer, start_hub_env
 
@@ -65,18 +72,63 @@ def rid() -> str:
     return f"r-{uuid.uuid4().hex[:12]}"
 
 
-def test_every_rpc_not_known_as_a_read_is_audited_as_a_write() -> None:
-    assert audit_kind(RESOURCE, "Create") == "write"
-    assert audit_kind(RESOURCE, "Apply") == "write"
-    assert audit_kind(RESOURCE, "Delete") == "write"
-    assert audit_kind(RESOURCE, "Exec") == "write"  # a future RPC is audited until declared a read
-    assert audit_kind("otterscale.session.v1.SessionService", "PortForward") == "write"
+ECHO = "otterscale.testing.echo.v1.EchoService"
+ECHO_METHODS = ("Say", "Count", "Collect", "Chat", "Write")
+
+
+def registry(*routed: Any) -> dict[str, AuditedMethod]:
+    """What a hub audits with the registered services (and ``routed`` ones besides)."""
+    services = [(service, cluster_routes(service)) for service in (*ROUTED_SERVICES, *routed)]
+    services += [(service.descriptor, hub_routes(service.descriptor)) for service in HUB_SERVICES]
+    return audited_methods(services, reads=READ_METHODS)
+
+
+def test_the_audited_set_comes_from_the_registered_services_descriptors() -> None:
+    kinds = {procedure: method.kind for procedure, method in registry(ECHO_SERVICE).items()}
+    for method in ("Create", "Apply", "Delete"):
+        assert kinds.pop(f"/{RESOURCE}/{method}") == "write"
     for method in ("Discovery", "Schema", "List", "Get", "Describe", "Watch"):
-        assert audit_kind(RESOURCE, method) == "read"
-    assert audit_kind("otterscale.cluster.v1.ClusterService", "ListClusters") == "read"
-    assert len(READS) == 7
-    for service in UNAUDITED_SERVICES:
-        assert audit_kind(service, "Check") is None
+        assert kinds.pop(f"/{RESOURCE}/{method}") == "read"
+    # Not declared: its .proto says NO_SIDE_EFFECTS.
+    assert "/otterscale.cluster.v1.ClusterService/ListClusters" not in READ_METHODS
+    assert kinds.pop("/otterscale.cluster.v1.ClusterService/ListClusters") == "read"
+    # A service the hub has no code for (as RuntimeService's exec, port-forward, scale and restart
+    # will be): every method is audited always until it is declared a read. Health and reflection
+    # are no registered service, so nothing else is audited.
+    assert kinds == {f"/{ECHO}/{method}": "write" for method in ECHO_METHODS}
+
+
+def test_what_a_request_names_is_read_from_its_descriptor() -> None:
+    methods = registry(ECHO_SERVICE)
+    apply = pb.ApplyRequest(
+        cluster="east", group="apps", version="v1", resource="deployments", namespace="ns", name="web",
+        manifest=MANIFEST, dry_run=True,
+    )  # fmt: skip
+    named = AuditTarget("east", "apps", "v1", "deployments", "ns", "web", True)
+    for request in (
+        RawMessage(apply.SerializeToString(), CODEC_PROTO),
+        RawMessage(json_format.MessageToJson(apply).encode(), CODEC_JSON),
+        apply,  # a hub-served application's request is a message already
+    ):
+        assert methods[f"/{RESOURCE}/Apply"].target(request) == named
+    # A request stream is routed by its first message's start.cluster: the target is read there.
+    chat = echo.ChatRequest(start=echo.Start(cluster="beta"))
+    assert methods[f"/{ECHO}/Chat"].target(RawMessage(chat.SerializeToString(), CODEC_PROTO)) == (
+        AuditTarget(cluster="beta")
+    )
+    # Fields a request type lacks stay empty; an undecodable request names nothing.
+    assert methods[f"/{ECHO}/Write"].target(echo.WriteRequest(session_id="alpha.x")) == AuditTarget()
+    assert methods[f"/{RESOURCE}/Create"].target(RawMessage(b"\x0a\xff\xff", CODEC_PROTO)) == AuditTarget()
+    # The object a Create returned names it (its answer carries the object); a Delete's does not.
+    created = pb.Resource()
+    created.object.update({"metadata": {"name": "made", "namespace": "ns"}})
+    create = methods[f"/{RESOURCE}/Create"]
+    assert create.returned(RawMessage(created.SerializeToString(), CODEC_PROTO)) == ("made", "ns")
+    assert create.returned(RawMessage(json_format.MessageToJson(created).encode(), CODEC_JSON)) == (
+        "made",
+        "ns",
+    )
+    assert methods[f"/{RESOURCE}/Delete"].returns is None
 
 
 async def test_writes_are_audited_once_whatever_the_outcome(audited: tuple[HubEnv, Path, str]) -> None:
