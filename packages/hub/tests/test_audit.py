@@ -2,8 +2,11 @@
 
 A hub in the test's process (real HTTP server, real chisel) with the fake agent of conftest.py,
 writing its audit trail to a file. The end-to-end test against a real kube-apiserver is
-tests/e2e/test_audit.py; here every way a call can end, both codecs, streams, and the read level,
-and the audited set as the registered services' descriptors make it.
+tests/e2e/test_audit.py; here every way a call can end, both codecs, streams, and the read level;
+and that a service the hub has no code for is audited in every call shape from its descriptor
+alone, whether the agents serve it (the test-only EchoService behind real chisel tunnels, through
+a hub alone and through a follower) or the hub itself does (the shape of a hub-served fan-out
+service).
 """
 
 from __future__ import annotations
@@ -19,19 +22,24 @@ import pytest
 import pytest_asyncio
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
 from google.protobuf import json_format  # type: ignore[import-untyped]  # no stubs for protobuf 7
 
 from otterscale.cluster.v1 import cluster_pb2
-from otterscale.common import AuditTarget, ChiselBinary
+from otterscale.common import AuditTarget, ChiselBinary, OtterscaleError
+from otterscale.hub import Hub
 from otterscale.hub._audit import AuditedMethod, audited_methods
 from otterscale.hub._codec import CODEC_JSON, CODEC_PROTO, RawMessage
+from otterscale.hub._errors import to_connect_error
 from otterscale.hub._routes import cluster_routes, hub_routes
-from otterscale.hub._services import HUB_SERVICES, READ_METHODS, ROUTED_SERVICES
+from otterscale.hub._services import HUB_SERVICES, READ_METHODS, ROUTED_SERVICES, HubService, ServiceContext
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ECHO_SERVICE
+from otterscale.testing import ECHO_SERVICE, free_port
 from otterscale.testing.echo.v1 import echo_pb2 as echo
+from otterscale.testing.echo.v1.echo_connect import EchoServiceASGIApplication
 
-from .conftest import HubEnv, Issuer, start_hub_env
+from .conftest import HubEnv, Issuer, hub_settings, make_specs, start_hub_env, write_config
+from .test_routing import EchoSystem, iter_of, start, start_echo_system, texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -238,3 +246,197 @@ async def test_a_request_the_hub_cannot_read_is_still_audited(audited: tuple[Hub
         "",
         "alice",
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Services the hub has no code for
+
+
+def audit_section(log: Path) -> dict[str, Any]:
+    """Reads not audited (the default): every event below is one of a write."""
+    return {"sink": "file", "file": str(log)}
+
+
+@pytest.mark.parametrize("through", ["alone", "follower"])
+async def test_a_routed_service_is_audited_in_every_call_shape(
+    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary, through: str
+) -> None:
+    """EchoService, which the hub knows only by its descriptor, served by echo agents behind real
+    chisel tunnels: each call gives exactly one event, with the cluster it named (a request
+    stream's in its first message, a session's from its id). Through a follower the leader writes
+    it, naming the follower; the follower writes none (both write to the same file)."""
+    log = tmp_path / "audit.log"
+    replicas = through == "follower"
+    system: EchoSystem = await start_echo_system(
+        tmp_path, issuer, chisel_binary, replicas=replicas, audit=audit_section(log)
+    )
+    ids = {
+        name: rid() for name in ("say", "count", "collect", "chat", "write", "denied", "unknown", "anonymous")
+    }
+
+    def headers(name: str, *, token: bool = True) -> dict[str, str]:
+        return {**(system.auth() if token else {}), "x-request-id": ids[name]}
+
+    try:
+        client = system.client("b" if replicas else "a")
+        said = await client.say(echo.SayRequest(cluster="beta", text="hi"), headers=headers("say"))
+        counted = client.count(echo.CountRequest(cluster="alpha", count=2), headers=headers("count"))
+        assert [m.index async for m in counted] == [0, 1]
+        await client.collect(texts("x", "y", cluster="beta"), headers=headers("collect"))
+        chat = client.chat(iter_of(start("alpha"), echo.ChatRequest(text="x")), headers=headers("chat"))
+        assert [m.text async for m in chat] == ["started", "x"]
+        await client.write(echo.WriteRequest(session_id=said.session_id, text="w"), headers=headers("write"))
+        refused = {
+            "denied": client.say(
+                echo.SayRequest(cluster="alpha", text="fail:permission_denied"), headers=headers("denied")
+            ),
+            "unknown": _drain(client.chat(iter_of(start("gamma")), headers=headers("unknown"))),
+            "anonymous": _drain(
+                client.count(echo.CountRequest(cluster="alpha"), headers=headers("anonymous", token=False))
+            ),
+        }
+        codes = {name: await outcome(call) for name, call in refused.items()}
+        assert codes == {
+            "denied": Code.PERMISSION_DENIED,
+            "unknown": Code.NOT_FOUND,
+            "anonymous": Code.UNAUTHENTICATED,
+        }
+    finally:
+        await system.close()
+    expected = {
+        "say": ("Say", "beta", "ok", "alice"),
+        "count": ("Count", "alpha", "ok", "alice"),
+        "collect": ("Collect", "beta", "ok", "alice"),  # the first message's start.cluster
+        "chat": ("Chat", "alpha", "ok", "alice"),
+        "write": ("Write", "beta", "ok", "alice"),  # the session id's cluster
+        "denied": ("Say", "alpha", "permission_denied", "alice"),
+        "unknown": ("Chat", "gamma", "not_found", "alice"),  # named, though never routed
+        "anonymous": ("Count", "alpha", "unauthenticated", ""),
+    }
+    trail = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(event["request_id"] for event in trail) == sorted(ids.values())  # one each, no more
+    for event in echo_events(log, ids, expected).values():
+        assert event["replica"] == ("a" if replicas else socket.gethostname())
+        assert event["forwarded_by"] == ("b" if replicas else "")
+        assert event["source"].startswith("127.0.0.1:")
+
+
+class HubEcho:
+    """EchoService answered by the hub itself, as a hub-served service is (the coming fan-out
+    MultiClusterService): it authenticates each call and answers from the request alone."""
+
+    def __init__(self, context: ServiceContext) -> None:
+        self._auth = context.authenticator
+
+    async def _origin(self, cluster: str, ctx: RequestContext[Any, Any]) -> echo.Origin:
+        try:
+            identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
+        except OtterscaleError as exc:
+            raise to_connect_error(exc) from None
+        return echo.Origin(cluster=cluster, subject=identity.subject)
+
+    async def say(self, request: echo.SayRequest, ctx: RequestContext[Any, Any]) -> echo.SayResponse:
+        origin = await self._origin(request.cluster, ctx)
+        kind, _, argument = request.text.partition(":")
+        if kind == "fail":
+            raise ConnectError(Code(argument), f"asked to fail with {argument}")
+        return echo.SayResponse(text=request.text, origin=origin)
+
+    async def count(
+        self, request: echo.CountRequest, ctx: RequestContext[Any, Any]
+    ) -> AsyncIterator[echo.CountResponse]:
+        origin = await self._origin(request.cluster, ctx)
+        for index in range(request.count):
+            yield echo.CountResponse(index=index, origin=origin)
+
+    async def collect(
+        self, requests: AsyncIterator[echo.CollectRequest], ctx: RequestContext[Any, Any]
+    ) -> echo.CollectResponse:
+        origin = await self._origin("", ctx)
+        found = [request.text async for request in requests if request.WhichOneof("kind") == "text"]
+        return echo.CollectResponse(texts=found, origin=origin)
+
+    async def chat(
+        self, requests: AsyncIterator[echo.ChatRequest], ctx: RequestContext[Any, Any]
+    ) -> AsyncIterator[echo.ChatResponse]:
+        origin = await self._origin("", ctx)
+        async for request in requests:
+            yield echo.ChatResponse(text=request.text or "started", origin=origin)
+
+    async def write(self, request: echo.WriteRequest, ctx: RequestContext[Any, Any]) -> echo.WriteResponse:
+        return echo.WriteResponse(text=request.text, origin=await self._origin("", ctx))
+
+
+def hub_echo(context: ServiceContext) -> Any:
+    return EchoServiceASGIApplication(HubEcho(context), interceptors=context.interceptors)
+
+
+async def test_a_hub_served_service_is_audited_in_every_call_shape(
+    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary
+) -> None:
+    """A service the hub answers itself gets the audit trail through the interceptors the registry
+    hands its application (``ServiceContext.interceptors``), with no audit code of its own."""
+    log = tmp_path / "audit.log"
+    config = write_config(
+        tmp_path / "otterscale.yaml",
+        issuer_url=issuer.url,
+        specs=make_specs(),
+        tunnel_port=free_port(),
+        audit=audit_section(log),
+    )
+    settings = hub_settings(
+        config, chisel_binary, hub_services=(*HUB_SERVICES, HubService(ECHO_SERVICE, hub_echo))
+    )
+    system = EchoSystem(issuer, {}, chisel_binary, 0, hubs={"a": Hub(settings)})
+    await system.hubs["a"].start()
+    ids = {name: rid() for name in ("say", "count", "collect", "chat", "write", "denied", "anonymous")}
+
+    def headers(name: str, *, token: bool = True) -> dict[str, str]:
+        return {**(system.auth() if token else {}), "x-request-id": ids[name]}
+
+    try:
+        client = system.client()
+        said = await client.say(echo.SayRequest(cluster="anywhere", text="hi"), headers=headers("say"))
+        assert (said.text, said.origin.subject) == ("hi", "alice")
+        counted = client.count(echo.CountRequest(count=2), headers=headers("count"))
+        assert [m.index async for m in counted] == [0, 1]
+        collected = await client.collect(texts("x", "y"), headers=headers("collect"))
+        assert list(collected.texts) == ["x", "y"]
+        chat = client.chat(iter_of(start(), echo.ChatRequest(text="x")), headers=headers("chat"))
+        assert [m.text async for m in chat] == ["started", "x"]
+        await client.write(echo.WriteRequest(session_id="s", text="w"), headers=headers("write"))
+        denied = client.say(echo.SayRequest(text="fail:permission_denied"), headers=headers("denied"))
+        assert await outcome(denied) is Code.PERMISSION_DENIED
+        anonymous = client.write(echo.WriteRequest(), headers=headers("anonymous", token=False))
+        assert await outcome(anonymous) is Code.UNAUTHENTICATED
+    finally:
+        await system.close()
+    expected = {
+        "say": ("Say", "anywhere", "ok", "alice"),  # what the request names, as for any service
+        "count": ("Count", "", "ok", "alice"),
+        "collect": ("Collect", "", "ok", "alice"),
+        "chat": ("Chat", "", "ok", "alice"),
+        "write": ("Write", "", "ok", "alice"),
+        "denied": ("Say", "", "permission_denied", "alice"),
+        "anonymous": ("Write", "", "unauthenticated", ""),
+    }
+    echo_events(log, ids, expected)
+
+
+def echo_events(
+    log: Path, ids: dict[str, str], expected: dict[str, tuple[str, str, str, str]]
+) -> dict[str, dict[str, Any]]:
+    """The one event of each call (by name), checked against its expected verb, cluster, code
+    and subject."""
+    found = {}
+    for name, (verb, cluster, code, subject) in expected.items():
+        [event] = events(log, ids[name])
+        got = (event["service"], event["verb"], event["cluster"], event["code"], event["subject"])
+        assert got == (ECHO, verb, cluster, code, subject), name
+        found[name] = event
+    return found
+
+
+async def _drain(stream: AsyncIterator[Any]) -> None:
+    async for _ in stream:
+        pass
