@@ -528,7 +528,7 @@ async def test_a_watch_opened_while_the_hub_drains_is_refused_with_unavailable(
             async for _ in client.watch(request, headers={"authorization": f"Bearer {token}"}):
                 pass
         assert caught.value.code is Code.UNAVAILABLE
-        assert "resume the Watch from the last resourceVersion" in caught.value.message
+        assert "the Watch from the last resourceVersion" in caught.value.message
         assert await asyncio.to_thread(system.hub.popen.wait, 30) == 0
     finally:
         await holding.aclose()

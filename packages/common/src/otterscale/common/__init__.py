@@ -1,7 +1,8 @@
 """otterscale-common: what the OtterScale hub and agent share.
 
 Configuration (``otterscale.yaml``), OIDC bearer-token verification, the verified caller
-(:class:`Identity`), the signed hub-to-agent identity headers, logging set-up, the ``otterscale``
+(:class:`Identity`) and the one rule for its names, the signed hub-to-agent identity headers,
+the audit trail (:class:`AuditLog`), logging set-up, the ``otterscale``
 command and the flags both services take, supervision of external processes
 (:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`) and
 serving a service inside Envoy (:func:`serve`, :func:`host`). Nothing here knows about a
@@ -21,6 +22,7 @@ from ._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._asgi import ASGIApp, drain_request
+    from ._audit import AuditEvent, AuditKind, AuditLog, AuditTarget
     from ._chisel import (
         LOOPBACK,
         MIN_CHISEL_VERSION,
@@ -59,8 +61,10 @@ if TYPE_CHECKING:
     )
     from ._config import (
         MAX_CONFIG_BYTES,
+        MIN_SECRET_LENGTH,
         AgentAuth,
         AgentConfig,
+        AuditConfig,
         ClusterConfig,
         CorsConfig,
         HubLimitsConfig,
@@ -89,7 +93,7 @@ if TYPE_CHECKING:
     from ._lazy import lazy_exports
     from ._logging import LogFormat, LogThrottle, RedactingFilter, configure_logging, redact
     from ._net import create_listener, serve_asgi, server_config
-    from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
+    from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier, VerifiedToken
     from ._signing import (
         GROUPS_HEADER,
         IDENTITY_HEADER_PREFIX,
@@ -97,6 +101,8 @@ if TYPE_CHECKING:
         SUBJECT_HEADER,
         TIMESTAMP_HEADER,
         derive_identity_key,
+        derive_key,
+        mac_fields,
         sign_identity,
         strip_identity_headers,
         verify_identity,
@@ -107,8 +113,14 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, str] = {
     "ALLOWED_ALGORITHMS": "._oidc",
     "ASGIApp": "._asgi",
+    "Address": "._envoy",
     "AgentAuth": "._config",
     "AgentConfig": "._config",
+    "AuditConfig": "._config",
+    "AuditEvent": "._audit",
+    "AuditKind": "._audit",
+    "AuditLog": "._audit",
+    "AuditTarget": "._audit",
     "AuthenticationError": "._errors",
     "CONTAINER_CONFIG": "._cli",
     "CONTAINER_ENV": "._cli",
@@ -119,6 +131,7 @@ _EXPORTS: dict[str, str] = {
     "ChiselServer": "._chisel",
     "ChiselServerEvent": "._chisel",
     "ClientEventKind": "._chisel",
+    "ClientGone": "._hosting",
     "ClusterConfig": "._config",
     "CommandMain": "._cli",
     "CommonOptions": "._cli",
@@ -128,17 +141,22 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_CONFIG": "._cli",
     "ENTRY_POINT_GROUP": "._cli",
     "GROUPS_HEADER": "._signing",
+    "Hosted": "._hosting",
     "HubLimitsConfig": "._config",
     "IDENTITY_HEADER_PREFIX": "._signing",
     "Identity": "._identity",
     "IdentityHeaderError": "._errors",
     "IdentityProviderUnavailableError": "._errors",
     "KeycloakConfig": "._config",
+    "LIMIT_BOUNDS": "._envoy",
     "LOOPBACK": "._chisel",
+    "Launch": "._launch",
+    "ListenerLimits": "._envoy",
     "LogFormat": "._logging",
     "LogThrottle": "._logging",
     "MAX_CONFIG_BYTES": "._config",
     "MIN_CHISEL_VERSION": "._chisel",
+    "MIN_SECRET_LENGTH": "._config",
     "OIDCVerifier": "._oidc",
     "OtterscaleConfig": "._config",
     "OtterscaleError": "._errors",
@@ -148,6 +166,7 @@ _EXPORTS: dict[str, str] = {
     "RedactingFilter": "._logging",
     "SIGNATURE_HEADER": "._signing",
     "SUBJECT_HEADER": "._signing",
+    "ServeSettings": "._hosting",
     "ServerEventKind": "._chisel",
     "Supervisor": "._supervisor",
     "TIMESTAMP_HEADER": "._signing",
@@ -157,18 +176,25 @@ _EXPORTS: dict[str, str] = {
     "TunnelSession": "._chisel",
     "TunnelUser": "._chisel",
     "UsageError": "._errors",
+    "VerifiedToken": "._oidc",
     "add_common_arguments": "._cli",
     "authfile_content": "._chisel",
     "check_chisel": "._chisel",
     "configure_logging": "._logging",
+    "configured_limits": "._launch",
+    "configured_value": "._launch",
     "container_mode": "._cli",
     "create_listener": "._net",
     "derive_identity_key": "._signing",
+    "derive_key": "._signing",
     "drain_request": "._asgi",
     "echo": "._errors",
     "find_chisel": "._chisel",
-    "load_config": "._config",
+    "host": "._hosting",
+    "lazy_exports": "._lazy",
     "listener_limits": "._config",
+    "load_config": "._config",
+    "mac_fields": "._signing",
     "parse_address": "._cli",
     "parse_chisel_version": "._chisel",
     "parse_client_line": "._chisel",
@@ -179,26 +205,14 @@ _EXPORTS: dict[str, str] = {
     "reverse_remote_pattern": "._chisel",
     "serve": "._launch",
     "serve_asgi": "._net",
-    "lazy_exports": "._lazy",
-    "Launch": "._launch",
-    "configured_limits": "._launch",
-    "configured_value": "._launch",
-    "LIMIT_BOUNDS": "._envoy",
-    "Address": "._envoy",
-    "ListenerLimits": "._envoy",
-    "ClientGone": "._hosting",
-    "Hosted": "._hosting",
-    "ServeSettings": "._hosting",
-    "host": "._hosting",
-    "streaming_methods": "._hosting",
     "server_config": "._net",
     "sign_identity": "._signing",
+    "streaming_methods": "._hosting",
     "strip_identity_headers": "._signing",
     "tune_hypercorn": "._h2",
     "verify_identity": "._signing",
     "write_authfile": "._chisel",
 }
-
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -215,6 +229,7 @@ __all__ = [
     "LOOPBACK",
     "MAX_CONFIG_BYTES",
     "MIN_CHISEL_VERSION",
+    "MIN_SECRET_LENGTH",
     "RESERVED_PREFIXES",
     "SIGNATURE_HEADER",
     "SUBJECT_HEADER",
@@ -223,6 +238,11 @@ __all__ = [
     "Address",
     "AgentAuth",
     "AgentConfig",
+    "AuditConfig",
+    "AuditEvent",
+    "AuditKind",
+    "AuditLog",
+    "AuditTarget",
     "AuthenticationError",
     "ChiselBinary",
     "ChiselClient",
@@ -262,6 +282,7 @@ __all__ = [
     "TunnelSession",
     "TunnelUser",
     "UsageError",
+    "VerifiedToken",
     "add_common_arguments",
     "authfile_content",
     "check_chisel",
@@ -271,6 +292,7 @@ __all__ = [
     "container_mode",
     "create_listener",
     "derive_identity_key",
+    "derive_key",
     "drain_request",
     "echo",
     "find_chisel",
@@ -278,6 +300,7 @@ __all__ = [
     "lazy_exports",
     "listener_limits",
     "load_config",
+    "mac_fields",
     "parse_address",
     "parse_chisel_version",
     "parse_client_line",

@@ -12,31 +12,43 @@
 - in front of each API service, the client limits (:class:`~._limits.ClientLimits`: request
   size, slow stream clients); on every service, the observing interceptor (request id, access
   log, metrics);
+- on the applications that serve a call here (the proxy's and the hub-served ones, not the
+  forwarder's: the leader that serves a forwarded call audits it), the audit trail's interceptors
+  (:mod:`._audit`), which audit every method of every registered service from its descriptor;
 - gRPC health and reflection (describing every service above), ``/metrics``, ``/healthz`` and
   ``/readyz``, all answered by this replica itself (:class:`~._server.Router`).
-- in front of everything, the CORS layer for browser pages of other origins (:mod:`._cors`).
+- in front of everything, the CORS layer for browser pages of other origins (:mod:`._cors`),
+  then the guard that keeps the forwarding headers only when another replica signed them
+  (:mod:`._replicas`), before anything reads a header.
 
 Authentication: inside Envoy (``hosted``), :class:`~._auth.AuthInterceptor` verifies the caller
-of every API service from the headers before the request body is read, on followers too; the
-handlers take that identity. A hub embedded in a test process (hypercorn, which cannot answer an
-HTTP/2 request before its body has arrived) authenticates in the handlers, after the body.
+of every API service from the headers before the request body is read, on followers too (after
+the audit trail's metadata interceptor, so a refused call is still audited); the handlers take
+that identity. A hub embedded in a test process (hypercorn, which cannot answer an HTTP/2 request
+before its body has arrived) authenticates in the handlers, after the body.
 
 Inside Envoy the management router (``/metrics``, per-cluster health) is its own application,
 served on the management address only.
+
+Authentication happens in the handlers (the proxy, the forwarder's leader, the hub-served
+services), after routing by path but before anything is passed on.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Iterable, Mapping
 
-from connectrpc.interceptor import Interceptor
+from connectrpc.interceptor import Interceptor, MetadataInterceptor
 from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
 
-from otterscale.common import ASGIApp, OIDCVerifier, OtterscaleConfig
+from otterscale.common import ASGIApp, AuditLog, OIDCVerifier, OtterscaleConfig, streaming_methods
 
+from ._audit import AuditTrail, audited_methods
 from ._auth import Authenticator, AuthInterceptor
 from ._cors import with_cors
+from ._errors import HubError
 from ._forward import LeaderForwarder
 from ._health import HEALTH_SERVICE, HealthASGIApplication, HealthService, health_file
 from ._leader import Leadership
@@ -46,9 +58,10 @@ from ._observe import ObservingInterceptor
 from ._passthrough import PassThroughApplication, Relay
 from ._proxy import ClusterProxy
 from ._reflection import reflection_apps
+from ._replicas import ReplicaHeaderGuard, ReplicaSigner, replica_key
 from ._routes import Route, RouteError, cluster_routes, hub_routes, routes_by_procedure
 from ._server import Router, Switch
-from ._services import HubService, ServiceContext
+from ._services import READ_METHODS, HubService, ServiceContext
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
 
@@ -77,11 +90,31 @@ class Api:
         on_unreachable: Callable[[str], None],
         hosted: bool = False,
     ) -> None:
+        self._hosted = hosted
         self._limits = limits
         self._metrics = metrics
         self._leading = leading
-        routed = list(routed_services)
-        served = list(hub_services)
+        # Everything that can refuse a registration first, before any file is opened.
+        routed = [(descriptor, cluster_routes(descriptor)) for descriptor in routed_services]
+        served = [(service, hub_routes(service.descriptor)) for service in hub_services]
+        names = [descriptor.full_name for descriptor, _ in routed]
+        names += [service.descriptor.full_name for service, _ in served]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise RouteError(f"service {', '.join(twice)} is registered twice")
+        try:
+            #: Signs the forwarding headers of a follower, checks those a leader receives.
+            self.replicas = ReplicaSigner(replica_key(config))
+            audit_log = AuditLog.from_config(config.audit)
+        except OSError as exc:
+            raise HubError(f"cannot open {exc.filename or 'a file'}: {exc.strerror or exc}") from exc
+        #: Every method of every registered service, audited by the replica that serves the call.
+        self.audit = AuditTrail(
+            audit_log,
+            audited_methods(
+                [*routed, *((service.descriptor, routes) for service, routes in served)], reads=READ_METHODS
+            ),
+            replica=leadership.identity if leadership is not None else socket.gethostname(),
+        )
         self.authenticator = Authenticator(OIDCVerifier.from_config(config.keycloak))
         self.proxy = ClusterProxy(
             authenticator=self.authenticator,
@@ -92,15 +125,14 @@ class Api:
             limits=limits,
             on_unreachable=on_unreachable,
         )
-        self._hosted = hosted
 
         def health(clusters: bool) -> HealthService:
             return HealthService(
                 tunnels,
                 serving=ready,
                 resources_serving=serves_tunnels,
-                routed=[service.full_name for service in routed],
-                served=[service.descriptor.full_name for service in served],
+                routed=names[: len(routed)],
+                served=names[len(routed) :],
                 clusters=clusters,
             )
 
@@ -108,12 +140,22 @@ class Api:
         self.health = health(clusters=not hosted)
         #: The management address's health, per cluster too.
         self.management_health = health(clusters=True) if hosted else self.health
-        self.forwarder = LeaderForwarder(leadership, metrics) if leadership is not None else None
-        self._interceptors: tuple[Interceptor, ...] = (ObservingInterceptor(metrics),)
-        #: The API services' interceptors: the caller is authenticated before its body is read.
-        self._authenticated: tuple[Interceptor, ...] = self._interceptors
-        if hosted:
-            self._authenticated = (*self._interceptors, AuthInterceptor(self.authenticator))
+        self.forwarder = (
+            LeaderForwarder(leadership, metrics, self.replicas) if leadership is not None else None
+        )
+        observing = ObservingInterceptor(metrics)
+        #: Health's and reflection's interceptors (anyone may call them).
+        self._interceptors: tuple[Interceptor, ...] = (observing,)
+        # Inside Envoy the caller is authenticated before the body is read: a metadata interceptor
+        # among the leading ones, which connectrpc runs before reading the body.
+        auth: tuple[Interceptor, ...] = (AuthInterceptor(self.authenticator),) if hosted else ()
+        #: The forwarder's (a follower authenticates too, the leader audits).
+        self._forwarding: tuple[Interceptor, ...] = (observing, *auth)
+        audit = self.audit.interceptors()
+        first = tuple(i for i in audit if isinstance(i, MetadataInterceptor))
+        then = tuple(i for i in audit if not isinstance(i, MetadataInterceptor))
+        #: Those of the applications that serve a call on this replica: the audit trail's too.
+        self._serving: tuple[Interceptor, ...] = (observing, *first, *auth, *then)
         # gzip only when the caller asks for it, at the fastest level: responses can be large
         # (a List of thousands of objects) and the hub should stay close to a plain relay. A
         # compressed request is inflated up to the request limit only.
@@ -125,16 +167,14 @@ class Api:
             keys=keys,
             metrics=metrics,
             limits=limits,
-            interceptors=self._authenticated,
+            interceptors=self._serving,
         )
         services: dict[str, ASGIApp] = {}
-        for descriptor in routed:
-            routes = cluster_routes(descriptor)
-            self._add(services, descriptor, self._pass_through(descriptor, routes, self.proxy), routes)
-        for service in served:
-            self._add(
-                services, service.descriptor, service.application(context), hub_routes(service.descriptor)
-            )
+        for descriptor, routes in routed:
+            local = self._pass_through(descriptor, routes, self.proxy, self._serving)
+            self._add(services, descriptor, local, routes)
+        for service, routes in served:
+            self._add(services, service.descriptor, service.application(context), routes)
         health_app = HealthASGIApplication(self.health, interceptors=self._interceptors)
         services[_service_name(health_app.path)] = health_app  # type: ignore[assignment]
         management_services: dict[str, ASGIApp] = {HEALTH_SERVICE: health_app}  # type: ignore[dict-item]
@@ -143,8 +183,8 @@ class Api:
                 self.management_health, interceptors=self._interceptors
             )
         described = [
-            *routed,
-            *(service.descriptor for service in served),
+            *(descriptor for descriptor, _ in routed),
+            *(service.descriptor for service, _ in served),
             health_file().services_by_name["Health"],
         ]
         for app in reflection_apps(described, interceptors=self._interceptors):
@@ -156,8 +196,10 @@ class Api:
             on_startup=on_started,
             read_body=not hosted,
         )
-        #: The hub's ASGI application; CORS outermost: before auth, on followers too.
-        self.router: ASGIApp = with_cors(router, config.cors)
+        #: The hub's ASGI application. CORS outermost: preflights before auth, on followers too;
+        #: then the forwarding headers are trusted only when another replica signed them, before
+        #: anything reads them.
+        self.router: ASGIApp = with_cors(ReplicaHeaderGuard(router, self.replicas), config.cors)
         #: ``/metrics``, readiness and the per-cluster health (the management address).
         self.management: ASGIApp = Router(
             management_services, metrics=metrics.render, ready=ready, read_body=not hosted
@@ -177,22 +219,30 @@ class Api:
             self.forwarder.leader_changed()
 
     async def aclose(self) -> None:
-        """Close the connections to the leader and the token verifier (after serving stopped)."""
+        """Close the connections to the leader, the token verifier and the audit trail (after
+        serving stopped)."""
         if self.forwarder is not None:
             await self.forwarder.aclose()
         await self.authenticator.aclose()
+        self.audit.close()
 
     # ----------------------------------------------------------------------------------------------
 
     def _refused(self, reason: str) -> None:
         self._metrics.limit_refusals.labels(reason=reason).inc()
 
-    def _pass_through(self, descriptor: ServiceDescriptor, routes: list[Route], relay: Relay) -> ASGIApp:
+    def _pass_through(
+        self,
+        descriptor: ServiceDescriptor,
+        routes: list[Route],
+        relay: Relay,
+        interceptors: tuple[Interceptor, ...],
+    ) -> ASGIApp:
         return PassThroughApplication(  # type: ignore[return-value]
             descriptor,
             routes,
             relay,
-            interceptors=self._authenticated,
+            interceptors=interceptors,
             compressions=[self._gzip],
             # Bounds a compressed request once inflated (ClientLimits bounds the wire bytes).
             read_max_bytes=self._limits.max_request_bytes,
@@ -202,16 +252,14 @@ class Api:
         self, services: dict[str, ASGIApp], descriptor: ServiceDescriptor, local: ASGIApp, routes: list[Route]
     ) -> None:
         """Serve ``descriptor``'s service: ``local`` while leading, else forwarded; limits in front."""
-        name = descriptor.full_name
-        if name in services:
-            raise RouteError(f"service {name} is registered twice")
         app = local
         if self.forwarder is not None:
-            # Followers forward every service to the leader (pass-through codecs, nothing decoded).
-            forward = self._pass_through(descriptor, routes, self.forwarder)
+            # Followers forward every service to the leader (pass-through codecs, nothing decoded);
+            # the leader audits the call, the follower does not.
+            forward = self._pass_through(descriptor, routes, self.forwarder, self._forwarding)
             app = Switch(local, forward, self._leading)
         # Request size and slow stream clients are bounded for leader and follower alike.
-        services[name] = ClientLimits(
+        services[descriptor.full_name] = ClientLimits(
             app,
             self._limits,
             on_refused=self._refused,
@@ -238,8 +286,5 @@ def streaming_procedures(
 ) -> tuple[frozenset[str], frozenset[str]]:
     """The procedures whose answers stream and those whose requests stream, of every service a hub
     with ``routed`` and ``hub_services`` serves (from their descriptors)."""
-    routes = [route for service in routed for route in cluster_routes(service)]
-    routes += [route for service in hub_services for route in hub_routes(service.descriptor)]
-    answers = {route.procedure for route in routes if route.streams_responses}
-    requests = {route.procedure for route in routes if route.streams_requests}
-    return frozenset((*answers, *_OWN_STREAMING)), frozenset((*requests, *_OWN_REQUEST_STREAMING))
+    answers, requests = streaming_methods([*routed, *(service.descriptor for service in hub_services)])
+    return answers | set(_OWN_STREAMING), requests | set(_OWN_REQUEST_STREAMING)
