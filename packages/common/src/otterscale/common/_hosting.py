@@ -26,6 +26,13 @@ and what both services want:
 - pyvoy resolves futures the application has already cancelled, and asyncio logs each such
   ``InvalidStateError`` at error level (about one per cancelled call): a loop exception handler
   counts them instead;
+- once a request's body has been delivered, pyvoy's ``receive()`` answers at once with another
+  empty body instead of waiting for the client to go away: for a request without a body the
+  answer does not even yield to the event loop, so connectrpc's disconnect watch (which calls
+  ``receive()`` until it sees ``http.disconnect``) froze the whole service for as long as such a
+  call was in flight, and spun a core for every other one. The wrapper delivers the body's end
+  once and then makes ``receive()`` wait; one poller (:class:`_Disconnects`) asks pyvoy, for
+  every request waiting so, twice a second whether its client is gone;
 - pyvoy never resets a stream whose client stopped reading: streaming responses get an empty
   body chunk whenever they have been quiet for a third of the send timeout, which keeps Envoy's
   idle timeout (on those routes only) from cutting quiet healthy streams, while a client that
@@ -74,6 +81,8 @@ _LOADING_AT = time.monotonic()
 REQUEST_TIMEOUT = "request_timeout"
 #: At most one summary line of refused requests per this many seconds.
 SUMMARY_SECONDS = 60.0
+#: How often pyvoy is asked whether the client of a request whose body has arrived is gone.
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 class ClientGone(Exception):
@@ -196,6 +205,7 @@ class _Host:
         self._tasks: list[asyncio.Task[Any]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._refusals = _Summary()
+        self.disconnects = _Disconnects()
         self.invalid_state_errors = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -426,6 +436,39 @@ class _Host:
             logger.warning("refused requests in the last %.0fs: %s", SUMMARY_SECONDS, summary)
 
 
+class _Disconnects:
+    """One poller for every request waiting to learn that its client went away (see the module
+    docstring): pyvoy reports a disconnect only when asked."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[Receive, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def wait(self, receive: Receive) -> None:
+        """Return once pyvoy's ``receive`` reports ``http.disconnect``."""
+        loop = asyncio.get_running_loop()
+        gone = self._waiting[receive] = loop.create_future()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._poll(), name="serve-disconnects")
+        try:
+            await gone
+        finally:
+            self._waiting.pop(receive, None)
+
+    async def _poll(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+            for receive, gone in list(self._waiting.items()):
+                if gone.done():
+                    continue
+                try:
+                    message = await receive()
+                except Exception:  # a request pyvoy has forgotten: its client is gone
+                    message = {"type": "http.disconnect"}
+                if message["type"] == "http.disconnect" and not gone.done():
+                    gone.set_result(None)
+
+
 class _Summary:
     """Counts refusals and yields one summary line at most every :data:`SUMMARY_SECONDS`."""
 
@@ -480,7 +523,9 @@ class _Exchange:
     __slots__ = (
         "_body_done",
         "_deadline",
+        "_delivered",
         "_ended",
+        "_gone",
         "_host",
         "_hosted",
         "_last_sent",
@@ -502,6 +547,9 @@ class _Exchange:
         self._started = False
         self._ended = False
         self._body_done = scope.get("method") in ("GET", "HEAD")
+        #: The end of the body was delivered to the application: only a disconnect is left.
+        self._delivered = False
+        self._gone = False
         self._deadline: asyncio.Timeout | None = None
         self._last_sent = time.monotonic()
         self._lock: asyncio.Lock | None = None
@@ -545,11 +593,19 @@ class _Exchange:
             await self._refuse(limit)
 
     async def _receive_message(self) -> dict[str, Any]:
+        if self._delivered and not self._gone:  # wait for the client to go (pyvoy answers at once)
+            await self._host.disconnects.wait(self._receive)
+            self._gone = True
+        if self._gone:
+            return {"type": "http.disconnect"}
         message = await self._receive()
         if message["type"] == "http.request" and not message.get("more_body", False):
             self._body_done = True
+            self._delivered = True
             if self._deadline is not None:
                 self._deadline.reschedule(None)
+        elif message["type"] == "http.disconnect":
+            self._delivered = self._gone = True
         return message
 
     async def _send_message(self, message: dict[str, Any]) -> None:

@@ -137,9 +137,9 @@ class RawH2:
     async def aclose(self) -> None:
         """Close the connection (no GOAWAY: a client that just goes away)."""
         if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await self._writer.wait_closed()
+            # abort, not close: close() waits for unsent bytes, which a server that stopped
+            # reading never takes (and a client going away does not wait either).
+            self._writer.transport.abort()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -252,7 +252,5 @@ class RawH1:
         return True
 
     async def aclose(self) -> None:
-        """Close from the client's side."""
-        self.writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self.writer.wait_closed()
+        """Close from the client's side, at once (unsent bytes are dropped: see :meth:`RawH2.aclose`)."""
+        self.writer.transport.abort()
