@@ -31,6 +31,7 @@ caller to resume elsewhere; ``/metrics`` is only on the management address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -110,7 +111,7 @@ def flood_system(
 ) -> Iterator[System]:
     namespace = "floods"
     create_namespace(control_plane, namespace)
-    for manifest in caller_rbac(namespace, users=("flood-user",), verbs=("get", "list", "create")):
+    for manifest in caller_rbac(namespace, users=("flood-user",), verbs=("get", "list", "watch", "create")):
         kind = manifest["kind"].lower() + "s"
         control_plane.request(
             "POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{kind}", manifest
@@ -193,6 +194,7 @@ class Watchdog:
         self.errors: list[str] = []
         self.tunnel_down = 0
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     async def __aenter__(self) -> Watchdog:
         self.transitions = _metric(
@@ -203,15 +205,17 @@ class Watchdog:
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        # Stopped, not cancelled: the client turns a cancellation into ConnectError(canceled), which
+        # the loop would count and carry on after.
+        self._stop.set()
+        await self._task
         self.transitions_after = _metric(self.system, TRANSITIONS)
 
     async def _run(self) -> None:
         request = pb.GetRequest(
             cluster=CLUSTER, version="v1", resource="configmaps", namespace="floods", name="target"
         )
-        while True:
+        while not self._stop.is_set():
             started = time.monotonic()
             try:
                 await self.client.get(request, headers={"authorization": f"Bearer {self.token}"})
@@ -223,7 +227,8 @@ class Watchdog:
             )
             if up != 1.0:
                 self.tunnel_down += 1
-            await asyncio.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.2)
 
     def check(self) -> dict[str, Any]:
         assert not self.errors, self.errors[:5]
@@ -431,11 +436,21 @@ def _envelope(message: dict[str, Any]) -> bytes:
     return b"\x00" + len(body).to_bytes(4, "big") + body
 
 
-async def _wait_for(check: Any, within: float, what: str) -> None:
+async def _wait_for(check: Any, within: float, what: str, *, fail: bool = True) -> None:
     deadline = time.monotonic() + within
     while not check():
-        assert time.monotonic() < deadline, f"not {what} within {within:g}s"
+        if time.monotonic() > deadline:
+            assert not fail, f"not {what} within {within:g}s"
+            return
         await asyncio.sleep(0.05)
+
+
+def _create_configmap(control_plane: ControlPlane, name: str) -> None:
+    control_plane.request(
+        "POST",
+        "/api/v1/namespaces/floods/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}},
+    )
 
 
 async def test_an_unknown_method_with_an_open_body_leaves_the_watch_beside_it_streaming(
@@ -446,7 +461,12 @@ async def test_an_unknown_method_with_an_open_body_leaves_the_watch_beside_it_st
     watch_request = {"cluster": CLUSTER, "version": "v1", "resource": "configmaps", "namespace": "floods"}
     async with RawH2("127.0.0.1", system.hub_port) as connection:
         watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=_envelope(watch_request))
-        await _wait_for(lambda: watch.status == 200 and b"target" in watch.data, 30, "watching")
+        # The Watch streams changes from now on: write until one arrives (it is established then).
+        deadline = time.monotonic() + 60
+        while not (watch.status == 200 and b"before-unknown-" in watch.data):
+            assert time.monotonic() < deadline, f"the Watch delivered nothing: {watch}"
+            _create_configmap(control_plane, f"before-unknown-{time.monotonic_ns()}")
+            await _wait_for(lambda: b"before-unknown-" in watch.data or watch.done, 1.0, "", fail=False)
         unknown = connection.request(
             "/otterscale.resource.v1.ResourceService/NoSuchMethod",
             [*GRPC, *auth],
@@ -457,11 +477,7 @@ async def test_an_unknown_method_with_an_open_body_leaves_the_watch_beside_it_st
         assert _outcome(unknown) in ("404", "12"), _outcome(unknown)  # not found / unimplemented
         # The connection and the Watch on it are unharmed: a new object arrives as an event.
         name = f"after-unknown-{time.monotonic_ns()}"
-        control_plane.request(
-            "POST",
-            "/api/v1/namespaces/floods/configmaps",
-            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}},
-        )
+        _create_configmap(control_plane, name)
         await _wait_for(lambda: name.encode() in watch.data, 30, "streaming the new ConfigMap")
         assert not connection.closed
         assert connection.goaway is None
@@ -509,31 +525,55 @@ async def test_a_watch_opened_while_the_hub_drains_is_refused_with_unavailable(
     system = flood_system
     assert system.hub is not None
     token = _token(issuer)
-    # A request whose body never ends keeps the drain open until the request deadline.
-    holding = await RawH1.post(
-        "127.0.0.1",
-        system.hub_port,
-        GET_PATH,
-        [("content-type", "application/json"), ("authorization", f"Bearer {token}")],
-        length=100,
-        body=b"{",
-    )
-    transport = HTTPTransport()
-    client = ResourceServiceClient(system.hub_url, http_client=Client(transport), timeout_ms=30_000)
+    holding: list[RawH1] = []
+    stop_holding = asyncio.Event()
+
+    async def hold_the_drain() -> None:
+        """A request whose body never ends keeps the drain open until the request deadline; a new
+        one every half second keeps it open however slowly the loaded machine gets to the Watch
+        (the listener accepts connections while the hub drains)."""
+        while not stop_holding.is_set():
+            with contextlib.suppress(OSError):
+                holding.append(
+                    await RawH1.post(
+                        "127.0.0.1",
+                        system.hub_port,
+                        GET_PATH,
+                        [("content-type", "application/json"), ("authorization", f"Bearer {token}")],
+                        length=100,
+                        body=b"{",
+                    )
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_holding.wait(), 0.5)
+
+    holder = asyncio.create_task(hold_the_drain(), name="hold-the-drain")
+    # A draining Envoy stops accepting connections, but still serves new streams on an HTTP/2
+    # connection it already has (its first GOAWAY names the highest stream id): the connection is
+    # opened before the drain, and the Watch goes out on it after.
+    auth = [("authorization", f"Bearer {token}")]
+    watch_request = {"cluster": CLUSTER, "version": "v1", "resource": "configmaps", "namespace": "floods"}
+    connection = RawH2("127.0.0.1", system.hub_port)
+    await connection.connect()
     try:
+        await _wait_for(lambda: bool(holding), 30, "holding the drain")
         system.hub.signal(signal.SIGTERM)
         await _wait_for(lambda: "draining" in system.hub_log.read_text(), 30, "draining")
-        request = pb.WatchRequest(cluster=CLUSTER, version="v1", resource="configmaps", namespace="floods")
-        with pytest.raises(ConnectError) as caught:
-            async for _ in client.watch(request, headers={"authorization": f"Bearer {token}"}):
-                pass
-        assert caught.value.code is Code.UNAVAILABLE
-        assert "the Watch from the last resourceVersion" in caught.value.message
+        watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=_envelope(watch_request))
+        assert await connection.wait(watch, 30), f"the Watch got no answer: {watch}"
+        assert watch.status == 200, watch
+        # The Connect end-of-stream message: unavailable, telling the caller to resume elsewhere.
+        assert b'"unavailable"' in watch.data, watch.data
+        assert b"the Watch from the last resourceVersion" in watch.data, watch.data
+        stop_holding.set()
+        await holder
         assert await asyncio.to_thread(system.hub.popen.wait, 30) == 0
     finally:
-        await holding.aclose()
-        await client.close()
-        await transport.aclose()
+        stop_holding.set()
+        await holder
+        for request in holding:
+            await request.aclose()
+        await connection.aclose()
         system.stop_hub()
         system.start_hub()
         system.wait_connected(CLUSTER)

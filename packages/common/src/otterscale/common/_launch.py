@@ -195,8 +195,16 @@ class _Run:
         try:
             self.spawned_after = process_age() or (time.monotonic() - self.started)
             try:
+                # Envoy gets a process group of its own: a signal to the launcher's group (a
+                # terminal's Ctrl-C, ``kill -TERM -PGID``, a supervisor's group stop) reaches the
+                # launcher alone, which drains first; Envoy would close everything at once. Envoy
+                # still dies with the launcher (it sets its own parent-death signal).
                 self.envoy = subprocess.Popen(
-                    argv, env=env, stdin=subprocess.DEVNULL, pass_fds=(control_read, status_write)
+                    argv,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(control_read, status_write),
+                    process_group=0,
                 )
             except OSError as exc:
                 sys.stderr.write(f"{launch.command}: cannot start Envoy ({self.install.envoy}): {exc}\n")
