@@ -35,6 +35,8 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 
+from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
+
 from otterscale.common import (
     ConfigError,
     OtterscaleError,
@@ -55,6 +57,7 @@ from ._election import (
 )
 from ._hub import HubSettings, hub_version, run_hub
 from ._kube import service_account_namespace
+from ._services import ROUTED_SERVICES
 from ._tunnel_server import tunnel_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -198,8 +201,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``otterscale server`` and ``otterscale-hub``; returns the exit status."""
+def main(
+    argv: Sequence[str] | None = None, *, extra_routed_services: Sequence[ServiceDescriptor] = ()
+) -> int:
+    """Entry point of ``otterscale server`` and ``otterscale-hub``; returns the exit status.
+
+    ``extra_routed_services`` are forwarded to the agents by cluster besides the registry's
+    (``_services.ROUTED_SERVICES``): how tests run a hub process that knows a test-only service
+    (``otterscale.testing``'s launcher), exactly as a build of the hub with more services would.
+    """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         options = resolve_defaults(args)
@@ -221,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chisel=args.chisel,
             drain_timeout=args.drain_timeout,
             election=election,
+            routed_services=(*ROUTED_SERVICES, *extra_routed_services),
         )
         return asyncio.run(_serve(settings))
     except UsageError as exc:

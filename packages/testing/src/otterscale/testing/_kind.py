@@ -59,7 +59,8 @@ from ._keycloak import (
     realm_representation,
 )
 from ._process import free_port
-from ._system import _TUNNEL_UP_RE, ClusterEntry, Timings
+from ._service import Metrics, http_ok
+from ._system import ClusterEntry, Timings
 from .tools import CHISEL_VERSION, keycloak_home
 
 logger = logging.getLogger(__name__)
@@ -405,14 +406,6 @@ def start_gateway_keycloak(
 # The running system
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
-            return bool(200 <= resp.status < 300)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def _wait(check: Callable[[], bool], timeout: float, what: str) -> float:
     started = time.monotonic()
     while not check():
@@ -451,7 +444,7 @@ class KindSystem:
 
     def connected(self) -> dict[str, bool]:
         text = self.hub_metrics()
-        return {m["name"]: float(m["value"]) == 1.0 for m in _TUNNEL_UP_RE.finditer(text)}
+        return Metrics(text).tunnels()
 
     def wait_connected(self, name: str, connected: bool = True, timeout: float = CONNECT_TIMEOUT) -> float:
         what = f"the hub reporting cluster {name} {'connected' if connected else 'disconnected'}"
@@ -595,7 +588,7 @@ def start_kind_system(root: Path, directory: Path, helm: str, realm_url: str) ->
         system.clusters[name].control_plane = admin_access(kind_name, kubeconfig, directory / name)
     started = time.monotonic()
     _run(plan.hub_release().install_argv(helm), cwd=root)
-    _wait(lambda: _http_ok(HUB_URL + "/readyz"), ROLLOUT_TIMEOUT, "the hub answering /readyz on the host")
+    _wait(lambda: http_ok(HUB_URL + "/readyz"), ROLLOUT_TIMEOUT, "the hub answering /readyz on the host")
     system.timings.hub_start.append(time.monotonic() - started)
     for name in AGENT_CLUSTERS:
         started = time.monotonic()
