@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import threading
 import time
@@ -66,7 +67,25 @@ from otterscale.common import (
 )
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication, ResourceServiceClient
-from otterscale.testing import AgentDouble, HubProcess, LocalIssuer, Metrics, free_port, tool_path
+from otterscale.testing import (
+    AgentDouble,
+    ControlPlane,
+    HubProcess,
+    KubeAPIError,
+    LeaderRelay,
+    LocalIssuer,
+    Metrics,
+    StagedLease,
+    election_args,
+    election_namespace,
+    free_port,
+    replica_env,
+    replica_ip,
+    set_pod,
+    staged_lease,
+    tool_path,
+    write_lease,
+)
 
 AUDIENCE = "otterscale"
 
@@ -470,10 +489,12 @@ def start_world(
     extra: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
+    routed_services: tuple[str, ...] = (),
 ) -> HubWorld:
     """Write an ``otterscale.yaml`` for ``names`` and start ``otterscale server`` on it (blocks
     until ``/readyz`` answers 200). ``env`` is the hub's whole environment (default: the test's,
-    cleaned), ``args`` more flags."""
+    cleaned), ``args`` more flags, ``routed_services`` test-only services it forwards
+    (``"module:Service"``, see :class:`~otterscale.testing.HubProcess`)."""
     directory.mkdir(parents=True, exist_ok=True)
     specs = make_specs(names)
     tunnel_port = free_port()
@@ -491,6 +512,7 @@ def start_world(
         chisel=binary.path,
         drain_timeout=DRAIN_TIMEOUT,
         args=args,
+        routed_services=routed_services,
         env=env,
     )
     try:
@@ -856,3 +878,344 @@ def end_of_connect_stream(body: bytes) -> dict[str, Any]:
             found: dict[str, Any] = json.loads(message)
             return found
     raise AssertionError("no end-of-stream message in the answer")
+
+
+# --------------------------------------------------------------------------------------------------
+# Replicas: a leader and followers, each an `otterscale server --leader-elect` process
+
+#: Lease timings of the tests' replicas: a leader that loses its Lease follows within 5 s.
+ELECTION_TIMINGS = (
+    "--leader-elect-lease-duration=8",
+    "--leader-elect-renew-deadline=5",
+    "--leader-elect-retry-period=1",
+)
+#: The replicas' names, in the order of their loopback addresses (``replica_ip``).
+REPLICA_NAMES = "abcdefgh"
+
+
+def replica_address(name: str) -> str:
+    """The loopback address (the "Pod IP") of replica ``name``."""
+    return replica_ip(REPLICA_NAMES.index(name))
+
+
+class Replicas:
+    """Hub ``a`` leads; followers follow it; all real ``otterscale server --leader-elect`` processes.
+
+    - ``a`` campaigns alone for the Lease of a namespace of its own (the chart's RBAC, a Pod ``a``
+      with its IP) and wins it; more candidates there (:meth:`add_candidate`) make a real
+      election, and :meth:`hand_over` gives the Lease to one of them as an administrator would.
+    - Followers (:meth:`add_follower`) campaign with read-only rights for a
+      :class:`~otterscale.testing.StagedLease` (:attr:`stage`) that names ``a`` at its address:
+      they forward to whoever the test stages there (:meth:`follow`).
+
+    Every replica listens on its own loopback address and the same port, as Pods do behind one
+    Service port; the leader's tunnel server listens on its own address too. Agents dial ``a``'s
+    tunnel server, or with ``relay`` a :class:`~otterscale.testing.LeaderRelay` that follows the
+    leader label, as the chart's tunnel Service does.
+    """
+
+    def __init__(
+        self,
+        cp: ControlPlane,
+        issuer: Issuer,
+        binary: ChiselBinary,
+        directory: Path,
+        *,
+        names: tuple[str, ...] = ("alpha", "beta"),
+        limits: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        routed_services: tuple[str, ...] = (),
+    ) -> None:
+        self.cp = cp
+        self.issuer = issuer
+        self.binary = binary
+        self.directory = directory
+        self.specs = make_specs(names)
+        self.port = free_port()
+        self.tunnel_port = free_port()
+        self.key_seed = "replicas-seed"
+        self._limits = limits
+        self._extra = extra
+        self._routed_services = routed_services
+        self.hubs: dict[str, HubProcess] = {}
+        self.agents: dict[str, AgentDouble] = {}
+        self.relay: LeaderRelay | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        self.namespace, self._kubeconfig = election_namespace(cp, directory, {"a": replica_address("a")})
+        self.stage = staged_lease(cp, directory)
+
+    # --- processes --------------------------------------------------------------------------------
+
+    def _config(self, name: str) -> Path:
+        return write_config(
+            self.directory / f"otterscale-{name}.yaml",
+            issuer_url=self.issuer.url,
+            specs=self.specs,
+            tunnel_port=self.tunnel_port,
+            key_seed=self.key_seed,
+            limits=self._limits,
+            tunnel_host=replica_address(name),
+            extra=self._extra,
+        )
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> HubProcess:
+        if name in self.hubs and self.hubs[name].alive():
+            raise RuntimeError(f"replica {name} is already running")
+        hub = HubProcess(
+            self._config(name),
+            self.directory / f"hub-{name}.log",
+            name=f"hub-{name}",
+            host=replica_address(name),
+            port=self.port,
+            chisel=self.binary.path,
+            drain_timeout=DRAIN_TIMEOUT,
+            args=[*args, *ELECTION_TIMINGS],
+            routed_services=self._routed_services,
+            env=env,
+        )
+        self.hubs[name] = hub
+        return hub
+
+    def start_leader(self) -> HubProcess:
+        """Start ``a`` and wait until it leads (its ``otterscale_hub_leader`` gauge)."""
+        hub = self.add_candidate("a")
+        hub.wait_until(lambda: hub.metrics().value("otterscale_hub_leader") == 1.0, 60, "leading")
+        return hub
+
+    async def astart_leader(self) -> HubProcess:
+        """:meth:`start_leader` without blocking the event loop."""
+        hub = self.spawn_candidate("a")
+
+        async def leading() -> bool:
+            try:
+                return (await hub.ametrics()).value("otterscale_hub_leader") == 1.0
+            except OSError:  # not listening yet
+                return False
+
+        await hub.until(leading, 60, "leading")
+        return hub
+
+    def spawn_candidate(self, name: str) -> HubProcess:
+        """Spawn replica ``name`` campaigning for ``a``'s Lease (its Pod is created); not waited for."""
+        if name != "a":
+            set_pod(self.cp, self.namespace, name, replica_address(name))
+        return self._spawn(
+            name, election_args(self._kubeconfig), replica_env(name, self.namespace, self.directory)
+        )
+
+    def add_candidate(self, name: str) -> HubProcess:
+        """:meth:`spawn_candidate`, then wait until it is ready (blocking)."""
+        return self.spawn_candidate(name).wait_ready()
+
+    def spawn_follower(self, name: str, stage: StagedLease | None = None) -> HubProcess:
+        """Spawn replica ``name`` following ``stage`` (default :attr:`stage`); not waited for."""
+        stage = stage or self.stage
+        return self._spawn(name, stage.args(), stage.env(name))
+
+    def add_follower(self, name: str, stage: StagedLease | None = None) -> HubProcess:
+        """:meth:`spawn_follower`, then wait until it is ready (blocking)."""
+        return self.spawn_follower(name, stage).wait_ready()
+
+    def follow(self, holder: str | None, address: str | None = None, stage: StagedLease | None = None) -> None:
+        """Followers of ``stage`` (default :attr:`stage`) now follow ``holder`` at ``address``
+        (default: that replica's address; None with a holder that is not a replica: unknown)."""
+        if address is None and holder is not None and holder in REPLICA_NAMES:
+            address = replica_address(holder)
+        (stage or self.stage).stage(holder, address)
+
+    async def hand_over(self, name: str) -> None:
+        """Give ``a``'s Lease to ``name`` (see :func:`~otterscale.testing.write_lease`)."""
+        await asyncio.to_thread(write_lease, self.cp, self.namespace, name, duration=8)
+
+    def holder(self) -> str | None:
+        """Who holds ``a``'s Lease (None: nobody)."""
+        lease = self.cp.request(
+            "GET", f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases/otterscale-server-leader"
+        )
+        holder: str | None = lease["spec"].get("holderIdentity")
+        return holder
+
+    def labelled(self) -> list[str]:
+        """The Pods of ``a``'s namespace that carry the leader label."""
+        pods = self.cp.request("GET", f"/api/v1/namespaces/{self.namespace}/pods")
+        return sorted(
+            pod["metadata"]["name"]
+            for pod in pods["items"]
+            if pod["metadata"].get("labels", {}).get("otterscale.io/leader") == "true"
+        )
+
+    # --- agents -----------------------------------------------------------------------------------
+
+    @property
+    def tunnel_url(self) -> str:
+        """What agents dial: the relay, or ``a``'s tunnel server."""
+        if self.relay is not None:
+            return self.relay.url
+        return f"http://{replica_address('a')}:{self.tunnel_port}"
+
+    async def start_relay(self) -> None:
+        """From now on agents dial a relay to the leader-labelled Pod (call before connecting)."""
+        self.relay = LeaderRelay(self.cp, self.namespace, self.tunnel_port)
+        await self.relay.start()
+
+    def connect(self, agent: AgentDouble) -> AgentDouble:
+        """Serve ``agent`` and connect it to the tunnel server (blocking: not through the relay)."""
+        spec = self.specs[agent.cluster]
+        self.agents[agent.cluster] = agent
+        agent.serve()
+        agent.dial(
+            self.tunnel_url,
+            self.hubs["a"].fingerprint,
+            user=spec.user,
+            password=spec.password,
+            tunnel_port=spec.tunnel_port,
+        )
+        return agent
+
+    async def aconnect(self, agent: AgentDouble) -> AgentDouble:
+        """:meth:`connect` without blocking the event loop (the relay runs on it)."""
+        spec = self.specs[agent.cluster]
+        self.agents[agent.cluster] = agent
+        await agent.start()
+        await agent.connect(
+            self.tunnel_url,
+            self.hubs["a"].fingerprint,
+            user=spec.user,
+            password=spec.password,
+            tunnel_port=spec.tunnel_port,
+        )
+        return agent
+
+    async def leader_sees(self, cluster: str, connected: bool = True) -> None:
+        """Wait until the replica that leads reports ``cluster`` (dis)connected."""
+
+        async def check() -> bool:
+            for hub in self.hubs.values():
+                if hub.alive():
+                    metrics = await hub.ametrics()
+                    if metrics.value("otterscale_hub_leader") == 1.0:
+                        return metrics.value("otterscale_hub_tunnel_up", cluster=cluster) == float(connected)
+            return False
+
+        await eventually(check, 60, f"the leader reporting {cluster} {'up' if connected else 'down'}")
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        for agent in self.agents.values():
+            await agent.stop()
+        for hub in self.hubs.values():  # all at once: one by one, each would take over in turn
+            if hub.alive():
+                hub.signal(signal.SIGTERM)
+        for hub in self.hubs.values():
+            await asyncio.to_thread(hub.stop)
+        if self.relay is not None:
+            await self.relay.stop()
+        for namespace in (self.namespace, self.stage.namespace):
+            with contextlib.suppress(KubeAPIError):
+                await asyncio.to_thread(self.cp.request, "DELETE", f"/api/v1/namespaces/{namespace}")
+
+    def stop_blocking(self) -> None:
+        """:meth:`stop` for synchronous fixtures (no relay)."""
+        assert self.relay is None
+        for agent in self.agents.values():
+            agent.shutdown()
+        for hub in self.hubs.values():
+            if hub.alive():
+                hub.signal(signal.SIGTERM)
+        for hub in self.hubs.values():
+            hub.stop()
+        for namespace in (self.namespace, self.stage.namespace):
+            with contextlib.suppress(KubeAPIError):
+                self.cp.request("DELETE", f"/api/v1/namespaces/{namespace}")
+
+
+class ReplicasEnv:
+    """What a test uses of :class:`Replicas`: clients and tokens, and the replicas' counters as
+    differences from the test's start (they may be shared by a module)."""
+
+    def __init__(self, replicas: Replicas) -> None:
+        self.replicas = replicas
+        self._transports: list[HTTPTransport] = []
+        self._start: dict[str, Metrics] = {}
+
+    async def mark(self) -> None:
+        """Counters from now on."""
+        self._start = {
+            name: await hub.ametrics() for name, hub in self.replicas.hubs.items() if hub.alive()
+        }
+
+    @property
+    def hubs(self) -> dict[str, HubProcess]:
+        return self.replicas.hubs
+
+    @property
+    def issuer(self) -> Issuer:
+        return self.replicas.issuer
+
+    @property
+    def agents(self) -> dict[str, Any]:
+        return self.replicas.agents
+
+    def _http(self, version: Any) -> Client:
+        transport = HTTPTransport(http_version=version)
+        self._transports.append(transport)
+        return Client(transport)
+
+    def client(
+        self, name: str, transport: str = "connect-h1", *, json: bool = False, timeout_ms: int | None = None
+    ) -> ResourceServiceClient:
+        protocol, version = TRANSPORTS[transport]
+        return ResourceServiceClient(
+            self.hubs[name].url,
+            protocol=protocol,
+            codec=google_protobuf_json_codec() if json else google_protobuf_binary_codec(),
+            http_client=self._http(version),
+            timeout_ms=timeout_ms,
+        )
+
+    def clusters(self, name: str, transport: str = "connect-h1") -> ClusterServiceClient:
+        protocol, version = TRANSPORTS[transport]
+        return ClusterServiceClient(self.hubs[name].url, protocol=protocol, http_client=self._http(version))
+
+    def http(self, version: Any = HTTPVersion.HTTP1) -> Client:
+        return self._http(version)
+
+    def auth(self, subject: str = "alice", **headers: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.issuer.token(subject)}", **headers}
+
+    async def counter(self, name: str, metric: str, **labels: str) -> float:
+        """``metric`` of replica ``name`` since :meth:`mark`."""
+        now = (await self.hubs[name].ametrics()).get(metric, **labels)
+        start = self._start.get(name)
+        return now - (start.get(metric, **labels) if start is not None else 0.0)
+
+    async def forwarded(
+        self, name: str, method: str, code: str, service: str = "otterscale.resource.v1.ResourceService"
+    ) -> float:
+        """Calls of ``method`` replica ``name`` forwarded (ending with ``code``) since :meth:`mark`."""
+        return await self.counter(
+            name, "otterscale_hub_forwarded_rpcs_total", service=service, method=method, code=code
+        )
+
+    async def refusals(self, name: str, reason: str) -> float:
+        return await self.counter(name, "otterscale_hub_limit_refusals_total", reason=reason)
+
+    async def forwarding(self, name: str, via_leader: str = "a") -> None:
+        """Wait until follower ``name`` forwards to a replica that serves (a ListClusters goes
+        through); then the counters start from here."""
+
+        async def through() -> bool:
+            try:
+                await self.clusters(name).list_clusters(cluster_pb2.ListClustersRequest(), headers=self.auth())
+            except ConnectError:
+                return False
+            return True
+
+        await eventually(through, 60, f"{name} forwarding to {via_leader}")
+        await self.mark()
+
+    async def close(self) -> None:
+        for transport in self._transports:
+            await transport.aclose()
+        self._transports.clear()

@@ -186,25 +186,47 @@ class AgentDouble:
         within: float = 30.0,
     ) -> None:
         """Dial the hub's tunnel server (a real chisel client); with ``wait``, until it is up."""
+        await self._call(self._dial(server_url, fingerprint, user, password, tunnel_port, wait, within))
 
-        async def dial() -> None:
-            if self.tunnel is not None:
-                await self.tunnel.stop()
-            self.tunnel = ChiselClient(
-                self._chisel,
-                server_url=server_url,
-                fingerprint=fingerprint,
-                user=user,
-                password=password,
-                tunnel_port=tunnel_port,
-                api_port=self.port,
-                max_retry_interval=1.0,
-            )
-            await self.tunnel.start()
-            if wait and not await self.tunnel.wait_connected(within):
-                raise RuntimeError(f"{self.name}'s tunnel did not connect: {self.tunnel.state}")
+    def dial(
+        self,
+        server_url: str,
+        fingerprint: str,
+        *,
+        user: str,
+        password: str,
+        tunnel_port: int,
+        within: float = 30.0,
+    ) -> None:
+        """:meth:`connect` (and wait), blocking (for synchronous fixtures)."""
+        future = self.submit(self._dial(server_url, fingerprint, user, password, tunnel_port, True, within))
+        future.result(within + STOP_TIMEOUT)
 
-        await self._call(dial())
+    async def _dial(
+        self,
+        server_url: str,
+        fingerprint: str,
+        user: str,
+        password: str,
+        tunnel_port: int,
+        wait: bool,
+        within: float,
+    ) -> None:
+        if self.tunnel is not None:
+            await self.tunnel.stop()
+        self.tunnel = ChiselClient(
+            self._chisel,
+            server_url=server_url,
+            fingerprint=fingerprint,
+            user=user,
+            password=password,
+            tunnel_port=tunnel_port,
+            api_port=self.port,
+            max_retry_interval=1.0,
+        )
+        await self.tunnel.start()
+        if wait and not await self.tunnel.wait_connected(within):
+            raise RuntimeError(f"{self.name}'s tunnel did not connect: {self.tunnel.state}")
 
     @property
     def connected(self) -> bool:

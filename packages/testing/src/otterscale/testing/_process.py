@@ -163,6 +163,7 @@ class ManagedProcess:
         self.name = name
         self.argv = list(argv)
         self.log_file = log_file
+        self._terminated = False
         self._log = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             self.argv,
@@ -211,13 +212,18 @@ class ManagedProcess:
             delay = min(delay * 1.5, 0.5)
 
     def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process group."""
+        if sig == signal.SIGTERM:
+            self._terminated = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM the process group, wait, then SIGKILL; always reaps. Safe to call twice."""
+        """SIGTERM the process group (unless :meth:`signal` did already: a second SIGTERM cuts a
+        service's graceful shutdown short), wait, then SIGKILL; always reaps. Safe to call twice."""
         if self.alive():
-            self.signal(signal.SIGTERM)
+            if not self._terminated:
+                self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
