@@ -376,3 +376,32 @@ async def test_one_connection_serves_more_than_1000_calls(shared_hub_env: HubEnv
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+@pytest.mark.parametrize("version", ["http1", "h2c"])
+async def test_a_unary_answer_declares_its_length(shared_hub_env: HubEnv, version: str) -> None:
+    """A one-message answer carries ``Content-Length`` (clients, and the hub reading an agent's
+    answer, know its size before reading it), over HTTP/1.1 and h2c alike."""
+    from pyqwest import Client, HTTPTransport, HTTPVersion
+
+    hub_env = shared_hub_env
+    await hub_env.agent("alpha")
+    # A client that takes the answer as it comes (no transparent decompression, which drops the
+    # length of what was on the wire).
+    transport = HTTPTransport(
+        http_version=HTTPVersion.HTTP1 if version == "http1" else HTTPVersion.HTTP2,
+        enable_gzip=False,
+        enable_brotli=False,
+        enable_zstd=False,
+    )
+    hub_env._transports.append(transport)  # closed with the test's other clients
+    http = Client(transport)
+    response = await http.post(
+        hub_env.hub.url + "/otterscale.resource.v1.ResourceService/Get",
+        headers=hub_env.auth(**{"content-type": "application/json"}),
+        content=b'{"cluster": "alpha", "version": "v1", "resource": "configmaps", "name": "sized"}',
+    )
+    assert response.status == 200
+    body = bytes(response.content)
+    assert json.loads(body)["object"]["metadata"]["name"] == "sized"
+    assert response.headers.get("content-length") == str(len(body))
