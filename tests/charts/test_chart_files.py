@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from otterscale.common import (
     AgentAuth,
     AgentConfig,
+    AuditConfig,
     CorsConfig,
     HubLimitsConfig,
     KeycloakConfig,
@@ -58,8 +59,9 @@ def test_hub_schema_knows_exactly_the_configuration_keys() -> None:
     config = schema["properties"]["config"]
     props = config["properties"]
     assert set(props) == _aliases(OtterscaleConfig)
-    assert set(config["required"]) == _aliases(OtterscaleConfig) - {"limits", "cors"}  # both optional
+    assert set(config["required"]) == _aliases(OtterscaleConfig) - {"limits", "audit", "cors"}  # optional
     assert set(props["limits"]["properties"]) == _aliases(HubLimitsConfig)
+    assert set(props["audit"]["properties"]) == _aliases(AuditConfig)
     assert set(props["cors"]["properties"]) == _aliases(CorsConfig)
     assert set(props["keycloak"]["properties"]) == _aliases(KeycloakConfig)
     assert (

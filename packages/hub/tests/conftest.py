@@ -88,6 +88,8 @@ from otterscale.testing import (
 )
 
 AUDIENCE = "otterscale"
+#: The tunnel key seed of the tests' configuration (the services refuse fewer than 32 characters).
+KEY_SEED = "test-seed-0123456789abcdef-0123456789"
 
 TRANSPORTS: dict[str, tuple[ProtocolType, Any]] = {
     "connect-h1": (ProtocolType.CONNECT, HTTPVersion.HTTP1),
@@ -185,7 +187,7 @@ def make_specs(names: tuple[str, ...] = ("alpha", "beta")) -> dict[str, ClusterS
         name: ClusterSpec(
             name=name,
             user=f"{name}-agent",
-            password=f"{name}-password-0123456789abcdef",
+            password=f"{name}-password-0123456789abcdef-{name}",
             tunnel_port=free_port(),
             api_port=free_port(),
         )
@@ -199,8 +201,9 @@ def write_config(
     issuer_url: str,
     specs: dict[str, ClusterSpec],
     tunnel_port: int,
-    key_seed: str = "test-seed",
+    key_seed: str = KEY_SEED,
     limits: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
     tunnel_host: str = "127.0.0.1",
     extra: dict[str, Any] | None = None,
 ) -> Path:
@@ -222,6 +225,8 @@ def write_config(
     }
     if limits is not None:
         document["limits"] = limits
+    if audit is not None:
+        document["audit"] = audit
     path.write_text(yaml.safe_dump(document))
     return path
 
@@ -486,10 +491,12 @@ def start_world(
     *,
     names: tuple[str, ...] = ("alpha", "beta"),
     limits: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
     routed_services: tuple[str, ...] = (),
+    hub_services: tuple[str, ...] = (),
 ) -> HubWorld:
     """Write an ``otterscale.yaml`` for ``names`` and start ``otterscale server`` on it (blocks
     until ``/readyz`` answers 200). ``env`` is the hub's whole environment (default: the test's,
@@ -504,6 +511,7 @@ def start_world(
         specs=specs,
         tunnel_port=tunnel_port,
         limits=limits,
+        audit=audit,
         extra=extra,
     )
     hub = HubProcess(
@@ -513,6 +521,7 @@ def start_world(
         drain_timeout=DRAIN_TIMEOUT,
         args=args,
         routed_services=routed_services,
+        hub_services=hub_services,
         env=env,
     )
     try:
@@ -923,6 +932,7 @@ class Replicas:
         *,
         names: tuple[str, ...] = ("alpha", "beta"),
         limits: dict[str, Any] | None = None,
+        audit: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         routed_services: tuple[str, ...] = (),
     ) -> None:
@@ -933,8 +943,9 @@ class Replicas:
         self.specs = make_specs(names)
         self.port = free_port()
         self.tunnel_port = free_port()
-        self.key_seed = "replicas-seed"
+        self.key_seed = KEY_SEED
         self._limits = limits
+        self._audit = audit
         self._extra = extra
         self._routed_services = routed_services
         self.hubs: dict[str, HubProcess] = {}
@@ -954,6 +965,7 @@ class Replicas:
             tunnel_port=self.tunnel_port,
             key_seed=self.key_seed,
             limits=self._limits,
+            audit=self._audit,
             tunnel_host=replica_address(name),
             extra=self._extra,
         )

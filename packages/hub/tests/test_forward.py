@@ -13,6 +13,7 @@ the real agent and the default timings are tested in test_ha.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,8 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from otterscale.cluster.v1.cluster_pb2 import ListClustersRequest
-from otterscale.common import ChiselBinary
+from otterscale.common import ChiselBinary, load_config
+from otterscale.hub._replicas import ReplicaSigner, replica_key
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
 from otterscale.testing import ControlPlane, staged_lease
@@ -46,6 +48,7 @@ from .conftest import (
 pytestmark = [pytest.mark.integration, pytest.mark.ha]
 
 HOP = "x-otterscale-forwarded-by"
+FORWARDED_FOR = "x-otterscale-forwarded-for"
 #: "At once" on a loaded 2-core CI box: far above its round trips, far below the fake agent's 10 s
 #: "slow" answer, a lease duration, or a call queued until a leader appears.
 AT_ONCE = 5.0
@@ -215,17 +218,48 @@ async def test_forwarded_call_keeps_caller_identity_request_id_and_deadline(repl
     assert time.perf_counter() - started < AT_ONCE  # the deadline, not the agent's 10 s answer
 
 
-async def test_hop_guard_refuses_a_second_hop(replicas: ReplicasEnv) -> None:
-    agent = fake(replicas)
-    before = len(agent.resources.records)
-    with pytest.raises(ConnectError) as refused:
-        await replicas.client("b").get(get(), headers=replicas.auth(**{HOP: "c"}))
-    assert refused.value.code is Code.UNAVAILABLE
-    assert "b does not lead (the call was forwarded by c" in refused.value.message
-    assert len(agent.resources.records) == before
-    # The leader serves a forwarded call as any other.
-    got = await replicas.client("a").get(get("hop"), headers=replicas.auth(**{HOP: "c"}))
-    assert got.object["metadata"]["name"] == "hop"
+def access_lines(env: ReplicasEnv, request_ids: set[str]) -> list[dict[str, Any]]:
+    """The access log lines (of every replica) of the calls with these request ids."""
+    return [
+        record
+        for hub in env.hubs.values()
+        for record in hub.log_records()
+        if record.get("logger") == "otterscale.hub.access" and record.get("request_id") in request_ids
+    ]
+
+
+@pytest.mark.security
+async def test_forwarding_headers_count_only_when_a_replica_signed_them(replicas: ReplicasEnv) -> None:
+    """A client's ``X-Otterscale-Forwarded-By`` (or a forged or stale signature) is dropped on
+    entry: it neither makes a follower refuse the call as a second hop nor puts a replica name or
+    an address into the leader's access log and audit trail. A fresh signature with the replicas'
+    key (derived from the tunnel key they share) is kept."""
+    procedure = "/otterscale.resource.v1.ResourceService/Get"
+    key = replica_key(load_config(replicas.replicas.directory / "otterscale-a.yaml"))
+    forged = [
+        {HOP: "c"},
+        {HOP: "c", FORWARDED_FOR: "203.0.113.9:1"},
+        ReplicaSigner(b"not-the-replicas-key-0123456789ab").headers("c", "203.0.113.9:1", procedure),
+        ReplicaSigner(key).headers("c", "203.0.113.9:1", procedure, now=time.time() - 120),  # stale
+        ReplicaSigner(key).headers("c", "203.0.113.9:1", "/otterscale.resource.v1.ResourceService/List"),
+    ]
+    names: set[str] = set()
+    for index, headers in enumerate(forged):
+        for hub in ("b", "a"):  # the follower forwards it as any call; the leader serves it
+            name = f"forged-{index}-{hub}"
+            names.add(name)
+            got = await replicas.client(hub).get(get(name), headers=replicas.auth(**headers, **{"x-request-id": name}))
+            assert got.object["metadata"]["name"] == name
+    # One line per replica a call passed: b's and a's for a call through b, a's for a direct one.
+    await wait_for(lambda: len(access_lines(replicas, names)) == 3 * len(forged), 30, "every call logged")
+    lines = access_lines(replicas, names)
+    assert all(line.get("forwarded_by", "") in ("", "b") for line in lines), lines
+    assert any(line.get("forwarded_by", "") == "b" for line in lines)  # b's own, signed, was kept
+    # A replica's signature is kept: the leader logs the replica it names.
+    signed = ReplicaSigner(key).headers("c", "203.0.113.9:1", procedure)
+    await replicas.client("a").get(get("signed"), headers=replicas.auth(**signed, **{"x-request-id": "signed"}))
+    await wait_for(lambda: bool(access_lines(replicas, {"signed"})), 30, "the call logged")
+    assert [line.get("forwarded_by", "") for line in access_lines(replicas, {"signed"})] == ["c"]
 
 
 async def refusal(client: ResourceServiceClient, env: ReplicasEnv) -> str:
@@ -560,3 +594,39 @@ async def test_followers_enforce_the_same_limits(
         await asyncio.gather(*watches, return_exceptions=True)
         await replicas.close()
         await cluster.stop()
+
+
+@pytest.mark.security
+async def test_a_forwarded_call_is_audited_once_by_the_leader(
+    control_plane: ControlPlane, issuer: Issuer, chisel_binary: ChiselBinary, tmp_path: Path
+) -> None:
+    """The follower that forwards a call writes no audit event; the leader that serves it writes
+    the one event, naming the follower and the caller's own address (signed by the follower)."""
+    log = tmp_path / "audit.log"
+    cluster = start_replicas(
+        control_plane,
+        issuer,
+        chisel_binary,
+        tmp_path,
+        audit={"sink": "file", "file": str(log), "reads": "metadata"},
+    )
+    found = ReplicasEnv(cluster)
+    create = pb.CreateRequest(cluster="alpha", version="v1", resource="configmaps", namespace="default")
+    try:
+        await found.forwarding("b")
+        await found.client("b").create(create, headers=found.auth(**{"x-request-id": "fwd-create"}))
+        await found.client("b").get(get("g"), headers=found.auth(**{"x-request-id": "fwd-get"}))
+        await found.client("a").get(get("g"), headers=found.auth(**{"x-request-id": "direct-get"}))
+    finally:
+        await found.close()
+        await cluster.stop()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    for request_id, verb, via in (
+        ("fwd-create", "Create", "b"),
+        ("fwd-get", "Get", "b"),
+        ("direct-get", "Get", ""),
+    ):
+        [event] = [e for e in events if e["request_id"] == request_id]
+        assert (event["verb"], event["replica"], event["forwarded_by"]) == (verb, "a", via)
+        assert (event["subject"], event["code"], event["cluster"]) == ("alice", "ok", "alpha")
+        assert event["source"].startswith("127.0.0.1:")

@@ -70,6 +70,8 @@ MAX_STREAMS = 3
 LIMITS = {"max_request_bytes": MAX_REQUEST, "max_watches_per_subject": MAX_STREAMS}
 SESSION_TAIL = "A" * 22
 STREAMS = "otterscale_hub_watch_streams_active"
+#: The request id of the calls that wait for a follower to forward (an audit trail may show them).
+FORWARDING_PROBE = "forwarding-probe"
 
 
 @dataclass
@@ -132,9 +134,12 @@ class EchoSystem:
         self.transports.clear()
 
 
-def start_echo_hub(directory: Path, issuer: Issuer, binary: ChiselBinary) -> tuple[Any, dict[str, EchoAgent]]:
-    """A hub alone that forwards EchoService, and echo agents of alpha and beta (blocking)."""
-    world = start_world(directory, issuer, binary, limits=LIMITS, routed_services=(ECHO_ROUTE,))
+def start_echo_hub(
+    directory: Path, issuer: Issuer, binary: ChiselBinary, *, audit: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, EchoAgent]]:
+    """A hub alone that forwards EchoService, and echo agents of alpha and beta (blocking);
+    ``audit``: the configuration's audit section."""
+    world = start_world(directory, issuer, binary, limits=LIMITS, audit=audit, routed_services=(ECHO_ROUTE,))
     agents: dict[str, EchoAgent] = {}
     try:
         for cluster in ("alpha", "beta"):
@@ -199,9 +204,18 @@ async def own_echo(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) 
         await asyncio.to_thread(stop_echo_hub, world, agents)
 
 
-def start_echo_replicas(cp: ControlPlane, issuer: Issuer, binary: ChiselBinary, directory: Path) -> Replicas:
+def start_echo_replicas(
+    cp: ControlPlane,
+    issuer: Issuer,
+    binary: ChiselBinary,
+    directory: Path,
+    *,
+    audit: dict[str, Any] | None = None,
+) -> Replicas:
     """Hub ``a`` leads (tunnels, agents), hub ``b`` follows (forwards every call to ``a``)."""
-    replicas = Replicas(cp, issuer, binary, directory, limits=LIMITS, routed_services=(ECHO_ROUTE,))
+    replicas = Replicas(
+        cp, issuer, binary, directory, limits=LIMITS, audit=audit, routed_services=(ECHO_ROUTE,)
+    )
     try:
         replicas.start_leader()
         replicas.follow("a")
@@ -223,7 +237,10 @@ async def replicas_system(replicas: Replicas) -> EchoSystem:
 
     async def forwarding() -> bool:
         try:
-            await system.client("b").say(pb.SayRequest(cluster="alpha", text="up?"), headers=system.auth())
+            await system.client("b").say(
+                pb.SayRequest(cluster="alpha", text="up?"),
+                headers={**system.auth(), "x-request-id": FORWARDING_PROBE},
+            )
         except ConnectError:
             return False
         return True

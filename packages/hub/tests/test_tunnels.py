@@ -24,7 +24,7 @@ from otterscale.common import ChiselClient, ProcessSpec, Supervisor, parse_clien
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import free_port
 
-from .conftest import HubEnv, HubFactory, eventually, wait_for
+from .conftest import KEY_SEED, HubEnv, HubFactory, eventually, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -70,9 +70,9 @@ async def test_chisel_server_environment_is_clean(shared_hub_env: HubEnv) -> Non
     assert chisel is not None
     environ = _environ(chisel)
     # Only the key seed, deliberately (an environment is private; argv is not).
-    assert environ == {"CHISEL_KEY": "test-seed"}
+    assert environ == {"CHISEL_KEY": KEY_SEED}
     argv = _cmdline(chisel)
-    assert "test-seed" not in " ".join(argv)
+    assert KEY_SEED not in " ".join(argv)
     assert "--reverse" in argv
     assert "--authfile" in argv
     for spec in hub_env.specs.values():
@@ -101,12 +101,12 @@ async def test_inherited_auth_host_port_do_not_reach_chisel(hub_env_factory: Hub
     )
     old = hub_env.hub.chisel_pid()
     assert old is not None
-    assert _environ(old) == {"CHISEL_KEY": "test-seed"}
+    assert _environ(old) == {"CHISEL_KEY": KEY_SEED}
     os.kill(old, signal.SIGKILL)
     await wait_for(lambda: hub_env.hub.chisel_pid() not in (None, old), 15, "chisel restarted")
     new = hub_env.hub.chisel_pid()
     assert new is not None
-    assert _environ(new) == {"CHISEL_KEY": "test-seed"}
+    assert _environ(new) == {"CHISEL_KEY": KEY_SEED}
     # The intruder's credentials are not accepted.
     intruder = ChiselClient(
         hub_env.binary,

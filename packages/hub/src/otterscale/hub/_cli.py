@@ -57,7 +57,7 @@ from ._election import (
 )
 from ._hub import HubSettings, hub_version, run_hub
 from ._kube import service_account_namespace
-from ._services import ROUTED_SERVICES
+from ._services import HUB_SERVICES, ROUTED_SERVICES, HubService
 from ._tunnel_server import tunnel_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -202,13 +202,17 @@ def _positive_float(text: str) -> float:
 
 
 def main(
-    argv: Sequence[str] | None = None, *, extra_routed_services: Sequence[ServiceDescriptor] = ()
+    argv: Sequence[str] | None = None,
+    *,
+    extra_routed_services: Sequence[ServiceDescriptor] = (),
+    extra_hub_services: Sequence[HubService] = (),
 ) -> int:
     """Entry point of ``otterscale server`` and ``otterscale-hub``; returns the exit status.
 
-    ``extra_routed_services`` are forwarded to the agents by cluster besides the registry's
-    (``_services.ROUTED_SERVICES``): how tests run a hub process that knows a test-only service
-    (``otterscale.testing``'s launcher), exactly as a build of the hub with more services would.
+    ``extra_routed_services`` (forwarded to the agents by cluster) and ``extra_hub_services``
+    (answered by the hub) are served besides the registry's (``_services``): how tests run a hub
+    process that knows a test-only service (``otterscale.testing``'s launcher), exactly as a
+    build of the hub with more services would.
     """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -232,6 +236,7 @@ def main(
             drain_timeout=args.drain_timeout,
             election=election,
             routed_services=(*ROUTED_SERVICES, *extra_routed_services),
+            hub_services=(*HUB_SERVICES, *extra_hub_services),
         )
         return asyncio.run(_serve(settings))
     except UsageError as exc:

@@ -6,7 +6,7 @@ point, so every package's tests and ``tests/e2e`` get its fixtures without a con
 
 from ._controlplane import ControlPlane, KubeAPIError, object_path, start_control_plane
 from ._doubles import AgentDouble, Call
-from ._echo import ECHO_ROUTE, ECHO_SERVICE, EchoAgent, EchoEvent, EchoService
+from ._echo import ECHO_HUB_SERVICE, ECHO_ROUTE, ECHO_SERVICE, EchoAgent, EchoEvent, EchoService
 from ._ha import (
     AgentCluster,
     HubReplicas,
@@ -60,6 +60,7 @@ __all__ = [
     "ClusterEntry",
     "ControlPlane",
     "DEFAULT_USERS",
+    "ECHO_HUB_SERVICE",
     "ECHO_ROUTE",
     "ECHO_SERVICE",
     "EchoAgent",

@@ -154,3 +154,61 @@ class EchoAgent(AgentDouble):
         super().__init__(
             cluster, EchoServiceASGIApplication(self.service), chisel=chisel, name=f"echo-agent:{cluster}"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# EchoService answered by the hub itself
+
+
+class HubEcho:
+    """EchoService answered by the hub itself, as a hub-served service is (the shape of the coming
+    fan-out MultiClusterService): it authenticates each call with the hub's authenticator and
+    answers from the request alone. Served through :data:`ECHO_HUB_SERVICE`."""
+
+    def __init__(self, context: Any) -> None:
+        self._auth = context.authenticator
+
+    async def _origin(self, cluster: str, ctx: RequestContext[Any, Any]) -> Any:
+        from otterscale.common import OtterscaleError
+        from otterscale.hub._errors import to_connect_error  # the hub running this: its translation
+
+        try:
+            identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
+        except OtterscaleError as exc:
+            raise to_connect_error(exc) from None
+        return pb.Origin(cluster=cluster, subject=identity.subject)
+
+    async def say(self, request: Any, ctx: RequestContext[Any, Any]) -> Any:
+        origin = await self._origin(request.cluster, ctx)
+        kind, _, argument = request.text.partition(":")
+        if kind == "fail":
+            raise ConnectError(Code(argument), f"asked to fail with {argument}")
+        return pb.SayResponse(text=request.text, origin=origin)
+
+    async def count(self, request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
+        origin = await self._origin(request.cluster, ctx)
+        for index in range(request.count):
+            yield pb.CountResponse(index=index, origin=origin)
+
+    async def collect(self, requests: AsyncIterator[Any], ctx: RequestContext[Any, Any]) -> Any:
+        origin = await self._origin("", ctx)
+        found = [request.text async for request in requests if request.WhichOneof("kind") == "text"]
+        return pb.CollectResponse(texts=found, origin=origin)
+
+    async def chat(self, requests: AsyncIterator[Any], ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
+        origin = await self._origin("", ctx)
+        async for request in requests:
+            yield pb.ChatResponse(text=request.text or "started", origin=origin)
+
+    async def write(self, request: Any, ctx: RequestContext[Any, Any]) -> Any:
+        return pb.WriteResponse(text=request.text, origin=await self._origin("", ctx))
+
+
+def hub_served_echo(context: Any) -> Any:
+    """The application of the hub-served EchoService (a ``HubService`` factory: ``context`` is the
+    hub's ``ServiceContext``; its interceptors give it the access log, metrics and audit trail)."""
+    return EchoServiceASGIApplication(HubEcho(context), interceptors=context.interceptors)
+
+
+#: EchoService answered by a hub process itself: ``HubProcess(..., hub_services=[ECHO_HUB_SERVICE])``.
+ECHO_HUB_SERVICE = f"{ECHO_ROUTE}={__name__}:hub_served_echo"

@@ -257,8 +257,10 @@ class HubProcess(ServiceProcess):
     """``otterscale server`` (see the module docstring).
 
     ``routed_services`` (``"module:Service"``) adds test-only cluster-routed services (for example
-    ``otterscale.testing.echo.v1.echo_pb2:EchoService``): the hub then runs through
-    ``python -m otterscale.testing._launcher``, which calls ``otterscale.hub.main`` with them.
+    :data:`~otterscale.testing.ECHO_ROUTE`), ``hub_services`` (``"module:Service=module:factory"``)
+    test-only services the hub answers itself (:data:`~otterscale.testing.ECHO_HUB_SERVICE`): the
+    hub then runs through ``python -m otterscale.testing._launcher``, which calls
+    ``otterscale.hub.main`` with them.
     ``args`` are more flags (``--leader-elect``...); ``env`` replaces :func:`service_env`.
     """
 
@@ -275,13 +277,16 @@ class HubProcess(ServiceProcess):
         log_level: str = "debug",
         args: Sequence[str] = (),
         routed_services: Sequence[str] = (),
+        hub_services: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
         port = port if port is not None else free_port(host)
-        if routed_services:
+        if routed_services or hub_services:
             command = [sys.executable, "-m", "otterscale.testing._launcher"]
             for service in routed_services:
                 command += ["--route", service]
+            for service in hub_services:
+                command += ["--serve", service]
             command.append("--")
         else:
             command = otterscale_command()
