@@ -27,7 +27,9 @@ def fault_cluster(control_plane_factory: object) -> ControlPlane:
 
 
 @pytest.fixture(scope="module")
-def fault_agent(fault_cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+def fault_agent(
+    fault_cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
     with start_agent(fault_cluster, tmp_path_factory.mktemp("fault-agent")) as server:
         yield server
 

@@ -21,8 +21,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -192,7 +190,6 @@ class AgentProcess(ServiceAgent):
     async def _status(self, url: str, status: int) -> bool:
         answer = await asyncio.to_thread(http_get, url)
         return answer is not None and answer[0] == status
-
 
 
 def _processes() -> list[tuple[int, int, str]]:

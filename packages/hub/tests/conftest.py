@@ -424,7 +424,9 @@ class FakeAgent(AgentDouble):
             else:
                 await resources(scope, receive, send)
 
-        super().__init__(spec.name, app, chisel=binary, max_streams=max_streams, name=f"fake-agent:{spec.name}")
+        super().__init__(
+            spec.name, app, chisel=binary, max_streams=max_streams, name=f"fake-agent:{spec.name}"
+        )
 
     @property
     def peers(self) -> set[tuple[Any, ...]]:
@@ -736,7 +738,9 @@ class RawH2:
     body back, or never grant flow-control window beyond ``window``. ``token`` makes the
     ``authorization`` header of each request (a callable: a fresh token per request)."""
 
-    def __init__(self, port: int, token: Callable[[], str], *, host: str = "127.0.0.1", window: int = 65535) -> None:
+    def __init__(
+        self, port: int, token: Callable[[], str], *, host: str = "127.0.0.1", window: int = 65535
+    ) -> None:
         self._host = host
         self._port = port
         self._token = token
@@ -1028,7 +1032,9 @@ class Replicas:
         """:meth:`spawn_follower`, then wait until it is ready (blocking)."""
         return self.spawn_follower(name, stage).wait_ready()
 
-    def follow(self, holder: str | None, address: str | None = None, stage: StagedLease | None = None) -> None:
+    def follow(
+        self, holder: str | None, address: str | None = None, stage: StagedLease | None = None
+    ) -> None:
         """Followers of ``stage`` (default :attr:`stage`) now follow ``holder`` at ``address``
         (default: that replica's address; None with a holder that is not a replica: unknown)."""
         if address is None and holder is not None and holder in REPLICA_NAMES:
@@ -1153,9 +1159,7 @@ class ReplicasEnv:
 
     async def mark(self) -> None:
         """Counters from now on."""
-        self._start = {
-            name: await hub.ametrics() for name, hub in self.replicas.hubs.items() if hub.alive()
-        }
+        self._start = {name: await hub.ametrics() for name, hub in self.replicas.hubs.items() if hub.alive()}
 
     @property
     def hubs(self) -> dict[str, HubProcess]:
@@ -1219,7 +1223,9 @@ class ReplicasEnv:
 
         async def through() -> bool:
             try:
-                await self.clusters(name).list_clusters(cluster_pb2.ListClustersRequest(), headers=self.auth())
+                await self.clusters(name).list_clusters(
+                    cluster_pb2.ListClustersRequest(), headers=self.auth()
+                )
             except ConnectError:
                 return False
             return True

@@ -271,7 +271,9 @@ async def test_a_routed_service_is_audited_in_every_call_shape(
     replicas = through == "follower"
     if replicas:
         control_plane: ControlPlane = request.getfixturevalue("control_plane")
-        cluster = start_echo_replicas(control_plane, issuer, chisel_binary, tmp_path, audit=audit_section(log))
+        cluster = start_echo_replicas(
+            control_plane, issuer, chisel_binary, tmp_path, audit=audit_section(log)
+        )
         system = await replicas_system(cluster)
     else:
         world, agents = start_echo_hub(tmp_path, issuer, chisel_binary, audit=audit_section(log))

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
 from pyqwest import Client, HTTPTransport, HTTPVersion, SyncClient, SyncHTTPTransport
 
 from otterscale.common import ChiselBinary, CorsConfig

@@ -261,7 +261,9 @@ async def test_a_release_hands_over_at_once(candidates: Candidates) -> None:
     assert (micro_time(spec["acquireTime"]) - micro_time(released["renewTime"])).total_seconds() < AT_ONCE
     other = c if successor == "b" else b
     expected_ip = "127.0.0.12" if successor == "b" else "127.0.0.13"
-    await wait_for(lambda: other.leader() == LeaderInfo(successor, f"{expected_ip}:{PORT}"), 10, "new address")
+    await wait_for(
+        lambda: other.leader() == LeaderInfo(successor, f"{expected_ip}:{PORT}"), 10, "new address"
+    )
 
 
 async def test_an_expired_lease_is_taken_over_on_time(candidates: Candidates) -> None:
@@ -380,10 +382,13 @@ async def test_a_leader_that_has_not_renewed_in_time_steps_down(
     took = await until(lambda: candidates.changes["a"] > changes, 30, "a stepped down")
 
     def watchdog_fired() -> bool:
-        return any("stepping down" in r.getMessage() and "renew deadline" in r.getMessage() for r in caplog.records)
+        return any(
+            "stepping down" in r.getMessage() and "renew deadline" in r.getMessage() for r in caplog.records
+        )
 
     assert watchdog_fired(), [r.getMessage() for r in caplog.records]
-    print(f"\nno renewal for the renew deadline ({TIMINGS['renew_deadline']:g}s): a stepped down {took:.2f}s after the freeze")
+    deadline = TIMINGS["renew_deadline"]
+    print(f"\nno renewal for the renew deadline ({deadline:g}s): a stepped down {took:.2f}s after the freeze")
     # The API answers again, nothing else holds the Lease: a campaigns and leads again.
     candidates.relays["a"].thaw()
     await until(lambda: a.leading, 30, "a leads again")

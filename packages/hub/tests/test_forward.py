@@ -92,7 +92,9 @@ def shared_replicas(
     chisel_binary: ChiselBinary,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Replicas]:
-    replicas = start_replicas(control_plane, module_issuer, chisel_binary, tmp_path_factory.mktemp("replicas"))
+    replicas = start_replicas(
+        control_plane, module_issuer, chisel_binary, tmp_path_factory.mktemp("replicas")
+    )
     try:
         yield replicas
     finally:
@@ -248,7 +250,9 @@ async def test_forwarding_headers_count_only_when_a_replica_signed_them(replicas
         for hub in ("b", "a"):  # the follower forwards it as any call; the leader serves it
             name = f"forged-{index}-{hub}"
             names.add(name)
-            got = await replicas.client(hub).get(get(name), headers=replicas.auth(**headers, **{"x-request-id": name}))
+            got = await replicas.client(hub).get(
+                get(name), headers=replicas.auth(**headers, **{"x-request-id": name})
+            )
             assert got.object["metadata"]["name"] == name
     # One line per replica a call passed: b's and a's for a call through b, a's for a direct one.
     await wait_for(lambda: len(access_lines(replicas, names)) == 3 * len(forged), 30, "every call logged")
@@ -257,7 +261,9 @@ async def test_forwarding_headers_count_only_when_a_replica_signed_them(replicas
     assert any(line.get("forwarded_by", "") == "b" for line in lines)  # b's own, signed, was kept
     # A replica's signature is kept: the leader logs the replica it names.
     signed = ReplicaSigner(key).headers("c", "203.0.113.9:1", procedure)
-    await replicas.client("a").get(get("signed"), headers=replicas.auth(**signed, **{"x-request-id": "signed"}))
+    await replicas.client("a").get(
+        get("signed"), headers=replicas.auth(**signed, **{"x-request-id": "signed"})
+    )
     await wait_for(lambda: bool(access_lines(replicas, {"signed"})), 30, "the call logged")
     assert [line.get("forwarded_by", "") for line in access_lines(replicas, {"signed"})] == ["c"]
 
@@ -267,14 +273,13 @@ async def refusal(client: ResourceServiceClient, env: ReplicasEnv) -> str:
     try:
         await client.get(get(), headers=env.auth())
     except ConnectError as exc:
-        assert exc.code is Code.UNAVAILABLE, exc
+        if exc.code is not Code.UNAVAILABLE:
+            raise
         return exc.message
     return ""
 
 
-async def test_two_followers_that_name_each_other_never_loop(
-    replicas: ReplicasEnv, tmp_path: Path
-) -> None:
+async def test_two_followers_that_name_each_other_never_loop(replicas: ReplicasEnv, tmp_path: Path) -> None:
     """b believes c leads, c believes b leads (their Leases disagree, as during a hand-over seen
     at different moments): a call goes b -> c and stops there."""
     cluster = replicas.replicas
@@ -303,9 +308,7 @@ async def test_two_followers_that_name_each_other_never_loop(
     finally:
         if "c" in cluster.hubs:
             await asyncio.to_thread(cluster.hubs.pop("c").stop)
-        await asyncio.to_thread(
-            cluster.cp.request, "DELETE", f"/api/v1/namespaces/{other_stage.namespace}"
-        )
+        await asyncio.to_thread(cluster.cp.request, "DELETE", f"/api/v1/namespaces/{other_stage.namespace}")
 
 
 async def test_unavailable_at_once_during_a_hand_over(replicas: ReplicasEnv) -> None:
@@ -453,7 +456,9 @@ async def test_hand_over_moves_the_tunnel_server_and_the_agents(candidates: Repl
     # b leads: its tunnel server, its Pod labelled, the agent back through the relay.
     started = time.perf_counter()
     await cluster.leader_sees("alpha")
-    print(f"\nhand-over: the agent reconnected to b {time.perf_counter() - started:.2f}s after a stepped down")
+    print(
+        f"\nhand-over: the agent reconnected to b {time.perf_counter() - started:.2f}s after a stepped down"
+    )
     assert (await b.ametrics()).value("otterscale_hub_leader") == 1
     assert b.chisel_pid() is not None
     assert await asyncio.to_thread(cluster.labelled) == ["b"]

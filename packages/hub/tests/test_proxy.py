@@ -359,13 +359,13 @@ async def test_watches_never_block_unary_calls(hub_env: HubEnv) -> None:
 async def test_watch_streams_events(shared_hub_env: HubEnv) -> None:
     hub_env = shared_hub_env
     await hub_env.agent("alpha")
-    for transport, json in (
+    for transport, json_codec in (
         ("connect-h1", False),
         ("connect-h1", True),
         ("grpc-h2c", False),
         ("grpcweb-h1", False),
     ):
-        client = hub_env.client(transport, json=json)
+        client = hub_env.client(transport, json=json_codec)
         request = pb.WatchRequest(
             cluster="alpha", version="v1", resource="configmaps", resource_version="3", field_selector="ok"
         )

@@ -52,6 +52,10 @@ from ._system import ClusterEntry, System, Timings, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
 
 __all__ = [
+    "DEFAULT_USERS",
+    "ECHO_HUB_SERVICE",
+    "ECHO_ROUTE",
+    "ECHO_SERVICE",
     "AgentCluster",
     "AgentDouble",
     "AgentProcess",
@@ -59,10 +63,6 @@ __all__ = [
     "Call",
     "ClusterEntry",
     "ControlPlane",
-    "DEFAULT_USERS",
-    "ECHO_HUB_SERVICE",
-    "ECHO_ROUTE",
-    "ECHO_SERVICE",
     "EchoAgent",
     "EchoEvent",
     "EchoService",

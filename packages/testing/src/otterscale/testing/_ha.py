@@ -67,7 +67,12 @@ def election_args(kubeconfig: Path) -> list[str]:
 
 def replica_env(pod: str, namespace: str, home: Path) -> dict[str, str]:
     """A replica's environment, as the chart's downward API gives it: its Pod and namespace."""
-    return {"POD_NAME": pod, "POD_NAMESPACE": namespace, "HOME": str(home), "PATH": os.environ.get("PATH", "")}
+    return {
+        "POD_NAME": pod,
+        "POD_NAMESPACE": namespace,
+        "HOME": str(home),
+        "PATH": os.environ.get("PATH", ""),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,17 +531,14 @@ def write_lease(
         if holder is not None:
             spec["holderIdentity"] = holder
         spec.update({"leaseDurationSeconds": duration, "renewTime": now})
-        body = {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": spec,
-        }
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if lease is not None:
+            metadata["resourceVersion"] = lease["metadata"]["resourceVersion"]
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
         try:
             if lease is None:
                 written: dict[str, Any] = cp.request("POST", path, body)
             else:
-                body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
                 written = cp.request("PUT", f"{path}/{name}", body)
         except KubeAPIError as exc:
             if exc.status == 409:

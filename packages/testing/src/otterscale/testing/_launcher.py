@@ -40,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``otterscale server`` with the ``--route`` services (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--" not in args:
-        raise SystemExit("usage: python -m otterscale.testing._launcher [--route MODULE:SERVICE]... -- server ...")
+        raise SystemExit(
+            "usage: python -m otterscale.testing._launcher [--route MODULE:SERVICE]... -- server ..."
+        )
     split = args.index("--")
     parser = argparse.ArgumentParser(prog="otterscale.testing._launcher")
     parser.add_argument("--route", action="append", default=[], metavar="MODULE:SERVICE")
@@ -60,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module_name, _, name = factory.partition(":")
         if not module_name or not name:
             raise SystemExit(f"--serve {spec!r}: expected MODULE:SERVICE=MODULE:FACTORY")
-        served.append(HubService(service_descriptor(service), getattr(importlib.import_module(module_name), name)))
+        served.append(
+            HubService(service_descriptor(service), getattr(importlib.import_module(module_name), name))
+        )
     return hub_main(command[1:], extra_routed_services=routed, extra_hub_services=tuple(served))
 
 

@@ -152,7 +152,11 @@ class Metrics:
 
     def tunnels(self) -> dict[str, bool]:
         """A hub's view of each cluster: connected or not (its ``otterscale_hub_tunnel_up``)."""
-        return {labels["cluster"]: value == 1.0 for name, labels, value in self if name == "otterscale_hub_tunnel_up"}
+        return {
+            labels["cluster"]: value == 1.0
+            for name, labels, value in self
+            if name == "otterscale_hub_tunnel_up"
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,9 +318,9 @@ class HubProcess(ServiceProcess):
         """``/readyz`` answers 200 right now."""
         return await asyncio.to_thread(http_ok, self.url + "/readyz")
 
-    async def wait_ready_async(self, timeout: float = SERVICE_START_TIMEOUT) -> HubProcess:
+    async def wait_ready_async(self, within: float = SERVICE_START_TIMEOUT) -> HubProcess:
         """:meth:`wait_ready` without blocking the event loop."""
-        await self.until(self.ready, timeout, "ready (/readyz)")
+        await self.until(self.ready, within, "ready (/readyz)")
         return self
 
     @property
