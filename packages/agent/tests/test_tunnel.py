@@ -192,24 +192,13 @@ class AgentProcess(ServiceAgent):
         return answer is not None and answer[0] == status
 
 
-def _processes() -> list[tuple[int, int, str]]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text[text.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            found.append((int(entry.name), int(fields[1]), comm))
-    return found
-
-
 def alive(pid: int) -> bool:
-    return any(p == pid for p, _, _ in _processes())
+    """Process ``pid`` exists and is not a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2] != "Z"
 
 
 async def through_tunnel(hub: HubTunnel) -> bool:

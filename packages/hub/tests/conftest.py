@@ -540,36 +540,14 @@ class HubEnv:
 
     def __init__(self, world: HubWorld) -> None:
         self.world = world
+        self.hub = world.hub
+        self.issuer = world.issuer
+        self.specs = world.specs
+        self.binary = world.binary
+        self.config_path = world.config_path
+        self.tunnel_port = world.tunnel_port
+        self.agents = world.agents  # shared: agent() adds to the world's
         self._transports: list[HTTPTransport] = []
-        self._clients: list[Any] = []
-
-    @property
-    def hub(self) -> HubProcess:
-        return self.world.hub
-
-    @property
-    def issuer(self) -> Issuer:
-        return self.world.issuer
-
-    @property
-    def specs(self) -> dict[str, ClusterSpec]:
-        return self.world.specs
-
-    @property
-    def binary(self) -> ChiselBinary:
-        return self.world.binary
-
-    @property
-    def config_path(self) -> Path:
-        return self.world.config_path
-
-    @property
-    def tunnel_port(self) -> int:
-        return self.world.tunnel_port
-
-    @property
-    def agents(self) -> dict[str, FakeAgent]:
-        return self.world.agents
 
     @property
     def tunnel_url(self) -> str:
@@ -991,6 +969,20 @@ class Replicas:
         )
         self.hubs[name] = hub
         return hub
+
+    def start_leader_and_follower(self, *doubles: AgentDouble) -> Replicas:
+        """``a`` leading, follower ``b`` following it, ``doubles`` connected to ``a`` (blocking);
+        everything is stopped again if that fails."""
+        try:
+            self.start_leader()
+            self.follow("a")
+            self.add_follower("b")
+            for double in doubles:
+                self.connect(double)
+        except BaseException:
+            self.stop_blocking()
+            raise
+        return self
 
     def start_leader(self) -> HubProcess:
         """Start ``a`` and wait until it leads (its ``otterscale_hub_leader`` gauge)."""

@@ -31,7 +31,7 @@ from kubernetes.aio.leaderelection.resourcelock.leaselock import LeaseLock
 
 from otterscale.hub._election import ElectionSettings, election_record
 from otterscale.hub._leader import KubernetesLeadership, LeaderInfo
-from otterscale.testing import BlackHoleRelay, ControlPlane
+from otterscale.testing import BlackHoleRelay, ControlPlane, set_pod
 
 from .conftest import wait_for
 
@@ -63,27 +63,11 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
 
 
 def make_pod(cp: ControlPlane, namespace: str, name: str, ip: str | None, **labels: str) -> None:
-    cp.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/pods",
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "labels": {"app": "hub", **labels}},
-            "spec": {"containers": [{"name": "hub", "image": "registry.example/hub:1"}]},
-        },
-    )
-    if ip is not None:
-        set_pod_ip(cp, namespace, name, ip)
+    set_pod(cp, namespace, name, ip, labels={"app": "hub", **labels})
 
 
 def set_pod_ip(cp: ControlPlane, namespace: str, name: str, ip: str) -> None:
-    cp.request(
-        "PATCH",
-        f"/api/v1/namespaces/{namespace}/pods/{name}/status",
-        {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}},
-        content_type="application/merge-patch+json",
-    )
+    set_pod(cp, namespace, name, ip)
 
 
 def lease(cp: ControlPlane, namespace: str) -> dict[str, Any]:

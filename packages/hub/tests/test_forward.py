@@ -74,15 +74,7 @@ def start_replicas(
 ) -> Replicas:
     """``a`` leading, follower ``b`` following it, cluster alpha's fake agent connected to ``a``."""
     replicas = Replicas(cp, issuer, binary, directory, **options)
-    try:
-        replicas.start_leader()
-        replicas.follow("a")
-        replicas.add_follower("b")
-        replicas.connect(FakeAgent(replicas.specs["alpha"], binary))
-    except BaseException:
-        replicas.stop_blocking()
-        raise
-    return replicas
+    return replicas.start_leader_and_follower(FakeAgent(replicas.specs["alpha"], binary))
 
 
 @pytest.fixture(scope="module")

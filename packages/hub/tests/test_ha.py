@@ -22,7 +22,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from otterscale.hub._replicas import ReplicaSigner, replica_key
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
 from otterscale.testing import ControlPlane, HubReplicas, ManagedProcess, start_hub_replicas
+from otterscale.testing import eventually as until
 
 from .conftest import AUDIENCE, Issuer
 
@@ -115,18 +116,6 @@ class System:
         await self.replicas.stop()
         for transport in self.transports:
             await transport.aclose()
-
-
-async def until(
-    check: Callable[[], Awaitable[bool]], within: float, what: str, *, every: float = 0.1
-) -> float:
-    started = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - started
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"{what} not within {within}s")
-        await asyncio.sleep(every)
 
 
 @pytest_asyncio.fixture

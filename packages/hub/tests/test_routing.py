@@ -216,17 +216,8 @@ def start_echo_replicas(
     replicas = Replicas(
         cp, issuer, binary, directory, limits=LIMITS, audit=audit, routed_services=(ECHO_ROUTE,)
     )
-    try:
-        replicas.start_leader()
-        replicas.follow("a")
-        replicas.add_follower("b")
-        for cluster in ("alpha", "beta"):
-            spec = replicas.specs[cluster]
-            replicas.connect(EchoAgent(cluster, key=spec.key, chisel=binary))
-    except BaseException:
-        replicas.stop_blocking()
-        raise
-    return replicas
+    agents = [EchoAgent(name, key=spec.key, chisel=binary) for name, spec in replicas.specs.items()]
+    return replicas.start_leader_and_follower(*agents)
 
 
 async def replicas_system(replicas: Replicas) -> EchoSystem:

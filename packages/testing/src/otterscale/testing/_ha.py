@@ -357,11 +357,8 @@ class HubReplicas:
 # Kubernetes objects
 
 
-def chart_rbac(
-    namespace: str, *, users: Sequence[str] = ("alice",), verbs: Sequence[str] = READ_CREATE
-) -> list[dict[str, Any]]:
-    """What charts/otterscale-hub's rbac.yaml and serviceaccount.yaml create, plus what
-    ``users`` may do with ConfigMaps in ``namespace`` (``verbs``)."""
+def _hub_account(namespace: str, role: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``otterscale-hub`` ServiceAccount of ``namespace``, bound to Role ``role`` of ``rules``."""
     return [
         {
             "apiVersion": "v1",
@@ -371,29 +368,36 @@ def chart_rbac(
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
-            "metadata": {"name": "otterscale-hub-leader-election", "namespace": namespace},
-            "rules": [
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-                {
-                    "apiGroups": ["coordination.k8s.io"],
-                    "resources": ["leases"],
-                    "resourceNames": [LEASE],
-                    "verbs": ["get", "list", "watch", "update", "patch"],
-                },
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
-            ],
+            "metadata": {"name": role, "namespace": namespace},
+            "rules": rules,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
-            "metadata": {"name": "otterscale-hub-leader-election", "namespace": namespace},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "otterscale-hub-leader-election",
-            },
+            "metadata": {"name": role, "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
             "subjects": [{"kind": "ServiceAccount", "name": "otterscale-hub", "namespace": namespace}],
         },
+    ]
+
+
+def chart_rbac(
+    namespace: str, *, users: Sequence[str] = ("alice",), verbs: Sequence[str] = READ_CREATE
+) -> list[dict[str, Any]]:
+    """What charts/otterscale-hub's rbac.yaml and serviceaccount.yaml create, plus what
+    ``users`` may do with ConfigMaps in ``namespace`` (``verbs``)."""
+    rules = [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [LEASE],
+            "verbs": ["get", "list", "watch", "update", "patch"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+    ]
+    return [
+        *_hub_account(namespace, "otterscale-hub-leader-election", rules),
         *caller_rbac(namespace, users=users, verbs=verbs),
     ]
 
@@ -465,36 +469,14 @@ def follower_rbac(namespace: str) -> list[dict[str, Any]]:
     """The ``otterscale-hub`` ServiceAccount of ``namespace`` with read-only rights on its Leases
     and Pods: a hub campaigning with it sees the Lease but can never take it (see
     :class:`StagedLease`)."""
-    return [
+    rules = [
         {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": "otterscale-hub", "namespace": namespace},
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "otterscale-hub-follower", "namespace": namespace},
-            "rules": [
-                {
-                    "apiGroups": ["coordination.k8s.io", ""],
-                    "resources": ["leases", "pods"],
-                    "verbs": ["get", "list", "watch"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "otterscale-hub-follower", "namespace": namespace},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "otterscale-hub-follower",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "otterscale-hub", "namespace": namespace}],
-        },
+            "apiGroups": ["coordination.k8s.io", ""],
+            "resources": ["leases", "pods"],
+            "verbs": ["get", "list", "watch"],
+        }
     ]
+    return _hub_account(namespace, "otterscale-hub-follower", rules)
 
 
 def _micro_time(moment: datetime) -> str:
@@ -548,8 +530,11 @@ def write_lease(
     raise RuntimeError(f"Lease {namespace}/{name}: conflicts on every attempt to write it")
 
 
-def set_pod(cp: ControlPlane, namespace: str, name: str, ip: str | None, **labels: str) -> None:
-    """Create Pod ``name`` if it is missing (no kubelet runs it), and give it ``ip`` as its Pod IP."""
+def set_pod(
+    cp: ControlPlane, namespace: str, name: str, ip: str | None, *, labels: Mapping[str, str] | None = None
+) -> None:
+    """Create Pod ``name`` if it is missing (no kubelet runs it; ``labels``, by default the hub
+    chart's name label), and give it ``ip`` as its Pod IP."""
     try:
         cp.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
     except KubeAPIError as exc:
@@ -561,7 +546,12 @@ def set_pod(cp: ControlPlane, namespace: str, name: str, ip: str | None, **label
             {
                 "apiVersion": "v1",
                 "kind": "Pod",
-                "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "otterscale-hub", **labels}},
+                "metadata": {
+                    "name": name,
+                    "labels": dict(
+                        labels if labels is not None else {"app.kubernetes.io/name": "otterscale-hub"}
+                    ),
+                },
                 "spec": {"containers": [{"name": "hub", "image": "registry.example/otterscale-hub:test"}]},
             },
         )
