@@ -23,6 +23,7 @@ from ._keycloak import (
     TokenRequestError,
     start_keycloak,
 )
+from ._node import Node, NodeError, NodeUnavailableError, start_node
 from ._process import ManagedProcess, free_port, holds_socket
 from ._relay import BlackHoleRelay
 from ._system import ClusterEntry, System, Timings, start_system
@@ -42,6 +43,9 @@ __all__ = [
     "LeaderRelay",
     "LocalIssuer",
     "ManagedProcess",
+    "Node",
+    "NodeError",
+    "NodeUnavailableError",
     "System",
     "Timings",
     "TokenRequestError",
@@ -56,6 +60,7 @@ __all__ = [
     "start_control_plane",
     "start_hub_replicas",
     "start_keycloak",
+    "start_node",
     "start_system",
     "tool_path",
 ]

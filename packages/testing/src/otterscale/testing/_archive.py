@@ -40,7 +40,9 @@ def write_binary_image(
             "created": "1970-01-01T00:00:00Z",
             "config": {"Entrypoint": [target], "Cmd": list(args) or None, "User": user, "Env": ["PATH=/"]},
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-            "history": [{"created": "1970-01-01T00:00:00Z", "created_by": f"otterscale.testing: {binary.name}"}],
+            "history": [
+                {"created": "1970-01-01T00:00:00Z", "created_by": f"otterscale.testing: {binary.name}"}
+            ],
         },
         sort_keys=True,
     ).encode()

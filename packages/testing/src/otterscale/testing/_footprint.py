@@ -142,7 +142,9 @@ def stop_processes(footprint: Footprint) -> list[str]:
         time.sleep(0.1)
     for name, pid in live.items():
         if _alive(pid):
-            logger.warning("node process %s (pid %d) ignored SIGTERM for %.0fs; killing it", name, pid, TERM_GRACE)
+            logger.warning(
+                "node process %s (pid %d) ignored SIGTERM for %.0fs; killing it", name, pid, TERM_GRACE
+            )
             _signal(pid, signal.SIGKILL)
     return []
 
@@ -266,6 +268,19 @@ def remove_cgroups(footprint: Footprint) -> list[str]:
     return errors
 
 
+def sandbox_ids(footprint: Footprint) -> set[str]:
+    """Ids of every Pod sandbox the node's containerd made (from its folders, which outlive it)."""
+    containerd = Path(footprint.containerd_socket).parent
+    ids: set[str] = set()
+    for folder in (
+        containerd / "root" / "io.containerd.grpc.v1.cri" / "sandboxes",
+        containerd / "state" / "io.containerd.runtime.v2.task" / "k8s.io",
+    ):
+        if folder.is_dir():
+            ids.update(p.name for p in folder.iterdir() if len(p.name) == 64)
+    return ids
+
+
 def remove_host_files(footprint: Footprint) -> list[str]:
     """The kubelet's and libcni's files outside the node's folder, and folders the node created."""
     errors = []
@@ -278,9 +293,16 @@ def remove_host_files(footprint: Footprint) -> list[str]:
                     link.unlink()
     results = Path("/var/lib/cni/results")
     if results.is_dir():
-        for entry in results.glob(f"{footprint.cni_network}-*"):
-            with contextlib.suppress(FileNotFoundError):
-                entry.unlink()
+        # <network>-<sandbox id>-<interface>: the node's bridge network, and containerd's own
+        # loopback network ("cni-loopback") for the node's sandboxes.
+        sandboxes = sandbox_ids(footprint)
+        for entry in results.iterdir():
+            ours = entry.name.startswith(f"{footprint.cni_network}-") or any(
+                s in entry.name for s in sandboxes
+            )
+            if ours:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
     for path in sorted(footprint.created, key=lambda p: p.count("/"), reverse=True):
         target = Path(path)
         try:

@@ -165,7 +165,11 @@ def containerd_config(layout: NodeLayout, *, sandbox_image: str, runc: str) -> s
                     "runtimes": {
                         "runc": {
                             "runtime_type": "io.containerd.runc.v2",
-                            "options": {"SystemdCgroup": False, "Root": str(layout.runc_root), "BinaryName": runc},
+                            "options": {
+                                "SystemdCgroup": False,
+                                "Root": str(layout.runc_root),
+                                "BinaryName": runc,
+                            },
                         }
                     },
                 },
@@ -301,7 +305,9 @@ def kubeconfig(layout: NodeLayout, *, user: str, ca_file: Path, cert: Path, key:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": layout.name, "cluster": {"server": layout.server, "certificate-authority": str(ca_file)}}],
+        "clusters": [
+            {"name": layout.name, "cluster": {"server": layout.server, "certificate-authority": str(ca_file)}}
+        ],
         "users": [{"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}],
         "contexts": [{"name": layout.name, "context": {"cluster": layout.name, "user": user}}],
         "current-context": layout.name,
@@ -345,7 +351,11 @@ def coredns_objects(layout: NodeLayout, image: str) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
             "metadata": {"name": "otterscale-node:coredns"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "otterscale-node:coredns"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "otterscale-node:coredns",
+            },
             "subjects": [{"kind": "ServiceAccount", **meta}],
         },
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(meta), "data": {"Corefile": corefile}},
@@ -377,15 +387,23 @@ def coredns_objects(layout: NodeLayout, image: str) -> list[dict[str, Any]]:
                                     {"name": "dns", "containerPort": COREDNS_PORT, "protocol": "UDP"},
                                     {"name": "dns-tcp", "containerPort": COREDNS_PORT, "protocol": "TCP"},
                                 ],
-                                "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 1},
+                                "readinessProbe": {
+                                    "httpGet": {"path": "/ready", "port": 8181},
+                                    "periodSeconds": 1,
+                                },
                                 "livenessProbe": {"httpGet": {"path": "/health", "port": 8080}},
                                 "securityContext": {
                                     "allowPrivilegeEscalation": False,
                                     "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]},
                                 },
-                                "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-                                "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
+                                "resources": {
+                                    "requests": {"cpu": "10m", "memory": "32Mi"},
+                                    "limits": {"memory": "128Mi"},
+                                },
+                                "volumeMounts": [
+                                    {"name": "config", "mountPath": "/etc/coredns", "readOnly": True}
+                                ],
                             }
                         ],
                         "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],

@@ -52,10 +52,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 if __package__:
-    from .tools import CHISEL_VERSION, TOOLS, cache_root
-else:  # run as a script (``nox -s images``), before the package is installed
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tools import CHISEL_VERSION, TOOLS, cache_root  # type: ignore[no-redef]
+    from . import tools
+else:  # run as a script (``nox -s images``), before anything is installed: tools.py beside it
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("otterscale_tools", Path(__file__).with_name("tools.py"))
+    assert _spec is not None
+    assert _spec.loader is not None
+    tools = importlib.util.module_from_spec(_spec)  # type: ignore[assignment]
+    sys.modules[_spec.name] = tools  # its dataclasses look their module up
+    _spec.loader.exec_module(tools)
+
+CHISEL_VERSION = tools.CHISEL_VERSION
+cache_root = tools.cache_root
 
 #: Where the hub and agent images are tagged by default (the charts' ``image.repository``).
 REGISTRY = "ghcr.io/otterscale"
@@ -231,19 +240,25 @@ def _start_dockerd(log: Path) -> None:
 
 def docker_engine(*, start: bool = True) -> Docker:
     """A Docker engine that answers, with a BuildKit-capable client (started here if need be)."""
-    clients = [c for c in dict.fromkeys((shutil.which("docker"), "/usr/bin/docker")) if c and Path(c).is_file()]
+    clients = [
+        c for c in dict.fromkeys((shutil.which("docker"), "/usr/bin/docker")) if c and Path(c).is_file()
+    ]
     answering = [c for c in clients if _answers(c)[0]]
     if not answering:
         if not start:
             raise ImageBuildError("no Docker engine answers (`docker info` failed)")
         log = cache_root() / "docker" / "dockerd.log"
         _start_dockerd(log)
-        clients = [c for c in dict.fromkeys((shutil.which("docker"), "/usr/bin/docker")) if c and Path(c).is_file()]
+        clients = [
+            c for c in dict.fromkeys((shutil.which("docker"), "/usr/bin/docker")) if c and Path(c).is_file()
+        ]
         deadline = time.monotonic() + ENGINE_START_TIMEOUT
         while not (answering := [c for c in clients if _answers(c)[0]]):
             if time.monotonic() > deadline:
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-                raise ImageBuildError(f"dockerd did not answer within {ENGINE_START_TIMEOUT:.0f}s; {log}:\n{tail}")
+                raise ImageBuildError(
+                    f"dockerd did not answer within {ENGINE_START_TIMEOUT:.0f}s; {log}:\n{tail}"
+                )
             time.sleep(0.5)
     for client in answering:
         found = _buildkit(client)
@@ -313,7 +328,9 @@ def _make_rootfs(target: Path) -> None:
                 env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
             )
         else:
-            raise ImageBuildError("no Python base image can be pulled and debootstrap is missing (apt-get install debootstrap)")
+            raise ImageBuildError(
+                "no Python base image can be pulled and debootstrap is missing (apt-get install debootstrap)"
+            )
     if os.geteuid() != 0:
         raise ImageBuildError("no Python base image can be pulled, and debootstrap needs root")
     argv = [
@@ -398,7 +415,9 @@ def python_base(docker: Docker) -> str:
         _log(f"base root filesystem made in {time.monotonic() - started:.0f}s: {archive} ({_mb(archive)})")
     started = time.monotonic()
     changes = [arg for change in _BASE_CHANGES for arg in ("--change", change)]
-    docker.run("import", *changes, "--message", f"debootstrap {BASE_SUITE} {base_key()}", "-", ref, stdin=archive)
+    docker.run(
+        "import", *changes, "--message", f"debootstrap {BASE_SUITE} {base_key()}", "-", ref, stdin=archive
+    )
     _log(f"base {ref}: imported in {time.monotonic() - started:.0f}s")
     return ref
 
@@ -406,9 +425,11 @@ def python_base(docker: Docker) -> str:
 def chisel_image(docker: Docker) -> str:
     """``local/otterscale-chisel:<version>``: the tools cache's chisel at ``/out/chisel``."""
     ref = f"{CHISEL_REPOSITORY}:{CHISEL_VERSION}"
-    binary = TOOLS["chisel"].path
+    binary = tools.TOOLS["chisel"].path
     if not binary.is_file():
-        raise ImageBuildError(f"chisel {CHISEL_VERSION} is not built (expected at {binary}): nox -s tools -- chisel")
+        raise ImageBuildError(
+            f"chisel {CHISEL_VERSION} is not built (expected at {binary}): nox -s tools -- chisel"
+        )
     digest = hashlib.sha256(binary.read_bytes()).hexdigest()
     label = docker.run("image", "inspect", "--format", "{{.Comment}}", ref, check=False).strip()
     if label == f"chisel {digest}":
@@ -544,12 +565,15 @@ def check_image(docker: Docker, name: str, tag: str) -> None:
         if command not in out:
             raise ImageBuildError(f"`{tag} {' '.join(args)}` printed no `{command}`:\n{out}")
     # The charts' init container runs `python -I merge-config.py` from this image: python and PyYAML.
-    docker.run("run", "--rm", *_LOCKED_DOWN, "--entrypoint", "python", tag, "-I", "-c", "import yaml", timeout=120)
+    docker.run(
+        "run", "--rm", *_LOCKED_DOWN, "--entrypoint", "python", tag, "-I", "-c", "import yaml", timeout=120
+    )
     if name == "otterscale-hub":
         _check_hub_serves(docker, tag)
-    _log(f"checked {tag}: runs as 65532 with a read-only root; --help works" + (
-        "; /readyz 200 with the sample config; SIGTERM -> exit 0" if name == "otterscale-hub" else ""
-    ))
+    _log(
+        f"checked {tag}: runs as 65532 with a read-only root; --help works"
+        + ("; /readyz 200 with the sample config; SIGTERM -> exit 0" if name == "otterscale-hub" else "")
+    )
 
 
 def _check_hub_serves(docker: Docker, tag: str) -> None:
@@ -558,7 +582,13 @@ def _check_hub_serves(docker: Docker, tag: str) -> None:
         config.write_text(SAMPLE_CONFIG)
         config.chmod(0o644)  # read by uid 65532 through the bind mount
         container = docker.run(
-            "run", "--detach", *_LOCKED_DOWN, "--volume", f"{config}:/etc/app/otterscale.yaml:ro", tag, "server"
+            "run",
+            "--detach",
+            *_LOCKED_DOWN,
+            "--volume",
+            f"{config}:/etc/app/otterscale.yaml:ro",
+            tag,
+            "server",
         ).strip()
         try:
             deadline = time.monotonic() + HUB_READY_TIMEOUT
@@ -574,7 +604,9 @@ def _check_hub_serves(docker: Docker, tag: str) -> None:
                     break
                 if time.monotonic() > deadline:
                     logs = docker.run("logs", container, check=False)
-                    raise ImageBuildError(f"the hub in {tag}: /readyz {answer} after {HUB_READY_TIMEOUT:.0f}s:\n{logs[-3000:]}")
+                    raise ImageBuildError(
+                        f"the hub in {tag}: /readyz {answer} after {HUB_READY_TIMEOUT:.0f}s:\n{logs[-3000:]}"
+                    )
                 time.sleep(0.5)
             docker.run("stop", "--time", "30", container, timeout=60)
             code = docker.run("inspect", "--format", "{{.State.ExitCode}}", container).strip()
@@ -658,8 +690,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         root = repo_root()
         docker = docker_engine()
-        _log(f"engine: {docker.client} ({' '.join(docker.build)}"
-             f"{', host network' if docker.host_network else ''})")
+        _log(
+            f"engine: {docker.client} ({' '.join(docker.build)}"
+            f"{', host network' if docker.host_network else ''})"
+        )
         build_args = {"CHISEL_VERSION": CHISEL_VERSION}
         python_ref = REGISTRY_PYTHON_IMAGE
         use_registry = args.base == "registry" or (args.base == "auto" and pullable(docker, python_ref))

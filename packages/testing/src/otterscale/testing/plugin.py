@@ -8,6 +8,11 @@
 - ``keycloak_factory``: ``factory(name, **options)`` starts (or returns) a separate Keycloak
   ``name`` (options as for ``start_keycloak``: ``users=``, ``access_token_lifespan=``...), for
   tests that must stop it or need another realm setup without disturbing the shared one.
+- ``node``: one real single-node cluster for the session (``_node``: kubelet, containerd,
+  kube-proxy, CoreDNS in a network namespace of its own), for tests that need running Pods:
+  ``node.control_plane`` is its admin client, ``node.image("python")`` imports an image of
+  ``nox -s images`` and returns its reference, ``node.run_pod(...)`` runs one. Needs root and the
+  node tools; where they are missing the test fails saying what to install or build.
 - ``otterscale_system``: the whole system for the session (``tests/e2e``): the shared Keycloak,
   two control planes ``east`` and ``west``, the hub and one agent per cluster, each a separate
   OS process started from the installed console scripts, connected by real chisel tunnels; plus
@@ -36,6 +41,7 @@ import pytest
 from . import _kind
 from ._controlplane import ControlPlane, start_control_plane
 from ._keycloak import Keycloak, KeycloakError, start_keycloak
+from ._node import Node, NodeError, NodeUnavailableError, start_node
 from ._system import System, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
 
@@ -175,6 +181,21 @@ def kind_keycloak(kind_clusters: Path, tmp_path_factory: pytest.TempPathFactory)
     finally:
         kc.stop()
         relay.close()
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Node]:
+    """The session's test node (see the module docstring); stopped at the end, leaving nothing."""
+    try:
+        started = start_node(tmp_path_factory.mktemp("node"))
+    except (NodeUnavailableError, NodeError, ToolMissingError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield started
+    finally:
+        errors = started.stop(keep=bool(request.config.getoption("--keep-cluster-dirs")))
+        if errors:
+            logger.error("the node left something behind: %s", errors)
 
 
 #: The clusters of ``otterscale_system`` with a control plane and an agent.
