@@ -152,73 +152,17 @@ def test_pods_reach_the_host_side_and_the_host_reaches_services(node: Node, tmp_
 # Teardown: nothing is left on the host
 
 
-def _session_marks(node: Node) -> tuple[set[str], set[str]]:
-    """What on the host belongs to the session's node (it runs on during these tests): its CNI
-    result files and the network namespaces of its Pods."""
-    sandboxes = _footprint.sandbox_ids(node.footprint)
-    results, netns = set(), set()
-    folder = Path("/var/lib/cni/results")
-    for entry in folder.iterdir() if folder.is_dir() else []:
-        if any(s in entry.name for s in sandboxes) or entry.name.startswith(f"{node.layout.cni_network}-"):
-            results.add(entry.name)
-            try:
-                cached = json.loads(entry.read_text())
-            except (OSError, ValueError):
-                continue
-            for interface in cached.get("result", {}).get("interfaces", []):
-                if interface.get("sandbox"):
-                    netns.add(Path(interface["sandbox"]).name)
-    return results, netns
+def host_iptables() -> list[str]:
+    """The host's own rules (the node's live in its namespace and must never show here)."""
+    out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if not line.startswith(("#", ":"))]
 
 
-def host_state(session: Node) -> dict[str, Any]:
-    """Everything a node could leave behind on the host, minus what the session's node holds."""
-
-    def run(*argv: str) -> str:
-        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
-
-    session_dir = str(session.directory)
-    session_results, session_netns = _session_marks(session)
-    node_processes = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            text = b" ".join(argv).decode(errors="replace")
-            if session_dir in text:
-                continue
-            if "otsnode" in text or "containerd-shim" in text or "/kubelet" in text:
-                node_processes.append(text[:200])
-    mounts = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4]
-        if point.startswith(session_dir) or Path(point).name in session_netns:
-            continue
-        if point.startswith("/run/netns/") or "kubelet" in point or "containerd" in point:
-            mounts.append(point)
-    rules = [line for line in run("iptables-save").splitlines() if not line.startswith(("#", ":"))]
-    results = sorted(os.listdir("/var/lib/cni/results")) if os.path.isdir("/var/lib/cni/results") else []
-    return {
-        "processes": sorted(node_processes),
-        "mounts": sorted(mounts),
-        "netns": sorted(
-            n
-            for n in run("ip", "netns", "list").split()
-            if n.startswith(("ots", "cni-")) and n not in session_netns
-        ),
-        "links": sorted(re.findall(r"^\d+: ([^:@]+)", run("ip", "-o", "link"), re.MULTILINE)),
-        "routes": sorted(run("ip", "route").splitlines()),
-        "cgroups": sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/otterscale-node-*")),
-        "sysctls": {k: (Path("/proc/sys") / k).read_text().strip() for k in _footprint.KUBELET_SYSCTLS},
-        "cni results": sorted(set(results) - session_results),
-        "host iptables": rules,
-    }
-
-
-def _differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    return {key: {"before": before[key], "after": after[key]} for key in before if before[key] != after[key]}
+def marks_of(footprint: _footprint.Footprint) -> tuple[set[str], set[str], list[str]]:
+    """A running node's Pod sandboxes and network namespaces, and what it has on the host now."""
+    sandboxes = _footprint.sandbox_ids(footprint)
+    netns = _footprint.pod_netns(footprint, sandboxes)
+    return sandboxes, netns, _footprint.remaining(footprint, sandboxes, netns)
 
 
 def _wait_for(check: Any, timeout: float, what: str) -> None:
@@ -228,20 +172,30 @@ def _wait_for(check: Any, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _sleeper(node: Node) -> None:
+    node.run_pod("sleeper", node.image("python"), ["python3", "-c", "import time; time.sleep(3600)"])
+
+
 def test_stop_leaves_the_host_as_it_was(node: Node, tmp_path: Path) -> None:
-    """A second node (its own index and addresses) with a running Pod, then stopped."""
-    before = host_state(node)
+    """A second node (its own index and addresses) with a running Pod, then stopped: none of its
+    processes, mounts, namespaces, links, cgroups, CNI results or log links is left, the kernel
+    settings are back, and the host's iptables rules were never touched."""
+    rules = host_iptables()
     second = _node.start_node(tmp_path / "second", coredns=False)
     try:
         assert second.layout.index != node.layout.index
         assert second.footprint.sysctls  # recorded before the kubelet changed them
-        second.run_pod("sleeper", second.image("python"), ["python3", "-c", "import time; time.sleep(3600)"])
-        during = host_state(node)
-        assert _differences(before, during), "a running node shows on the host"
+        _sleeper(second)
+        sandboxes, netns, marks = marks_of(second.footprint)
+        assert sandboxes
+        assert netns
+        for expected in ("process", "mount", "network namespace", "link", "cgroup", "CNI result", "log link"):
+            assert any(mark.startswith(expected) for mark in marks), (expected, marks)
     finally:
         errors = second.stop()
     assert errors == []
-    assert _differences(before, host_state(node)) == {}
+    assert _footprint.remaining(second.footprint, sandboxes, netns) == []
+    assert host_iptables() == rules
     assert node.control_plane.request("GET", f"/api/v1/nodes/{node.name}")  # the session's node is untouched
 
 
@@ -259,9 +213,10 @@ time.sleep(3600)
 def test_a_killed_starter_leaves_nothing_behind(node: Node, tmp_path: Path) -> None:
     """SIGKILL the process that started a node (no cleanup code of its own runs): its keeper
     removes the node's processes, containers, mounts, network, cgroups and kernel settings."""
-    before = host_state(node)
+    rules = host_iptables()
+    directory = tmp_path / "killed"
     starter = subprocess.Popen(
-        [sys.executable, "-c", _STARTER, str(tmp_path / "killed")],
+        [sys.executable, "-c", _STARTER, str(directory)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -270,17 +225,20 @@ def test_a_killed_starter_leaves_nothing_behind(node: Node, tmp_path: Path) -> N
         assert starter.stdout is not None
         keeper_pid = int(starter.stdout.readline() or 0)
         assert keeper_pid, starter.stderr.read() if starter.stderr else ""
-        assert _differences(before, host_state(node))
+        footprint = _footprint.Footprint.load(directory)
+        sandboxes, netns, marks = marks_of(footprint)
+        assert any(mark.startswith("cgroup") for mark in marks), marks
         starter.send_signal(signal.SIGKILL)
         _wait_for(lambda: not Path(f"/proc/{keeper_pid}").exists(), 120, "the keeper did not finish")
     finally:
         if starter.poll() is None:
             starter.kill()
         starter.communicate(timeout=30)  # reaps it and closes the pipes
-    keeper_log = (tmp_path / "killed" / "log" / "keeper.log").read_text()
+    keeper_log = (directory / "log" / "keeper.log").read_text()
     assert "cleaning up the node" in keeper_log
     assert "not undone" not in keeper_log, keeper_log
-    assert _differences(before, host_state(node)) == {}
+    assert _footprint.remaining(footprint, sandboxes, netns) == []
+    assert host_iptables() == rules
 
 
 def test_where_the_node_cannot_run_it_says_what_is_missing(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -49,6 +50,8 @@ HARD_CODED_PATHS = (
 NETNS_DIR = Path("/run/netns")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _MNT_DETACH = 2
+#: The keeper's module (``python -m ...``): it names the node's folder but is not part of the node.
+KEEPER_MODULE = "otterscale.testing._node"
 #: Seconds to wait for a recorded process to exit after SIGTERM before SIGKILL.
 TERM_GRACE = 10.0
 
@@ -226,9 +229,9 @@ def unmount(points: list[str]) -> list[str]:
     errors = []
     for point in points:
         if libc.umount2(point.encode(), _MNT_DETACH) != 0:
-            errno = ctypes.get_errno()
-            if errno not in (22, 2):  # EINVAL: not mounted (any more); ENOENT: gone
-                errors.append(f"umount {point}: {os.strerror(errno)}")
+            code = ctypes.get_errno()
+            if code not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more); gone
+                errors.append(f"umount {point}: {os.strerror(code)}")
     return errors
 
 
@@ -307,13 +310,12 @@ def remove_host_files(footprint: Footprint) -> list[str]:
         target = Path(path)
         try:
             if target.is_dir() and not target.is_symlink():
-                target.rmdir()  # only when empty: what others put there stays
+                target.rmdir()  # only when empty: what another node (or anything else) put there stays
             elif os.path.lexists(target):
                 target.unlink()
-        except FileNotFoundError:
-            pass
         except OSError as exc:
-            errors.append(f"remove {target}: {exc.strerror}")
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                errors.append(f"remove {target}: {exc.strerror}")
     return errors
 
 
@@ -327,6 +329,57 @@ def restore_sysctls(footprint: Footprint) -> list[str]:
         except OSError as exc:
             errors.append(f"restore {key}={value}: {exc.strerror}")
     return errors
+
+
+def pod_netns(footprint: Footprint, sandboxes: set[str]) -> set[str]:
+    """Names (in /run/netns) of the network namespaces of the node's Pods, from libcni's results."""
+    found: set[str] = set()
+    results = Path("/var/lib/cni/results")
+    for entry in results.iterdir() if results.is_dir() else []:
+        if entry.name.startswith(f"{footprint.cni_network}-") or any(s in entry.name for s in sandboxes):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                for interface in json.loads(entry.read_text())["result"]["interfaces"]:
+                    if interface.get("sandbox"):
+                        found.add(Path(interface["sandbox"]).name)
+    return found
+
+
+def remaining(footprint: Footprint, sandboxes: set[str], netns: set[str]) -> list[str]:
+    """What of the node is still on the host (empty after a complete clean).
+
+    ``sandboxes`` and ``netns``: :func:`sandbox_ids` and :func:`pod_netns`, taken while the node
+    ran (its folders and libcni's results are gone afterwards).
+    """
+    left = []
+    inside = footprint.directory.rstrip("/") + "/"
+    for entry in Path("/proc").iterdir():
+        argv = _cmdline(int(entry.name)) if entry.name.isdigit() else []
+        if any(inside in part or part == footprint.directory for part in argv) and KEEPER_MODULE not in argv:
+            left.append(f"process {entry.name}: {' '.join(argv)[:160]}")
+    left += [
+        f"mount {point}" for point in _mount_points() if point.startswith(inside) or Path(point).name in netns
+    ]
+    for name in {footprint.netns, *netns}:
+        if (NETNS_DIR / name).exists():
+            left.append(f"network namespace {name}")
+    if Path("/sys/class/net", footprint.host_veth).exists():
+        left.append(f"link {footprint.host_veth}")
+    left += [f"cgroup {folder}" for folder in cgroup_dirs(footprint.cgroup_root)]
+    results = Path("/var/lib/cni/results")
+    for entry in results.iterdir() if results.is_dir() else []:
+        if entry.name.startswith(f"{footprint.cni_network}-") or any(s in entry.name for s in sandboxes):
+            left.append(f"CNI result {entry}")
+    logs = Path("/var/log/containers")
+    for link in logs.iterdir() if logs.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if link.is_symlink() and os.readlink(link).startswith(inside):
+                left.append(f"log link {link}")
+    for key, value in footprint.sysctls.items():
+        with contextlib.suppress(OSError):
+            now = (Path("/proc/sys") / key).read_text().strip()
+            if now != value:
+                left.append(f"sysctl {key}={now} (was {value})")
+    return left
 
 
 def clean(footprint: Footprint) -> list[str]:

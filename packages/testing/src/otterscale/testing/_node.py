@@ -414,9 +414,12 @@ class Node:
             if name in self.processes:
                 self.processes[name].stop(timeout=STOP_GRACE)
         errors = _footprint.kill_containers(self.footprint)
+        sandboxes = _footprint.sandbox_ids(self.footprint)
+        pods = _footprint.pod_netns(self.footprint, sandboxes)
         for proc in reversed(list(self.processes.values())):
             proc.stop(timeout=STOP_GRACE)
         errors += _footprint.clean(self.footprint)
+        errors += [f"left behind: {mark}" for mark in _footprint.remaining(self.footprint, sandboxes, pods)]
         if self.keeper is not None and self.keeper.poll() is None:
             self.keeper.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -849,7 +852,7 @@ def _start_keeper(layout: NodeLayout, lock_fd: int) -> subprocess.Popen[bytes]:
             [
                 sys.executable,
                 "-m",
-                "otterscale.testing._node",
+                _footprint.KEEPER_MODULE,
                 "keep",
                 str(layout.directory),
                 str(os.getpid()),
@@ -881,7 +884,10 @@ def keep(directory: Path, parent: int) -> int:
             select.select([pidfd], [], [])
     print(f"parent {parent} exited: cleaning up the node in {directory}", flush=True)
     footprint = Footprint.load(directory)
+    sandboxes = _footprint.sandbox_ids(footprint)
+    pods = _footprint.pod_netns(footprint, sandboxes)
     errors = _footprint.clean(footprint)
+    errors += [f"left behind: {mark}" for mark in _footprint.remaining(footprint, sandboxes, pods)]
     shutil.rmtree(directory / "containerd", ignore_errors=True)
     for error in errors:
         print(f"  not undone: {error}", flush=True)
