@@ -327,18 +327,34 @@ def _provider(posargs: list[str]) -> str:
     return "local"
 
 
+#: What the test node needs on top of the control plane tools (nox -s tools -- node).
+NODE_TOOLS = ("kubelet", "kube-scheduler", "kube-proxy", "pause", "coredns")
+#: The end-to-end tests CI runs with --provider=node (the whole suite: `nox -s e2e -- --provider=node`).
+NODE_E2E = ("tests/e2e/test_resources.py", "-ra")
+
+
+def _node_ready(session: nox.Session) -> None:
+    """Everything the test node and the charts on it need, built when missing: the node tools,
+    helm, and fresh images (an unchanged image rebuilds from Docker's cache in seconds)."""
+    needed = ("chisel", "etcd", "kube-apiserver", "kube-controller-manager", "helm", *NODE_TOOLS)
+    session.run(sys.executable, str(TOOLS_SCRIPT), *needed, env=_tools_env())
+    session.run(sys.executable, str(IMAGES_SCRIPT), "--no-check", env=_tools_env())
+
+
 @nox.session(python=PYTHON)
 def e2e(session: nox.Session) -> None:
     """The end-to-end suite (tests/e2e); arguments after `--` go to pytest.
 
     `nox -s e2e` runs it with the local provider (hub, agents, control planes and Keycloak as local
     processes); `nox -s e2e -- --provider=kind` in kind clusters with the built images and the Helm
-    charts (deploy/kind/README.md). Asked for kind where Docker or kind is missing, it says what is
-    missing and fails before building anything.
+    charts (deploy/kind/README.md); `nox -s e2e -- --provider=node` with the same images and charts
+    on the test node (deploy/node/README.md; root). Asked for kind where Docker or kind is missing,
+    it says what is missing and fails before building anything.
     """
     _install_packages(session)
     session.install(*TEST_DEPS)
-    if _provider(session.posargs) == "kind":
+    chosen = _provider(session.posargs)
+    if chosen == "kind":
         # The plugin's own check, before the tool builds below (pytest repeats it at session start).
         check = (
             "import sys; from otterscale.testing import _kind; problems = _kind.preflight(); "
@@ -347,7 +363,19 @@ def e2e(session: nox.Session) -> None:
         session.run("python", "-c", check)
     needed = ("chisel", "etcd", "kube-apiserver", "kube-controller-manager", "keycloak", "helm")
     session.run(sys.executable, str(TOOLS_SCRIPT), *needed, env=_tools_env())  # builds only what is missing
+    if chosen == "node":
+        _node_ready(session)
     session.run("pytest", "tests/e2e", *session.posargs, env=_tools_env())
+
+
+@nox.session(python=PYTHON)
+def node(session: nox.Session) -> None:
+    """tests/node: the real test node (root), then both charts installed on it with helm and used
+    through the hub's Service (deploy/node/README.md); arguments after `--` go to pytest."""
+    _install_packages(session)
+    session.install(*TEST_DEPS)
+    _node_ready(session)
+    session.run("pytest", "tests/node", *session.posargs, env=_tools_env())
 
 
 # psutil: CPU and RSS per process; matplotlib: the report's plots; py-spy: profiles of hub and agent.
@@ -387,19 +415,26 @@ def soak(session: nox.Session) -> None:
 def ci(session: nox.Session) -> None:
     """Everything CI runs: tools, lint, buf, stale-code checks, tests (not `slow`; the chart, e2e,
     fault, security and demo-smoke tests included), build, wheels, hadolint, the fresh-venv install
-    tests, bench smoke and a one-minute soak.
+    tests, the images (built, run and saved), the test node with both charts on it and the
+    end-to-end resource tests with hub and agents as Pods, bench smoke and a one-minute soak.
 
     Arguments after `--` replace the default pytest arguments of the `tests` step.
     """
     nox_cmd = [sys.executable, "-m", "nox"]
     session.run(*nox_cmd, "-s", "tools")
+    session.run(*nox_cmd, "-s", "tools", "--", "node")
     session.run(*nox_cmd, "-s", "lint", "buf")
     session.run(*nox_cmd, "-s", "proto", "--", "--check")
     session.run(*nox_cmd, "-s", "openapi", "--", "--check")
-    # tests/install needs freshly built wheels: the `install` session below runs it.
-    pytest_args = session.posargs or ["-m", "not slow", "--ignore=tests/install"]
+    # tests/install needs freshly built wheels: the `install` session below runs it; tests/node
+    # needs the images: the `node` session below runs it.
+    pytest_args = session.posargs or ["-m", "not slow and not node", "--ignore=tests/install"]
     session.run(*nox_cmd, "-s", "tests", "--", *pytest_args)
     session.run(*nox_cmd, "-s", "build", "wheels")
     session.run(*nox_cmd, "-s", "hadolint", "install")
+    session.run(*nox_cmd, "-s", "images")  # built, run locked down (--help, hub /readyz), saved
+    session.run(*nox_cmd, "-s", "node")  # the node; charts: 1 and 3 replicas, leader kill, upgrade
+    # The same e2e bodies with hub and agents as Pods: every verb (Get, List, Watch...), every protocol.
+    session.run(*nox_cmd, "-s", "e2e", "--", "--provider=node", *NODE_E2E)
     session.run(*nox_cmd, "-s", "bench", "--", "--smoke")  # so the benchmark cannot rot
     session.run(*nox_cmd, "-s", "soak", "--", "--duration", "60")

@@ -10,8 +10,9 @@ veth. The issuer is the local test issuer, bound there too.
 In order (one installation, each test builds on the previous one): one replica with every Pod
 Ready through its probes and every protocol through the Service; three replicas with leader
 election, one leader label and a tunnel Service that selects only the leader, Get and Watch
-through it; the leader Pod killed and a new leader labelled, timed; a changed value rolled out
-by helm upgrade; helm uninstall leaving nothing of the releases behind.
+through it; the leader Pod killed and a new leader labelled, timed; the leader's container
+crashed (SIGKILL, no hand-over) and a follower taking over when the Lease expires, timed; a
+changed value rolled out by helm upgrade; helm uninstall leaving nothing of the releases behind.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pyqwest import Client, HTTPTransport, HTTPVersion
 
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
-from otterscale.testing import ControlPlane, KubeAPIError, LocalIssuer, Node
+from otterscale.testing import ControlPlane, KubeAPIError, LocalIssuer, Node, NodeError
 from otterscale.testing._nodesystem import AGENT_RELEASE, HUB_RELEASE, NAMESPACE, Installation
 
 pytestmark = [pytest.mark.integration, pytest.mark.node, pytest.mark.ha]
@@ -238,7 +239,10 @@ async def test_one_hub_replica_and_three_agents_serve_every_protocol(
 
 def _one_leader_selected(installation: Installation) -> str | None:
     """The leader Pod's name when exactly it is labelled and is the tunnel Service's only endpoint."""
-    leader = installation.leader()
+    try:
+        leader = installation.leader()
+    except NodeError:  # two labelled for a moment: the new leader has not unlabelled the old yet
+        return None
     if leader is None or not _ready(leader):
         return None
     if installation.tunnel_endpoints() != [leader["status"]["podIP"]]:
@@ -318,6 +322,45 @@ async def test_a_killed_leader_is_replaced_and_calls_work_again(
     MEASURED["leader Pod killed -> every agent reconnected (s)"] = round(reconnected, 1)
     MEASURED["leader Pod killed -> calls work on every protocol (s)"] = round(working, 1)
     _wait(lambda: len([p for p in installation.hub_pods() if _ready(p)]) == 3, 120, "the third replica back")
+
+
+async def test_a_crashed_leader_is_replaced_once_its_lease_expires(
+    node: Node, installation: Installation, caller: Caller
+) -> None:
+    """The leader's container SIGKILLed (it cannot hand over or release the Lease): a follower takes
+    over when the Lease expires, labels itself, and the agents and calls follow."""
+    _wait(lambda: _one_leader_selected(installation), 60, "one labelled leader before the crash")
+    old = _one_leader_selected(installation)
+    assert old is not None
+    killed = time.monotonic()
+    assert node.kill_container(NAMESPACE, old, "hub") >= 1
+    new_leader = _wait(
+        lambda: (name := _one_leader_selected(installation)) is not None and name != old,
+        120,
+        "a new leader after the crash",
+    )
+    _wait(lambda: _all_connected(installation), 120, "every agent reconnected after the crash")
+    reconnected = time.monotonic() - killed
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            await caller.every_protocol_everywhere()
+            break
+        except ConnectError:
+            assert time.monotonic() < deadline, "calls through the Service did not recover"
+            await asyncio.sleep(0.2)
+    MEASURED["leader container SIGKILLed -> new leader labelled and selected (s)"] = round(new_leader, 1)
+    MEASURED["leader container SIGKILLed -> every agent reconnected (s)"] = round(reconnected, 1)
+    MEASURED["leader container SIGKILLed -> calls work on every protocol (s)"] = round(
+        time.monotonic() - killed, 1
+    )
+    # The crashed container was restarted by the kubelet and serves again, as a follower.
+    _wait(
+        lambda: len([p for p in installation.hub_pods() if _ready(p)]) == 3, 120, "the crashed replica back"
+    )
+    crashed = node.control_plane.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods/{old}")
+    assert crashed["status"]["containerStatuses"][0]["restartCount"] >= 1
+    assert crashed["metadata"]["labels"].get("otterscale.io/leader") != "true"
 
 
 async def test_helm_upgrade_with_a_changed_value_rolls_out(

@@ -176,11 +176,16 @@ def cgroup_dirs(cgroup_root: str) -> list[Path]:
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
+def cgroup_pids_of(folder: Path) -> set[int]:
+    with contextlib.suppress(OSError):
+        return {int(line) for line in (folder / "cgroup.procs").read_text().split()}
+    return set()
+
+
 def cgroup_pids(cgroup_root: str) -> set[int]:
     pids: set[int] = set()
     for folder in cgroup_dirs(cgroup_root):
-        with contextlib.suppress(OSError):
-            pids.update(int(line) for line in (folder / "cgroup.procs").read_text().split())
+        pids |= cgroup_pids_of(folder)
     return pids
 
 

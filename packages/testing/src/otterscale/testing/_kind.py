@@ -63,7 +63,6 @@ from .tools import CHISEL_VERSION, keycloak_home
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = ("local", "kind")
 NAMESPACE = "otterscale"
 HUB_CLUSTER = "otterscale-hub"
 #: e2e cluster name -> kind cluster name (one agent cluster each).

@@ -56,6 +56,7 @@ from ._controlplane import ControlPlane, KubeAPIError
 from ._footprint import Footprint
 from ._nodeconf import NodeLayout
 from ._process import ManagedProcess
+from .images import load_index
 from .tools import NODE_TOOLS, TOOLS, ToolMissingError, cache_root, tool_path
 
 logger = logging.getLogger(__name__)
@@ -257,8 +258,6 @@ class Node:
     def image(self, key: str) -> str:
         """Import image ``key`` of ``nox -s images`` (``otterscale-hub``, ``otterscale-agent``,
         ``python``) into the node if it is not there yet; returns the reference Pods use."""
-        from .images import load_index  # stdlib-only module; imported late, as a script it has no package
-
         entry = load_index().get(key)
         if entry is None or not Path(entry["archive"]).is_file():
             raise NodeError(
@@ -373,6 +372,30 @@ class Node:
                 return str(resp.read().decode(errors="replace"))
         except urllib.error.HTTPError as exc:
             raise KubeAPIError(exc.code, exc.read().decode(errors="replace")) from None
+
+    def kill_container(self, namespace: str, name: str, container: str) -> int:
+        """SIGKILL every process of one running container from the host (a crash: no SIGTERM, no
+        cleanup in the container); returns how many were killed. The kubelet restarts it."""
+        pod = self.control_plane.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+        statuses = pod["status"].get("containerStatuses", [])
+        found = next((c for c in statuses if c["name"] == container and c.get("containerID")), None)
+        if found is None:
+            raise NodeError(f"pod {namespace}/{name} has no running container {container!r}")
+        container_id = found["containerID"].split("://", 1)[1]
+        pids = {
+            pid
+            for folder in _footprint.cgroup_dirs(self.footprint.cgroup_root)
+            if folder.name == container_id
+            for pid in _footprint.cgroup_pids_of(folder)
+        }
+        if not pids:
+            raise NodeError(
+                f"no process of container {container} ({container_id[:12]}) in the node's cgroups"
+            )
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(pids)
 
     def check_alive(self) -> None:
         """Raise :class:`NodeError` (with the log's tail) if one of the node's processes died."""
@@ -889,6 +912,10 @@ def keep(directory: Path, parent: int) -> int:
     errors = _footprint.clean(footprint)
     errors += [f"left behind: {mark}" for mark in _footprint.remaining(footprint, sandboxes, pods)]
     shutil.rmtree(directory / "containerd", ignore_errors=True)
+    for pointer in LOCK_DIR.glob("*.json"):  # the index is free again (its lock goes with us)
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(pointer.read_text()).get("directory") == str(directory):
+                pointer.unlink()
     for error in errors:
         print(f"  not undone: {error}", flush=True)
     print("done", flush=True)

@@ -41,12 +41,14 @@ from typing import Any
 
 import yaml
 
+from . import _node
 from ._controlplane import ControlPlane
 from ._kind import TcpRelay
 from ._node import Node, NodeError
 from ._pods import PodSystem, Workload, http_ok, wait
 from ._process import free_port
 from ._system import ClusterEntry, _clean_env, _otterscale_command
+from .images import load_index
 from .tools import tool_path
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,32 @@ LEADER_LABEL = "otterscale.io/leader"
 HELM_TIMEOUT = 300
 #: The images the charts reference (``nox -s images`` keys).
 HUB_IMAGE, AGENT_IMAGE = "otterscale-hub", "otterscale-agent"
+
+
+def preflight() -> list[str]:
+    """What ``--provider=node`` misses here: what the node needs, and the images it runs."""
+    problems = _node.preflight()
+    index = load_index()
+    missing = [
+        key
+        for key in (HUB_IMAGE, AGENT_IMAGE)
+        if key not in index or not Path(index[key]["archive"]).is_file()
+    ]
+    if missing:
+        problems.append(f"images not built: {', '.join(missing)} (nox -s images)")
+    try:
+        repo_root()
+    except NodeError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def unavailable_message(problems: Sequence[str]) -> str:
+    return (
+        "--provider=node cannot run here: "
+        + "; ".join(problems)
+        + ". The node needs root and Linux (deploy/node/README.md); or use the default --provider=local."
+    )
 
 
 def repo_root() -> Path:
@@ -449,6 +477,7 @@ class NodeSystem(PodSystem):
         )
         self.installation = installation
         self.node = installation.node
+        self.hub_replicas = installation.replicas
 
     def metrics_url(self) -> str:
         return self.installation.metrics_url()
@@ -470,6 +499,7 @@ def start_node_system(
         system = installation.system()
         started = time.monotonic()
         installation.install_hub(replicas)
+        system.hub_replicas = replicas
         wait(
             lambda: http_ok(installation.hub_url + "/readyz"),
             60,

@@ -2,8 +2,9 @@
 
 What the e2e tests use of the local :class:`~otterscale.testing.System` that a Kubernetes
 installation can offer: URLs, the configured clusters and secrets, the hub's view of the tunnels
-(its ``otterscale_hub_tunnel_up`` gauge), an agent stopped and started by scaling its Deployment,
-and every container's log. Shared by the kind provider (``_kind``) and the node provider
+(its ``otterscale_hub_tunnel_up`` gauge), the hub or an agent stopped and started by scaling its
+Deployment (:attr:`PodSystem.hub` and :attr:`PodSystem.agents` say what runs, as the local
+``System``'s do), and every container's log. Shared by the kind provider (``_kind``) and the node provider
 (``_nodesystem``), which differ only in where things run (:class:`Workload`).
 """
 
@@ -91,6 +92,12 @@ class PodSystem:
         self.key_seed = key_seed
         self.fingerprint = fingerprint
         self.timings = Timings()
+        #: The hub's Deployment while it runs (None after :meth:`stop_hub`).
+        self.hub: Workload | None = hub
+        #: The agents that run (an agent leaves it at :meth:`stop_agent`, is back at :meth:`start_agent`).
+        self.agents: dict[str, Workload] = dict(agents)
+        #: Replicas the hub runs with (its Deployment is scaled back to this).
+        self.hub_replicas = 1
 
     # --- the hub's view ------------------------------------------------------------------------------
 
@@ -123,20 +130,44 @@ class PodSystem:
 
     # --- agents: the Deployment scaled to 0 and back --------------------------------------------------
 
-    def _scale(self, name: str, replicas: int) -> None:
-        where = self.agent_workloads[name]
+    @staticmethod
+    def _scale_workload(where: Workload, replicas: int) -> None:
         path = f"/apis/apps/v1/namespaces/{where.namespace}/deployments/{where.deployment}/scale"
         body = {"spec": {"replicas": replicas}}
         where.admin.request("PATCH", path, body, content_type="application/merge-patch+json")
 
-    def agent_pods(self, name: str) -> list[dict[str, Any]]:
-        where = self.agent_workloads[name]
+    def _scale(self, name: str, replicas: int) -> None:
+        self._scale_workload(self.agent_workloads[name], replicas)
+
+    @staticmethod
+    def pods_of(where: Workload) -> list[dict[str, Any]]:
+        """The Deployment's Pods (those terminating included: they may still hold connections)."""
         found = where.admin.request("GET", f"/api/v1/namespaces/{where.namespace}/pods")
         return [p for p in found["items"] if p["metadata"]["name"].startswith(where.deployment + "-")]
+
+    def agent_pods(self, name: str) -> list[dict[str, Any]]:
+        return self.pods_of(self.agent_workloads[name])
+
+    # --- the hub: its Deployment scaled to 0 and back -------------------------------------------------
+
+    def stop_hub(self) -> None:
+        """Scale the hub to 0 and wait until its Pods are gone (each drains on SIGTERM)."""
+        self._scale_workload(self.hub_workload, 0)
+        self.hub = None
+        wait(lambda: not self.pods_of(self.hub_workload), ROLLOUT_TIMEOUT, "the hub's Pods gone")
+
+    def start_hub(self, timeout: float = ROLLOUT_TIMEOUT) -> None:
+        """Scale the hub back and wait until it answers ``/readyz`` through its Service."""
+        started = time.monotonic()
+        self._scale_workload(self.hub_workload, self.hub_replicas)
+        self.hub = self.hub_workload
+        wait(lambda: http_ok(self.hub_url + "/readyz"), timeout, "the hub answering /readyz")
+        self.timings.hub_start.append(time.monotonic() - started)
 
     def stop_agent(self, name: str, *, grace_seconds: int | None = None) -> None:
         where = self.agent_workloads[name]
         self._scale(name, 0)
+        self.agents.pop(name, None)
         if grace_seconds is not None:
             for pod in self.agent_pods(name):
                 path = f"/api/v1/namespaces/{where.namespace}/pods/{pod['metadata']['name']}"
@@ -153,6 +184,7 @@ class PodSystem:
     def start_agent(self, name: str, timeout: float = CONNECT_TIMEOUT) -> None:
         started = time.monotonic()
         self._scale(name, 1)
+        self.agents[name] = self.agent_workloads[name]
         self.wait_connected(name, True, timeout)
         self.timings.agent_connect.setdefault(name, []).append(time.monotonic() - started)
 

@@ -19,10 +19,15 @@
   a third configured cluster ``south`` that has no agent (it never connects).
   A test that stops the hub or an agent must start it again (``try/finally``).
 
-``--provider=local|kind`` (default ``local``) chooses how ``otterscale_system`` and ``keycloak``
-are provided: ``local`` as above; ``kind`` from kind clusters with the built images and the
-Helm charts, Keycloak on the host (see ``_kind``). With ``kind`` the session checks for a Docker
-engine and the ``kind`` binary first and exits non-zero, saying what is missing, before any test.
+``--provider=local|kind|node`` (default ``local``) chooses how ``otterscale_system`` and
+``keycloak`` are provided: ``local`` as above; ``kind`` from kind clusters with the built images
+and the Helm charts, Keycloak on the host (see ``_kind``); ``node`` with the same images and
+charts on the test node (``node``; see ``_nodesystem``): the hub and the agents of ``east`` and
+``west`` are Pods, ``east`` and ``west`` themselves are control planes as with ``local``, and
+Keycloak runs on the host with its issuer on the node's side of the veth. With ``kind`` or
+``node`` the session checks first what the provider needs (Docker and kind; root, the node
+tools, containerd and the images of ``nox -s images``) and exits non-zero, saying what is
+missing, before any test.
 
 A missing binary fails the test with the exact command that builds it; nothing is skipped.
 """
@@ -38,7 +43,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from . import _kind
+from . import _kind, _nodesystem
 from ._controlplane import ControlPlane, start_control_plane
 from ._keycloak import Keycloak, KeycloakError, start_keycloak
 from ._node import Node, NodeError, NodeUnavailableError, start_node
@@ -48,6 +53,8 @@ from .tools import ToolMissingError, keycloak_home, tool_path
 logger = logging.getLogger(__name__)
 
 ControlPlaneFactory = Callable[[str], ControlPlane]
+#: How ``otterscale_system`` runs (``--provider``).
+PROVIDERS = ("local", "kind", "node")
 
 
 class KeycloakFactory(Protocol):
@@ -66,25 +73,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--provider",
-        choices=_kind.PROVIDERS,
+        choices=PROVIDERS,
         default="local",
-        help="how otterscale_system runs: local OS processes (default) or kind clusters with the "
-        "images and Helm charts (needs Docker and kind; deploy/kind/README.md)",
+        help="how otterscale_system runs: local OS processes (default), kind clusters with the "
+        "images and Helm charts (needs Docker and kind; deploy/kind/README.md), or the images and "
+        "charts on the test node (needs root; deploy/node/README.md)",
     )
 
 
 def provider(config: pytest.Config) -> str:
-    """The ``--provider`` of this run (``local`` or ``kind``)."""
+    """The ``--provider`` of this run (``local``, ``kind`` or ``node``)."""
     return str(config.getoption("--provider"))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """``--provider=kind`` where Docker or kind is missing: stop now, non-zero, saying why."""
-    if provider(session.config) == "kind":
+    """``--provider=kind|node`` where it cannot run: stop now, non-zero, saying why."""
+    chosen = provider(session.config)
+    if chosen == "kind":
         problems = _kind.preflight()
         if problems:
             pytest.exit(_kind.unavailable_message(problems), returncode=pytest.ExitCode.USAGE_ERROR)
+    elif chosen == "node":
+        problems = _nodesystem.preflight()
+        if problems:
+            pytest.exit(_nodesystem.unavailable_message(problems), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")
@@ -147,9 +160,11 @@ def keycloak_factory(
 def keycloak(keycloak_factory: KeycloakFactory, request: pytest.FixtureRequest) -> Keycloak:
     """The session's shared Keycloak. A test that stops it must start it again (``try/finally``).
 
-    With ``--provider=kind`` its issuer is on the kind network's gateway (``kind_keycloak``)."""
-    if provider(request.config) == "kind":
-        found: Keycloak = request.getfixturevalue("kind_keycloak")
+    With ``--provider=kind`` its issuer is on the kind network's gateway (``kind_keycloak``), with
+    ``--provider=node`` on the node's side of the veth (``node_keycloak``)."""
+    chosen = provider(request.config)
+    if chosen in ("kind", "node"):
+        found: Keycloak = request.getfixturevalue(f"{chosen}_keycloak")
         return found
     return keycloak_factory("default")
 
@@ -198,6 +213,20 @@ def node(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
             logger.error("the node left something behind: %s", errors)
 
 
+@pytest.fixture(scope="session")
+def node_keycloak(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
+    """Keycloak on the host, issuer on the host's end of the node's veth (reachable from Pods)."""
+    try:
+        kc, relay = _kind.start_gateway_keycloak(tmp_path_factory.mktemp("keycloak-node"), node.host_ip)
+    except (ToolMissingError, KeycloakError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield kc
+    finally:
+        kc.stop()
+        relay.close()
+
+
 #: The clusters of ``otterscale_system`` with a control plane and an agent.
 SYSTEM_CLUSTERS = ("east", "west")
 #: Configured in ``otterscale_system`` but with no control plane and no agent: never connected.
@@ -210,10 +239,13 @@ def otterscale_system(
     request: pytest.FixtureRequest,
     keycloak: Keycloak,
     control_plane_factory: ControlPlaneFactory,
-) -> Iterator[System | _kind.KindSystem]:
+) -> Iterator[System | _kind.KindSystem | _nodesystem.NodeSystem]:
     """Keycloak + control planes ``east`` and ``west`` + the hub + one agent each (see above)."""
     if provider(request.config) == "kind":
         yield from _kind_system(tmp_path_factory, request, keycloak)
+        return
+    if provider(request.config) == "node":
+        yield from _node_system(tmp_path_factory, request, keycloak, control_plane_factory)
         return
     clusters: dict[str, ControlPlane | None] = {name: control_plane_factory(name) for name in SYSTEM_CLUSTERS}
     clusters.update(dict.fromkeys(SYSTEM_OFFLINE_CLUSTERS))
@@ -249,3 +281,33 @@ def _kind_system(
         yield system
     finally:
         system.stop()
+
+
+def _node_system(
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+    keycloak: Keycloak,
+    control_plane_factory: ControlPlaneFactory,
+) -> Iterator[_nodesystem.NodeSystem]:
+    node: Node = request.getfixturevalue("node")
+    clusters: dict[str, ControlPlane | None] = {name: control_plane_factory(name) for name in SYSTEM_CLUSTERS}
+    started = time.monotonic()
+    try:
+        installation, system = _nodesystem.start_node_system(
+            node,
+            tmp_path_factory.mktemp("system-node"),
+            realm_url=keycloak.realm_url,
+            clusters=clusters,
+            offline=SYSTEM_OFFLINE_CLUSTERS,
+        )
+    except (ToolMissingError, NodeError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    logger.info("system up on the node in %.1fs: hub %s", time.monotonic() - started, system.hub_url)
+    try:
+        yield system
+    finally:
+        system.stop()
+        try:
+            installation.uninstall()
+        finally:
+            installation.close()
