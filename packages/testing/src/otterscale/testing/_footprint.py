@@ -48,10 +48,12 @@ HARD_CODED_PATHS = (
     "/var/lib/cni/results",
 )
 NETNS_DIR = Path("/run/netns")
+#: Node index locks (``<i>.lock``) and pointers to the folder of the node holding each (``<i>.json``).
+LOCK_DIR = Path("/run/otterscale-node")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _MNT_DETACH = 2
 #: The keeper's module (``python -m ...``): it names the node's folder but is not part of the node.
-KEEPER_MODULE = "otterscale.testing._node"
+KEEPER_MODULE = "otterscale.testing._keeper"
 #: Seconds to wait for a recorded process to exit after SIGTERM before SIGKILL.
 TERM_GRACE = 10.0
 

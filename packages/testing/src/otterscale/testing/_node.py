@@ -20,7 +20,7 @@ come from ``nox -s images`` (``images.json`` in the images cache). Pods use them
 ``imagePullPolicy: Never``.
 
 Lifecycle. :func:`start_node` records the node's marks on the host (``_footprint``) before it
-makes any, and starts a *keeper*: a small process of its own session that waits for the starting
+makes any, and starts a *keeper* (``_keeper``): a small process of its own session that waits for the starting
 process to die and then removes everything (processes, shims and containers, mounts, the network
 namespace and veth, cgroups, the kubelet's hard-coded files, the kernel settings the kubelet
 changed). :meth:`Node.stop` does the same at once and dismisses the keeper. A node index is held
@@ -32,28 +32,27 @@ Needs root, Linux, veth/bridge/br_netfilter/nf_tables, and the binaries :func:`p
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import _footprint, _nodeconf, _pki
 from ._archive import write_binary_image
 from ._controlplane import ControlPlane, KubeAPIError
-from ._footprint import Footprint
+from ._footprint import LOCK_DIR, Footprint
+from ._keeper import start_keeper
 from ._nodeconf import NodeLayout
 from ._process import ManagedProcess
 from .images import load_index
@@ -61,7 +60,6 @@ from .tools import NODE_TOOLS, TOOLS, ToolMissingError, cache_root, tool_path
 
 logger = logging.getLogger(__name__)
 
-LOCK_DIR = Path("/run/otterscale-node")
 #: Seconds: API server ready, node Ready and untainted, a Pod Ready, CoreDNS Ready.
 APISERVER_TIMEOUT = 120.0
 NODE_READY_TIMEOUT = 120.0
@@ -536,7 +534,7 @@ def start_node(
     (LOCK_DIR / f"{i}.json").write_text(json.dumps({"directory": str(directory)}))
     node = Node(layout, footprint, lock_fd, report)
     try:
-        node.keeper = _start_keeper(layout, lock_fd)
+        node.keeper = start_keeper(layout.directory, layout.path("log", "keeper.log"), lock_fd)
         _start(node, coredns=coredns)
     except BaseException:
         node.stop(keep=True)
@@ -861,87 +859,3 @@ def _kcm_args(layout: NodeLayout, pki: dict[str, Path]) -> list[str]:
         f"--cert-dir={layout.path('kcm')}",
         "--v=0",
     ]
-
-
-# --------------------------------------------------------------------------------------------------
-# The keeper: cleans up when the process that started the node dies without stopping it
-
-
-def _start_keeper(layout: NodeLayout, lock_fd: int) -> subprocess.Popen[bytes]:
-    log = layout.path("log", "keeper.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                _footprint.KEEPER_MODULE,
-                "keep",
-                str(layout.directory),
-                str(os.getpid()),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # not in the tests' process group: a Ctrl-C there must not kill it
-            pass_fds=(lock_fd,),
-        )
-
-
-def keep(directory: Path, parent: int) -> int:
-    """Wait for ``parent`` to exit, then clean up the node in ``directory`` (unless dismissed)."""
-    dismissed = threading.Event()
-
-    def dismiss(signum: int, frame: object) -> None:
-        dismissed.set()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, dismiss)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        pidfd = os.pidfd_open(parent)
-    except ProcessLookupError:
-        pidfd = None
-    if pidfd is not None:
-        with contextlib.suppress(InterruptedError):
-            select.select([pidfd], [], [])
-    print(f"parent {parent} exited: cleaning up the node in {directory}", flush=True)
-    footprint = Footprint.load(directory)
-    sandboxes = _footprint.sandbox_ids(footprint)
-    pods = _footprint.pod_netns(footprint, sandboxes)
-    errors = _footprint.clean(footprint)
-    errors += [f"left behind: {mark}" for mark in _footprint.remaining(footprint, sandboxes, pods)]
-    shutil.rmtree(directory / "containerd", ignore_errors=True)
-    for pointer in LOCK_DIR.glob("*.json"):  # the index is free again (its lock goes with us)
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(pointer.read_text()).get("directory") == str(directory):
-                pointer.unlink()
-    for error in errors:
-        print(f"  not undone: {error}", flush=True)
-    print("done", flush=True)
-    return 1 if errors else 0
-
-
-@contextlib.contextmanager
-def running_node(directory: Path, **options: Any) -> Iterator[Node]:
-    """:func:`start_node` and always :meth:`Node.stop`."""
-    node = start_node(directory, **options)
-    try:
-        yield node
-    finally:
-        node.stop()
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m otterscale.testing._node")
-    sub = parser.add_subparsers(dest="command", required=True)
-    keeper = sub.add_parser("keep", help="(internal) clean up the node when its starter dies")
-    keeper.add_argument("directory", type=Path)
-    keeper.add_argument("parent", type=int)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return keep(args.directory, args.parent)
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
