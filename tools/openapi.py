@@ -99,7 +99,13 @@ are accepted on input), 64-bit integers as decimal strings, `bytes` as base64, e
 documented as having explicit presence, where leaving the field out differs from sending zero.
 
 Every request needs `Authorization: Bearer <OIDC access token>`; the call runs as that user in
-the target cluster (Kubernetes impersonation)."""
+the target cluster (Kubernetes impersonation).
+
+Browser pages of another origin may call the API when the hub's `cors.allowed_origins` lists
+their origin: the hub answers CORS preflights (`OPTIONS`, no token needed) itself, allows `GET` and
+`POST` with Connect's and gRPC-Web's headers plus `Authorization` and `X-Request-Id`, and exposes
+`Grpc-Status`, `Grpc-Message`, `Grpc-Status-Details-Bin` and `X-Request-Id` (README: Dashboards in
+the browser). Without it the hub is same-origin only."""
 
 STREAM_NOTE = """
 
@@ -237,7 +243,7 @@ def comments(file_proto: Any) -> dict[str, str]:
 
 def _clear_json_names(messages: Any) -> None:
     for msg in messages:
-        for field in msg.field:
+        for field in [*msg.field, *msg.extension]:
             field.ClearField("json_name")
         _clear_json_names(msg.nested_type)
 
@@ -253,6 +259,8 @@ def generated_file(file_proto: Any) -> Any:
     fresh.CopyFrom(file_proto)
     fresh.ClearField("source_code_info")
     _clear_json_names(fresh.message_type)  # the Python generator leaves default json_names out
+    for extension in fresh.extension:  # of options' extensions too (otterscale.routing.v1.route)
+        extension.ClearField("json_name")
     committed = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
     if committed != fresh:
         sys.exit(f"the generated code for {file_proto.name} is stale: run `nox -s proto` first")

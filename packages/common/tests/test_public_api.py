@@ -10,12 +10,14 @@ import otterscale.common
 
 EXPECTED = {
     "ASGIApp",
+    "drain_request",
     "serve",
     "server_config",
     "tune_hypercorn",
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
+    "CorsConfig",
     "KeycloakConfig",
     "TunnelConfig",
     "TunnelServerConfig",
@@ -25,6 +27,13 @@ EXPECTED = {
     "load_config",
     "parse_config",
     "MAX_CONFIG_BYTES",
+    "MIN_SECRET_LENGTH",
+    "AuditConfig",
+    # audit trail
+    "AuditEvent",
+    "AuditKind",
+    "AuditLog",
+    "AuditTarget",
     # errors
     "OtterscaleError",
     "ConfigError",
@@ -36,8 +45,11 @@ EXPECTED = {
     "Identity",
     "RESERVED_PREFIXES",
     "OIDCVerifier",
+    "VerifiedToken",
     "ALLOWED_ALGORITHMS",
     "derive_identity_key",
+    "derive_key",
+    "mac_fields",
     "sign_identity",
     "verify_identity",
     "strip_identity_headers",

@@ -7,11 +7,18 @@ The file format is the original Go service's, unchanged::
     clusters:  {<name>: {agent: {auth: {user, pass}, fingerprint, tunnel_port, api_port}}}
 
 Ports may be integers or quoted strings (``"8300"``). New, optional keys (all under ``keycloak``):
-``audience`` (default: ``client_id``), ``subject_claim`` (``sub``), ``groups_claim`` (``groups``),
-``groups_prefix`` (empty), ``leeway_seconds`` (30), ``timeout_seconds`` (5) and
+``audience`` (default: ``client_id``), ``subject_claim`` (``sub``), ``subject_prefix`` (empty),
+``groups_claim`` (``groups``), ``groups_prefix`` (empty), ``require_access_token`` (true),
+``authorized_parties`` (empty: any client), ``leeway_seconds`` (30), ``timeout_seconds`` (5) and
 ``min_refresh_interval_seconds`` (30). The optional ``limits`` section bounds what the hub
-accepts from and holds for clients (:class:`HubLimitsConfig`; agents ignore it). Unknown keys
-are refused everywhere: a typo must not silently fall back to a default.
+accepts from and holds for clients (:class:`HubLimitsConfig`; agents ignore it); the optional
+``audit`` section says where audit events go (:class:`AuditConfig`); the optional ``cors``
+section lets browser pages of other origins call the hub (:class:`CorsConfig`; agents ignore it).
+Unknown keys are refused everywhere: a typo must not silently fall back to a default.
+
+Secrets (``tunnel.server.key_seed``, ``clusters.<name>.agent.auth.pass``) must be at least
+``MIN_SECRET_LENGTH`` (32) characters and not one of the documentation's example values: the
+seed is the hub's SSH identity and each password is also the key that signs identity headers.
 
 Every problem in a file is reported at once, one line each, naming the file and the dotted key
 path (``clusters.dev.agent.tunnel_port``). Messages are built here from error locations and
@@ -28,6 +35,7 @@ no duplicate keys, and aliases allowed only while the document expanded through 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import logging
 import os
 import re
@@ -35,13 +43,14 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -53,12 +62,29 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ._errors import ConfigError
+from ._identity import identity_name_problem
 
 logger = logging.getLogger(__name__)
 
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_YAML_NODES = 100_000
 MAX_YAML_DEPTH = 50
+
+#: Shortest ``tunnel.server.key_seed`` and agent ``auth.pass`` accepted, in characters.
+MIN_SECRET_LENGTH = 32
+#: How to make a good one (in every refusal).
+GENERATE_HINT = "`openssl rand -base64 32`"
+#: Values the README, the charts and earlier documentation show as examples: refused as secrets.
+EXAMPLE_SECRETS = frozenset(
+    {
+        "a-long-random-secret",
+        "a-long-random-password",
+        "change-me",
+        "changeme",
+        "dev-agent-password",
+        "REPLACE-WITH-THE-OUTPUT-OF-openssl-rand-base64-32",
+    }
+)
 
 _CLUSTER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _PORT_TEXT_RE = re.compile(r"[0-9]{1,5}")
@@ -90,12 +116,6 @@ def _port(value: object) -> int:
 
 def _non_empty(value: str) -> str:
     if not value.strip():
-        raise PydanticCustomError("otterscale_empty", "must not be empty")
-    return value
-
-
-def _non_empty_secret(value: SecretStr) -> SecretStr:
-    if not value.get_secret_value():
         raise PydanticCustomError("otterscale_empty", "must not be empty")
     return value
 
@@ -139,10 +159,134 @@ def _realm_url(value: str) -> str:
     return value
 
 
-def _groups_prefix(value: str) -> str:
-    if value.startswith("system:"):
-        raise PydanticCustomError("otterscale_reserved", "must not start with the reserved prefix 'system:'")
+def _name_prefix(value: str) -> str:
+    """``subject_prefix`` / ``groups_prefix``: empty, or a valid start of a name (the identity rule)."""
+    if value:
+        problem = identity_name_problem(value, "the prefix")
+        if problem:
+            raise PydanticCustomError("otterscale_prefix", problem.removeprefix("the prefix "))
     return value
+
+
+def _strong_secret(value: SecretStr) -> SecretStr:
+    """``key_seed`` and ``pass``: long enough to resist guessing, and not a documented example."""
+    secret = value.get_secret_value()
+    if not secret:
+        raise PydanticCustomError("otterscale_empty", "must not be empty")
+    if secret.strip() in EXAMPLE_SECRETS:
+        raise PydanticCustomError(
+            "otterscale_weak_secret",
+            f"is an example value from the documentation; generate a secret: {GENERATE_HINT}",
+        )
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise PydanticCustomError(
+            "otterscale_weak_secret",
+            f"is shorter than {MIN_SECRET_LENGTH} characters; generate a secret: {GENERATE_HINT}",
+        )
+    return value
+
+
+def _authorized_parties(value: object) -> object:
+    # One client id on its own is a common way to write a one-item list.
+    return [value] if isinstance(value, str) else value
+
+
+def _reads_level(value: object) -> object:
+    # YAML 1.1 reads an unquoted `off` as false.
+    return "off" if value is False else value
+
+
+_HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ORIGIN_HINT = "scheme://host[:port] such as https://dashboard.example.com or https://*.example.com"
+
+
+def _cors_origin(value: str) -> str:
+    """An allowed origin in its canonical form (how browsers send ``Origin``), or ``*``.
+
+    Lower-case scheme and host, no default port, no path; ``https://*.example.com`` allows one
+    label in place of ``*`` (``a.example.com``, not ``a.b.example.com`` nor ``example.com``).
+    """
+    text = value.strip()
+    if text == "*":
+        return text
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DEFAULT_PORTS:
+        raise PydanticCustomError("otterscale_origin", "must be an http(s) origin: " + _ORIGIN_HINT)
+    authority, slash, path = rest.partition("/")
+    if slash and path:
+        raise PydanticCustomError(
+            "otterscale_origin", "an origin has no path, query or fragment: " + _ORIGIN_HINT
+        )
+    if slash:
+        raise PydanticCustomError(
+            "otterscale_origin", "an origin has no trailing '/' (browsers send it without one)"
+        )
+    if any(char in authority for char in "?#@") or any(char.isspace() for char in authority):
+        raise PydanticCustomError(
+            "otterscale_origin", "an origin has no user info, query or fragment: " + _ORIGIN_HINT
+        )
+    if not authority.isascii():
+        raise PydanticCustomError(
+            "otterscale_origin", "write an internationalised host name in its ASCII (xn--) form"
+        )
+    host, port = _split_authority(authority.lower())
+    wildcard = host.startswith("*.")
+    name = host[2:] if wildcard else host
+    if "*" in name:
+        raise PydanticCustomError(
+            "otterscale_origin", "'*' may only stand for the first label, as in https://*.example.com"
+        )
+    if not _valid_host(name, allow_ip=not wildcard):
+        raise PydanticCustomError("otterscale_origin", "has an invalid host: " + _ORIGIN_HINT)
+    if wildcard and "." not in name and name != "localhost":
+        raise PydanticCustomError(
+            "otterscale_origin", "a wildcard needs a domain of at least two labels, as in *.example.com"
+        )
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+def _split_authority(authority: str) -> tuple[str, int | None]:
+    if authority.startswith("["):  # an IPv6 literal
+        end = authority.find("]")
+        host, rest = authority[: end + 1], authority[end + 1 :]
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise PydanticCustomError("otterscale_origin", "has an invalid IPv6 host: " + _ORIGIN_HINT)
+        port_text = rest[1:] if rest else None
+    else:
+        host, colon, port_text_or_empty = authority.partition(":")
+        port_text = port_text_or_empty if colon else None
+    if port_text is None:
+        return host, None
+    if not _PORT_TEXT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise PydanticCustomError("otterscale_origin", "has an invalid port: " + _ORIGIN_HINT)
+    return host, int(port_text)
+
+
+def _valid_host(host: str, *, allow_ip: bool) -> bool:
+    if host.startswith("["):
+        if not allow_ip:
+            return False
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    labels = host.split(".")
+    return len(host) <= 253 and all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+
+
+def _header_name(value: str) -> str:
+    name = value.strip().lower()
+    if not _HEADER_NAME_RE.fullmatch(name):
+        raise PydanticCustomError(
+            "otterscale_header_name", "must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+        )
+    return name
 
 
 Port = Annotated[int, PlainValidator(_port)]
@@ -165,8 +309,11 @@ class KeycloakConfig(_Model):
     client_id: NonEmptyStr
     audience: NonEmptyStr | None = None
     subject_claim: NonEmptyStr = "sub"
+    subject_prefix: Annotated[str, AfterValidator(_name_prefix)] = ""
     groups_claim: NonEmptyStr = "groups"
-    groups_prefix: Annotated[str, AfterValidator(_groups_prefix)] = ""
+    groups_prefix: Annotated[str, AfterValidator(_name_prefix)] = ""
+    require_access_token: bool = Field(default=True, strict=True)
+    authorized_parties: Annotated[tuple[NonEmptyStr, ...], BeforeValidator(_authorized_parties)] = ()
     leeway_seconds: float = Field(default=30.0, ge=0, le=300)
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     min_refresh_interval_seconds: float = Field(default=30.0, ge=0, le=3600)
@@ -186,7 +333,7 @@ class TunnelServerConfig(_Model):
 
     host: NonEmptyStr
     port: Port
-    key_seed: Annotated[SecretStr, AfterValidator(_non_empty_secret)] | None = None
+    key_seed: Annotated[SecretStr, AfterValidator(_strong_secret)] | None = None
     key_file: Annotated[Path, AfterValidator(_non_empty_path)] | None = None
 
     @model_validator(mode="after")
@@ -206,7 +353,7 @@ class AgentAuth(_Model):
     """The credentials an agent uses to open its reverse tunnel (YAML keys ``user`` and ``pass``)."""
 
     user: Annotated[str, AfterValidator(_agent_user)]
-    password: Annotated[SecretStr, AfterValidator(_non_empty_secret)] = Field(alias="pass")
+    password: Annotated[SecretStr, AfterValidator(_strong_secret)] = Field(alias="pass")
 
 
 class AgentConfig(_Model):
@@ -261,6 +408,63 @@ class HubLimitsConfig(_Model):
     watch_send_timeout_seconds: float = Field(default=30.0, gt=0, le=86_400)
 
 
+class AuditConfig(_Model):
+    """The ``audit`` section: where audit events go and which calls produce one (optional).
+
+    ``sink``: ``stdout`` (default; the services' own logs go to stderr, so the two streams stay
+    apart) or ``file``, which appends to ``file`` and rotates it at ``max_bytes`` (default 100 MiB),
+    keeping ``backups`` (default 5) older files. ``reads``: ``off`` (default) or ``metadata``, which
+    audits reads (Get, Describe, List, Watch, Discovery, Schema, ListClusters) too. Calls that change
+    something are always audited. See :mod:`otterscale.common._audit` for the events.
+    """
+
+    sink: Literal["stdout", "file"] = "stdout"
+    file: Annotated[Path, AfterValidator(_non_empty_path)] | None = None
+    max_bytes: int = Field(default=100 * _MIB, ge=64 * 1024, le=1024 * 1024 * _MIB, strict=True)
+    backups: int = Field(default=5, ge=1, le=1000, strict=True)
+    reads: Annotated[Literal["off", "metadata"], BeforeValidator(_reads_level)] = "off"
+
+    @model_validator(mode="after")
+    def _file_with_file_sink(self) -> Self:
+        if self.sink == "file" and self.file is None:
+            raise PydanticCustomError("otterscale_audit_file", "sink: file needs file: PATH")
+        if self.sink != "file" and self.file is not None:
+            raise PydanticCustomError("otterscale_audit_file", "file is used only with sink: file")
+        return self
+
+
+class CorsConfig(_Model):
+    """The ``cors`` section: which browser origins may call the hub from their pages (optional).
+
+    ``allowed_origins``: exact origins (``https://dashboard.example.com``, ``http://127.0.0.1:5173``;
+    the host is compared case-insensitively and a default port is dropped), one-level wildcards
+    (``https://*.example.com``), or ``*`` (any origin; only while ``allow_credentials`` is false).
+    Empty (the default): same-origin only, the hub sends no CORS headers at all.
+
+    ``allow_credentials`` (default false): answer ``Access-Control-Allow-Credentials: true``.
+    Bearer tokens set by a script do not need it; only cookies would.
+
+    ``extra_allowed_headers``: request headers a page may send besides Connect's and gRPC-Web's
+    own, ``Authorization`` and ``X-Request-Id``.
+
+    CORS is not access control (the bearer token is): it only tells browsers which pages may
+    read the hub's answers.
+    """
+
+    allowed_origins: tuple[Annotated[str, AfterValidator(_cors_origin)], ...] = ()
+    allow_credentials: bool = Field(default=False, strict=True)
+    extra_allowed_headers: tuple[Annotated[str, AfterValidator(_header_name)], ...] = ()
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> Self:
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise PydanticCustomError(
+                "otterscale_cors_star",
+                "'*' (any origin) is refused while allow_credentials is true: list the origins",
+            )
+        return self
+
+
 class OtterscaleConfig(_Model):
     """The whole ``otterscale.yaml``. Build it with :func:`load_config` (or :func:`parse_config`)."""
 
@@ -268,6 +472,8 @@ class OtterscaleConfig(_Model):
     tunnel: TunnelConfig
     clusters: dict[ClusterName, ClusterConfig]
     limits: HubLimitsConfig = HubLimitsConfig()
+    audit: AuditConfig = AuditConfig()
+    cors: CorsConfig = CorsConfig()
 
     @model_validator(mode="after")
     def _unique_ports_and_users(self, info: ValidationInfo) -> Self:

@@ -5,6 +5,7 @@ point, so every package's tests and ``tests/e2e`` get its fixtures without a con
 """
 
 from ._controlplane import ControlPlane, KubeAPIError, object_path, start_control_plane
+from ._echo import ECHO_SERVICE, EchoAgent, EchoEvent, EchoService
 from ._ha import (
     AgentCluster,
     HubReplicas,
@@ -12,6 +13,7 @@ from ._ha import (
     caller_rbac,
     create_namespace,
     replica_ip,
+    service_account_kubeconfig,
     start_hub_replicas,
 )
 from ._issuer import LocalIssuer
@@ -31,10 +33,14 @@ from .tools import ToolMissingError, keycloak_home, tool_path
 
 __all__ = [
     "DEFAULT_USERS",
+    "ECHO_SERVICE",
     "AgentCluster",
     "BlackHoleRelay",
     "ClusterEntry",
     "ControlPlane",
+    "EchoAgent",
+    "EchoEvent",
+    "EchoService",
     "HubReplicas",
     "Keycloak",
     "KeycloakError",
@@ -57,6 +63,7 @@ __all__ = [
     "keycloak_home",
     "object_path",
     "replica_ip",
+    "service_account_kubeconfig",
     "start_control_plane",
     "start_hub_replicas",
     "start_keycloak",
