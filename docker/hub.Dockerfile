@@ -40,13 +40,16 @@ COPY packages/common/ packages/common/
 COPY packages/hub/ packages/hub/
 # Wheels of the in-repo distributions first, then one install that resolves the third-party
 # dependencies from the index. The venv's own pip does both (a Debian python3 has no pip of its
-# own) and is removed afterwards: the runtime venv has no installer.
+# own) and is removed afterwards: the runtime venv has no installer. pip's download cache is a
+# BuildKit cache mount (never in a layer), so a rebuild after a source change downloads nothing.
 RUN --mount=type=secret,id=pip-ca \
+    --mount=type=cache,target=/var/cache/pip,sharing=locked \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && export PIP_CACHE_DIR=/var/cache/pip \
     && python3 -m venv /opt/otterscale \
-    && /opt/otterscale/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \
+    && /opt/otterscale/bin/pip wheel --no-deps --wheel-dir /wheels \
         packages/proto packages/common packages/hub \
-    && /opt/otterscale/bin/pip install --no-cache-dir /wheels/*.whl \
+    && /opt/otterscale/bin/pip install /wheels/*.whl \
     && /opt/otterscale/bin/pip uninstall --yes pip setuptools
 
 # --- runtime ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,13 @@ class Docker:
             stderr = done.stderr.decode(errors="replace").strip()
             raise ImageBuildError(f"`docker {' '.join(args[:3])} ...` failed ({done.returncode}): {stderr}")
         return done.stdout.decode(errors="replace")
+
+    def logs(self, container: str) -> str:
+        """The container's output, stdout and stderr (``docker logs`` replays each to its own)."""
+        done = subprocess.run(
+            [self.client, "logs", container], capture_output=True, env=dict(self.env), timeout=60, check=False
+        )
+        return (done.stdout + done.stderr).decode(errors="replace")
 
     def image_id(self, ref: str) -> str | None:
         done = subprocess.run(
@@ -522,7 +530,8 @@ _LOCKED_DOWN = (
     "--network=none",
 )
 
-#: The README's sample configuration (tests/install uses the same), with the tunnel on loopback.
+#: The README's sample configuration (tests/install uses the same), with the tunnel on loopback;
+#: its example secrets are replaced by fresh ones (the hub refuses the documentation's).
 SAMPLE_CONFIG = """\
 keycloak:
   realm_url: "https://keycloak.example.com/realms/otterscale"
@@ -579,7 +588,8 @@ def check_image(docker: Docker, name: str, tag: str) -> None:
 def _check_hub_serves(docker: Docker, tag: str) -> None:
     with tempfile.TemporaryDirectory(prefix="otterscale-image-check-") as tmp:
         config = Path(tmp) / "otterscale.yaml"
-        config.write_text(SAMPLE_CONFIG)
+        seed, password = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        config.write_text(SAMPLE_CONFIG.replace("change-me", seed).replace("dev-agent-password", password))
         config.chmod(0o644)  # read by uid 65532 through the bind mount
         container = docker.run(
             "run",
@@ -595,7 +605,7 @@ def _check_hub_serves(docker: Docker, tag: str) -> None:
             while True:
                 state = docker.run("inspect", "--format", "{{.State.Running}}", container).strip()
                 if state != "true":
-                    logs = docker.run("logs", container, check=False)
+                    logs = docker.logs(container)
                     raise ImageBuildError(f"the hub in {tag} exited before /readyz answered:\n{logs[-3000:]}")
                 answer = docker.run(
                     "exec", container, "python", "-I", "-c", _READYZ_PROBE, check=False, timeout=30
@@ -603,17 +613,17 @@ def _check_hub_serves(docker: Docker, tag: str) -> None:
                 if answer == "200":
                     break
                 if time.monotonic() > deadline:
-                    logs = docker.run("logs", container, check=False)
+                    logs = docker.logs(container)
                     raise ImageBuildError(
                         f"the hub in {tag}: /readyz {answer} after {HUB_READY_TIMEOUT:.0f}s:\n{logs[-3000:]}"
                     )
                 time.sleep(0.5)
             docker.run("stop", "--time", "30", container, timeout=60)
             code = docker.run("inspect", "--format", "{{.State.ExitCode}}", container).strip()
-            logs = docker.run("logs", container, check=False)
+            logs = docker.logs(container)
             if code != "0":
                 raise ImageBuildError(f"the hub in {tag} exited with {code} on SIGTERM:\n{logs[-3000:]}")
-            for secret in ("change-me", "dev-agent-password"):
+            for secret in (seed, password):
                 if secret in logs:
                     raise ImageBuildError(f"the hub in {tag} logged a secret of the sample configuration")
         finally:
