@@ -530,25 +530,37 @@ _LOCKED_DOWN = (
     "--network=none",
 )
 
-#: The README's sample configuration (tests/install uses the same), with the tunnel on loopback;
-#: its example secrets are replaced by fresh ones (the hub refuses the documentation's).
+#: The original service's sample otterscale.yaml, verbatim (tests/install starts the installed
+#: hub with it too). Its example secrets are refused by the hub: every user replaces them.
 SAMPLE_CONFIG = """\
 keycloak:
+  # OIDC issuer URL for your Keycloak realm, for example:
+  # https://keycloak.example.com/realms/<realm>
   realm_url: "https://keycloak.example.com/realms/otterscale"
+  # OIDC client ID used to verify ID tokens.
   client_id: "otterscale"
+
 tunnel:
   server:
-    host: "127.0.0.1"
+    # Bind address for the embedded Chisel reverse-tunnel server.
+    host: "0.0.0.0"
     port: "8300"
+    # Provide ONE of the following:
+    # key_file: "/path/to/chisel-ecdsa-privatekey.pem"
     key_seed: "change-me"
+
 clusters:
   dev:
     agent:
+      # Basic auth used by the agent when connecting to the server tunnel.
       auth:
         user: "dev-agent"
         pass: "dev-agent-password"
+      # Expected server tunnel fingerprint (agent-side). This is printed by the server on startup.
       fingerprint: "SERVER_TUNNEL_FINGERPRINT"
+      # Reverse tunnel port opened on the SERVER loopback interface (127.0.0.1:<tunnel_port>).
       tunnel_port: 51001
+      # Agent local API port that will be exposed through the tunnel.
       api_port: 8299
 """
 
@@ -589,7 +601,8 @@ def _check_hub_serves(docker: Docker, tag: str) -> None:
     with tempfile.TemporaryDirectory(prefix="otterscale-image-check-") as tmp:
         config = Path(tmp) / "otterscale.yaml"
         seed, password = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        config.write_text(SAMPLE_CONFIG.replace("change-me", seed).replace("dev-agent-password", password))
+        text = SAMPLE_CONFIG.replace('host: "0.0.0.0"', 'host: "127.0.0.1"')  # the tunnel on loopback
+        config.write_text(text.replace("change-me", seed).replace("dev-agent-password", password))
         config.chmod(0o644)  # read by uid 65532 through the bind mount
         container = docker.run(
             "run",

@@ -185,10 +185,13 @@ def kind_clusters(request: pytest.FixtureRequest) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def kind_keycloak(kind_clusters: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
     """Keycloak on the host, issuer on the kind network's gateway (reachable from the hub Pod)."""
+    yield from _gateway_keycloak(tmp_path_factory.mktemp("keycloak-kind"), _kind.kind_gateway())
+
+
+def _gateway_keycloak(directory: Path, gateway: str) -> Iterator[Keycloak]:
+    """Keycloak on the host with its issuer on ``gateway`` (a relay there), stopped after."""
     try:
-        kc, relay = _kind.start_gateway_keycloak(
-            tmp_path_factory.mktemp("keycloak-kind"), _kind.kind_gateway()
-        )
+        kc, relay = _kind.start_gateway_keycloak(directory, gateway)
     except (ToolMissingError, KeycloakError) as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
@@ -216,15 +219,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
 @pytest.fixture(scope="session")
 def node_keycloak(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
     """Keycloak on the host, issuer on the host's end of the node's veth (reachable from Pods)."""
-    try:
-        kc, relay = _kind.start_gateway_keycloak(tmp_path_factory.mktemp("keycloak-node"), node.host_ip)
-    except (ToolMissingError, KeycloakError) as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield kc
-    finally:
-        kc.stop()
-        relay.close()
+    yield from _gateway_keycloak(tmp_path_factory.mktemp("keycloak-node"), node.host_ip)
 
 
 #: The clusters of ``otterscale_system`` with a control plane and an agent.
