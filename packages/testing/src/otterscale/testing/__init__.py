@@ -35,6 +35,7 @@ from ._keycloak import (
     TokenRequestError,
     start_keycloak,
 )
+from ._node import Node, NodeError, NodeUnavailableError, start_node
 from ._process import ManagedProcess, child_pids, free_port, holds_socket
 from ._relay import BlackHoleRelay
 from ._service import (
@@ -76,6 +77,9 @@ __all__ = [
     "LocalIssuer",
     "ManagedProcess",
     "Metrics",
+    "Node",
+    "NodeError",
+    "NodeUnavailableError",
     "ServiceProcess",
     "StagedLease",
     "System",
@@ -106,6 +110,7 @@ __all__ = [
     "start_control_plane",
     "start_hub_replicas",
     "start_keycloak",
+    "start_node",
     "start_system",
     "tool_path",
     "write_lease",
