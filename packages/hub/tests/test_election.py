@@ -356,8 +356,10 @@ async def test_a_leader_that_has_not_renewed_in_time_steps_down(
 ) -> None:
     """a's API server stops answering (its connections are frozen: no error, no timeout of its
     own): a renewal hangs until the client gives up (5 s), but the watchdog ends the term once the
-    last renewal is older than the renew deadline (3 s), and says so."""
-    a = await candidates.start("a", relay=True)
+    last renewal is older than the renew deadline (3 s), and says so. The Lease lasts 10 s here: with
+    4 s, its expiry (seen by the same candidate) could end the term first on a loaded box, and the
+    watchdog would have nothing left to do."""
+    a = await candidates.start("a", relay=True, timings={**TIMINGS, "lease_duration": 10.0})
     await until(lambda: a.leading, 10, "a leads")
     await wait_for(lambda: candidates.changes["a"] > 0, 10, "a's term began")
     changes = candidates.changes["a"]
