@@ -229,8 +229,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``otterscale server`` and ``otterscale-hub``; returns the exit status."""
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    extra_routed_services: Sequence[str] = (),
+    extra_hub_services: Sequence[str] = (),
+) -> int:
+    """Entry point of ``otterscale server`` and ``otterscale-hub``; returns the exit status.
+
+    ``extra_routed_services`` (``MODULE:SERVICE``, forwarded to the agents by cluster) and
+    ``extra_hub_services`` (``MODULE:SERVICE=MODULE:FACTORY``, answered by the hub) are served
+    besides the registry's (``_services``): how tests run a hub process that knows a test-only
+    service (``otterscale.testing``'s launcher), exactly as a build of the hub with more services
+    would. They travel to the hub inside Envoy by name (:func:`._services.routed_service`,
+    :func:`._services.hub_service` resolve them there).
+    """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         options = resolve_defaults(args)
@@ -255,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "config": str(options.config),
                 "chisel": args.chisel,
                 "election": _election_json(election),
+                "routed_services": list(extra_routed_services),
+                "hub_services": list(extra_hub_services),
             },
             drain_timeout=args.drain_timeout,
             stop_timeout=STOP_TIMEOUT,

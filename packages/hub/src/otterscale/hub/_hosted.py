@@ -19,6 +19,7 @@ from otterscale.common import Hosted, ServeSettings, host, listener_limits, load
 
 from ._hub import Hub, HubSettings
 from ._lease import ElectionSettings
+from ._services import HUB_SERVICES, ROUTED_SERVICES, hub_service, routed_service
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ async def _hub(settings: ServeSettings) -> Hosted:
             chisel=service.get("chisel"),
             drain_timeout=settings.drain_timeout,
             election=ElectionSettings(**election, environ=dict(os.environ)) if election else None,
+            routed_services=(
+                *ROUTED_SERVICES,
+                *(routed_service(spec) for spec in service.get("routed_services", ())),
+            ),
+            hub_services=(*HUB_SERVICES, *(hub_service(spec) for spec in service.get("hub_services", ()))),
         ),
         hosted=True,
     )

@@ -193,7 +193,7 @@ class Hub:
 
     def streaming(self) -> tuple[frozenset[str], frozenset[str]]:
         """The procedures whose answers stream, and those whose requests stream."""
-        return streaming_procedures(self.settings.routed_services, HUB_SERVICES)
+        return streaming_procedures(self.settings.routed_services, self.settings.hub_services)
 
     async def api_app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The API (an ASGI application; serves once the hub has started)."""

@@ -3,6 +3,13 @@
 Each process gets its own process group (so a stop reaches its children too), output to a log
 file (shown when something fails), the Linux parent-death signal (so even a SIGKILLed pytest
 leaves no orphan), and a stop that escalates from SIGTERM to SIGKILL with bounded waits.
+
+The process that starts them follows its own parent in turn (:func:`follow_parent`, armed by
+the first :class:`ManagedProcess`): when that parent dies, it gets SIGTERM. Without it, a test
+run or ``nox -s demo`` whose nox was stopped with SIGTERM (nox does not pass it on) lived on as
+an orphan with its control planes, Keycloak, hub and agents. With it, the orphan stops: by
+default Python dies at once and its children follow by their parent-death signal; the demo
+handles SIGTERM and tears everything down in order.
 """
 
 from __future__ import annotations
@@ -26,12 +33,30 @@ logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _live: set[ManagedProcess] = set()
+#: This process's parent when the module was imported (to notice one that died before we armed).
+_ORIGINAL_PARENT = os.getppid()
+_following = False
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def follow_parent(sig: int = signal.SIGTERM) -> None:
+    """Get ``sig`` when this process's parent dies (Linux; once per process; see the module docstring).
+
+    A parent that died before this call (we were re-parented already) counts as dying now.
+    """
+    global _following
+    if _following or not sys.platform.startswith("linux"):
+        return
+    _following = True
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, sig)
+    if os.getppid() != _ORIGINAL_PARENT:
+        os.kill(os.getpid(), sig)
 
 
 #: Lowest port :func:`free_port` hands out: below are well-known fixed ports (8080, 9090...).
@@ -66,15 +91,17 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def holds_socket(*, local_port: int, remote_port: int) -> bool:
-    """Whether this process has a file descriptor open on the TCP socket between the two ports.
+def holds_socket(*, local_port: int, remote_port: int, pid: int | None = None) -> bool:
+    """Whether process ``pid`` (default: this one) has a file descriptor open on the TCP socket
+    between the two ports.
 
-    For tests of a server in the test's own process: a socket the server closed is gone from its
+    For tests of a server process (a hub, an agent): a socket the server closed is gone from its
     fds even while the kernel still lingers over it (FIN_WAIT, TIME_WAIT).
     """
+    proc = Path("/proc") / (str(pid) if pid is not None else "self")
     inodes = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+    for table in ("net/tcp", "net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(proc / table) as lines:
             next(lines)  # the header
             for line in lines:
                 fields = line.split()
@@ -83,11 +110,44 @@ def holds_socket(*, local_port: int, remote_port: int) -> bool:
                     inodes.add(f"socket:[{fields[9]}]")
     if not inodes:
         return False
-    for fd in Path("/proc/self/fd").iterdir():
-        with contextlib.suppress(OSError):  # an fd closed while iterating
-            if os.readlink(fd) in inodes:
-                return True
+    with contextlib.suppress(FileNotFoundError):  # the process has exited: it holds nothing
+        for fd in (proc / "fd").iterdir():
+            with contextlib.suppress(OSError):  # an fd closed while iterating
+                if os.readlink(fd) in inodes:
+                    return True
     return False
+
+
+def child_pids(pid: int, command: str | None = None) -> list[int]:
+    """The live (not zombie) processes below ``pid`` (children and their children: ``otterscale
+    server`` runs the hub inside Envoy, its child, and chisel is Envoy's child), optionally only
+    those whose command name (``/proc/<pid>/comm``, e.g. ``chisel``) is ``command``; sorted."""
+    table: dict[int, tuple[int, str, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        state, parent = text[text.rindex(")") + 2 :].split()[:2]
+        table[int(entry.name)] = (int(parent), state, comm)
+
+    def below(candidate: int) -> bool:
+        seen = 0
+        while candidate in table and seen < 64:
+            candidate = table[candidate][0]
+            if candidate == pid:
+                return True
+            seen += 1
+        return False
+
+    return sorted(
+        found
+        for found, (_, state, comm) in table.items()
+        if state != "Z" and (command is None or comm == command) and below(found)
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -139,9 +199,11 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
+        follow_parent()
         self.name = name
         self.argv = list(argv)
         self.log_file = log_file
+        self._terminated = False
         self._log = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             self.argv,
@@ -190,13 +252,18 @@ class ManagedProcess:
             delay = min(delay * 1.5, 0.5)
 
     def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process group."""
+        if sig == signal.SIGTERM:
+            self._terminated = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM the process group, wait, then SIGKILL; always reaps. Safe to call twice."""
+        """SIGTERM the process group (unless :meth:`signal` did already: a second SIGTERM cuts a
+        service's graceful shutdown short), wait, then SIGKILL; always reaps. Safe to call twice."""
         if self.alive():
-            self.signal(signal.SIGTERM)
+            if not self._terminated:
+                self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
