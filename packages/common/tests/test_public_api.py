@@ -12,8 +12,6 @@ EXPECTED = {
     "ASGIApp",
     "drain_request",
     "serve",
-    "server_config",
-    "tune_hypercorn",
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
@@ -60,7 +58,6 @@ EXPECTED = {
     "SIGNATURE_HEADER",
     # logging
     "configure_logging",
-    "create_listener",
     "echo",
     "LogFormat",
     "RedactingFilter",

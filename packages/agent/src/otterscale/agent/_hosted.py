@@ -39,7 +39,7 @@ class HostedAgent:
     def __init__(self, settings: AgentSettings) -> None:
         self._tunnel = Tunnel(settings.tunnel) if settings.tunnel is not None else None
         readiness = self._tunnel.readiness if self._tunnel is not None else None
-        self.agent = Agent(settings, readiness=readiness, hosted=True)
+        self.agent = Agent(settings, readiness=readiness)
         self._tunnel_task: asyncio.Task[None] | None = None
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -86,13 +86,11 @@ if TYPE_CHECKING:
         UsageError,
         echo,
     )
-    from ._h2 import tune_hypercorn
     from ._hosting import ClientGone, Hosted, ServeSettings, host, streaming_methods
     from ._identity import RESERVED_PREFIXES, Identity
     from ._launch import Launch, configured_limits, configured_value, serve
     from ._lazy import lazy_exports
     from ._logging import LogFormat, LogThrottle, RedactingFilter, configure_logging, redact
-    from ._net import create_listener, serve_asgi, server_config
     from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier, VerifiedToken
     from ._signing import (
         GROUPS_HEADER,
@@ -184,7 +182,6 @@ _EXPORTS: dict[str, str] = {
     "configured_limits": "._launch",
     "configured_value": "._launch",
     "container_mode": "._cli",
-    "create_listener": "._net",
     "derive_identity_key": "._signing",
     "derive_key": "._signing",
     "drain_request": "._asgi",
@@ -204,12 +201,9 @@ _EXPORTS: dict[str, str] = {
     "resolve_defaults": "._cli",
     "reverse_remote_pattern": "._chisel",
     "serve": "._launch",
-    "serve_asgi": "._net",
-    "server_config": "._net",
     "sign_identity": "._signing",
     "streaming_methods": "._hosting",
     "strip_identity_headers": "._signing",
-    "tune_hypercorn": "._h2",
     "verify_identity": "._signing",
     "write_authfile": "._chisel",
 }
@@ -290,7 +284,6 @@ __all__ = [
     "configured_limits",
     "configured_value",
     "container_mode",
-    "create_listener",
     "derive_identity_key",
     "derive_key",
     "drain_request",
@@ -310,12 +303,9 @@ __all__ = [
     "resolve_defaults",
     "reverse_remote_pattern",
     "serve",
-    "serve_asgi",
-    "server_config",
     "sign_identity",
     "streaming_methods",
     "strip_identity_headers",
-    "tune_hypercorn",
     "verify_identity",
     "write_authfile",
 ]

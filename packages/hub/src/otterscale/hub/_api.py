@@ -21,14 +21,12 @@
   then the guard that keeps the forwarding headers only when another replica signed them
   (:mod:`._replicas`), before anything reads a header.
 
-Authentication: inside Envoy (``hosted``), :class:`~._auth.AuthInterceptor` verifies the caller
-of every API service from the headers before the request body is read, on followers too (after
-the audit trail's metadata interceptor, so a refused call is still audited); the handlers take
-that identity. A hub embedded in a test process (hypercorn, which cannot answer an HTTP/2 request
-before its body has arrived) authenticates in the handlers, after the body.
+Authentication: :class:`~._auth.AuthInterceptor` verifies the caller of every API service from
+the headers before the request body is read, on followers too (after the audit trail's metadata
+interceptor, so a refused call is still audited); the handlers take that identity.
 
-Inside Envoy the management router (``/metrics``, per-cluster health) is its own application,
-served on the management address only.
+The management router (``/metrics``, per-cluster health) is its own application, served on the
+management address only.
 
 Authentication happens in the handlers (the proxy, the forwarder's leader, the hub-served
 services), after routing by path but before anything is passed on.
@@ -88,9 +86,7 @@ class Api:
         serves_tunnels: Callable[[], bool],
         on_started: Callable[[], None],
         on_unreachable: Callable[[str], None],
-        hosted: bool = False,
     ) -> None:
-        self._hosted = hosted
         self._limits = limits
         self._metrics = metrics
         self._leading = leading
@@ -136,19 +132,19 @@ class Api:
                 clusters=clusters,
             )
 
-        #: The API's health: the hub and its services, not the clusters (hosted), or everything.
-        self.health = health(clusters=not hosted)
+        #: The API's health: the hub and its services, not the clusters.
+        self.health = health(clusters=False)
         #: The management address's health, per cluster too.
-        self.management_health = health(clusters=True) if hosted else self.health
+        self.management_health = health(clusters=True)
         self.forwarder = (
             LeaderForwarder(leadership, metrics, self.replicas) if leadership is not None else None
         )
         observing = ObservingInterceptor(metrics)
         #: Health's and reflection's interceptors (anyone may call them).
         self._interceptors: tuple[Interceptor, ...] = (observing,)
-        # Inside Envoy the caller is authenticated before the body is read: a metadata interceptor
-        # among the leading ones, which connectrpc runs before reading the body.
-        auth: tuple[Interceptor, ...] = (AuthInterceptor(self.authenticator),) if hosted else ()
+        # The caller is authenticated before the body is read: a metadata interceptor among the
+        # leading ones, which connectrpc runs before reading the body.
+        auth: tuple[Interceptor, ...] = (AuthInterceptor(self.authenticator),)
         #: The forwarder's (a follower authenticates too, the leader audits).
         self._forwarding: tuple[Interceptor, ...] = (observing, *auth)
         audit = self.audit.interceptors()
@@ -177,11 +173,11 @@ class Api:
             self._add(services, service.descriptor, service.application(context), routes)
         health_app = HealthASGIApplication(self.health, interceptors=self._interceptors)
         services[_service_name(health_app.path)] = health_app  # type: ignore[assignment]
-        management_services: dict[str, ASGIApp] = {HEALTH_SERVICE: health_app}  # type: ignore[dict-item]
-        if hosted:
-            management_services[HEALTH_SERVICE] = HealthASGIApplication(  # type: ignore[assignment]
+        management_services: dict[str, ASGIApp] = {
+            HEALTH_SERVICE: HealthASGIApplication(  # type: ignore[dict-item]
                 self.management_health, interceptors=self._interceptors
             )
+        }
         described = [
             *(descriptor for descriptor, _ in routed),
             *(service.descriptor for service, _ in served),
@@ -191,10 +187,10 @@ class Api:
             services[_service_name(app.path)] = app  # type: ignore[assignment]
         router = Router(
             services,
-            metrics=None if hosted else metrics.render,
+            metrics=None,
             ready=ready,
             on_startup=on_started,
-            read_body=not hosted,
+            read_body=False,
         )
         #: The hub's ASGI application. CORS outermost: preflights before auth, on followers too;
         #: then the forwarding headers are trusted only when another replica signed them, before
@@ -202,7 +198,7 @@ class Api:
         self.router: ASGIApp = with_cors(ReplicaHeaderGuard(router, self.replicas), config.cors)
         #: ``/metrics``, readiness and the per-cluster health (the management address).
         self.management: ASGIApp = Router(
-            management_services, metrics=metrics.render, ready=ready, read_body=not hosted
+            management_services, metrics=metrics.render, ready=ready, read_body=False
         )
 
     def drain(self) -> None:
@@ -264,7 +260,6 @@ class Api:
             self._limits,
             on_refused=self._refused,
             routes=routes_by_procedure(routes),
-            hold_refused=not self._hosted,
         )
 
 

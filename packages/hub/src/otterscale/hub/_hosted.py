@@ -42,7 +42,6 @@ async def _hub(settings: ServeSettings) -> Hosted:
             ),
             hub_services=(*HUB_SERVICES, *(hub_service(spec) for spec in service.get("hub_services", ()))),
         ),
-        hosted=True,
     )
     streaming, request_streaming = hub.streaming()
     return Hosted(

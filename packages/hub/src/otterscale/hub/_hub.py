@@ -41,9 +41,7 @@ from otterscale.common import (
     ChiselServer,
     OtterscaleConfig,
     check_chisel,
-    create_listener,
     derive_identity_key,
-    serve_asgi,
 )
 
 from ._api import Api, streaming_procedures
@@ -58,7 +56,6 @@ from ._prober import Prober
 from ._proxy import ClusterProxy
 from ._role import Role
 from ._services import HUB_SERVICES, ROUTED_SERVICES, HubService
-from ._tasks import cancel_and_wait, spawn
 from ._tunnel_server import TunnelServer
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
@@ -98,17 +95,13 @@ class HubSettings:
 class Hub:
     """One running hub (see the module docstring). Use ``async with`` or start()/stop().
 
-    ``leadership`` replaces the Kubernetes leader election of ``settings.election`` (tests).
-    ``hosted``: the hub runs inside Envoy (``otterscale server``), which serves :attr:`api_app`
-    and :attr:`management_app`; without it the hub serves itself on hypercorn (tests in the same
-    process, until they run the hub as a process).
+    ``leadership`` replaces the Kubernetes leader election of ``settings.election``. The hub
+    runs inside Envoy (``otterscale server``, :mod:`._hosted`), which serves :attr:`api_app` and
+    :attr:`management_app`.
     """
 
-    def __init__(
-        self, settings: HubSettings, *, leadership: Leadership | None = None, hosted: bool = False
-    ) -> None:
+    def __init__(self, settings: HubSettings, *, leadership: Leadership | None = None) -> None:
         self.settings = settings
-        self.hosted = hosted
         if leadership is None and settings.election is not None:
             from ._leader import KubernetesLeadership  # Kubernetes' client only when it is used
 
@@ -132,9 +125,7 @@ class Hub:
         self._api: Api | None = None
         self._auth: Authenticator | None = None
         self._proxy: ClusterProxy | None = None
-        self._shutdown = asyncio.Event()
         self._serving = asyncio.Event()
-        self._server_task: asyncio.Task[None] | None = None
         self._stopper: asyncio.Task[None] | None = None
         self._draining = False
         self.port: int | None = None
@@ -178,10 +169,8 @@ class Hub:
 
     @property
     def root_tasks(self) -> list[asyncio.Task[Any]]:
-        """Tasks that must run as long as the hub (the server, leadership); one ending is a failure."""
+        """Tasks that must run as long as the hub (leadership); one ending is a failure."""
         tasks: list[asyncio.Task[Any]] = []
-        if self._server_task is not None:
-            tasks.append(self._server_task)
         if self._role is not None:
             tasks.extend(self._role.tasks())
         return tasks
@@ -218,13 +207,6 @@ class Hub:
                     return f"{ended} stopped unexpectedly"
             await asyncio.sleep(1.0)
 
-    @property
-    def server_task(self) -> asyncio.Task[None]:
-        """The task serving HTTP; it ends when the server stops (or fails)."""
-        if self._server_task is None:
-            raise RuntimeError("the hub was not started")
-        return self._server_task
-
     def ready(self) -> bool:
         """Serving, not shutting down, and the tunnel server up unless a follower (``/readyz``)."""
         return self._serving.is_set() and not self._draining and self._serves_api()
@@ -259,15 +241,8 @@ class Hub:
             await self.stop()
             raise
         self.started_in = time.perf_counter() - started
-        if self.hosted:  # the launcher says when Envoy serves it
-            logger.debug("hub started in %.0f ms", self.started_in * 1000)
-            return
-        logger.info(
-            "hub ready at %s (started in %.0f ms)",
-            self.url,
-            self.started_in * 1000,
-            extra={"address": self.url, "clusters": len(self._clusters)},
-        )
+        # The launcher says when Envoy serves it (the ready line).
+        logger.debug("hub started in %.0f ms", self.started_in * 1000)
 
     async def _start(self) -> None:
         settings = self.settings
@@ -318,7 +293,6 @@ class Hub:
             serves_tunnels=self._serves_api,
             on_started=self._serving.set,
             on_unreachable=self.probe_soon,
-            hosted=self.hosted,
         )
         self._auth, self._proxy = api.authenticator, api.proxy
 
@@ -337,37 +311,9 @@ class Hub:
                 extra={"fingerprint": fingerprint},
             )
 
-        if self.hosted:
-            # Envoy serves the API once start-up is over; it listens only after that.
-            self.port = settings.port
-            self._serving.set()
-            if not self._elected:
-                role.serving()
-                return
-            await role.campaign(api.leader_changed)
-            return
-        try:
-            sock = create_listener(settings.host, settings.port)
-        except OSError as exc:
-            raise HubError(
-                f"cannot listen on {settings.host or '*'}:{settings.port}: {exc.strerror or exc}"
-            ) from exc
-        self.port = sock.getsockname()[1]
-        self._server_task = spawn(
-            serve_asgi(api.router, sock, self._shutdown, graceful_timeout=settings.drain_timeout),
-            name="hub-server",
-        )
-        serving = asyncio.ensure_future(self._serving.wait())
-        try:
-            await asyncio.wait(
-                {serving, self._server_task}, timeout=15.0, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            serving.cancel()
-        if not self._serving.is_set():
-            if self._server_task.done() and self._server_task.exception() is not None:
-                raise RuntimeError("the HTTP server failed to start") from self._server_task.exception()
-            raise RuntimeError("the HTTP server did not start within 15s")
+        # Envoy serves the API once start-up is over; it listens only after that.
+        self.port = settings.port
+        self._serving.set()
         if not self._elected:
             role.serving()
             return
@@ -404,15 +350,6 @@ class Hub:
     async def _stop(self) -> None:
         was_serving = self._serving.is_set()
         self.drain()
-        self._shutdown.set()
-        if self._server_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._server_task), self.settings.drain_timeout + 5.0)
-            except TimeoutError:
-                logger.warning("the HTTP server did not stop in time; cancelling it")
-                await cancel_and_wait([self._server_task])
-            except Exception:  # the task's done callback logged it
-                logger.debug("the HTTP server ended with an error")
         if self._role is not None:
             await self._role.stop()
         if self._agents is not None:
@@ -421,23 +358,3 @@ class Hub:
             await self._api.aclose()
         if was_serving:
             logger.info("hub stopped")
-
-
-async def run_hub(settings: HubSettings, stop: asyncio.Event) -> int:
-    """Run a hub until ``stop`` is set (0) or a root task fails (1); always shuts down cleanly."""
-    hub = Hub(settings)
-    await hub.start()
-    status = 0
-    try:
-        waiter = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({waiter, *hub.root_tasks}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if not stop.is_set():
-            ended = next((task.get_name() for task in hub.root_tasks if task.done()), "?")
-            logger.error("%s stopped unexpectedly; shutting down", ended)
-            status = 1
-    finally:
-        await hub.stop()
-    return status

@@ -68,11 +68,6 @@ DEFAULT_WATCH_SEND_TIMEOUT = 30.0
 
 #: The 5-byte prefix (flags and length) of each message in the gRPC and Connect streaming bodies.
 ENVELOPE_PREFIX = 5
-#: After refusing a request, how much more of its body is read and dropped so the rest of it does
-#: not arrive for a stream hypercorn 0.18 already forgot (it would drop the whole HTTP/2
-#: connection, with the caller's other calls on it), and for how long at most.
-DISCARD_BYTES = 16 * MIB
-DISCARD_SECONDS = 5.0
 
 #: ``reason`` labels of ``otterscale_hub_limit_refusals_total``.
 REQUEST_TOO_LARGE = "request_too_large"
@@ -200,19 +195,12 @@ class ClientLimits:
     an envelope's length prefix) pass the limit, so nothing larger is ever buffered. A request
     stream's messages are bounded one by one, on each envelope's length prefix.
 
-    On hypercorn (``hold_refused``, a hub embedded in a test process) that answer is held back
-    while the rest of the refused body is read and dropped (at most
-    :data:`DISCARD_BYTES`, for at most :data:`DISCARD_SECONDS`): hypercorn 0.18 forgets a stream
-    as soon as its response is complete, and a DATA frame for a forgotten stream makes it drop the
-    whole HTTP/2 connection (every other call of that client with it); over HTTP/1.1 it closes
-    the connection, and a client still sending may then lose the answer to a TCP reset. A client
-    that sends a finite body gets the answer once it is sent; one that sends without end gets it
-    after those bounds, and loses the connection. Envoy answers early safely (the rest of the body
-    is dropped there), so inside Envoy the answer goes out at once.
+    The answer goes out at once: Envoy drops the rest of a refused body (its other streams are
+    unaffected).
 
     Streamed responses: each ``send`` of the response may take at most ``watch_send_timeout``;
-    hypercorn's send blocks only when the client's HTTP/2 window and the stream's small buffer
-    are full, that is when the client has not accepted data for that long. The call then ends
+    a send blocks only when the client's HTTP/2 window and Envoy's small buffer are full, that is
+    when the client has not accepted data for that long. The call then ends
     (the handler's generator is closed, which closes the agent stream and frees the slot) and
     every later send fails at once, so nothing else waits on that client.
     """
@@ -224,13 +212,11 @@ class ClientLimits:
         *,
         on_refused: Callable[[str], None],
         routes: Mapping[str, Route] | None = None,
-        hold_refused: bool = True,
     ) -> None:
         self._app = app
         self._limits = limits
         self._on_refused = on_refused
         self._routes = routes if routes is not None else default_routes()
-        self._hold_refused = hold_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -239,14 +225,7 @@ class ClientLimits:
         route = self._routes.get(scope["path"])
         per_message = route is not None and route.streams_requests
         body = _BodyLimit(scope, receive, self._limits.max_request_bytes, self._on_refused, per_message)
-        if not self._hold_refused:
-            await self._serve(scope, body, send, route)
-            return
-        held = _HeldSend(send, body)
-        await self._serve(scope, body, held, route)
-        if body.refused:
-            await body.discard()
-        await held.release()
+        await self._serve(scope, body, send, route)
 
     async def _serve(self, scope: Scope, body: _BodyLimit, send: Send, route: Route | None) -> None:
         if route is None or not route.streams_responses:
@@ -261,27 +240,6 @@ class ClientLimits:
             # The stream cannot be ended in-band (the client reads nothing): returning without
             # completing the response makes the server reset it (Envoy: its idle timeout on the
             # route, a moment later).
-
-
-class _HeldSend:
-    """The response's ``send``, holding the answer to a refused request until :meth:`release`."""
-
-    def __init__(self, send: Send, body: _BodyLimit) -> None:
-        self._send = send
-        self._body = body
-        self._held: list[dict[str, Any]] = []
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        if self._body.refused:
-            self._held.append(message)  # a small error response, never a stream of events
-        else:
-            await self._send(message)
-
-    async def release(self) -> None:
-        """Send what was held, in order."""
-        held, self._held = self._held, []
-        for message in held:
-            await self._send(message)
 
 
 class _BodyLimit:
@@ -367,19 +325,6 @@ class _BodyLimit:
             self.refused = True
             self._on_refused(REQUEST_TOO_LARGE)
         raise to_connect_error(request_too_large(self._limit))
-
-    async def discard(self) -> None:
-        """Read and drop what is left of a refused body, within bounds (see ``DISCARD_BYTES``)."""
-        dropped = 0
-        try:
-            async with asyncio.timeout(DISCARD_SECONDS):
-                while not self._done and dropped < DISCARD_BYTES:
-                    message = await self._receive()
-                    if message["type"] != "http.request" or not message.get("more_body", False):
-                        self._done = True
-                    dropped += len(message.get("body", b""))
-        except TimeoutError:
-            logger.debug("stopped discarding a refused request body after %.0fs", DISCARD_SECONDS)
 
 
 class _StreamSender:

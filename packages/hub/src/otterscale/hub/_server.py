@@ -9,8 +9,7 @@ router: ``GET /metrics`` (Prometheus), the full gRPC health (per cluster too), `
 :class:`Switch` between serving and forwarding to the leader.
 
 Served by Envoy (:func:`otterscale.common.serve`): the API on ``--address``, the management
-router on ``--management-address``. A hub embedded in a test process (on hypercorn) serves one
-router with both.
+router on ``--management-address``.
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ class Router:
         self._metrics = metrics
         self._ready = ready
         self._on_startup = on_startup
-        # hypercorn (a hub in a test process) must read a request's body before answering it.
+        # Whether to read a request's body before answering it (Envoy drops the rest itself).
         self._read_body = read_body
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -118,9 +117,7 @@ async def _respond(
     content_type: str = "text/plain; charset=utf-8",
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    # On hypercorn, read the whole request first: answering an HTTP/2 request before its body has
-    # arrived makes hypercorn 0.18 fail on the DATA frames that follow and drop the whole
-    # connection. Envoy drops the rest of the body itself.
+    # With ``receive``, read the whole request first (Envoy drops the rest of a body itself).
     while receive is not None:
         message = await receive()
         if message["type"] == "http.disconnect":

@@ -51,5 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"otterscale.testing._launcher: {exc}") from None
     return hub_main(command[1:], extra_routed_services=options.route, extra_hub_services=options.serve)
 
+
 if __name__ == "__main__":
     sys.exit(main())
