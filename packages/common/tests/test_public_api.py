@@ -11,7 +11,22 @@ import otterscale.common
 EXPECTED = {
     "ASGIApp",
     "drain_request",
+    # serving inside Envoy: the launcher (stdlib only) and the hosted application
     "serve",
+    "Launch",
+    "Address",
+    "ListenerLimits",
+    "LIMIT_BOUNDS",
+    "configured_limits",
+    "configured_value",
+    "listener_limits",
+    "host",
+    "Hosted",
+    "ServeSettings",
+    "ClientGone",
+    "streaming_methods",
+    "lazy_exports",
+    "LogThrottle",
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",

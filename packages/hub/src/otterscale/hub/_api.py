@@ -145,8 +145,9 @@ class Api:
         # The caller is authenticated before the body is read: a metadata interceptor among the
         # leading ones, which connectrpc runs before reading the body.
         auth: tuple[Interceptor, ...] = (AuthInterceptor(self.authenticator),)
-        #: The forwarder's (a follower authenticates too, the leader audits).
-        self._forwarding: tuple[Interceptor, ...] = (observing, *auth)
+        #: The forwarder's (a follower authenticates too, the leader audits what it forwards; the
+        #: follower audits what it refuses itself).
+        self._forwarding: tuple[Interceptor, ...] = (observing, self.audit.refusals(), *auth)
         audit = self.audit.interceptors()
         first = tuple(i for i in audit if isinstance(i, MetadataInterceptor))
         then = tuple(i for i in audit if not isinstance(i, MetadataInterceptor))
