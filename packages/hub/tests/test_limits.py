@@ -1013,7 +1013,8 @@ def test_limits_come_from_the_config_with_defaults(tmp_path: Path) -> None:
             {"max_watch": 3},
             [
                 "limits.max_watch: unknown key; allowed keys: max_request_bytes, max_response_bytes, "
-                "max_watches_per_subject, watch_send_timeout_seconds"
+                "max_watches_per_subject, watch_send_timeout_seconds, request_timeout_seconds, "
+                "max_connections, max_streams_per_connection, peer_requests_per_second"
             ],
         ),
         ([1], ["limits: must be a mapping"]),
