@@ -23,7 +23,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ControlPlane, KubeAPIError, System
+from otterscale.testing import ControlPlane, KubeAPIError, System, child_pids
 
 from .conftest import Hub, Measurements, unique
 from .test_faults import (
@@ -57,12 +57,19 @@ READ_BEFORE_KILL = 2 * 1024 * 1024
 
 
 def bytes_read(pid: int) -> int:
-    """Bytes process ``pid`` has read with read()/recv() so far (sockets included): ``rchar``."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key == "rchar":
-            return int(value)
-    raise AssertionError(f"no rchar in /proc/{pid}/io")
+    """Bytes process ``pid`` and the processes below it but chisel (the agent runs inside Envoy,
+    the command's child) have read with read()/recv() so far (sockets included): ``rchar``."""
+    total = 0
+    for member in [pid, *child_pids(pid)]:
+        try:
+            if Path(f"/proc/{member}/comm").read_text().strip() == "chisel":
+                continue
+            lines = Path(f"/proc/{member}/io").read_text().splitlines()
+        except OSError:  # gone meanwhile
+            continue
+        fields = (line.partition(":") for line in lines)
+        total += sum(int(value) for key, _, value in fields if key == "rchar")
+    return total
 
 
 def create_many(cp: ControlPlane, namespace: str, count: int, size: int) -> None:

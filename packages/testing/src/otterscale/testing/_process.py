@@ -252,11 +252,20 @@ class ManagedProcess:
             delay = min(delay * 1.5, 0.5)
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the process group."""
+        """Send ``sig`` to the process group; SIGKILL also to every process below it.
+
+        A service keeps Envoy (with the service inside) in a process group of its own, so that a
+        group SIGTERM drains instead of reaching Envoy: a SIGKILL must still take the whole tree
+        at once, as a container's end does, not leave Envoy to a graceful parent-death stop.
+        """
         if sig == signal.SIGTERM:
             self._terminated = True
+        below = child_pids(self.popen.pid) if sig == signal.SIGKILL else []
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the process group (unless :meth:`signal` did already: a second SIGTERM cuts a
