@@ -59,6 +59,7 @@ from otterscale.testing import (
     StreamState,
     System,
     caller_rbac,
+    child_pids,
     create_namespace,
     start_system,
 )
@@ -152,22 +153,8 @@ def _token(issuer: LocalIssuer) -> str:
 
 def _tree_rss(pid: int) -> int:
     """Resident memory of ``pid`` and every process below it, in bytes."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-
-    def below(candidate: int) -> bool:
-        while candidate in parents and candidate != pid:
-            candidate = parents[candidate]
-        return candidate == pid
-
     total = 0
-    for member in [p for p in parents if below(p)]:
+    for member in [pid, *child_pids(pid)]:
         try:
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
