@@ -247,8 +247,9 @@ async def test_hub_process_serves_logs_json_and_shuts_down_gracefully(
     hub_process: tuple[HubProcess, dict[str, object], FakeAgent], issuer: Issuer
 ) -> None:
     hub, info, _ = hub_process
-    # Start-up: well under two seconds (chisel included).
-    assert hub.started_in < 5, hub.started_in
+    # Start-up (chisel and Envoy included) is measured by the benchmark (nox -s bench, spawn ->
+    # ready); here only bounded, generously: a loaded 2-core CI box took 7 s.
+    assert hub.started_in < 30, hub.started_in
     lines = hub.lines()
     assert lines, "container mode logs JSON"
     tunnel_line = next(line for line in lines if "fingerprint" in line)

@@ -226,8 +226,12 @@ class RawH1:
         reader, writer = await asyncio.open_connection(host, port)
         lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {length}"]
         lines += [f"{name}: {value}" for name, value in headers]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
+        try:
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            await writer.drain()
+        except BaseException:  # e.g. reset while sending: the socket must not leak
+            writer.transport.abort()
+            raise
         return cls(reader, writer, time.monotonic())
 
     async def wait_closed(self, within: float) -> bool:
