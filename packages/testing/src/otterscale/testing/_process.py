@@ -92,11 +92,12 @@ def _bindable(host: str, port: int) -> bool:
 
 
 def holds_socket(*, local_port: int, remote_port: int, pid: int | None = None) -> bool:
-    """Whether process ``pid`` (default: this one) has a file descriptor open on the TCP socket
-    between the two ports.
+    """Whether process ``pid`` (default: this one) or a process below it has a file descriptor
+    open on the TCP socket between the two ports.
 
-    For tests of a server process (a hub, an agent): a socket the server closed is gone from its
-    fds even while the kernel still lingers over it (FIN_WAIT, TIME_WAIT).
+    For tests of a server process (a hub, an agent, which run inside Envoy, the command's
+    child): a socket the server closed is gone from its fds even while the kernel still lingers
+    over it (FIN_WAIT, TIME_WAIT).
     """
     proc = Path("/proc") / (str(pid) if pid is not None else "self")
     inodes = set()
@@ -110,11 +111,13 @@ def holds_socket(*, local_port: int, remote_port: int, pid: int | None = None) -
                     inodes.add(f"socket:[{fields[9]}]")
     if not inodes:
         return False
-    with contextlib.suppress(FileNotFoundError):  # the process has exited: it holds nothing
-        for fd in (proc / "fd").iterdir():
-            with contextlib.suppress(OSError):  # an fd closed while iterating
-                if os.readlink(fd) in inodes:
-                    return True
+    members = [proc] if pid is None else [proc, *(Path("/proc") / str(p) for p in child_pids(pid))]
+    for member in members:
+        with contextlib.suppress(FileNotFoundError):  # the process has exited: it holds nothing
+            for fd in (member / "fd").iterdir():
+                with contextlib.suppress(OSError):  # an fd closed while iterating
+                    if os.readlink(fd) in inodes:
+                        return True
     return False
 
 
