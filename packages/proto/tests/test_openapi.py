@@ -19,6 +19,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from otterscale.resource.v1 import resource_pb2 as pb
+from otterscale.runtime.v1 import runtime_pb2 as runtime_pb
 
 OPENAPI = Path(__file__).resolve().parents[3] / "api" / "openapi.yaml"
 SERVICE = pb.DESCRIPTOR.services_by_name["ResourceService"]
@@ -47,6 +48,17 @@ def test_one_path_per_rpc(doc: dict[str, Any]) -> None:
     assert resource_paths == {f"/otterscale.resource.v1.ResourceService/{name}" for name in RPCS}
     # Additions (otterscale.cluster.v1) are documented too.
     assert "/otterscale.cluster.v1.ClusterService/ListClusters" in doc["paths"]
+
+
+def test_runtime_service_paths(doc: dict[str, Any]) -> None:
+    service = runtime_pb.DESCRIPTOR.services_by_name["RuntimeService"]
+    runtime_paths = {path for path in doc["paths"] if path.startswith("/otterscale.runtime.v1.")}
+    assert runtime_paths == {f"/{service.full_name}/{m.name}" for m in service.methods}
+    for method in service.methods:
+        op = doc["paths"][f"/{service.full_name}/{method.name}"]["post"]
+        content_type = "application/connect+json" if method.server_streaming else "application/json"
+        request = op["requestBody"]["content"][content_type]["schema"]
+        assert request == {"$ref": _schema_ref(method.input_type.full_name)}, method.name
 
 
 @pytest.mark.parametrize("name", RPCS)
