@@ -164,13 +164,14 @@ def agent_server(control_plane: ControlPlane, crds: dict[str, str]) -> Iterator[
         yield server
 
 
-ClientFactory = Callable[..., ResourceServiceClient]
+ClientFactory = Callable[..., Any]
 
 
 @pytest_asyncio.fixture
 async def make_client(agent_server: AgentThread) -> AsyncIterator[ClientFactory]:
-    """``make_client(identity=ADMIN, transport="connect-h1", signer=None, json=False, url=None)``."""
-    opened: list[tuple[ResourceServiceClient, HTTPTransport]] = []
+    """``make_client(identity=ADMIN, transport="connect-h1", signer=None, json=False, url=None,
+    service=ResourceServiceClient)``: a client of ``service`` (any generated Connect client)."""
+    opened: list[tuple[Any, HTTPTransport]] = []
 
     def factory(
         identity: Identity | None = ADMIN,
@@ -180,7 +181,8 @@ async def make_client(agent_server: AgentThread) -> AsyncIterator[ClientFactory]
         json: bool = False,
         url: str | None = None,
         timeout_ms: int | None = None,
-    ) -> ResourceServiceClient:
+        service: type[Any] = ResourceServiceClient,
+    ) -> Any:
         protocol, http_version = TRANSPORTS[transport]
         http_transport = HTTPTransport(http_version=http_version)
         interceptors = []
@@ -188,7 +190,7 @@ async def make_client(agent_server: AgentThread) -> AsyncIterator[ClientFactory]
             interceptors.append(signer)
         elif identity is not None:
             interceptors.append(HubSigner(identity))
-        client = ResourceServiceClient(
+        client = service(
             url or agent_server.url,
             protocol=protocol,
             http_client=Client(http_transport),

@@ -16,6 +16,7 @@ EXPECTED = {
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
+    "RuntimeConfig",
     "KeycloakConfig",
     "TunnelConfig",
     "TunnelServerConfig",

@@ -33,6 +33,7 @@ S, B, I64T, BY, MSG, ENUM = "string", "bool", "int64", "bytes", "message", "enum
 PKG = "otterscale.resource.v1"
 STRUCT, EMPTY = "google.protobuf.Struct", "google.protobuf.Empty"
 
+
 def _strings(*names: str) -> list[Row]:
     json_names = {
         "label_selector": "labelSelector",

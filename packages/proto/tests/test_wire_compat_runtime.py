@@ -270,7 +270,8 @@ def test_execute_tty_request() -> None:
     assert list(msg.command) == ["/bin/sh", "-c", "echo hi"]
     assert msg.tty is True
     assert (msg.rows, msg.cols) == (40, 120)
-    assert msg.HasField("rows") and msg.HasField("cols")
+    assert msg.HasField("rows")
+    assert msg.HasField("cols")
     assert not msg.HasField("stdin")  # absent: stdin attached, as the original always did
     assert msg.SerializeToString() == data
 
@@ -298,7 +299,8 @@ def test_write_tty_request() -> None:
     assert msg.close_stdin is False
     assert msg.SerializeToString() == data
     ours = _decode(pb.WriteTTYRequest, data + f_varint(3, 0) + f_varint(4, 1))
-    assert ours.HasField("offset") and ours.offset == 0
+    assert ours.HasField("offset")
+    assert ours.offset == 0
     assert ours.close_stdin is True
     big = _decode(pb.WriteTTYRequest, f_varint(3, 2**63 + 5))
     assert big.offset == 2**63 + 5
@@ -355,7 +357,8 @@ def test_scale_messages() -> None:
     assert req.SerializeToString() == data
     assert _decode(pb.ScaleRequest, f_varint(7, -2)).replicas == -2  # refused by the agent, not the wire
     pre = _decode(pb.ScaleRequest, data + f_varint(8, 0))
-    assert pre.HasField("current_replicas") and pre.current_replicas == 0
+    assert pre.HasField("current_replicas")
+    assert pre.current_replicas == 0
 
     resp = _decode(pb.ScaleResponse, f_varint(1, 3))
     assert resp.replicas == 3
@@ -413,7 +416,8 @@ def test_json_of_an_original_dashboard() -> None:
         ),
         pb.PodLogRequest(),
     )
-    assert log.HasField("tail_lines") and log.tail_lines == 0
+    assert log.HasField("tail_lines")
+    assert log.tail_lines == 0
     assert log.since_time.seconds == 1767323045
     assert log.limit_bytes == 1024
     assert not log.HasField("since_seconds")

@@ -189,6 +189,7 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
         kubeconfig=args.kubeconfig,
         environ=dict(environ),
         tunnel=tunnel,
+        runtime=config.runtime,
     )
     return settings, options.log_level, options.log_format
 
