@@ -18,7 +18,7 @@ from pathlib import Path
 import nox
 
 ROOT = Path(__file__).parent
-PACKAGES = ["proto", "common", "hub", "agent"]  # dependency order: installs left to right
+PACKAGES = ["proto", "common", "hub", "agent", "cli"]  # dependency order: installs left to right
 PROTO_DIR = ROOT / "packages/proto/proto"
 PROTO_OUT = ROOT / "packages/proto/src"
 OPENAPI = ROOT / "api/openapi.yaml"
@@ -86,7 +86,9 @@ def lint(session: nox.Session) -> None:
     session.install(*LINT_DEPS, *TEST_DEPS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy", *(f"packages/{name}/src" for name in ["common", "hub", "agent", "testing"]), "tools")
+    session.run(
+        "mypy", *(f"packages/{name}/src" for name in ["common", "hub", "agent", "cli", "testing"]), "tools"
+    )
     session.run("lint-imports")
 
 
