@@ -10,6 +10,7 @@ import otterscale.common
 
 EXPECTED = {
     "ASGIApp",
+    "drain_request",
     "serve",
     "server_config",
     "tune_hypercorn",
@@ -17,6 +18,7 @@ EXPECTED = {
     "OtterscaleConfig",
     "HubLimitsConfig",
     "RuntimeConfig",
+    "CorsConfig",
     "KeycloakConfig",
     "TunnelConfig",
     "TunnelServerConfig",

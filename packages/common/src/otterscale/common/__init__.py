@@ -51,6 +51,7 @@ from ._config import (
     AgentAuth,
     AgentConfig,
     ClusterConfig,
+    CorsConfig,
     HubLimitsConfig,
     KeycloakConfig,
     OtterscaleConfig,
@@ -72,7 +73,7 @@ from ._errors import (
 from ._h2 import tune_hypercorn
 from ._identity import RESERVED_PREFIXES, Identity
 from ._logging import LogFormat, RedactingFilter, configure_logging, redact
-from ._net import ASGIApp, create_listener, serve, server_config
+from ._net import ASGIApp, create_listener, drain_request, serve, server_config
 from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
 from ._signing import (
     GROUPS_HEADER,
@@ -118,6 +119,7 @@ __all__ = [
     "CommandMain",
     "CommonOptions",
     "ConfigError",
+    "CorsConfig",
     "HubLimitsConfig",
     "Identity",
     "IdentityHeaderError",
@@ -146,6 +148,7 @@ __all__ = [
     "container_mode",
     "create_listener",
     "derive_identity_key",
+    "drain_request",
     "echo",
     "find_chisel",
     "load_config",

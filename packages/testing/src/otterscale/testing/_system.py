@@ -133,6 +133,7 @@ class System:
         *,
         keycloak_options: Mapping[str, Any] | None = None,
         log_level: str = "debug",
+        extra_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.directory = directory
         #: ``--log-level`` of the hub and the agents. Debug by default: the "no secret in any log"
@@ -143,6 +144,8 @@ class System:
         self.client_id = client_id
         self.audience = audience
         self.keycloak_options = dict(keycloak_options or {})
+        #: More top-level sections of ``otterscale.yaml`` (e.g. ``{"cors": {...}}``).
+        self.extra_config = dict(extra_config or {})
         self.key_seed = secrets.token_urlsafe(24)
         self.tunnel_port = free_port()
         self.hub_port = free_port()
@@ -203,6 +206,7 @@ class System:
             "keycloak": keycloak,
             "tunnel": {"server": {"host": "127.0.0.1", "port": self.tunnel_port, "key_seed": self.key_seed}},
             "clusters": clusters,
+            **self.extra_config,
         }
 
     def write_config(self) -> None:
@@ -391,16 +395,24 @@ def start_system(
     keycloak_options: Mapping[str, Any] | None = None,
     log_level: str = "debug",
     start_agents: bool = True,
+    extra_config: Mapping[str, Any] | None = None,
 ) -> System:
     """Write the config, start the hub, then one agent per cluster that has a control plane.
 
     ``keycloak_options`` adds keys to the configuration's ``keycloak`` section (for example
     ``{"leeway_seconds": 0}`` for token-expiry tests); ``log_level`` is the services'
-    ``--log-level``. Returns once the hub reports every started agent connected.
+    ``--log-level``; ``extra_config`` adds top-level sections (``{"cors": {...}}``). Returns once
+    the hub reports every started agent connected.
     """
     directory.mkdir(parents=True, exist_ok=True)
     system = System(
-        directory, realm_url, client_id, audience, keycloak_options=keycloak_options, log_level=log_level
+        directory,
+        realm_url,
+        client_id,
+        audience,
+        keycloak_options=keycloak_options,
+        log_level=log_level,
+        extra_config=extra_config,
     )
     for name, cp in clusters.items():
         system.add_cluster(name, cp)
