@@ -167,10 +167,9 @@ def agent_server(control_plane: ControlPlane, crds: dict[str, str]) -> Iterator[
 ClientFactory = Callable[..., Any]
 
 
-@pytest_asyncio.fixture
-async def make_client(agent_server: AgentThread) -> AsyncIterator[ClientFactory]:
-    """``make_client(identity=ADMIN, transport="connect-h1", signer=None, json=False, url=None,
-    service=ResourceServiceClient)``: a client of ``service`` (any generated Connect client)."""
+@contextlib.asynccontextmanager
+async def client_factory(default_url: str) -> AsyncIterator[ClientFactory]:
+    """A factory of signed clients of ``default_url`` (see :func:`make_client`); closes them all."""
     opened: list[tuple[Any, HTTPTransport]] = []
 
     def factory(
@@ -191,7 +190,7 @@ async def make_client(agent_server: AgentThread) -> AsyncIterator[ClientFactory]
         elif identity is not None:
             interceptors.append(HubSigner(identity))
         client = service(
-            url or agent_server.url,
+            url or default_url,
             protocol=protocol,
             http_client=Client(http_transport),
             interceptors=interceptors,
@@ -201,10 +200,20 @@ async def make_client(agent_server: AgentThread) -> AsyncIterator[ClientFactory]
         opened.append((client, http_transport))
         return client
 
-    yield factory
-    for client, http_transport in opened:
-        await client.close()
-        await http_transport.aclose()
+    try:
+        yield factory
+    finally:
+        for client, http_transport in opened:
+            await client.close()
+            await http_transport.aclose()
+
+
+@pytest_asyncio.fixture
+async def make_client(agent_server: AgentThread) -> AsyncIterator[ClientFactory]:
+    """``make_client(identity=ADMIN, transport="connect-h1", signer=None, json=False, url=None,
+    service=ResourceServiceClient)``: a client of ``service`` (any generated Connect client)."""
+    async with client_factory(agent_server.url) as factory:
+        yield factory
 
 
 @pytest.fixture(params=list(TRANSPORTS))

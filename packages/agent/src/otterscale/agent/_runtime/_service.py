@@ -224,6 +224,8 @@ class RuntimeServiceImpl:
                     yield pb.ExecuteTTYResponse()
                     continue
                 channel, payload = event
+                if not payload:
+                    continue  # the API server opens each channel with an empty message
                 if channel == STDOUT:
                     session.bytes_out += len(payload)
                     yield pb.ExecuteTTYResponse(stdout=payload)
@@ -331,6 +333,8 @@ class RuntimeServiceImpl:
                     yield pb.PortForwardResponse()
                     continue
                 channel, payload = event
+                if not payload:
+                    continue
                 if channel == PortForwardConnection.DATA:
                     session.bytes_out += len(payload)
                     yield pb.PortForwardResponse(data=payload)

@@ -1,0 +1,653 @@
+"""Exec, port-forward and PodLog through the agent against real Pods on the real test node.
+
+The ``node`` fixture runs a single-node cluster (kube-apiserver, kubelet, containerd, runc,
+CNI): the agent talks to its API server exactly as in production (WebSocket exec
+``v5.channel.k8s.io``, the kubelet's port-forward, streamed logs), as the signed caller. Clients
+call the agent directly, signed as the hub would; the same operations through the hub are in
+``tests/e2e/test_runtime.py``.
+
+Two agents: one with the default runtime limits, one with tight ones (two sessions per subject,
+second-scale idle timeout and lifetime, short heartbeats and gap timeout) so limits and timeouts
+are reached within a test. Bounds on waits are generous: the CI machine is a loaded 2-core box.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from otterscale.common import Identity, RuntimeConfig
+from otterscale.runtime.v1 import runtime_pb2 as pb
+from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
+
+from .conftest import (
+    ADMIN,
+    CLUSTER,
+    IDENTITY_KEY,
+    AgentThread,
+    ClientFactory,
+    _ensure_admin_binding,
+    client_factory,
+    unique,
+)
+
+pytestmark = pytest.mark.integration
+
+NAMESPACE = "runtime-tests"
+#: Seconds a test waits for output it caused; the node answers in milliseconds when idle.
+WAIT = 60.0
+TIGHT = RuntimeConfig(
+    max_exec_sessions_per_subject=2,
+    max_port_forward_sessions_per_subject=2,
+    idle_timeout_seconds=3.0,
+    max_lifetime_seconds=8.0,
+    heartbeat_seconds=0.5,
+    write_gap_timeout_seconds=0.5,
+)
+
+SLEEPER = ["python3", "-c", "import time\nwhile True: time.sleep(3600)"]
+TICKER = ["python3", "-u", "-c", "import time\nn=0\nwhile True:\n print('tick', n); n+=1; time.sleep(0.2)"]
+# The Pod's own address space: all interfaces of the Pod, its emptyDir /tmp.
+WEB = ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", "/tmp"]  # noqa: S104, S108
+
+
+@pytest.fixture(scope="module")
+def cluster(node: Any) -> Iterator[dict[str, str]]:
+    """A namespace with a shell pod, a log ticker, a web server, and RBAC for a viewer and a log reader."""
+    cp = node.control_plane
+    _ensure_admin_binding(cp)
+    with contextlib.suppress(Exception):
+        cp.request(
+            "POST",
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+        )
+    cp.wait_for(
+        lambda: cp.request("GET", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/default"),
+        60,
+        "service account",
+    )
+    # A second administrator (through ADMIN's group) for the per-subject limits.
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "otterscale-test-admins"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "cluster-admin",
+            },
+            "subjects": [{"kind": "Group", "name": ADMIN.groups[0], "apiGroup": "rbac.authorization.k8s.io"}],
+        }
+    )
+    image = node.image("python")
+    names = {"shell": unique("shell"), "ticker": unique("ticker"), "web": unique("web")}
+    node.run_pod(names["shell"], image, SLEEPER, namespace=NAMESPACE, wait=False)
+    node.run_pod(names["ticker"], image, TICKER, namespace=NAMESPACE, wait=False)
+    node.run_pod(names["web"], image, WEB, namespace=NAMESPACE, wait=False)
+    for name in names.values():
+        node.wait_pod_ready(NAMESPACE, name)
+    viewer, log_reader = unique("viewer"), unique("log-reader")
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "log-reader", "namespace": NAMESPACE},
+            "rules": [{"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get"]}],
+        }
+    )
+    for user, kind, role in ((viewer, "ClusterRole", "view"), (log_reader, "Role", "log-reader")):
+        cp.request(
+            "POST",
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NAMESPACE}/rolebindings",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": user},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+                "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
+            },
+        )
+        cp.wait_for(
+            lambda u=user: cp.request(
+                "GET",
+                f"/api/v1/namespaces/{NAMESPACE}/pods/{names['shell']}",
+                headers={"Impersonate-User": u},
+            ),
+            60,
+            "role binding in effect",
+        )
+    return {**names, "viewer": viewer, "log_reader": log_reader}
+
+
+def _agent(node: Any, runtime: RuntimeConfig) -> AgentThread:
+    from otterscale.agent import AgentSettings
+
+    return AgentThread(
+        AgentSettings(
+            cluster=CLUSTER,
+            host="127.0.0.1",
+            port=0,
+            identity_key=IDENTITY_KEY,
+            kubeconfig=str(node.kubeconfig),
+            runtime=runtime,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def node_agent(node: Any, cluster: dict[str, str]) -> Iterator[AgentThread]:
+    with _agent(node, RuntimeConfig()) as agent:
+        yield agent
+
+
+@pytest.fixture(scope="module")
+def tight_agent(node: Any, cluster: dict[str, str]) -> Iterator[AgentThread]:
+    with _agent(node, TIGHT) as agent:
+        yield agent
+
+
+@pytest_asyncio.fixture
+async def clients(node_agent: AgentThread) -> AsyncIterator[ClientFactory]:
+    async with client_factory(node_agent.url) as factory:
+        yield factory
+
+
+def runtime(clients: ClientFactory, identity: Identity = ADMIN, **kwargs: Any) -> RuntimeServiceClient:
+    client: RuntimeServiceClient = clients(identity, service=RuntimeServiceClient, **kwargs)
+    return client
+
+
+class Session:
+    """An ExecuteTTY stream read in the background: output collected, the end recorded."""
+
+    def __init__(self, client: RuntimeServiceClient, request: pb.ExecuteTTYRequest) -> None:
+        self.client = client
+        self.stream = aiter(client.execute_tty(request))
+        self.id = ""
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.heartbeats = 0
+        self.last: pb.ExecuteTTYResponse | None = None
+        self.error: ConnectError | None = None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Session:
+        first = await asyncio.wait_for(anext(self.stream), WAIT)
+        assert first.session_id.startswith(f"{CLUSTER}.")
+        self.id = first.session_id
+        self._task = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.stream:
+                self.stdout += message.stdout
+                self.stderr += message.stderr
+                if message.HasField("exit_code"):
+                    self.last = message
+                if not (message.stdout or message.stderr or message.HasField("exit_code")):
+                    self.heartbeats += 1
+                self._changed.set()
+        except ConnectError as exc:
+            self.error = exc
+        finally:
+            self._changed.set()
+
+    async def wait_for(self, check: Any, what: str, limit: float = WAIT) -> None:
+        deadline = time.monotonic() + limit
+        while not check():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{what} not seen within {limit:.0f}s; stdout so far {bytes(self.stdout)!r}"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def ended(self, limit: float = WAIT) -> None:
+        assert self._task is not None
+        await asyncio.wait_for(asyncio.shield(self._task), limit)
+
+    async def write(self, data: bytes, offset: int | None = None, close: bool = False) -> None:
+        request = pb.WriteTTYRequest(session_id=self.id, stdin=data, close_stdin=close)
+        if offset is not None:
+            request.offset = offset
+        await self.client.write_tty(request)
+
+    async def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.stream.aclose()  # type: ignore[attr-defined]
+
+
+def exec_request(pod: str, command: list[str], **fields: Any) -> pb.ExecuteTTYRequest:
+    return pb.ExecuteTTYRequest(cluster=CLUSTER, namespace=NAMESPACE, name=pod, command=command, **fields)
+
+
+async def failure(call: Any) -> ConnectError:
+    with pytest.raises(ConnectError) as caught:
+        await call
+    return caught.value
+
+
+# --- exec --------------------------------------------------------------------------------------
+
+
+async def test_exec_output_and_exit_codes(
+    clients: ClientFactory, cluster: dict[str, str], transport: str
+) -> None:
+    client = runtime(clients, transport=transport)
+    script = "echo out; echo err >&2; exit 3"
+    session = await Session(client, exec_request(cluster["shell"], ["sh", "-c", script], stdin=False)).start()
+    await session.ended()
+    assert session.error is None
+    assert bytes(session.stdout) == b"out\n"
+    assert bytes(session.stderr) == b"err\n"
+    assert session.last is not None
+    assert session.last.exit_code == 3
+    assert "exit code 3" in session.last.message
+    ok = await Session(client, exec_request(cluster["shell"], ["true"], stdin=False)).start()
+    await ok.ended()
+    assert ok.last is not None
+    assert (ok.last.exit_code, ok.last.message) == (0, "")
+
+
+async def test_exec_echo_round_trip_and_stdin_close(clients: ClientFactory, cluster: dict[str, str]) -> None:
+    """`cat` echoes what is written, in offset order even when the writes overtake each other,
+    and ends when stdin is closed."""
+    client = runtime(clients, transport="connect-h2c")
+    session = await Session(client, exec_request(cluster["shell"], ["cat"])).start()
+    await session.write(b"hello\n", offset=0)
+    await session.wait_for(lambda: session.stdout == b"hello\n", "the echo")
+    # The second chunk is sent first: the agent holds it until the first arrives.
+    later = asyncio.ensure_future(session.write(b"two\n", offset=10))
+    await session.write(b"one\n", offset=6)
+    await later
+    await session.write(b"one\n", offset=6)  # a retry: acknowledged, not applied again
+    await session.write(b"", offset=14, close=True)
+    await session.ended()
+    assert bytes(session.stdout) == b"hello\none\ntwo\n"
+    assert session.last is not None
+    assert session.last.exit_code == 0
+    error = await failure(session.write(b"late", offset=14))
+    assert error.code is Code.NOT_FOUND  # the session ended with the command
+
+
+async def test_exec_tty_size_and_resize(clients: ClientFactory, cluster: dict[str, str]) -> None:
+    client = runtime(clients, transport="grpc-h2c")
+    request = exec_request(cluster["shell"], ["sh"], tty=True, rows=20, cols=77)
+    session = await Session(client, request).start()
+    await session.write(b"stty size\n")
+    await session.wait_for(lambda: b"20 77" in session.stdout, "the initial size")
+    await client.resize_tty(pb.ResizeTTYRequest(session_id=session.id, rows=33, cols=99))
+    await session.write(b"stty size; exit 4\n")
+    await session.ended()
+    assert b"33 99" in session.stdout
+    assert session.last is not None
+    assert session.last.exit_code == 4
+
+
+async def test_exec_refusals_on_a_running_session(clients: ClientFactory, cluster: dict[str, str]) -> None:
+    client = runtime(clients)
+    quiet = await Session(client, exec_request(cluster["shell"], ["sleep", "60"], stdin=False)).start()
+    try:
+        error = await failure(quiet.write(b"x"))
+        assert error.code is Code.FAILED_PRECONDITION
+        assert "without stdin" in error.message
+        error = await failure(client.resize_tty(pb.ResizeTTYRequest(session_id=quiet.id, rows=10, cols=10)))
+        assert error.code is Code.FAILED_PRECONDITION
+        assert "no terminal" in error.message
+    finally:
+        await quiet.cancel()
+    reader = await Session(client, exec_request(cluster["shell"], ["cat"])).start()
+    try:
+        error = await failure(reader.write(b"y" * (64 * 1024 + 1)))
+        assert error.code is Code.RESOURCE_EXHAUSTED
+        assert "runtime.max_write_bytes" in error.message
+    finally:
+        await reader.cancel()
+
+
+async def test_hijack_attempts_are_not_found(clients: ClientFactory, cluster: dict[str, str]) -> None:
+    """Another subject, the same subject with other groups, another cluster's prefix, a guessed id:
+    all not_found, none reaches the victim's shell."""
+    victim = await Session(runtime(clients), exec_request(cluster["shell"], ["cat"])).start()
+    try:
+        token = victim.id.split(".", 1)[1]
+        attempts = [
+            (runtime(clients, Identity("mallory", ADMIN.groups)), victim.id),
+            (runtime(clients, Identity(ADMIN.subject, ("other-group",))), victim.id),
+            (runtime(clients), f"elsewhere.{token}"),
+            (runtime(clients), f"{CLUSTER}.{'A' * 22}"),
+        ]
+        for client, session_id in attempts:
+            error = await failure(client.write_tty(pb.WriteTTYRequest(session_id=session_id, stdin=b"id\n")))
+            assert error.code is Code.NOT_FOUND
+            assert token not in error.message
+            error = await failure(
+                client.resize_tty(pb.ResizeTTYRequest(session_id=session_id, rows=5, cols=5))
+            )
+            assert error.code is Code.NOT_FOUND
+        await victim.write(b"mine\n")
+        await victim.wait_for(lambda: victim.stdout == b"mine\n", "the owner's echo")
+        assert victim.stdout == b"mine\n"  # nothing the others sent arrived
+    finally:
+        await victim.cancel()
+
+
+async def test_view_user_cannot_exec_or_port_forward_but_a_log_reader_reads(
+    clients: ClientFactory, cluster: dict[str, str]
+) -> None:
+    viewer = runtime(clients, Identity(cluster["viewer"]), transport="connect-h2c")
+    with pytest.raises(ConnectError) as caught:
+        await anext(aiter(viewer.execute_tty(exec_request(cluster["shell"], ["id"]))))
+    assert caught.value.code is Code.PERMISSION_DENIED
+    request = pb.PortForwardRequest(cluster=CLUSTER, namespace=NAMESPACE, name=cluster["web"], port=8080)
+    with pytest.raises(ConnectError) as caught:
+        await anext(aiter(viewer.port_forward(request)))
+    assert caught.value.code is Code.PERMISSION_DENIED
+    reader = runtime(clients, Identity(cluster["log_reader"]))
+    log = b""
+    async for message in reader.pod_log(
+        pb.PodLogRequest(cluster=CLUSTER, namespace=NAMESPACE, name=cluster["ticker"], tail_lines=3)
+    ):
+        log += message.data
+    assert log.count(b"tick") == 3
+    with pytest.raises(ConnectError) as caught:
+        await anext(aiter(reader.execute_tty(exec_request(cluster["ticker"], ["id"]))))
+    assert caught.value.code is Code.PERMISSION_DENIED
+
+
+async def test_audit_records_start_and_end_without_stdin(
+    clients: ClientFactory, cluster: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="otterscale.audit")
+    client = runtime(clients)
+    session = await Session(client, exec_request(cluster["shell"], ["cat"])).start()
+    secret = b"s3cret-typed-into-the-shell\n"
+    await session.write(secret, offset=0, close=True)
+    await session.ended()
+    records = [r for r in caplog.records if r.name == "otterscale.audit" and getattr(r, "session", "") != ""]
+    mine = [r for r in records if getattr(r, "pod", None) == cluster["shell"] and r.argv == ["cat"]]  # type: ignore[attr-defined]
+    starts = [r for r in mine if r.getMessage() == "runtime.session.start"]
+    ends = [r for r in mine if r.getMessage() == "runtime.session.end"]
+    assert len(starts) == 1
+    assert len(ends) == 1
+    end: Any = ends[0]
+    assert (end.subject, end.cluster, end.namespace, end.container, end.tty) == (
+        ADMIN.subject,
+        CLUSTER,
+        NAMESPACE,
+        "main",
+        False,
+    )
+    assert (end.exit_code, end.code, end.bytes_in, end.bytes_out) == (0, "ok", len(secret), len(secret))
+    assert end.duration_seconds >= 0
+    assert session.id not in str(vars(end))
+    assert all(b"s3cret" not in str(vars(r)).encode() for r in caplog.records)
+
+
+# --- limits and timeouts ----------------------------------------------------------------------------
+
+
+async def test_per_subject_limit_and_its_release(tight_agent: AgentThread, cluster: dict[str, str]) -> None:
+    async with client_factory(tight_agent.url) as factory:
+        client = runtime(factory, transport="connect-h2c")
+        first = await Session(client, exec_request(cluster["shell"], ["cat"])).start()
+        second = await Session(client, exec_request(cluster["shell"], ["cat"])).start()
+        with pytest.raises(ConnectError) as caught:
+            await anext(aiter(client.execute_tty(exec_request(cluster["shell"], ["cat"]))))
+        assert caught.value.code is Code.RESOURCE_EXHAUSTED
+        assert "runtime.max_exec_sessions_per_subject" in caught.value.message
+        # Another subject has its own budget.
+        other = await Session(
+            runtime(factory, Identity(f"{ADMIN.subject}-2", ADMIN.groups)),
+            exec_request(cluster["shell"], ["true"]),
+        ).start()
+        await other.ended()
+        await first.cancel()  # the client goes away: the slot is free again
+        # The agent learns of the cancel through the HTTP/2 reset; poll for the slot.
+        deadline = time.monotonic() + WAIT
+        codes = []
+        while True:
+            try:
+                third = await Session(client, exec_request(cluster["shell"], ["cat"])).start()
+                break
+            except ConnectError as exc:
+                codes.append(exc.code)
+            assert time.monotonic() < deadline, "the slot of the cancelled session was never freed"
+            await asyncio.sleep(0.2)
+        assert set(codes) <= {Code.RESOURCE_EXHAUSTED}
+        await third.cancel()
+        await second.cancel()
+
+
+async def test_idle_timeout_and_heartbeats(tight_agent: AgentThread, cluster: dict[str, str]) -> None:
+    async with client_factory(tight_agent.url) as factory:
+        session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
+        started = time.monotonic()
+        await session.ended(limit=WAIT)
+        assert session.error is not None
+        assert session.error.code is Code.DEADLINE_EXCEEDED
+        assert "runtime.idle_timeout_seconds" in session.error.message
+        assert time.monotonic() - started >= TIGHT.idle_timeout_seconds - 0.5
+        assert session.heartbeats >= 2  # every 0.5 s while idle
+
+
+async def test_activity_keeps_a_session_until_its_lifetime(
+    tight_agent: AgentThread, cluster: dict[str, str]
+) -> None:
+    async with client_factory(tight_agent.url) as factory:
+        session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
+        offset = 0
+        while session.error is None and session.last is None:
+            with contextlib.suppress(ConnectError):
+                await session.write(b".", offset=offset)
+                offset += 1
+            await asyncio.sleep(1.0)  # less than the idle timeout: only the lifetime can end it
+        await session.ended()
+        assert session.error is not None
+        assert session.error.code is Code.DEADLINE_EXCEEDED
+        assert "runtime.max_lifetime_seconds" in session.error.message
+
+
+async def test_a_write_gap_is_aborted(tight_agent: AgentThread, cluster: dict[str, str]) -> None:
+    async with client_factory(tight_agent.url) as factory:
+        session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
+        try:
+            error = await failure(session.write(b"later", offset=100))
+            assert error.code is Code.ABORTED
+            assert "write from offset 0 again" in error.message
+            await session.write(b"now\n", offset=0)
+            await session.wait_for(lambda: session.stdout == b"now\n", "the echo after the gap")
+        finally:
+            await session.cancel()
+
+
+async def test_agent_shutdown_ends_sessions_with_unavailable(node: Any, cluster: dict[str, str]) -> None:
+    with _agent(node, RuntimeConfig()) as agent:
+        async with client_factory(agent.url) as factory:
+            session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
+            await asyncio.to_thread(agent.stop)
+            await session.ended()
+            assert session.error is not None
+            assert session.error.code is Code.UNAVAILABLE
+            assert "shutting down" in session.error.message
+
+
+# --- port-forward ---------------------------------------------------------------------------------
+
+
+async def _port_forward(
+    client: RuntimeServiceClient, pod: str, port: int, payload: bytes
+) -> tuple[bytes, ConnectError | None]:
+    stream = aiter(
+        client.port_forward(pb.PortForwardRequest(cluster=CLUSTER, namespace=NAMESPACE, name=pod, port=port))
+    )
+    first = await asyncio.wait_for(anext(stream), WAIT)
+    received = bytearray()
+    try:
+        if payload:
+            await client.write_port_forward(
+                pb.WritePortForwardRequest(session_id=first.session_id, data=payload, offset=0)
+            )
+        async for message in stream:
+            received += message.data
+    except ConnectError as exc:
+        return bytes(received), exc
+    return bytes(received), None
+
+
+async def test_port_forward_to_an_http_server(
+    clients: ClientFactory, cluster: dict[str, str], transport: str
+) -> None:
+    client = runtime(clients, transport=transport)
+    answer, error = await asyncio.wait_for(
+        _port_forward(client, cluster["web"], 8080, b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n"), WAIT
+    )
+    assert error is None  # the server closed the connection after answering: OK
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"Directory listing" in answer
+
+
+async def test_port_forward_to_a_closed_port_reports_the_kubelet(
+    clients: ClientFactory, cluster: dict[str, str]
+) -> None:
+    _, error = await asyncio.wait_for(_port_forward(runtime(clients), cluster["web"], 9, b""), WAIT)
+    assert error is not None
+    assert error.code in (Code.FAILED_PRECONDITION, Code.UNAVAILABLE)
+    assert "port 9" in error.message  # the kubelet's own text
+
+
+async def test_port_forward_close_write_is_refused_honestly(
+    clients: ClientFactory, cluster: dict[str, str]
+) -> None:
+    client = runtime(clients)
+    stream = aiter(
+        client.port_forward(
+            pb.PortForwardRequest(cluster=CLUSTER, namespace=NAMESPACE, name=cluster["web"], port=8080)
+        )
+    )
+    first = await asyncio.wait_for(anext(stream), WAIT)
+    try:
+        error = await failure(
+            client.write_port_forward(
+                pb.WritePortForwardRequest(session_id=first.session_id, data=b"x", close_write=True)
+            )
+        )
+        assert error.code is Code.FAILED_PRECONDITION
+        assert "cannot half-close" in error.message
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+
+async def test_log_follow_sees_new_lines_and_heartbeats(
+    tight_agent: AgentThread, cluster: dict[str, str], transport: str
+) -> None:
+    async with client_factory(tight_agent.url) as factory:
+        client = runtime(factory, transport=transport)
+        request = pb.PodLogRequest(
+            cluster=CLUSTER,
+            namespace=NAMESPACE,
+            name=cluster["ticker"],
+            follow=True,
+            tail_lines=0,
+            timestamps=True,
+        )
+        seen: list[int] = []
+        async with asyncio.timeout(WAIT):
+            async for message in client.pod_log(request):
+                if message.data:
+                    assert message.container == "main"
+                    for line in message.data.decode().splitlines():
+                        stamp, text = line.split(" ", 1)
+                        assert stamp.endswith("Z")  # timestamps=true: RFC 3339 first
+                        seen.append(int(text.split()[1]))
+                if len(seen) >= 3:
+                    break
+        # tail_lines=0: nothing written before the call; then consecutive new lines.
+        assert seen[1:] == [seen[0] + 1, seen[0] + 2]
+
+
+async def test_log_of_every_container(clients: ClientFactory, node: Any, cluster: dict[str, str]) -> None:
+    name = unique("pair")
+    cp = node.control_plane
+    image = node.image("python")
+    cp.request(
+        "POST",
+        f"/api/v1/namespaces/{NAMESPACE}/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {
+                        "name": c,
+                        "image": image,
+                        "imagePullPolicy": "Never",
+                        "command": [
+                            "python3",
+                            "-u",
+                            "-c",
+                            f"print('hello from {c}')\nimport time\ntime.sleep(3600)",
+                        ],
+                    }
+                    for c in ("first", "second")
+                ],
+            },
+        },
+    )
+    node.wait_pod_ready(NAMESPACE, name)
+    client = runtime(clients)
+    error = await failure(
+        anext(aiter(client.pod_log(pb.PodLogRequest(cluster=CLUSTER, namespace=NAMESPACE, name=name))))
+    )
+    assert error.code is Code.INVALID_ARGUMENT
+    by_container: dict[str, bytes] = {}
+
+    def complete() -> bool:
+        return all(by_container.get(c, b"").endswith(b"\n") for c in ("first", "second"))
+
+    for _ in range(20):  # a container's first line may not be in its log the instant it is Ready
+        by_container.clear()
+        async for message in client.pod_log(
+            pb.PodLogRequest(cluster=CLUSTER, namespace=NAMESPACE, name=name, all_containers=True)
+        ):
+            by_container[message.container] = by_container.get(message.container, b"") + message.data
+        if complete():
+            break
+        await asyncio.sleep(0.5)
+    assert by_container == {"first": b"hello from first\n", "second": b"hello from second\n"}
+    error = await failure(
+        anext(
+            aiter(
+                client.pod_log(
+                    pb.PodLogRequest(
+                        cluster=CLUSTER, namespace=NAMESPACE, name=name, container="first", previous=True
+                    )
+                )
+            )
+        )
+    )
+    assert error.code is Code.INVALID_ARGUMENT  # Kubernetes: no previous terminated container
