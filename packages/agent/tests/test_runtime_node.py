@@ -57,7 +57,7 @@ TIGHT = RuntimeConfig(
 SLEEPER = ["python3", "-c", "import time\nwhile True: time.sleep(3600)"]
 TICKER = ["python3", "-u", "-c", "import time\nn=0\nwhile True:\n print('tick', n); n+=1; time.sleep(0.2)"]
 # The Pod's own address space: all interfaces of the Pod, its emptyDir /tmp.
-WEB = ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", "/tmp"]  # noqa: S104, S108
+WEB = ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", "/tmp"]  # noqa: S104
 
 
 @pytest.fixture(scope="module")
