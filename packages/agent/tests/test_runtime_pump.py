@@ -91,3 +91,19 @@ async def test_the_buffer_is_bounded() -> None:
     finally:
         await pump.close()
     assert len(produced) <= 7
+
+
+async def test_take_ready_only_takes_what_is_there_and_accepted() -> None:
+    pump = Pump({"a": items([1, 2, 30, 4])}, name="test-pump")
+    try:
+        assert await pump.get(5.0) == ("a", 1)
+        for _ in range(10):
+            await asyncio.sleep(0)  # the reader fills the buffer
+        assert pump.take_ready(lambda item: item < 10) == ("a", 2)
+        assert pump.take_ready(lambda item: item < 10) is None  # 30 is next: not accepted, not taken
+        assert await pump.get(5.0) == ("a", 30)
+        assert pump.take_ready(lambda item: True) == ("a", 4)
+        assert pump.take_ready(lambda item: True) is None  # the end is not an item
+        assert await pump.get(5.0) is END
+    finally:
+        await pump.close()

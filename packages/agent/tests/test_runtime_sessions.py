@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
+from collections.abc import AsyncIterator
 
 import pytest
 
 from otterscale.agent._errors import SessionLimitError, SessionNotFoundError, ShuttingDownError
 from otterscale.agent._metrics import AgentMetrics
 from otterscale.agent._runtime import SessionKind, new_session_id, session_ref
-from otterscale.agent._runtime._sessions import Owner, SessionRegistry
+from otterscale.agent._runtime._pump import Pump
+from otterscale.agent._runtime._sessions import MERGE_BYTES, Owner, SessionRegistry, session_events
 from otterscale.common import Identity, RuntimeConfig
 
 ALICE = Identity("alice", ("team-a", "team-b"))
@@ -141,3 +144,28 @@ def test_refs_are_short_and_do_not_reveal_the_id() -> None:
 def test_owner_group_encoding_is_unambiguous() -> None:
     assert Owner.of(Identity("a", ("x,y",))) != Owner.of(Identity("a", ("x", "y")))
     assert Owner.of(Identity("a", ("xy",))) != Owner.of(Identity("a", ("x", "y")))
+
+
+async def test_waiting_output_of_one_channel_is_merged_up_to_the_limit() -> None:
+    chunk = b"x" * (32 * 1024)
+    frames = [(1, b"a"), (1, b"b"), (2, b"err")] + [(1, chunk)] * 10
+
+    async def source() -> AsyncIterator[tuple[int, bytes]]:
+        for frame in frames:
+            yield frame
+
+    reg = registry()
+    session = reg.open(EXEC, ALICE, namespace="ns", pod="p")
+    pump = Pump({"s": source()}, name="test-merge", size=len(frames))
+    for _ in range(len(frames) + 5):
+        await asyncio.sleep(0)  # everything is waiting in the buffer
+    events = []
+    try:
+        async for event in session_events(session, pump, reg.config, AgentMetrics()):
+            events.append(event)
+    finally:
+        await pump.close()
+    assert events[0] == (1, b"ab")  # merged
+    assert events[1] == (2, b"err")  # another channel: never merged across
+    assert [len(payload) for _, payload in events[2:]] == [MERGE_BYTES, 2 * len(chunk)]
+    assert b"".join(p for c, p in events if c == 1) == b"ab" + chunk * 10

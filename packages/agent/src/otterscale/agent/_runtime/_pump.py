@@ -20,7 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from .._tasks import start_task, stop_tasks
@@ -109,6 +109,20 @@ class Pump(Generic[K]):
                     timer.cancel()
             if expired and not self._items and self._stopped is None:
                 return TIMEOUT
+
+    def take_ready(self, accept: Callable[[Any], bool]) -> Any:
+        """The next ``(key, item)`` if it is already here and ``accept(item)``, else None.
+
+        Never waits: handlers use it to merge what has piled up into one message.
+        """
+        if self._stopped is not None or not self._items:
+            return None
+        ok, item = self._items[0]
+        if not ok or not accept(item[1]):
+            return None
+        self._items.popleft()
+        _wake(self._space)
+        return item
 
     def stop(self, error: BaseException) -> None:
         """End the hand-over: the handler's next :meth:`get` raises ``error``."""

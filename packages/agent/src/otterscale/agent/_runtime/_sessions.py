@@ -256,11 +256,32 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
+#: Output that piled up while the client was busy goes out in messages of up to this size.
+MERGE_BYTES = 256 * 1024
+
+
+def _merge(pump: Pump[Any], channel: int, payload: bytes) -> bytes:
+    """``payload`` and what already waits behind it on the same channel, up to MERGE_BYTES."""
+    parts = [payload]
+    size = len(payload)
+    while size < MERGE_BYTES:
+        room = MERGE_BYTES - size
+        ready = pump.take_ready(lambda item, room=room: item[0] == channel and len(item[1]) <= room)
+        if ready is None:
+            break
+        parts.append(ready[1][1])
+        size += len(ready[1][1])
+    return b"".join(parts) if len(parts) > 1 else payload
+
+
 async def session_events(
     session: Session, pump: Pump[Any], config: RuntimeConfig, metrics: AgentMetrics
 ) -> AsyncIterator[Any]:
-    """What the session's Kubernetes stream delivers, with None for each heartbeat.
+    """``(channel, bytes)`` the session's Kubernetes stream delivers, with None for a heartbeat.
 
+    Frames of one channel that are already waiting are merged into one event (up to
+    MERGE_BYTES): each message costs every hop to the client the same, whatever its size, so a
+    bulk transfer goes in fewer, larger ones; interactive output is never held back for it.
     Ends when the stream ends; raises SessionExpiredError at the idle timeout or the maximum
     lifetime (naming the configuration key), and whatever error ended the pump.
     """
@@ -293,5 +314,6 @@ async def session_events(
                 last_sent = time.monotonic()
             continue
         session.touch()
-        yield got[1]
+        channel, payload = got[1]
+        yield channel, _merge(pump, channel, payload)
         last_sent = time.monotonic()
