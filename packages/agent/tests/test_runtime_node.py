@@ -290,15 +290,31 @@ async def test_exec_echo_round_trip_and_stdin_close(clients: ClientFactory, clus
 
 
 async def test_exec_tty_size_and_resize(clients: ClientFactory, cluster: dict[str, str]) -> None:
+    """The initial size and a resize reach the terminal. Kubernetes applies sizes asynchronously
+    (the runtime creates the terminal, then reads the resize channel), so ``stty size`` is asked
+    until the size shows; the size is never set any other way."""
     client = runtime(clients, transport="grpc-h2c")
     request = exec_request(cluster["shell"], ["sh"], tty=True, rows=20, cols=77)
     session = await Session(client, request).start()
-    await session.write(b"stty size\n")
-    await session.wait_for(lambda: b"20 77" in session.stdout, "the initial size")
+
+    async def size_becomes(expected: bytes) -> None:
+        deadline = time.monotonic() + WAIT
+        while True:
+            seen = len(session.stdout)
+            await session.write(b"stty size\n")
+            await session.wait_for(
+                lambda seen=seen: session.stdout.count(b"\r\n", seen) >= 2, "stty's answer"
+            )
+            if expected in session.stdout[seen:]:
+                return
+            assert time.monotonic() < deadline, f"the size never became {expected!r}"
+            await asyncio.sleep(0.2)
+
+    await size_becomes(b"20 77")
     await client.resize_tty(pb.ResizeTTYRequest(session_id=session.id, rows=33, cols=99))
-    await session.write(b"stty size; exit 4\n")
+    await size_becomes(b"33 99")
+    await session.write(b"exit 4\n")
     await session.ended()
-    assert b"33 99" in session.stdout
     assert session.last is not None
     assert session.last.exit_code == 4
 

@@ -182,15 +182,26 @@ def run_command(
     args = parser.parse_args(words)
     if command_after_dashes:
         args.command = command
+
+    async def guarded(options: ClientOptions) -> int:
+        # Errors are reported here, inside the loop: a ConnectError carried out of asyncio.run
+        # keeps the HTTP client's Rust objects alive until the interpreter exits, which then
+        # aborts (SIGABRT) instead of exiting with the status.
+        try:
+            return await body(args, options)
+        except UsageError as exc:
+            sys.stderr.write(f"otterscale {name}: error: {exc}\n")
+            return 2
+        except ConnectError as exc:
+            sys.stderr.write(f"otterscale {name}: {exc.code.value}: {exc.message}\n")
+            return 1
+
     try:
         options = client_options(args, os.environ if environ is None else environ)
         options.bearer()  # fail now, not on the first call, when the token cannot be read
-        return asyncio.run(body(args, options))
+        return asyncio.run(guarded(options))
     except UsageError as exc:
         sys.stderr.write(f"otterscale {name}: error: {exc}\n")
         return 2
-    except ConnectError as exc:
-        sys.stderr.write(f"otterscale {name}: {exc.code.value}: {exc.message}\n")
-        return 1
     except KeyboardInterrupt:
         return 130
