@@ -97,7 +97,8 @@ class RuntimeService(Protocol):
         """
         ResizeTTY changes the terminal size of an exec session started with `tty`; both dimensions
         must be 1..65535. A session without a TTY is failed_precondition. Resizes are coalesced:
-        the latest wins.
+        the latest wins. The call returns once the size is on its way to the container; the
+        container runtime applies it a moment later.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -407,7 +408,8 @@ class RuntimeServiceClient(ConnectClient):
         """
         ResizeTTY changes the terminal size of an exec session started with `tty`; both dimensions
         must be 1..65535. A session without a TTY is failed_precondition. Resizes are coalesced:
-        the latest wins.
+        the latest wins. The call returns once the size is on its way to the container; the
+        container runtime applies it a moment later.
         """
         return await self.execute_unary(
             request=request,
@@ -607,7 +609,8 @@ class RuntimeServiceSync(Protocol):
         """
         ResizeTTY changes the terminal size of an exec session started with `tty`; both dimensions
         must be 1..65535. A session without a TTY is failed_precondition. Resizes are coalesced:
-        the latest wins.
+        the latest wins. The call returns once the size is on its way to the container; the
+        container runtime applies it a moment later.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -915,7 +918,8 @@ class RuntimeServiceClientSync(ConnectClientSync):
         """
         ResizeTTY changes the terminal size of an exec session started with `tty`; both dimensions
         must be 1..65535. A session without a TTY is failed_precondition. Resizes are coalesced:
-        the latest wins.
+        the latest wins. The call returns once the size is on its way to the container; the
+        container runtime applies it a moment later.
         """
         return self.execute_unary(
             request=request,
