@@ -264,9 +264,12 @@ def _merge(pump: Pump[Any], channel: int, payload: bytes) -> bytes:
     """``payload`` and what already waits behind it on the same channel, up to MERGE_BYTES."""
     parts = [payload]
     size = len(payload)
+
+    def fits(item: Any) -> bool:
+        return bool(item[0] == channel and size + len(item[1]) <= MERGE_BYTES)
+
     while size < MERGE_BYTES:
-        room = MERGE_BYTES - size
-        ready = pump.take_ready(lambda item, room=room: item[0] == channel and len(item[1]) <= room)
+        ready = pump.take_ready(fits)
         if ready is None:
             break
         parts.append(ready[1][1])

@@ -25,6 +25,7 @@ import asyncio
 import datetime
 import json
 import logging
+import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -62,6 +63,11 @@ class ScaleState:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+async def _backoff(attempt: int) -> None:
+    """A short, jittered pause before a retry, so writers that collided do not collide again."""
+    await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # noqa: S311 - jitter, not a secret
 
 
 def _now() -> str:
@@ -130,6 +136,7 @@ class Workloads:
             except KubernetesAPIError as exc:
                 if exc.http_status == 409 and attempt < CONFLICT_RETRIES:
                     logger.debug("scale of %s conflicted (attempt %d); retrying", resource, attempt + 1)
+                    await _backoff(attempt)
                     continue
                 raise
             if not isinstance(updated, dict):
@@ -183,6 +190,7 @@ class Workloads:
                 )
             except KubernetesAPIError as exc:
                 if exc.http_status == 409 and attempt < CONFLICT_RETRIES:
+                    await _backoff(attempt)
                     continue
                 raise
             return value
