@@ -32,6 +32,7 @@ from otterscale.cluster.v1 import cluster_pb2
 from otterscale.cluster.v1.cluster_connect import ClusterServiceASGIApplication
 from otterscale.common import ASGIApp
 from otterscale.resource.v1 import resource_pb2
+from otterscale.runtime.v1 import runtime_pb2
 
 from ._auth import Authenticator
 from ._clusters import ClusterServiceImpl
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 #: Services served by the agents and forwarded by cluster (one entry per service).
 ROUTED_SERVICES: tuple[ServiceDescriptor, ...] = (
     resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
+    runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"],
 )
 
 

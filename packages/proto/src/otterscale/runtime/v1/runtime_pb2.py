@@ -24,41 +24,48 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from otterscale.routing.v1 import routing_pb2 as otterscale_dot_routing_dot_v1_dot_routing__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#otterscale/runtime/v1/runtime.proto\x12\x15otterscale.runtime.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x02\n\rPodLogRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tcontainer\x18\x04 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x05 \x01(\x08\x12\x17\n\ntail_lines\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rsince_seconds\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12.\n\nsince_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08previous\x18\t \x01(\x08\x12\x12\n\ntimestamps\x18\n \x01(\x08\x12\x18\n\x0blimit_bytes\x18\x0b \x01(\x03H\x02\x88\x01\x01\x12\x16\n\x0e\x61ll_containers\x18\x0c \x01(\x08\x42\r\n\x0b_tail_linesB\x10\n\x0e_since_secondsB\x0e\n\x0c_limit_bytes\"1\n\x0ePodLogResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tcontainer\x18\x02 \x01(\t\"\xcc\x01\n\x11\x45xecuteTTYRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tcontainer\x18\x04 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x05 \x03(\t\x12\x0b\n\x03tty\x18\x06 \x01(\x08\x12\x11\n\x04rows\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x11\n\x04\x63ols\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05stdin\x18\t \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05_rowsB\x07\n\x05_colsB\x08\n\x06_stdin\"\x7f\n\x12\x45xecuteTTYResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x05 \x01(\tB\x0c\n\n_exit_code\"i\n\x0fWriteTTYRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05stdin\x18\x02 \x01(\x0c\x12\x13\n\x06offset\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0b\x63lose_stdin\x18\x04 \x01(\x08\x42\t\n\x07_offset\"B\n\x10ResizeTTYRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\"T\n\x12PortForwardRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"7\n\x13PortForwardResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"p\n\x17WritePortForwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x06offset\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0b\x63lose_write\x18\x04 \x01(\x08\x42\t\n\x07_offset\"\xb8\x01\n\x0cScaleRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x1d\n\x10\x63urrent_replicas\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x13\n\x11_current_replicas\"g\n\rScaleResponse\x12\x10\n\x08replicas\x18\x01 \x01(\x05\x12\x19\n\x11previous_replicas\x18\x02 \x01(\x05\x12\x17\n\x0fstatus_replicas\x18\x03 \x01(\x05\x12\x10\n\x08selector\x18\x04 \x01(\t\"u\n\x0fGetScaleRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"t\n\x0eRestartRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t2\xb6\x06\n\x0eRuntimeService\x12Y\n\x06PodLog\x12$.otterscale.runtime.v1.PodLogRequest\x1a%.otterscale.runtime.v1.PodLogResponse\"\x00\x30\x01\x12\x65\n\nExecuteTTY\x12(.otterscale.runtime.v1.ExecuteTTYRequest\x1a).otterscale.runtime.v1.ExecuteTTYResponse\"\x00\x30\x01\x12L\n\x08WriteTTY\x12&.otterscale.runtime.v1.WriteTTYRequest\x1a\x16.google.protobuf.Empty\"\x00\x12N\n\tResizeTTY\x12\'.otterscale.runtime.v1.ResizeTTYRequest\x1a\x16.google.protobuf.Empty\"\x00\x12h\n\x0bPortForward\x12).otterscale.runtime.v1.PortForwardRequest\x1a*.otterscale.runtime.v1.PortForwardResponse\"\x00\x30\x01\x12\\\n\x10WritePortForward\x12..otterscale.runtime.v1.WritePortForwardRequest\x1a\x16.google.protobuf.Empty\"\x00\x12T\n\x05Scale\x12#.otterscale.runtime.v1.ScaleRequest\x1a$.otterscale.runtime.v1.ScaleResponse\"\x00\x12Z\n\x08GetScale\x12&.otterscale.runtime.v1.GetScaleRequest\x1a$.otterscale.runtime.v1.ScaleResponse\"\x00\x12J\n\x07Restart\x12%.otterscale.runtime.v1.RestartRequest\x1a\x16.google.protobuf.Empty\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#otterscale/runtime/v1/runtime.proto\x12\x15otterscale.runtime.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#otterscale/routing/v1/routing.proto\"\xd2\x02\n\rPodLogRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tcontainer\x18\x04 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x05 \x01(\x08\x12\x17\n\ntail_lines\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rsince_seconds\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12.\n\nsince_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08previous\x18\t \x01(\x08\x12\x12\n\ntimestamps\x18\n \x01(\x08\x12\x18\n\x0blimit_bytes\x18\x0b \x01(\x03H\x02\x88\x01\x01\x12\x16\n\x0e\x61ll_containers\x18\x0c \x01(\x08\x42\r\n\x0b_tail_linesB\x10\n\x0e_since_secondsB\x0e\n\x0c_limit_bytes\"1\n\x0ePodLogResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tcontainer\x18\x02 \x01(\t\"\xcc\x01\n\x11\x45xecuteTTYRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tcontainer\x18\x04 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x05 \x03(\t\x12\x0b\n\x03tty\x18\x06 \x01(\x08\x12\x11\n\x04rows\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x11\n\x04\x63ols\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05stdin\x18\t \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05_rowsB\x07\n\x05_colsB\x08\n\x06_stdin\"\x7f\n\x12\x45xecuteTTYResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x05 \x01(\tB\x0c\n\n_exit_code\"i\n\x0fWriteTTYRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05stdin\x18\x02 \x01(\x0c\x12\x13\n\x06offset\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0b\x63lose_stdin\x18\x04 \x01(\x08\x42\t\n\x07_offset\"B\n\x10ResizeTTYRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\"T\n\x12PortForwardRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"7\n\x13PortForwardResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"p\n\x17WritePortForwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x06offset\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0b\x63lose_write\x18\x04 \x01(\x08\x42\t\n\x07_offset\"\xb8\x01\n\x0cScaleRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x1d\n\x10\x63urrent_replicas\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x13\n\x11_current_replicas\"g\n\rScaleResponse\x12\x10\n\x08replicas\x18\x01 \x01(\x05\x12\x19\n\x11previous_replicas\x18\x02 \x01(\x05\x12\x17\n\x0fstatus_replicas\x18\x03 \x01(\x05\x12\x10\n\x08selector\x18\x04 \x01(\t\"u\n\x0fGetScaleRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"t\n\x0eRestartRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t2\xe6\x06\n\x0eRuntimeService\x12Y\n\x06PodLog\x12$.otterscale.runtime.v1.PodLogRequest\x1a%.otterscale.runtime.v1.PodLogResponse\"\x00\x30\x01\x12\x65\n\nExecuteTTY\x12(.otterscale.runtime.v1.ExecuteTTYRequest\x1a).otterscale.runtime.v1.ExecuteTTYResponse\"\x00\x30\x01\x12\\\n\x08WriteTTY\x12&.otterscale.runtime.v1.WriteTTYRequest\x1a\x16.google.protobuf.Empty\"\x10\xe2\xab\x19\x0c\x12\nsession_id\x12^\n\tResizeTTY\x12\'.otterscale.runtime.v1.ResizeTTYRequest\x1a\x16.google.protobuf.Empty\"\x10\xe2\xab\x19\x0c\x12\nsession_id\x12h\n\x0bPortForward\x12).otterscale.runtime.v1.PortForwardRequest\x1a*.otterscale.runtime.v1.PortForwardResponse\"\x00\x30\x01\x12l\n\x10WritePortForward\x12..otterscale.runtime.v1.WritePortForwardRequest\x1a\x16.google.protobuf.Empty\"\x10\xe2\xab\x19\x0c\x12\nsession_id\x12T\n\x05Scale\x12#.otterscale.runtime.v1.ScaleRequest\x1a$.otterscale.runtime.v1.ScaleResponse\"\x00\x12Z\n\x08GetScale\x12&.otterscale.runtime.v1.GetScaleRequest\x1a$.otterscale.runtime.v1.ScaleResponse\"\x00\x12J\n\x07Restart\x12%.otterscale.runtime.v1.RestartRequest\x1a\x16.google.protobuf.Empty\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'otterscale.runtime.v1.runtime_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PODLOGREQUEST']._serialized_start=125
-  _globals['_PODLOGREQUEST']._serialized_end=463
-  _globals['_PODLOGRESPONSE']._serialized_start=465
-  _globals['_PODLOGRESPONSE']._serialized_end=514
-  _globals['_EXECUTETTYREQUEST']._serialized_start=517
-  _globals['_EXECUTETTYREQUEST']._serialized_end=721
-  _globals['_EXECUTETTYRESPONSE']._serialized_start=723
-  _globals['_EXECUTETTYRESPONSE']._serialized_end=850
-  _globals['_WRITETTYREQUEST']._serialized_start=852
-  _globals['_WRITETTYREQUEST']._serialized_end=957
-  _globals['_RESIZETTYREQUEST']._serialized_start=959
-  _globals['_RESIZETTYREQUEST']._serialized_end=1025
-  _globals['_PORTFORWARDREQUEST']._serialized_start=1027
-  _globals['_PORTFORWARDREQUEST']._serialized_end=1111
-  _globals['_PORTFORWARDRESPONSE']._serialized_start=1113
-  _globals['_PORTFORWARDRESPONSE']._serialized_end=1168
-  _globals['_WRITEPORTFORWARDREQUEST']._serialized_start=1170
-  _globals['_WRITEPORTFORWARDREQUEST']._serialized_end=1282
-  _globals['_SCALEREQUEST']._serialized_start=1285
-  _globals['_SCALEREQUEST']._serialized_end=1469
-  _globals['_SCALERESPONSE']._serialized_start=1471
-  _globals['_SCALERESPONSE']._serialized_end=1574
-  _globals['_GETSCALEREQUEST']._serialized_start=1576
-  _globals['_GETSCALEREQUEST']._serialized_end=1693
-  _globals['_RESTARTREQUEST']._serialized_start=1695
-  _globals['_RESTARTREQUEST']._serialized_end=1811
-  _globals['_RUNTIMESERVICE']._serialized_start=1814
-  _globals['_RUNTIMESERVICE']._serialized_end=2636
+  _globals['_RUNTIMESERVICE'].methods_by_name['WriteTTY']._loaded_options = None
+  _globals['_RUNTIMESERVICE'].methods_by_name['WriteTTY']._serialized_options = b'\342\253\031\014\022\nsession_id'
+  _globals['_RUNTIMESERVICE'].methods_by_name['ResizeTTY']._loaded_options = None
+  _globals['_RUNTIMESERVICE'].methods_by_name['ResizeTTY']._serialized_options = b'\342\253\031\014\022\nsession_id'
+  _globals['_RUNTIMESERVICE'].methods_by_name['WritePortForward']._loaded_options = None
+  _globals['_RUNTIMESERVICE'].methods_by_name['WritePortForward']._serialized_options = b'\342\253\031\014\022\nsession_id'
+  _globals['_PODLOGREQUEST']._serialized_start=162
+  _globals['_PODLOGREQUEST']._serialized_end=500
+  _globals['_PODLOGRESPONSE']._serialized_start=502
+  _globals['_PODLOGRESPONSE']._serialized_end=551
+  _globals['_EXECUTETTYREQUEST']._serialized_start=554
+  _globals['_EXECUTETTYREQUEST']._serialized_end=758
+  _globals['_EXECUTETTYRESPONSE']._serialized_start=760
+  _globals['_EXECUTETTYRESPONSE']._serialized_end=887
+  _globals['_WRITETTYREQUEST']._serialized_start=889
+  _globals['_WRITETTYREQUEST']._serialized_end=994
+  _globals['_RESIZETTYREQUEST']._serialized_start=996
+  _globals['_RESIZETTYREQUEST']._serialized_end=1062
+  _globals['_PORTFORWARDREQUEST']._serialized_start=1064
+  _globals['_PORTFORWARDREQUEST']._serialized_end=1148
+  _globals['_PORTFORWARDRESPONSE']._serialized_start=1150
+  _globals['_PORTFORWARDRESPONSE']._serialized_end=1205
+  _globals['_WRITEPORTFORWARDREQUEST']._serialized_start=1207
+  _globals['_WRITEPORTFORWARDREQUEST']._serialized_end=1319
+  _globals['_SCALEREQUEST']._serialized_start=1322
+  _globals['_SCALEREQUEST']._serialized_end=1506
+  _globals['_SCALERESPONSE']._serialized_start=1508
+  _globals['_SCALERESPONSE']._serialized_end=1611
+  _globals['_GETSCALEREQUEST']._serialized_start=1613
+  _globals['_GETSCALEREQUEST']._serialized_end=1730
+  _globals['_RESTARTREQUEST']._serialized_start=1732
+  _globals['_RESTARTREQUEST']._serialized_end=1848
+  _globals['_RUNTIMESERVICE']._serialized_start=1851
+  _globals['_RUNTIMESERVICE']._serialized_end=2721
 # @@protoc_insertion_point(module_scope)
