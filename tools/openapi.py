@@ -262,6 +262,10 @@ def generated_file(file_proto: Any) -> Any:
     for extension in fresh.extension:  # of options' extensions too (otterscale.routing.v1.route)
         extension.ClearField("json_name")
     committed = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
+    # Parsed again now that the module (and any options extension it imports, such as
+    # otterscale.routing.v1.route) is loaded, so custom options compare as fields, not as the
+    # unknown bytes protoc's descriptor set left them as.
+    fresh = descriptor_pb2.FileDescriptorProto.FromString(fresh.SerializeToString())
     if committed != fresh:
         sys.exit(f"the generated code for {file_proto.name} is stale: run `nox -s proto` first")
     return module.DESCRIPTOR
