@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -232,29 +234,45 @@ async def read_until(stream: Any, done: Any, limit: float = WAIT) -> list[Any]:
 
 async def test_exec_through_the_hub(clients: Clients, runtime_system: RuntimeSystem, transport: str) -> None:
     """A TTY shell: the session id routes every write and resize to the right agent; the exit code
-    comes back on the last message."""
+    comes back on the last message.
+
+    Kubernetes applies a terminal size asynchronously (the initial one too: the runtime creates
+    the terminal, then reads the resize channel), so the test asks ``stty size`` until the size
+    shows, as a person would see it settle; it never sends the size any other way.
+    """
     client = clients(transport)
     stream = aiter(
         client.execute_tty(exec_request(runtime_system.pods["shell"], ["sh"], tty=True, rows=24, cols=80))
     )
     first = await asyncio.wait_for(anext(stream), WAIT)
     assert first.session_id.startswith(f"{CLUSTER}.")
-    await client.write_tty(pb.WriteTTYRequest(session_id=first.session_id, stdin=b"stty size\n", offset=0))
+    offset = 0
     output = b""
-    async with asyncio.timeout(WAIT):
-        while b"24 80" not in output:
-            output += (await anext(stream)).stdout
+
+    async def size_becomes(expected: bytes) -> None:
+        nonlocal offset, output
+        async with asyncio.timeout(WAIT):
+            while True:
+                await client.write_tty(
+                    pb.WriteTTYRequest(session_id=first.session_id, stdin=b"stty size\n", offset=offset)
+                )
+                offset += len(b"stty size\n")
+                answers = output.count(b"\r\n")
+                while output.count(b"\r\n") < answers + 2:  # the echoed command and its answer
+                    output += (await anext(stream)).stdout
+                if expected in output.rsplit(b"stty size", 1)[-1]:
+                    return
+                await asyncio.sleep(0.2)
+
+    await size_becomes(b"24 80")
     await client.resize_tty(pb.ResizeTTYRequest(session_id=first.session_id, rows=40, cols=100))
-    await client.write_tty(
-        pb.WriteTTYRequest(session_id=first.session_id, stdin=b"stty size; exit 7\n", offset=10)
-    )
+    await size_becomes(b"40 100")
+    await client.write_tty(pb.WriteTTYRequest(session_id=first.session_id, stdin=b"exit 7\n", offset=offset))
     last = None
     async with asyncio.timeout(WAIT):
         async for message in stream:
-            output += message.stdout
             if message.HasField("exit_code"):
                 last = message
-    assert b"40 100" in output
     assert last is not None
     assert last.exit_code == 7
 
@@ -557,3 +575,82 @@ def test_cli_port_forward(runtime_system: RuntimeSystem) -> None:
         finally:
             process.terminate()
             process.wait(timeout=WAIT)
+
+
+# --- hub leader change -----------------------------------------------------------------------------
+
+
+async def test_hub_leader_change_ends_sessions_with_unavailable(
+    runtime_system: RuntimeSystem, control_plane: Any, tmp_path: Path
+) -> None:
+    """Two hub replicas with leader election (the Lease on the session's control plane), the
+    agent of the node behind them: an exec through the follower (which forwards to the leader)
+    ends with unavailable when the leader is killed, and a new session works with the new leader.
+    """
+    from otterscale.testing import start_hub_replicas
+
+    issuer = runtime_system.issuer
+    replicas = await start_hub_replicas(
+        control_plane,
+        tmp_path / "ha",
+        realm_url=issuer.url,
+        client_id=CLIENT_ID,
+        replicas=2,
+        clusters={CLUSTER: runtime_system.node.kubeconfig},
+    )
+    opened: list[tuple[RuntimeServiceClient, HTTPTransport]] = []
+
+    def client(index: int) -> RuntimeServiceClient:
+        http = HTTPTransport(http_version=TRANSPORTS["connect-h2c"][1])
+        token = runtime_system.token()
+
+        class Bearer:
+            async def on_start(self, ctx: Any) -> None:
+                ctx.request_headers["authorization"] = f"Bearer {token}"
+
+            async def on_end(self, *_: Any) -> None:
+                return None
+
+        found = RuntimeServiceClient(replicas.url(index), http_client=Client(http), interceptors=[Bearer()])
+        opened.append((found, http))
+        return found
+
+    try:
+        leader = await replicas.leader()
+        follower = 1 - leader
+        via_follower = client(follower)
+        stream = aiter(via_follower.execute_tty(exec_request(runtime_system.pods["shell"], ["cat"])))
+        first = await asyncio.wait_for(anext(stream), WAIT)
+        await via_follower.write_tty(
+            pb.WriteTTYRequest(session_id=first.session_id, stdin=b"before\n", offset=0)
+        )
+        assert (await asyncio.wait_for(anext(stream), WAIT)).stdout == b"before\n"
+
+        async def drain() -> None:
+            async with asyncio.timeout(WAIT):
+                async for _ in stream:
+                    pass
+
+        replicas.hubs[leader].signal(signal.SIGKILL)
+        error = await failure(drain())
+        assert error.code is Code.UNAVAILABLE
+        # The follower takes over (Lease), the agent reconnects to it, and a new session works.
+        deadline = time.monotonic() + 120
+        codes = []
+        while True:
+            try:
+                fresh = aiter(
+                    client(follower).execute_tty(exec_request(runtime_system.pods["shell"], ["true"]))
+                )
+                await asyncio.wait_for(anext(fresh), WAIT)
+                break
+            except ConnectError as exc:
+                codes.append(exc.code)
+            assert time.monotonic() < deadline, "no new session through the new leader within 120 s"
+            await asyncio.sleep(1.0)
+        assert set(codes) <= {Code.UNAVAILABLE}, codes
+    finally:
+        for found, http in opened:
+            await found.close()
+            await http.aclose()
+        await replicas.stop()
