@@ -654,3 +654,64 @@ async def test_hub_leader_change_ends_sessions_with_unavailable(
             await found.close()
             await http.aclose()
         await replicas.stop()
+
+
+# --- bidirectional streams through the hub (HTTP/2) ------------------------------------------------
+
+
+class Outbox:
+    """A request stream fed while it is being sent (full duplex)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, message: Any) -> None:
+        self.queue.put_nowait(message)
+
+    def end(self) -> None:
+        self.queue.put_nowait(None)
+
+    async def __aiter__(self) -> Any:
+        while (message := await self.queue.get()) is not None:
+            yield message
+
+
+@pytest.mark.parametrize("transport", ["connect-h2c", "grpc-h2c"])
+async def test_exec_and_port_forward_streams_through_the_hub(
+    clients: Clients, runtime_system: RuntimeSystem, transport: str
+) -> None:
+    """Full duplex through hub and tunnel: each echo arrives before the next input is sent."""
+    client = clients(transport)
+    outbox = Outbox()
+    outbox.put(pb.ExecRequest(start=exec_request(runtime_system.pods["shell"], ["cat"])))
+    responses = aiter(client.exec(outbox))
+    assert await asyncio.wait_for(anext(responses), WAIT) == pb.ExecResponse()
+    echoed = b""
+    for word in (b"ping\n", b"pong\n"):
+        outbox.put(pb.ExecRequest(stdin=word))
+        async with asyncio.timeout(WAIT):
+            while not echoed.endswith(word):
+                echoed += (await anext(responses)).stdout
+    outbox.put(pb.ExecRequest(close_stdin=True))
+    exit_codes = []
+    async with asyncio.timeout(WAIT):
+        async for message in responses:
+            if message.HasField("exit_code"):
+                exit_codes.append(message.exit_code)
+    outbox.end()
+    assert exit_codes == [0]
+
+    outbox = Outbox()
+    start = pb.PortForwardRequest(
+        cluster=CLUSTER, namespace=NAMESPACE, name=runtime_system.pods["web"], port=8080
+    )
+    outbox.put(pb.PortForwardStreamRequest(start=start))
+    stream = aiter(client.port_forward_stream(outbox))
+    assert await asyncio.wait_for(anext(stream), WAIT) == pb.PortForwardStreamResponse()
+    outbox.put(pb.PortForwardStreamRequest(data=b"GET / HTTP/1.0\r\n\r\n"))
+    answer = b""
+    async with asyncio.timeout(WAIT):
+        async for message in stream:
+            answer += message.data
+    outbox.end()
+    assert answer.startswith(b"HTTP/1.0 200 OK")

@@ -667,3 +667,98 @@ async def test_log_of_every_container(clients: ClientFactory, node: Any, cluster
         )
     )
     assert error.code is Code.INVALID_ARGUMENT  # Kubernetes: no previous terminated container
+
+
+# --- bidirectional streams (HTTP/2 clients) ---------------------------------------------------------
+
+
+class Outbox:
+    """A request stream fed while it is being sent (full duplex)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, message: Any) -> None:
+        self.queue.put_nowait(message)
+
+    def end(self) -> None:
+        self.queue.put_nowait(None)
+
+    async def __aiter__(self) -> Any:
+        while (message := await self.queue.get()) is not None:
+            yield message
+
+
+@pytest.mark.parametrize("transport", ["connect-h2c", "grpc-h2c"])
+async def test_exec_as_one_bidirectional_stream(
+    clients: ClientFactory, cluster: dict[str, str], transport: str
+) -> None:
+    client = runtime(clients, transport=transport)
+    outbox = Outbox()
+    outbox.put(pb.ExecRequest(start=exec_request(cluster["shell"], ["cat"])))
+    responses = aiter(client.exec(outbox))
+    started = await asyncio.wait_for(anext(responses), WAIT)
+    assert started == pb.ExecResponse()  # empty: the command runs
+    echoed = b""
+    for word in (b"one\n", b"two\n"):  # each echo arrives before the next word is sent: full duplex
+        outbox.put(pb.ExecRequest(stdin=word))
+        async with asyncio.timeout(WAIT):
+            while not echoed.endswith(word):
+                echoed += (await anext(responses)).stdout
+    outbox.put(pb.ExecRequest(close_stdin=True))
+    last = None
+    async with asyncio.timeout(WAIT):
+        async for message in responses:
+            if message.HasField("exit_code"):
+                last = message
+    outbox.end()
+    assert echoed == b"one\ntwo\n"
+    assert last is not None
+    assert last.exit_code == 0
+
+
+async def test_exec_stream_resize_and_refusals(clients: ClientFactory, cluster: dict[str, str]) -> None:
+    client = runtime(clients, transport="grpc-h2c")
+    error = await failure(anext(aiter(client.exec(_once(pb.ExecRequest(stdin=b"x"))))))
+    assert error.code is Code.INVALID_ARGUMENT
+    assert "first message of the stream must carry start" in error.message
+    outbox = Outbox()
+    outbox.put(pb.ExecRequest(start=exec_request(cluster["shell"], ["sh"], tty=True, rows=10, cols=20)))
+    responses = aiter(client.exec(outbox))
+    await asyncio.wait_for(anext(responses), WAIT)
+    outbox.put(pb.ExecRequest(resize=pb.TerminalSize(rows=0, cols=5)))  # invalid: ends the session
+
+    async def drain() -> None:
+        async with asyncio.timeout(WAIT):
+            async for _ in responses:
+                pass
+
+    error = await failure(drain())
+    outbox.end()
+    assert error.code is Code.INVALID_ARGUMENT
+    assert "rows must be between 1 and 65535" in error.message
+
+
+async def _once(message: Any) -> Any:
+    yield message
+
+
+async def test_port_forward_as_one_bidirectional_stream(
+    clients: ClientFactory, cluster: dict[str, str]
+) -> None:
+    client = runtime(clients, transport="connect-h2c")
+    outbox = Outbox()
+    outbox.put(
+        pb.PortForwardStreamRequest(
+            start=pb.PortForwardRequest(cluster=CLUSTER, namespace=NAMESPACE, name=cluster["web"], port=8080)
+        )
+    )
+    responses = aiter(client.port_forward_stream(outbox))
+    assert await asyncio.wait_for(anext(responses), WAIT) == pb.PortForwardStreamResponse()
+    outbox.put(pb.PortForwardStreamRequest(data=b"GET / HTTP/1.0\r\n\r\n"))
+    answer = b""
+    async with asyncio.timeout(WAIT):
+        async for message in responses:
+            answer += message.data
+    outbox.end()
+    assert answer.startswith(b"HTTP/1.0 200 OK")

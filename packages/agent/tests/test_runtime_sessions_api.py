@@ -285,3 +285,32 @@ def test_agent_metrics_endpoint(agent_server: AgentThread) -> None:
         "otterscale_agent_log_streams_active",
     ):
         assert f"# TYPE {family.removesuffix('_total')}" in text
+
+
+async def _messages(*items: Any) -> Any:
+    for item in items:
+        yield item
+
+
+async def test_bidirectional_streams_are_signed_and_checked(
+    make_client: ClientFactory, namespace: str
+) -> None:
+    """The identity check and the error boundary cover request streams too (connectrpc skips an
+    interceptor for a call shape it does not implement)."""
+    unsigned: RuntimeServiceClient = make_client(
+        identity=None, service=RuntimeServiceClient, transport="grpc-h2c"
+    )
+    start = pb.ExecRequest(start=exec_request(namespace, "any", command=["id"]))
+    error, _ = await stream_error(unsigned.exec(_messages(start)))
+    assert error.code is Code.UNAUTHENTICATED
+    signed = runtime(make_client, transport="connect-h2c")
+    error, _ = await stream_error(signed.exec(_messages(pb.ExecRequest(stdin=b"x"))))
+    assert error.code is Code.INVALID_ARGUMENT
+    assert "must carry start" in error.message
+    error, _ = await stream_error(signed.port_forward_stream(_messages()))
+    assert error.code is Code.INVALID_ARGUMENT
+    assert "ended before its first message" in error.message
+    error, _ = await stream_error(
+        signed.exec(_messages(pb.ExecRequest(start=exec_request(namespace, "no-such-pod"))))
+    )
+    assert error.code is Code.NOT_FOUND

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from otterscale.runtime.v1 import runtime_pb2 as pb
@@ -120,6 +121,24 @@ ADDITIONS: dict[str, list[Row]] = {
         ("selector", 4, S, False, None, "selector"),
     ],
     "GetScaleRequest": _workload(),
+    "ExecRequest": [
+        ("start", 1, MSG, False, f"{PKG}.ExecuteTTYRequest", "start"),
+        ("stdin", 2, BY, False, None, "stdin"),
+        ("resize", 3, MSG, False, f"{PKG}.TerminalSize", "resize"),
+        ("close_stdin", 4, B, False, None, "closeStdin"),
+    ],
+    "TerminalSize": [("rows", 1, U32, False, None, "rows"), ("cols", 2, U32, False, None, "cols")],
+    "ExecResponse": [
+        ("stdout", 1, BY, False, None, "stdout"),
+        ("stderr", 2, BY, False, None, "stderr"),
+        ("exit_code", 3, I32, False, None, "exitCode"),
+        ("message", 4, S, False, None, "message"),
+    ],
+    "PortForwardStreamRequest": [
+        ("start", 1, MSG, False, f"{PKG}.PortForwardRequest", "start"),
+        ("data", 2, BY, False, None, "data"),
+    ],
+    "PortForwardStreamResponse": [("data", 1, BY, False, None, "data")],
 }
 
 #: Fields with explicit presence: the original's presence-honoured options (runtime.md §5.2),
@@ -131,19 +150,25 @@ PRESENCE = {
     "WriteTTYRequest": {"offset"},
     "WritePortForwardRequest": {"offset"},
     "ScaleRequest": {"current_replicas"},
+    # Members of a oneof have presence by nature.
+    "ExecRequest": {"start", "stdin", "resize", "close_stdin"},
+    "ExecResponse": {"exit_code"},
+    "PortForwardStreamRequest": {"start", "data"},
 }
 
-# RPC -> (request, response, server streaming); the first eight are the original's.
+# RPC -> (request, response, server streaming, client streaming); the first eight are the original's.
 RPCS = {
-    "PodLog": (f"{PKG}.PodLogRequest", f"{PKG}.PodLogResponse", True),
-    "ExecuteTTY": (f"{PKG}.ExecuteTTYRequest", f"{PKG}.ExecuteTTYResponse", True),
-    "WriteTTY": (f"{PKG}.WriteTTYRequest", EMPTY, False),
-    "ResizeTTY": (f"{PKG}.ResizeTTYRequest", EMPTY, False),
-    "PortForward": (f"{PKG}.PortForwardRequest", f"{PKG}.PortForwardResponse", True),
-    "WritePortForward": (f"{PKG}.WritePortForwardRequest", EMPTY, False),
-    "Scale": (f"{PKG}.ScaleRequest", f"{PKG}.ScaleResponse", False),
-    "Restart": (f"{PKG}.RestartRequest", EMPTY, False),
-    "GetScale": (f"{PKG}.GetScaleRequest", f"{PKG}.ScaleResponse", False),
+    "PodLog": (f"{PKG}.PodLogRequest", f"{PKG}.PodLogResponse", True, False),
+    "ExecuteTTY": (f"{PKG}.ExecuteTTYRequest", f"{PKG}.ExecuteTTYResponse", True, False),
+    "WriteTTY": (f"{PKG}.WriteTTYRequest", EMPTY, False, False),
+    "ResizeTTY": (f"{PKG}.ResizeTTYRequest", EMPTY, False, False),
+    "PortForward": (f"{PKG}.PortForwardRequest", f"{PKG}.PortForwardResponse", True, False),
+    "WritePortForward": (f"{PKG}.WritePortForwardRequest", EMPTY, False, False),
+    "Scale": (f"{PKG}.ScaleRequest", f"{PKG}.ScaleResponse", False, False),
+    "Restart": (f"{PKG}.RestartRequest", EMPTY, False, False),
+    "GetScale": (f"{PKG}.GetScaleRequest", f"{PKG}.ScaleResponse", False, False),
+    "Exec": (f"{PKG}.ExecRequest", f"{PKG}.ExecResponse", True, True),
+    "PortForwardStream": (f"{PKG}.PortForwardStreamRequest", f"{PKG}.PortForwardStreamResponse", True, True),
 }
 
 ALL_MESSAGES = sorted(set(ORIGINAL) | set(ADDITIONS))
@@ -197,10 +222,10 @@ def test_service_rpcs() -> None:
     service = pb.DESCRIPTOR.services_by_name["RuntimeService"]
     assert service.full_name == f"{PKG}.RuntimeService"
     got = {
-        m.name: (m.input_type.full_name, m.output_type.full_name, m.server_streaming) for m in service.methods
+        m.name: (m.input_type.full_name, m.output_type.full_name, m.server_streaming, m.client_streaming)
+        for m in service.methods
     }
     assert got == RPCS
-    assert not any(m.client_streaming for m in service.methods)
 
 
 # --- Hand-encoded bytes from an original client decode with the generated classes -----------------
@@ -395,8 +420,22 @@ def test_restart_and_get_scale_requests() -> None:
 
 @pytest.mark.parametrize("name", ALL_MESSAGES)
 def test_json_names(name: str) -> None:
-    got = json.loads(json_format.MessageToJson(populated(message_class(name))))
+    cls = message_class(name)
     expected = {row[5] for row in ORIGINAL.get(name, []) + ADDITIONS.get(name, [])}
+    if any(not oneof.name.startswith("_") for oneof in cls.DESCRIPTOR.oneofs):  # not proto3 optional's
+        # One member of a oneof at a time: each alone must show under its JSON name.
+        seen = set()
+        values: dict[int, Any] = {FieldDescriptor.TYPE_BYTES: b"x", FieldDescriptor.TYPE_BOOL: True}
+        for member in cls.DESCRIPTOR.fields:
+            alone = cls()
+            if member.type == FieldDescriptor.TYPE_MESSAGE:
+                getattr(alone, member.name).SetInParent()
+            else:
+                setattr(alone, member.name, values[member.type])
+            seen |= set(json.loads(json_format.MessageToJson(alone)))
+        assert seen == expected
+        return
+    got = json.loads(json_format.MessageToJson(populated(cls)))
     assert set(got) == expected
 
 

@@ -15,10 +15,11 @@ One audit record is written when it starts and one when it ends.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from connectrpc.code import Code
@@ -44,6 +45,7 @@ from .._errors import (
 )
 from .._kube import KubeClient
 from .._metrics import AgentMetrics
+from .._tasks import start_task, stop_tasks
 from ._audit import audit
 from ._channel import ERROR, EXEC_PROTOCOLS, PORT_FORWARD_PROTOCOLS, STDERR, STDOUT, ExitStatus, exit_status
 from ._connection import ExecConnection, PortForwardConnection, Resizer
@@ -59,6 +61,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["RuntimeServiceImpl"]
 
 _MAX_DIMENSION = 65535
+#: Events of the session cores (besides the output channels STDOUT and STDERR).
+_STARTED, _HEARTBEAT, _EXITED, _DATA = "started", "heartbeat", "exited", "data"
 #: Most bytes of the kubelet's port-forward error text kept.
 _MAX_ERROR_TEXT = 4096
 
@@ -166,7 +170,86 @@ class RuntimeServiceImpl:
     async def execute_tty(
         self, request: pb.ExecuteTTYRequest, ctx: RequestContext[Any, Any], /
     ) -> AsyncIterator[pb.ExecuteTTYResponse]:
+        core = self._exec(current_identity(), request, findable=True)
+        try:
+            async for kind, value in core:
+                if kind == _STARTED:
+                    yield pb.ExecuteTTYResponse(session_id=value.id)
+                elif kind == _HEARTBEAT:
+                    yield pb.ExecuteTTYResponse()
+                elif kind == STDOUT:
+                    yield pb.ExecuteTTYResponse(stdout=value)
+                elif kind == STDERR:
+                    yield pb.ExecuteTTYResponse(stderr=value)
+                else:
+                    yield pb.ExecuteTTYResponse(exit_code=value.exit_code, message=value.message)
+        finally:
+            await core.aclose()
+
+    async def exec(
+        self, requests: AsyncIterator[pb.ExecRequest], ctx: RequestContext[Any, Any], /
+    ) -> AsyncIterator[pb.ExecResponse]:
         caller = current_identity()
+        first = await _first_message(requests)
+        core = self._exec(caller, first.start, findable=False)
+        feeder: asyncio.Task[None] | None = None
+        try:
+            async for kind, value in core:
+                if kind == _STARTED:
+                    feeder = start_task(
+                        self._feed_exec(requests, value),
+                        name=f"runtime-exec-input-{value.ref}",
+                        forever=False,
+                    )
+                    yield pb.ExecResponse()
+                elif kind == _HEARTBEAT:
+                    yield pb.ExecResponse()
+                elif kind == STDOUT:
+                    yield pb.ExecResponse(stdout=value)
+                elif kind == STDERR:
+                    yield pb.ExecResponse(stderr=value)
+                else:
+                    yield pb.ExecResponse(exit_code=value.exit_code, message=value.message)
+        finally:
+            if feeder is not None:
+                await stop_tasks([feeder], grace=2.0)
+            await core.aclose()
+
+    async def _feed_exec(self, requests: AsyncIterator[pb.ExecRequest], session: Session) -> None:
+        """Apply an Exec stream's messages to the session, in order; a failure ends the session."""
+        try:
+            async for message in requests:
+                which = message.WhichOneof("message")
+                if which == "stdin":
+                    if session.input is None:
+                        raise PreconditionError("the session was started without stdin (stdin: false)")
+                    await self._write(session, message.stdin, None, False)
+                elif which == "close_stdin" and message.close_stdin:
+                    if session.input is None:
+                        raise PreconditionError("the session was started without stdin (stdin: false)")
+                    if not session.can_close:
+                        raise PreconditionError(session.close_refusal)
+                    await self._write(session, b"", None, True)
+                elif which == "resize":
+                    await self._resize(session, message.resize.rows, message.resize.cols)
+                elif which == "start":
+                    raise InvalidRequestError(
+                        "start must be the first message of an Exec stream, and only it"
+                    )
+        except AgentError as exc:
+            session.end(exc)
+        except ConnectError as exc:  # the request stream broke (the client reset it)
+            session.end(StreamUnavailableError(f"the Exec request stream broke: {exc.message}"))
+
+    async def _exec(
+        self, caller: Identity, request: pb.ExecuteTTYRequest, *, findable: bool
+    ) -> AsyncGenerator[tuple[Any, Any], None]:
+        """One exec session from start to end, as events: (_STARTED, session), (_HEARTBEAT,
+        None), (STDOUT or STDERR, bytes), and last (_EXITED, ExitStatus) when the command exited.
+
+        Checks, limits, audit and clean-up are here, for ExecuteTTY and Exec alike; with
+        ``findable`` the session can be reached by its id (WriteTTY, ResizeTTY).
+        """
         self._check_cluster(request.cluster)
         _require(request.namespace, "namespace")
         _require(request.name, "name")
@@ -214,24 +297,21 @@ class RuntimeServiceImpl:
                 session.input = self._input(session, connection.write_stdin, "stdin")
             pump = Pump({"exec": connection.frames()}, name=f"runtime-exec-{session.ref}")
             session.abort = pump.stop
-            session.ready = True
+            session.ready = findable
             started = True
             self._audit_start(session)
-            yield pb.ExecuteTTYResponse(session_id=session.id)
+            yield _STARTED, session
             status: ExitStatus | None = None
             async for event in session_events(session, pump, self._config, self._metrics):
                 if event is None:
-                    yield pb.ExecuteTTYResponse()
+                    yield _HEARTBEAT, None
                     continue
                 channel, payload = event
                 if not payload:
                     continue  # the API server opens each channel with an empty message
-                if channel == STDOUT:
+                if channel in (STDOUT, STDERR):
                     session.bytes_out += len(payload)
-                    yield pb.ExecuteTTYResponse(stdout=payload)
-                elif channel == STDERR:
-                    session.bytes_out += len(payload)
-                    yield pb.ExecuteTTYResponse(stderr=payload)
+                    yield channel, payload
                 elif channel == ERROR:
                     # The last word: the server sends it once output is complete, then closes.
                     status = exit_status(payload)
@@ -245,7 +325,7 @@ class RuntimeServiceImpl:
             if status.exit_code is None:
                 raise _exec_failure(status)
             exit_code = status.exit_code
-            yield pb.ExecuteTTYResponse(exit_code=status.exit_code, message=status.message)
+            yield _EXITED, status
         except BaseException as exc:
             outcome = _code_of(exc)
             raise
@@ -273,25 +353,85 @@ class RuntimeServiceImpl:
     async def resize_tty(
         self, request: pb.ResizeTTYRequest, ctx: RequestContext[Any, Any], /
     ) -> empty_pb2.Empty:
-        for field in ("rows", "cols"):
-            value = getattr(request, field)
-            if not 1 <= value <= _MAX_DIMENSION:
-                raise InvalidRequestError(f"{field} must be between 1 and {_MAX_DIMENSION}, got {value}")
+        _check_size(request.rows, request.cols)
         session = self.sessions.find(request.session_id, current_identity(), SessionKind.EXEC)
+        await self._resize(session, request.rows, request.cols)
+        return empty_pb2.Empty()
+
+    async def _resize(self, session: Session, rows: int, cols: int) -> None:
+        _check_size(rows, cols)
         if session.resizer is None:
             raise PreconditionError(
                 "the session has no terminal (started with tty false); it cannot be resized"
             )
         session.touch()
-        await session.resizer(request.rows, request.cols)
-        return empty_pb2.Empty()
+        await session.resizer(rows, cols)
 
     # --- PortForward / WritePortForward -------------------------------------------------------
 
     async def port_forward(
         self, request: pb.PortForwardRequest, ctx: RequestContext[Any, Any], /
     ) -> AsyncIterator[pb.PortForwardResponse]:
+        core = self._port_forward(current_identity(), request, findable=True)
+        try:
+            async for kind, value in core:
+                if kind == _STARTED:
+                    yield pb.PortForwardResponse(session_id=value.id)
+                elif kind == _HEARTBEAT:
+                    yield pb.PortForwardResponse()
+                else:
+                    yield pb.PortForwardResponse(data=value)
+        finally:
+            await core.aclose()
+
+    async def port_forward_stream(
+        self, requests: AsyncIterator[pb.PortForwardStreamRequest], ctx: RequestContext[Any, Any], /
+    ) -> AsyncIterator[pb.PortForwardStreamResponse]:
         caller = current_identity()
+        first = await _first_message(requests)
+        core = self._port_forward(caller, first.start, findable=False)
+        feeder: asyncio.Task[None] | None = None
+        try:
+            async for kind, value in core:
+                if kind == _STARTED:
+                    feeder = start_task(
+                        self._feed_port_forward(requests, value),
+                        name=f"runtime-port-forward-input-{value.ref}",
+                        forever=False,
+                    )
+                    yield pb.PortForwardStreamResponse()
+                elif kind == _HEARTBEAT:
+                    yield pb.PortForwardStreamResponse()
+                else:
+                    yield pb.PortForwardStreamResponse(data=value)
+        finally:
+            if feeder is not None:
+                await stop_tasks([feeder], grace=2.0)
+            await core.aclose()
+
+    async def _feed_port_forward(
+        self, requests: AsyncIterator[pb.PortForwardStreamRequest], session: Session
+    ) -> None:
+        """Send a PortForwardStream's bytes to the pod, in order; a failure ends the session."""
+        try:
+            async for message in requests:
+                if message.WhichOneof("message") == "start":
+                    raise InvalidRequestError(
+                        "start must be the first message of a PortForwardStream, and only it"
+                    )
+                if message.data:
+                    await self._write(session, message.data, None, False)
+        except AgentError as exc:
+            session.end(exc)
+        except ConnectError as exc:
+            session.end(StreamUnavailableError(f"the PortForwardStream request stream broke: {exc.message}"))
+
+    async def _port_forward(
+        self, caller: Identity, request: pb.PortForwardRequest, *, findable: bool
+    ) -> AsyncGenerator[tuple[Any, Any], None]:
+        """One port-forward session as events: (_STARTED, session), (_HEARTBEAT, None), and
+        (_DATA, bytes); checks, limits, audit and clean-up for PortForward and
+        PortForwardStream alike (``findable``: reachable by its id, for WritePortForward)."""
         self._check_cluster(request.cluster)
         _require(request.namespace, "namespace")
         _require(request.name, "name")
@@ -323,21 +463,21 @@ class RuntimeServiceImpl:
             session.close_refusal = PortForwardConnection.CLOSE_REFUSAL
             pump = Pump({"port-forward": connection.frames()}, name=f"runtime-port-forward-{session.ref}")
             session.abort = pump.stop
-            session.ready = True
+            session.ready = findable
             started = True
             self._audit_start(session)
-            yield pb.PortForwardResponse(session_id=session.id)
+            yield _STARTED, session
             errors = bytearray()
             async for event in session_events(session, pump, self._config, self._metrics):
                 if event is None:
-                    yield pb.PortForwardResponse()
+                    yield _HEARTBEAT, None
                     continue
                 channel, payload = event
                 if not payload:
                     continue
                 if channel == PortForwardConnection.DATA:
                     session.bytes_out += len(payload)
-                    yield pb.PortForwardResponse(data=payload)
+                    yield _DATA, payload
                 elif len(errors) < _MAX_ERROR_TEXT:
                     errors += payload[: _MAX_ERROR_TEXT - len(errors)]
             if session.end_reason is not None:
@@ -517,6 +657,23 @@ def _argv(command: Sequence[str], policy: str) -> list[str]:
     if policy == "command":
         return list(command[:1])
     return list(command)
+
+
+def _check_size(rows: int, cols: int) -> None:
+    for field, value in (("rows", rows), ("cols", cols)):
+        if not 1 <= value <= _MAX_DIMENSION:
+            raise InvalidRequestError(f"{field} must be between 1 and {_MAX_DIMENSION}, got {value}")
+
+
+async def _first_message(requests: AsyncIterator[Any]) -> Any:
+    """The first message of a request stream, which must carry ``start``."""
+    try:
+        first = await anext(requests)
+    except StopAsyncIteration:
+        raise InvalidRequestError("the stream ended before its first message (start)") from None
+    if first.WhichOneof("message") != "start":
+        raise InvalidRequestError("the first message of the stream must carry start")
+    return first
 
 
 def _initial_size(request: pb.ExecuteTTYRequest) -> tuple[int, int] | None:

@@ -22,7 +22,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from google.protobuf.empty_pb2 import Empty
 from pyqwest import Client, SyncClient
 
-from .runtime_pb2 import ExecuteTTYRequest, ExecuteTTYResponse, GetScaleRequest, PodLogRequest, PodLogResponse, PortForwardRequest, PortForwardResponse, ResizeTTYRequest, RestartRequest, ScaleRequest, ScaleResponse, WritePortForwardRequest, WriteTTYRequest
+from .runtime_pb2 import ExecRequest, ExecResponse, ExecuteTTYRequest, ExecuteTTYResponse, GetScaleRequest, PodLogRequest, PodLogResponse, PortForwardRequest, PortForwardResponse, PortForwardStreamRequest, PortForwardStreamResponse, ResizeTTYRequest, RestartRequest, ScaleRequest, ScaleResponse, WritePortForwardRequest, WriteTTYRequest
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -142,6 +142,27 @@ class RuntimeService(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def exec(self, request: AsyncIterator[ExecRequest], ctx: RequestContext[ExecRequest, ExecResponse], /) -> AsyncIterator[ExecResponse]:
+        """
+        Addition: Exec is ExecuteTTY as one bidirectional stream, for HTTP/2 clients (gRPC, or
+        Connect over HTTP/2; browsers cannot stream a request body, they use ExecuteTTY and
+        WriteTTY). The first request carries `start`; the following ones stdin, resizes and the
+        stdin close, in order. The first response is empty once the command runs (later empty
+        responses are heartbeats); the last carries `exit_code`. The session has the same limits,
+        timeouts, checks and audit as ExecuteTTY; it has no id, so no WriteTTY can reach it. Ending
+        the request stream does not close stdin: send `close_stdin`.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def port_forward_stream(self, request: AsyncIterator[PortForwardStreamRequest], ctx: RequestContext[PortForwardStreamRequest, PortForwardStreamResponse], /) -> AsyncIterator[PortForwardStreamResponse]:
+        """
+        Addition: PortForwardStream is PortForward as one bidirectional stream, for HTTP/2 clients.
+        The first request carries `start`, the following ones the bytes for the pod; the first
+        response is empty once the connection is open, the others carry the pod's bytes (or are
+        empty heartbeats). It ends as PortForward does.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class RuntimeServiceASGIApplication(ConnectASGIApplication[RuntimeService]):
     def __init__(
@@ -254,6 +275,28 @@ class RuntimeServiceASGIApplication(ConnectASGIApplication[RuntimeService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.restart,
+                ),
+                "/otterscale.runtime.v1.RuntimeService/Exec": Endpoint.bidi_stream(
+                    method=MethodInfo(
+                        name="Exec",
+                        service_name="otterscale.runtime.v1.RuntimeService",
+                        input=ExecRequest,
+                        output=ExecResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.BIDI_STREAM,
+                    ),
+                    function=svc.exec,
+                ),
+                "/otterscale.runtime.v1.RuntimeService/PortForwardStream": Endpoint.bidi_stream(
+                    method=MethodInfo(
+                        name="PortForwardStream",
+                        service_name="otterscale.runtime.v1.RuntimeService",
+                        input=PortForwardStreamRequest,
+                        output=PortForwardStreamResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.BIDI_STREAM,
+                    ),
+                    function=svc.port_forward_stream,
                 ),
             },
             interceptors=interceptors,
@@ -549,6 +592,61 @@ class RuntimeServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    def exec(
+        self,
+        request: AsyncIterator[ExecRequest],
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[ExecResponse]:
+        """
+        Addition: Exec is ExecuteTTY as one bidirectional stream, for HTTP/2 clients (gRPC, or
+        Connect over HTTP/2; browsers cannot stream a request body, they use ExecuteTTY and
+        WriteTTY). The first request carries `start`; the following ones stdin, resizes and the
+        stdin close, in order. The first response is empty once the command runs (later empty
+        responses are heartbeats); the last carries `exit_code`. The session has the same limits,
+        timeouts, checks and audit as ExecuteTTY; it has no id, so no WriteTTY can reach it. Ending
+        the request stream does not close stdin: send `close_stdin`.
+        """
+        return self.execute_bidi_stream(
+            request=request,
+            method=MethodInfo(
+                name="Exec",
+                service_name="otterscale.runtime.v1.RuntimeService",
+                input=ExecRequest,
+                output=ExecResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.BIDI_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def port_forward_stream(
+        self,
+        request: AsyncIterator[PortForwardStreamRequest],
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[PortForwardStreamResponse]:
+        """
+        Addition: PortForwardStream is PortForward as one bidirectional stream, for HTTP/2 clients.
+        The first request carries `start`, the following ones the bytes for the pod; the first
+        response is empty once the connection is open, the others carry the pod's bytes (or are
+        empty heartbeats). It ends as PortForward does.
+        """
+        return self.execute_bidi_stream(
+            request=request,
+            method=MethodInfo(
+                name="PortForwardStream",
+                service_name="otterscale.runtime.v1.RuntimeService",
+                input=PortForwardStreamRequest,
+                output=PortForwardStreamResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.BIDI_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class RuntimeServiceSync(Protocol):
     """
@@ -651,6 +749,27 @@ class RuntimeServiceSync(Protocol):
         `kubectl.kubernetes.io/restartedAt` to the current time (RFC 3339, UTC; never the value it
         already has, so two restarts in one second both roll). Other resources are
         invalid_argument; a paused Deployment is failed_precondition, as with kubectl.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def exec(self, request: Iterator[ExecRequest], ctx: RequestContext[ExecRequest, ExecResponse], /) -> Iterator[ExecResponse]:
+        """
+        Addition: Exec is ExecuteTTY as one bidirectional stream, for HTTP/2 clients (gRPC, or
+        Connect over HTTP/2; browsers cannot stream a request body, they use ExecuteTTY and
+        WriteTTY). The first request carries `start`; the following ones stdin, resizes and the
+        stdin close, in order. The first response is empty once the command runs (later empty
+        responses are heartbeats); the last carries `exit_code`. The session has the same limits,
+        timeouts, checks and audit as ExecuteTTY; it has no id, so no WriteTTY can reach it. Ending
+        the request stream does not close stdin: send `close_stdin`.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def port_forward_stream(self, request: Iterator[PortForwardStreamRequest], ctx: RequestContext[PortForwardStreamRequest, PortForwardStreamResponse], /) -> Iterator[PortForwardStreamResponse]:
+        """
+        Addition: PortForwardStream is PortForward as one bidirectional stream, for HTTP/2 clients.
+        The first request carries `start`, the following ones the bytes for the pod; the first
+        response is empty once the connection is open, the others carry the pod's bytes (or are
+        empty heartbeats). It ends as PortForward does.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -764,6 +883,28 @@ class RuntimeServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.restart,
+                ),
+                "/otterscale.runtime.v1.RuntimeService/Exec": EndpointSync.bidi_stream(
+                    method=MethodInfo(
+                        name="Exec",
+                        service_name="otterscale.runtime.v1.RuntimeService",
+                        input=ExecRequest,
+                        output=ExecResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.BIDI_STREAM,
+                    ),
+                    function=service.exec,
+                ),
+                "/otterscale.runtime.v1.RuntimeService/PortForwardStream": EndpointSync.bidi_stream(
+                    method=MethodInfo(
+                        name="PortForwardStream",
+                        service_name="otterscale.runtime.v1.RuntimeService",
+                        input=PortForwardStreamRequest,
+                        output=PortForwardStreamResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.BIDI_STREAM,
+                    ),
+                    function=service.port_forward_stream,
                 ),
             },
             interceptors=interceptors,
@@ -1055,6 +1196,61 @@ class RuntimeServiceClientSync(ConnectClientSync):
                 output=Empty,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def exec(
+        self,
+        request: Iterator[ExecRequest],
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[ExecResponse]:
+        """
+        Addition: Exec is ExecuteTTY as one bidirectional stream, for HTTP/2 clients (gRPC, or
+        Connect over HTTP/2; browsers cannot stream a request body, they use ExecuteTTY and
+        WriteTTY). The first request carries `start`; the following ones stdin, resizes and the
+        stdin close, in order. The first response is empty once the command runs (later empty
+        responses are heartbeats); the last carries `exit_code`. The session has the same limits,
+        timeouts, checks and audit as ExecuteTTY; it has no id, so no WriteTTY can reach it. Ending
+        the request stream does not close stdin: send `close_stdin`.
+        """
+        return self.execute_bidi_stream(
+            request=request,
+            method=MethodInfo(
+                name="Exec",
+                service_name="otterscale.runtime.v1.RuntimeService",
+                input=ExecRequest,
+                output=ExecResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.BIDI_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def port_forward_stream(
+        self,
+        request: Iterator[PortForwardStreamRequest],
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[PortForwardStreamResponse]:
+        """
+        Addition: PortForwardStream is PortForward as one bidirectional stream, for HTTP/2 clients.
+        The first request carries `start`, the following ones the bytes for the pod; the first
+        response is empty once the connection is open, the others carry the pod's bytes (or are
+        empty heartbeats). It ends as PortForward does.
+        """
+        return self.execute_bidi_stream(
+            request=request,
+            method=MethodInfo(
+                name="PortForwardStream",
+                service_name="otterscale.runtime.v1.RuntimeService",
+                input=PortForwardStreamRequest,
+                output=PortForwardStreamResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.BIDI_STREAM,
             ),
             headers=headers,
             timeout_ms=timeout_ms,
