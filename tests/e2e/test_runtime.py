@@ -500,23 +500,33 @@ def _cli(
     return subprocess.run(command, input=stdin, capture_output=True, env=env, timeout=timeout, check=False)
 
 
-def test_cli_exec_logs_scale_restart(runtime_system: RuntimeSystem) -> None:
-    shell = runtime_system.pods["shell"]
+@pytest.mark.parametrize("mode", [[], ["--http2"]], ids=["writes", "stream"])
+def test_cli_exec_pipes_stdin_and_returns_the_exit_code(
+    runtime_system: RuntimeSystem, mode: list[str]
+) -> None:
+    """ExecuteTTY with WriteTTY calls (any proxy), or one Exec stream (HTTP/2); a payload bigger
+    than one write and than the client's pending bound, so ordering and backpressure both count."""
+    payload = b"".join(b"%07d\n" % i for i in range(400_000))  # 3.2 MB
     done = _cli(
         runtime_system,
         "exec",
-        shell,
+        runtime_system.pods["shell"],
         "-i",
+        *mode,
         "-n",
         NAMESPACE,
         "--",
         "sh",
         "-c",
         "cat; exit 3",
-        stdin=b"piped in\n",
+        stdin=payload,
+        timeout=ROLLOUT,
     )
-    assert done.stdout == b"piped in\n", done.stderr
+    assert done.stdout == payload, (len(done.stdout), done.stderr[-500:])
     assert done.returncode == 3
+
+
+def test_cli_logs_scale_restart(runtime_system: RuntimeSystem) -> None:
     done = _cli(runtime_system, "logs", runtime_system.pods["ticker"], "--tail", "2", "-n", NAMESPACE)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(b"tick") == 2
@@ -547,7 +557,8 @@ def test_cli_exec_logs_scale_restart(runtime_system: RuntimeSystem) -> None:
     assert runtime_system.token().split(".")[2] not in (done.stdout + done.stderr).decode()
 
 
-def test_cli_port_forward(runtime_system: RuntimeSystem) -> None:
+@pytest.mark.parametrize("mode", [[], ["--http2"]], ids=["writes", "stream"])
+def test_cli_port_forward(runtime_system: RuntimeSystem, mode: list[str]) -> None:
     env = {
         **os.environ,
         "OTTERSCALE_HUB": runtime_system.system.hub_url,
@@ -559,6 +570,7 @@ def test_cli_port_forward(runtime_system: RuntimeSystem) -> None:
         "port-forward",
         runtime_system.pods["web"],
         ":8080",
+        *mode,
         "-n",
         NAMESPACE,
     ]

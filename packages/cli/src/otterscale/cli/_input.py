@@ -14,10 +14,13 @@ from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_WRITE", "OrderedWriter"]
+__all__ = ["MAX_PENDING", "MAX_WRITE", "OrderedWriter"]
 
 #: The agent's default ``runtime.max_write_bytes``.
 MAX_WRITE = 64 * 1024
+#: Input held here before the reader of the local side is paused (backpressure to stdin or the
+#: local connection): a fast producer never grows the client's memory beyond this.
+MAX_PENDING = 1024 * 1024
 
 #: Sends ``data`` at ``offset``; ``close`` ends the input after it.
 Send = Callable[[bytes, int, bool], Awaitable[None]]
@@ -33,11 +36,19 @@ class OrderedWriter:
         self._buffer = bytearray()
         self._closed = False
         self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self.offset = 0
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
         self._ready.set()
+        if len(self._buffer) >= MAX_PENDING:
+            self._room.clear()
+
+    async def room(self) -> None:
+        """Return once less than MAX_PENDING bytes wait to be sent."""
+        await self._room.wait()
 
     def close(self) -> None:
         self._closed = True
@@ -60,6 +71,8 @@ class OrderedWriter:
                 await self._send(chunk, self.offset, close)
                 self.offset += len(chunk)
                 close_sent = close_sent or close
+                if len(self._buffer) < MAX_PENDING:
+                    self._room.set()
             if self._closed:
                 if self._can_close and not close_sent:
                     await self._send(b"", self.offset, True)

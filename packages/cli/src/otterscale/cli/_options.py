@@ -88,7 +88,8 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, namespaced: bool = 
     group.add_argument(
         "--http2",
         action="store_true",
-        help="use HTTP/2 (over plain http: prior knowledge, which the hub speaks); gRPC always does",
+        help="use HTTP/2 (over plain http: prior knowledge, which the hub speaks); gRPC always does. "
+        "exec and port-forward then use one bidirectional stream per session",
     )
     group.add_argument(
         "--ca-file", metavar="PATH", help="CA bundle to verify the hub's certificate ($OTTERSCALE_CA_FILE)"

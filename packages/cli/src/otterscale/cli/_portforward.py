@@ -1,8 +1,9 @@
 """``otterscale port-forward POD [LOCAL:]REMOTE...``: local ports to a pod's ports, through the hub.
 
-Each local TCP connection is one PortForward session (one connection to the pod's port), as
-with the original API; bytes from the local side go out with WritePortForward in order (with
-offsets), bytes from the pod come back on the session's stream. Kubernetes' WebSocket
+Each local TCP connection is one session (one connection to the pod's port), as with the
+original API: with ``--http2`` (or gRPC) one PortForwardStream carries both directions; otherwise
+bytes from the local side go out with WritePortForward in order (with offsets) and bytes from
+the pod come back on the PortForward stream. Kubernetes' WebSocket
 port-forward cannot half-close, so when the local side stops sending the session stays open
 until the pod closes the connection or the local side closes entirely. Ctrl-C stops listening.
 """
@@ -15,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TextIO
 
 from otterscale.common import UsageError
@@ -125,6 +126,39 @@ async def _connection(
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def _stream_connection(
+    client: RuntimeServiceClient,
+    options: ClientOptions,
+    pod: str,
+    remote: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """One local connection as one PortForwardStream (HTTP/2): the local side's bytes are read
+    only as fast as the stream takes them."""
+    start = pb.PortForwardRequest(cluster=options.cluster, namespace=options.namespace, name=pod, port=remote)
+
+    async def requests() -> AsyncIterator[pb.PortForwardStreamRequest]:
+        yield pb.PortForwardStreamRequest(start=start)
+        while data := await reader.read(_READ):
+            yield pb.PortForwardStreamRequest(data=data)
+
+    responses = aiter(client.port_forward_stream(requests()))
+    try:
+        async for message in responses:
+            if message.data:
+                writer.write(message.data)
+                await writer.drain()
+    except Exception as exc:
+        sys.stderr.write(f"otterscale port-forward: connection to {pod}:{remote} ended: {exc}\n")
+    finally:
+        with contextlib.suppress(Exception):
+            await responses.aclose()  # type: ignore[attr-defined]
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
