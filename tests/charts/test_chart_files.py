@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from otterscale.common import (
     AgentAuth,
     AgentConfig,
+    AuditConfig,
     CorsConfig,
     HubLimitsConfig,
     KeycloakConfig,
@@ -60,8 +61,10 @@ def test_hub_schema_knows_exactly_the_configuration_keys() -> None:
     props = config["properties"]
     # runtime is the agents' section: the hub ignores it, so its chart does not offer it.
     assert set(props) == _aliases(OtterscaleConfig) - {"runtime"}
-    assert set(config["required"]) == _aliases(OtterscaleConfig) - {"limits", "cors", "runtime"}  # optional
+    optional = {"limits", "audit", "cors", "runtime"}
+    assert set(config["required"]) == _aliases(OtterscaleConfig) - optional
     assert set(props["limits"]["properties"]) == _aliases(HubLimitsConfig)
+    assert set(props["audit"]["properties"]) == _aliases(AuditConfig)
     assert set(props["cors"]["properties"]) == _aliases(CorsConfig)
     assert set(props["keycloak"]["properties"]) == _aliases(KeycloakConfig)
     assert (
