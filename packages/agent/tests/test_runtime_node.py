@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ import pytest_asyncio
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from otterscale.common import Identity, RuntimeConfig
+from otterscale.common import AuditConfig, Identity, RuntimeConfig
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
 
@@ -130,9 +131,10 @@ def cluster(node: Any) -> Iterator[dict[str, str]]:
     return {**names, "viewer": viewer, "log_reader": log_reader}
 
 
-def _agent(node: Any, runtime: RuntimeConfig) -> AgentThread:
+def _agent(node: Any, runtime: RuntimeConfig, audit_file: Path | None = None) -> AgentThread:
     from otterscale.agent import AgentSettings
 
+    audit = AuditConfig(sink="file", file=audit_file) if audit_file is not None else AuditConfig()
     return AgentThread(
         AgentSettings(
             cluster=CLUSTER,
@@ -141,13 +143,20 @@ def _agent(node: Any, runtime: RuntimeConfig) -> AgentThread:
             identity_key=IDENTITY_KEY,
             kubeconfig=str(node.kubeconfig),
             runtime=runtime,
+            audit=audit,
         )
     )
 
 
 @pytest.fixture(scope="module")
-def node_agent(node: Any, cluster: dict[str, str]) -> Iterator[AgentThread]:
-    with _agent(node, RuntimeConfig()) as agent:
+def audit_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The node agent's audit trail (a file sink)."""
+    return tmp_path_factory.mktemp("audit") / "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def node_agent(node: Any, cluster: dict[str, str], audit_file: Path) -> Iterator[AgentThread]:
+    with _agent(node, RuntimeConfig(), audit_file) as agent:
         yield agent
 
 
@@ -390,33 +399,45 @@ async def test_view_user_cannot_exec_or_port_forward_but_a_log_reader_reads(
     assert caught.value.code is Code.PERMISSION_DENIED
 
 
-async def test_audit_records_start_and_end_without_stdin(
-    clients: ClientFactory, cluster: dict[str, str], caplog: pytest.LogCaptureFixture
+async def test_audit_events_at_start_and_end_without_stdin(
+    clients: ClientFactory, cluster: dict[str, str], audit_file: Path
 ) -> None:
-    caplog.set_level(logging.INFO, logger="otterscale.audit")
     client = runtime(clients)
     session = await Session(client, exec_request(cluster["shell"], ["cat"])).start()
     secret = b"s3cret-typed-into-the-shell\n"
     await session.write(secret, offset=0, close=True)
     await session.ended()
-    records = [r for r in caplog.records if r.name == "otterscale.audit" and getattr(r, "session", "") != ""]
-    mine = [r for r in records if getattr(r, "pod", None) == cluster["shell"] and r.argv == ["cat"]]  # type: ignore[attr-defined]
-    starts = [r for r in mine if r.getMessage() == "runtime.session.start"]
-    ends = [r for r in mine if r.getMessage() == "runtime.session.end"]
-    assert len(starts) == 1
+    text = audit_file.read_text()
+    events = [json.loads(line) for line in text.splitlines()]
+    mine = [e for e in events if e["name"] == cluster["shell"] and e.get("argv") == ["cat"]]
+    starts = [e for e in mine if e["phase"] == "start"]
+    ends = [e for e in mine if e["phase"] == "end" and e["session"] == starts[-1]["session"]]
     assert len(ends) == 1
-    end: Any = ends[0]
-    assert (end.subject, end.cluster, end.namespace, end.container, end.tty) == (
+    end = ends[0]
+    assert (end["component"], end["service"], end["verb"], end["subject"], end["groups"]) == (
+        "agent",
+        "otterscale.runtime.v1.RuntimeService",
+        "ExecuteTTY",
         ADMIN.subject,
+        list(ADMIN.groups),
+    )
+    assert (end["cluster"], end["namespace"], end["container"], end["kind"], end["tty"]) == (
         CLUSTER,
         NAMESPACE,
         "main",
+        "exec",
         False,
     )
-    assert (end.exit_code, end.code, end.bytes_in, end.bytes_out) == (0, "ok", len(secret), len(secret))
-    assert end.duration_seconds >= 0
-    assert session.id not in str(vars(end))
-    assert all(b"s3cret" not in str(vars(r)).encode() for r in caplog.records)
+    assert (end["exit_code"], end["code"], end["bytes_in"], end["bytes_out"]) == (
+        0,
+        "ok",
+        len(secret),
+        len(secret),
+    )
+    assert end["duration_ms"] > 0
+    token = session.id.split(".", 1)[1]
+    assert token not in text  # only the short hash, never the id
+    assert "s3cret" not in text  # never stdin (nor output)
 
 
 # --- limits and timeouts ----------------------------------------------------------------------------

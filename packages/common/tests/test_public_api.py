@@ -34,6 +34,7 @@ EXPECTED = {
     "AuditEvent",
     "AuditKind",
     "AuditLog",
+    "AuditSession",
     "AuditTarget",
     # errors
     "OtterscaleError",

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from otterscale.cluster.v1.cluster_connect import AgentServiceASGIApplication
-from otterscale.common import RuntimeConfig, create_listener, serve
+from otterscale.common import AuditConfig, AuditLog, RuntimeConfig, create_listener, serve
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceASGIApplication
 
@@ -75,6 +75,8 @@ class AgentSettings:
     tunnel: TunnelSettings | None = None
     #: Limits and timeouts of exec and port-forward sessions (``runtime`` in otterscale.yaml).
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    #: Where the audit events of exec and port-forward sessions go (``audit`` in otterscale.yaml).
+    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
 
 
 class Agent:
@@ -98,6 +100,7 @@ class Agent:
         self._client: KubeClient | None = None
         self._service: ResourceServiceImpl | None = None
         self._runtime: RuntimeServiceImpl | None = None
+        self._audit: AuditLog | None = None
         self.metrics = AgentMetrics()
         self._server_stop = asyncio.Event()
         self._server_task: asyncio.Task[None] | None = None
@@ -152,12 +155,14 @@ class Agent:
                 discovery=discovery,
                 schemas=SchemaCache(self._client, ttl=settings.discovery_ttl),
             )
+            self._audit = AuditLog.from_config(settings.audit)
             self._runtime = RuntimeServiceImpl(
                 cluster=settings.cluster,
                 client=self._client,
                 discovery=discovery,
                 config=settings.runtime,
                 metrics=self.metrics,
+                audit=self._audit,
             )
             self._background.append(start_task(self._runtime.sessions.sweep(), name="runtime-session-sweep"))
             interceptors = [
@@ -216,6 +221,8 @@ class Agent:
             except Exception:  # noqa: S110 - already logged by the task's done callback
                 pass
         await stop_tasks(self._background, grace=2.0)
+        if self._audit is not None:
+            self._audit.close()
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -191,6 +191,7 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
         environ=dict(environ),
         tunnel=tunnel,
         runtime=config.runtime,
+        audit=config.audit,
     )
     return settings, options.log_level, options.log_format
 

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -185,9 +186,10 @@ def run_command(
         args.command = command
 
     async def guarded(options: ClientOptions) -> int:
-        # Errors are reported here, inside the loop: a ConnectError carried out of asyncio.run
-        # keeps the HTTP client's Rust objects alive until the interpreter exits, which then
-        # aborts (SIGABRT) instead of exiting with the status.
+        # Errors are reported here, inside the loop, and the garbage they leave (an error's
+        # traceback holds the HTTP client's Rust objects in reference cycles) is collected before
+        # the loop ends: freed at interpreter exit instead, they abort the process (SIGABRT)
+        # rather than letting it exit with the status.
         try:
             return await body(args, options)
         except UsageError as exc:
@@ -196,6 +198,8 @@ def run_command(
         except ConnectError as exc:
             sys.stderr.write(f"otterscale {name}: {exc.code.value}: {exc.message}\n")
             return 1
+        finally:
+            gc.collect()
 
     try:
         options = client_options(args, os.environ if environ is None else environ)

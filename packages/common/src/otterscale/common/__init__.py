@@ -11,7 +11,7 @@ particular service.
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
-from ._audit import AuditEvent, AuditKind, AuditLog, AuditTarget
+from ._audit import AuditEvent, AuditKind, AuditLog, AuditSession, AuditTarget
 from ._chisel import (
     LOOPBACK,
     MIN_CHISEL_VERSION,
@@ -118,6 +118,7 @@ __all__ = [
     "AuditEvent",
     "AuditKind",
     "AuditLog",
+    "AuditSession",
     "AuditTarget",
     "AuthenticationError",
     "ChiselBinary",

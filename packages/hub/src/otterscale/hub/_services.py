@@ -61,9 +61,20 @@ ROUTED_SERVICES: tuple[ServiceDescriptor, ...] = (
 #: (``idempotency_level = NO_SIDE_EFFECTS`` would also turn on Connect GET, which the API does not
 #: offer for them): audited only at ``audit.reads: metadata``. Every method not listed here and not
 #: marked NO_SIDE_EFFECTS is audited always (see the module docstring).
+#: The runtime's session traffic (WriteTTY, ResizeTTY, WritePortForward) is listed too, though
+#: it writes: one event per keystroke would bury the trail, and the session is audited already,
+#: by the hub at the end of its ExecuteTTY or PortForward call and by the agent at its start and end.
 READ_METHODS: frozenset[str] = frozenset(
-    f"/otterscale.resource.v1.ResourceService/{method}"
-    for method in ("Discovery", "Schema", "List", "Get", "Describe", "Watch")
+    [
+        *(
+            f"/otterscale.resource.v1.ResourceService/{method}"
+            for method in ("Discovery", "Schema", "List", "Get", "Describe", "Watch")
+        ),
+        *(
+            f"/otterscale.runtime.v1.RuntimeService/{method}"
+            for method in ("PodLog", "GetScale", "WriteTTY", "ResizeTTY", "WritePortForward")
+        ),
+    ]
 )
 
 

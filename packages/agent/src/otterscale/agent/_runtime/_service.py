@@ -16,10 +16,11 @@ One audit record is written when it starts and one when it ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from connectrpc.code import Code
@@ -27,7 +28,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from google.protobuf import empty_pb2  # type: ignore[import-untyped]  # no stubs for protobuf 7
 
-from otterscale.common import Identity, RuntimeConfig
+from otterscale.common import AuditLog, Identity, RuntimeConfig
 from otterscale.runtime.v1 import runtime_pb2 as pb
 
 from .._auth import current_identity
@@ -46,7 +47,7 @@ from .._errors import (
 from .._kube import KubeClient
 from .._metrics import AgentMetrics
 from .._tasks import start_task, stop_tasks
-from ._audit import audit
+from ._audit import SessionAudit
 from ._channel import ERROR, EXEC_PROTOCOLS, PORT_FORWARD_PROTOCOLS, STDERR, STDOUT, ExitStatus, exit_status
 from ._connection import ExecConnection, PortForwardConnection, Resizer
 from ._input import OrderedInput
@@ -93,11 +94,13 @@ class RuntimeServiceImpl:
         discovery: DiscoveryCache,
         config: RuntimeConfig,
         metrics: AgentMetrics,
+        audit: AuditLog,
     ) -> None:
         self._cluster = cluster
         self._client = client
         self._config = config
         self._metrics = metrics
+        self._audit = SessionAudit(audit, cluster=cluster, argv_policy=config.audit_argv)
         self.sessions = SessionRegistry(cluster, config, metrics)
         self._workloads = Workloads(client, discovery)
         self._logs: set[Pump[str]] = set()
@@ -170,7 +173,7 @@ class RuntimeServiceImpl:
     async def execute_tty(
         self, request: pb.ExecuteTTYRequest, ctx: RequestContext[Any, Any], /
     ) -> AsyncIterator[pb.ExecuteTTYResponse]:
-        core = self._exec(current_identity(), request, findable=True)
+        core = self._exec(current_identity(), request, _Call.of(ctx), findable=True)
         try:
             async for kind, value in core:
                 if kind == _STARTED:
@@ -191,7 +194,7 @@ class RuntimeServiceImpl:
     ) -> AsyncIterator[pb.ExecResponse]:
         caller = current_identity()
         first = await _first_message(requests)
-        core = self._exec(caller, first.start, findable=False)
+        core = self._exec(caller, first.start, _Call.of(ctx), findable=False)
         feeder: asyncio.Task[None] | None = None
         try:
             async for kind, value in core:
@@ -242,7 +245,7 @@ class RuntimeServiceImpl:
             session.end(StreamUnavailableError(f"the Exec request stream broke: {exc.message}"))
 
     async def _exec(
-        self, caller: Identity, request: pb.ExecuteTTYRequest, *, findable: bool
+        self, caller: Identity, request: pb.ExecuteTTYRequest, call: _Call, *, findable: bool
     ) -> AsyncGenerator[tuple[Any, Any], None]:
         """One exec session from start to end, as events: (_STARTED, session), (_HEARTBEAT,
         None), (STDOUT or STDERR, bytes), and last (_EXITED, ExitStatus) when the command exited.
@@ -299,7 +302,7 @@ class RuntimeServiceImpl:
             session.abort = pump.stop
             session.ready = findable
             started = True
-            self._audit_start(session)
+            self._audit.start(session, verb=call.verb, headers=call.headers)
             yield _STARTED, session
             status: ExitStatus | None = None
             async for event in session_events(session, pump, self._config, self._metrics):
@@ -332,7 +335,7 @@ class RuntimeServiceImpl:
         finally:
             await self._end_session(session, pump, connection.ws if connection else None)
             if started:
-                self._audit_end(session, outcome, exit_code)
+                self._ended(session, call, outcome, exit_code)
 
     async def write_tty(
         self, request: pb.WriteTTYRequest, ctx: RequestContext[Any, Any], /
@@ -372,7 +375,7 @@ class RuntimeServiceImpl:
     async def port_forward(
         self, request: pb.PortForwardRequest, ctx: RequestContext[Any, Any], /
     ) -> AsyncIterator[pb.PortForwardResponse]:
-        core = self._port_forward(current_identity(), request, findable=True)
+        core = self._port_forward(current_identity(), request, _Call.of(ctx), findable=True)
         try:
             async for kind, value in core:
                 if kind == _STARTED:
@@ -389,7 +392,7 @@ class RuntimeServiceImpl:
     ) -> AsyncIterator[pb.PortForwardStreamResponse]:
         caller = current_identity()
         first = await _first_message(requests)
-        core = self._port_forward(caller, first.start, findable=False)
+        core = self._port_forward(caller, first.start, _Call.of(ctx), findable=False)
         feeder: asyncio.Task[None] | None = None
         try:
             async for kind, value in core:
@@ -427,7 +430,7 @@ class RuntimeServiceImpl:
             session.end(StreamUnavailableError(f"the PortForwardStream request stream broke: {exc.message}"))
 
     async def _port_forward(
-        self, caller: Identity, request: pb.PortForwardRequest, *, findable: bool
+        self, caller: Identity, request: pb.PortForwardRequest, call: _Call, *, findable: bool
     ) -> AsyncGenerator[tuple[Any, Any], None]:
         """One port-forward session as events: (_STARTED, session), (_HEARTBEAT, None), and
         (_DATA, bytes); checks, limits, audit and clean-up for PortForward and
@@ -465,7 +468,7 @@ class RuntimeServiceImpl:
             session.abort = pump.stop
             session.ready = findable
             started = True
-            self._audit_start(session)
+            self._audit.start(session, verb=call.verb, headers=call.headers)
             yield _STARTED, session
             errors = bytearray()
             async for event in session_events(session, pump, self._config, self._metrics):
@@ -490,7 +493,7 @@ class RuntimeServiceImpl:
         finally:
             await self._end_session(session, pump, ws)
             if started:
-                self._audit_end(session, outcome, None)
+                self._ended(session, call, outcome, None)
 
     async def write_port_forward(
         self, request: pb.WritePortForwardRequest, ctx: RequestContext[Any, Any], /
@@ -613,50 +616,23 @@ class RuntimeServiceImpl:
             await ws.close()
         self._metrics.session_bytes.labels(kind=session.kind.value, direction="out").inc(session.bytes_out)
 
-    def _audit_start(self, session: Session) -> None:
-        logger.info(
-            "%s session %s started in %s/%s", session.kind.value, session.ref, session.namespace, session.pod
-        )
-        audit("runtime.session.start", **self._audit_fields(session))
-
-    def _audit_end(self, session: Session, outcome: str, exit_code: int | None) -> None:
+    def _ended(self, session: Session, call: _Call, outcome: str, exit_code: int | None) -> None:
         duration = time.monotonic() - session.started
         self._metrics.session_seconds.labels(kind=session.kind.value, code=outcome).observe(duration)
-        logger.info("%s session %s ended: %s", session.kind.value, session.ref, outcome)
-        audit(
-            "runtime.session.end",
-            **self._audit_fields(session),
-            duration_seconds=round(duration, 3),
-            bytes_in=session.bytes_in,
-            bytes_out=session.bytes_out,
-            code=outcome,
-            exit_code=exit_code,
-        )
-
-    def _audit_fields(self, session: Session) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "session": session.ref,
-            "kind": session.kind.value,
-            "subject": session.owner.subject,
-            "cluster": self._cluster,
-            "namespace": session.namespace,
-            "pod": session.pod,
-        }
-        if session.kind is SessionKind.EXEC:
-            fields["container"] = session.container
-            fields["tty"] = session.tty
-            fields["argv"] = _argv(session.command, self._config.audit_argv)
-        else:
-            fields["port"] = session.port
-        return fields
+        self._audit.end(session, verb=call.verb, headers=call.headers, code=outcome, exit_code=exit_code)
 
 
-def _argv(command: Sequence[str], policy: str) -> list[str]:
-    if policy == "none":
-        return []
-    if policy == "command":
-        return list(command[:1])
-    return list(command)
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Call:
+    """What the audit needs of the RPC that runs a session: its name and request headers."""
+
+    verb: str
+    headers: Mapping[str, str]
+
+    @classmethod
+    def of(cls, ctx: RequestContext[Any, Any]) -> _Call:
+        request_id = ctx.request_headers.get("x-request-id", "")
+        return cls(ctx.method.name, {"x-request-id": request_id} if request_id else {})
 
 
 def _check_size(rows: int, cols: int) -> None:

@@ -118,6 +118,8 @@ class Session:
     owner: Owner
     namespace: str
     pod: str
+    #: The owner's groups as signed (for the audit trail; ownership compares ``owner``).
+    groups: tuple[str, ...] = ()
     container: str = ""
     command: Sequence[str] = ()
     tty: bool = False
@@ -195,7 +197,7 @@ class SessionRegistry:
                 f"you already have {subject_limit} open {kind.value} sessions in this cluster "
                 f"(runtime.{subject_key}); end one first"
             )
-        session = Session(new_session_id(self._cluster), kind, owner, namespace, pod)
+        session = Session(new_session_id(self._cluster), kind, owner, namespace, pod, identity.groups)
         self._sessions[_digest(session.id)] = session
         self._metrics.sessions_active.labels(kind=kind.value).inc()
         return session
