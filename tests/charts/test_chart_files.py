@@ -83,6 +83,7 @@ def test_agent_schema_knows_exactly_the_agent_keys() -> None:
     assert set(props["agent"]["properties"]["auth"]["properties"]) == _aliases(AgentAuth) - SECRET_KEYS
     assert set(props["keycloak"]["properties"]) == _aliases(KeycloakConfig)
     assert set(props["runtime"]["properties"]) == _aliases(RuntimeConfig)
+    assert set(props["audit"]["properties"]) == _aliases(AuditConfig)
 
 
 @pytest.mark.parametrize("chart", CHARTS)

@@ -89,5 +89,8 @@ otterscale.io/cluster: {{ .Values.cluster | quote }}
 {{- with .Values.config.runtime }}
 {{- $_ := set $config "runtime" . }}
 {{- end }}
+{{- with .Values.config.audit }}
+{{- $_ := set $config "audit" . }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
