@@ -98,16 +98,32 @@ def cluster(node: Any) -> Iterator[dict[str, str]]:
     node.run_pod(names["web"], image, WEB, namespace=NAMESPACE, wait=False)
     for name in names.values():
         node.wait_pod_ready(NAMESPACE, name)
-    viewer, log_reader = unique("viewer"), unique("log-reader")
-    cp.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "log-reader", "namespace": NAMESPACE},
-            "rules": [{"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get"]}],
-        }
-    )
-    for user, kind, role in ((viewer, "ClusterRole", "view"), (log_reader, "Role", "log-reader")):
+    # Roles by what they grant on pods/exec: a WebSocket exec needs get and create on it.
+    roles: dict[str, list[dict[str, Any]]] = {
+        "log-reader": [{"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get"]}],
+        "exec-create-only": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]},
+        ],
+        "exec-get-only": [{"apiGroups": [""], "resources": ["pods", "pods/exec"], "verbs": ["get"]}],
+        "exec": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["get", "create"]},
+        ],
+    }
+    for role, rules in roles.items():
+        cp.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": role, "namespace": NAMESPACE},
+                "rules": rules,
+            }
+        )
+    users = {"viewer": unique("viewer"), **{role.replace("-", "_"): unique(role) for role in roles}}
+    bindings = [(users["viewer"], "ClusterRole", "view")]
+    bindings += [(users[role.replace("-", "_")], "Role", role) for role in roles]
+    for user, kind, role in bindings:
         cp.request(
             "POST",
             f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NAMESPACE}/rolebindings",
@@ -128,7 +144,7 @@ def cluster(node: Any) -> Iterator[dict[str, str]]:
             60,
             "role binding in effect",
         )
-    return {**names, "viewer": viewer, "log_reader": log_reader}
+    return {**names, **users}
 
 
 def _agent(node: Any, runtime: RuntimeConfig, audit_file: Path | None = None) -> AgentThread:
@@ -397,6 +413,26 @@ async def test_view_user_cannot_exec_or_port_forward_but_a_log_reader_reads(
     with pytest.raises(ConnectError) as caught:
         await anext(aiter(reader.execute_tty(exec_request(cluster["ticker"], ["id"]))))
     assert caught.value.code is Code.PERMISSION_DENIED
+
+
+async def test_exec_needs_get_and_create_on_pods_exec(
+    clients: ClientFactory, cluster: dict[str, str]
+) -> None:
+    # The stream is a WebSocket upgrade (a GET): kube-apiserver checks get, 1.35+ also create.
+    # Refused before the stream, naming what is missing, rather than as the upgrade's bare 403.
+    for user, missing in (("exec_create_only", "may not get pods/exec"), ("exec_get_only", "may not create")):
+        client = runtime(clients, Identity(cluster[user]), transport="connect-h2c")
+        with pytest.raises(ConnectError) as caught:
+            await anext(aiter(client.execute_tty(exec_request(cluster["shell"], ["id"]))))
+        assert caught.value.code is Code.PERMISSION_DENIED, user
+        assert missing in caught.value.message, caught.value.message
+    allowed = runtime(clients, Identity(cluster["exec"]), transport="connect-h2c")
+    session = await Session(allowed, exec_request(cluster["shell"], ["id", "-u"])).start()
+    await session.ended()
+    assert session.error is None, session.error
+    assert session.last is not None
+    assert session.last.exit_code == 0, session.last
+    assert session.stdout.strip().isdigit(), bytes(session.stdout)
 
 
 async def test_audit_events_at_start_and_end_without_stdin(

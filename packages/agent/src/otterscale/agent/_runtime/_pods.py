@@ -5,16 +5,19 @@
   ``kubectl.kubernetes.io/default-container`` annotation (when it names a container of the pod),
   else the only container; several and no annotation is invalid_argument listing them. (The
   original sent an empty name, which kube-apiserver refuses for multi-container pods.)
-- :func:`require_access` asks Kubernetes, as the caller, whether the caller may ``create`` a
-  subresource (``pods/exec``, ``pods/portforward``) with a SelfSubjectAccessReview, and refuses
-  with permission_denied when not. Why: a WebSocket upgrade is a GET, and clusters before 1.35
-  authorise WebSocket exec and port-forward with ``get`` on the subresource, which read-only
-  roles grant (``view`` does not, but custom ones do); asking explicitly makes every version
-  behave like 1.35+, where the API server adds the same ``create`` check.
+- :func:`require_access` asks Kubernetes, as the caller, whether the caller may ``get`` and
+  ``create`` a subresource (``pods/exec``, ``pods/portforward``) with SelfSubjectAccessReviews,
+  and refuses with permission_denied naming the verbs that are missing. Why both: the stream is a
+  WebSocket upgrade, which is a GET, so kube-apiserver authorises it with ``get`` on the
+  subresource; 1.35+ (``AuthorizePodWebsocketUpgradeCreatePermission``) adds a ``create`` check,
+  older clusters do not, and read-only roles may grant ``get`` (``view`` does not, custom ones
+  do). Asking for both gives every version the 1.35+ rule, and a role granting only ``create``
+  (enough for kubectl's SPDY POST) gets a clear answer instead of the upgrade's bare 403.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -35,7 +38,14 @@ from .._objects import object_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CONTAINER_ANNOTATION", "Pod", "choose_container", "pod_path", "require_access"]
+__all__ = [
+    "DEFAULT_CONTAINER_ANNOTATION",
+    "STREAM_VERBS",
+    "Pod",
+    "choose_container",
+    "pod_path",
+    "require_access",
+]
 
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 _PODS = APIResourceInfo(group="", version="v1", resource="pods", kind="Pod", namespaced=True)
@@ -118,41 +128,53 @@ def require_running(pod: Pod, what: str) -> None:
         raise PreconditionError(f"cannot {what} pod {pod.name}: it is not scheduled to a node yet")
 
 
+#: What kube-apiserver checks for a WebSocket exec or port-forward (see the module docstring).
+STREAM_VERBS = ("get", "create")
+
+
 async def require_access(
     client: KubeClient,
     caller: Identity,
     *,
-    verb: str,
     resource: str,
     subresource: str,
     namespace: str,
     name: str,
+    verbs: Sequence[str] = STREAM_VERBS,
 ) -> None:
-    """PermissionDeniedError unless Kubernetes says the caller may ``verb`` the subresource."""
-    review = {
-        "apiVersion": "authorization.k8s.io/v1",
-        "kind": "SelfSubjectAccessReview",
-        "spec": {
-            "resourceAttributes": {
-                "namespace": namespace,
-                "verb": verb,
-                "group": "",
-                "resource": resource,
-                "subresource": subresource,
-                "name": name,
-            }
-        },
-    }
-    answer = await client.request_json(
-        "POST", _SSAR_PATH, body=json.dumps(review).encode(), content_type="application/json", caller=caller
-    )
-    status = answer.get("status") if isinstance(answer, dict) else None
-    if not isinstance(status, dict) or status.get("allowed") is not True:
-        reason = str((status or {}).get("reason") or "").strip()
-        detail = f": {reason}" if reason else ""
+    """PermissionDeniedError unless Kubernetes says the caller may do every one of ``verbs`` to
+    the subresource; the reviews run concurrently (one round trip of latency)."""
+
+    async def review(verb: str) -> tuple[str, str] | None:
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": verb,
+                    "group": "",
+                    "resource": resource,
+                    "subresource": subresource,
+                    "name": name,
+                }
+            },
+        }
+        answer = await client.request_json(
+            "POST", _SSAR_PATH, body=json.dumps(body).encode(), content_type="application/json", caller=caller
+        )
+        status = answer.get("status") if isinstance(answer, dict) else None
+        if isinstance(status, dict) and status.get("allowed") is True:
+            return None
+        return verb, str((status or {}).get("reason") or "").strip()
+
+    denied = [found for found in await asyncio.gather(*(review(verb) for verb in verbs)) if found]
+    if denied:
+        reasons = "; ".join(reason for _, reason in denied if reason)
+        detail = f": {reasons}" if reasons else ""
         raise PermissionDeniedError(
-            f'{caller.subject} may not {verb} {resource}/{subresource} of pod "{name}" in namespace '
-            f'"{namespace}"{detail}'
+            f"{caller.subject} may not {' or '.join(verb for verb, _ in denied)} {resource}/{subresource} "
+            f'of pod "{name}" in namespace "{namespace}" (a WebSocket stream needs get and create){detail}'
         )
 
 

@@ -567,7 +567,6 @@ class RuntimeServiceImpl:
             await require_access(
                 self._client,
                 caller,
-                verb="create",
                 resource="pods",
                 subresource=subresource,
                 namespace=namespace,

@@ -42,10 +42,10 @@ class RuntimeService(Protocol):
     """
     RuntimeService runs the operations a Kubernetes UI lives on. Every call executes in the
     cluster as the authenticated caller (Kubernetes impersonation), so the cluster's own RBAC
-    decides: `get` on pods/log for PodLog, `create` on pods/exec and pods/portforward for exec and
-    port-forward (checked with a SelfSubjectAccessReview before the stream is opened, on every
-    Kubernetes version), `get`/`patch` on `<resource>/scale` for Scale, `patch` on the workload
-    for Restart.
+    decides: `get` on pods/log for PodLog, `get` and `create` on pods/exec and pods/portforward for
+    exec and port-forward (the stream is a WebSocket upgrade; checked with SelfSubjectAccessReviews
+    before the stream is opened, on every Kubernetes version), `get`/`update` on
+    `<resource>/scale` for Scale, `get`/`patch` on the workload for Restart.
 
     Sessions (ExecuteTTY, PortForward): browsers cannot stream a request body, so a session is a
     server stream plus unary writes. The first message of the stream carries `session_id`, sent
@@ -315,10 +315,10 @@ class RuntimeServiceClient(ConnectClient):
     """
     RuntimeService runs the operations a Kubernetes UI lives on. Every call executes in the
     cluster as the authenticated caller (Kubernetes impersonation), so the cluster's own RBAC
-    decides: `get` on pods/log for PodLog, `create` on pods/exec and pods/portforward for exec and
-    port-forward (checked with a SelfSubjectAccessReview before the stream is opened, on every
-    Kubernetes version), `get`/`patch` on `<resource>/scale` for Scale, `patch` on the workload
-    for Restart.
+    decides: `get` on pods/log for PodLog, `get` and `create` on pods/exec and pods/portforward for
+    exec and port-forward (the stream is a WebSocket upgrade; checked with SelfSubjectAccessReviews
+    before the stream is opened, on every Kubernetes version), `get`/`update` on
+    `<resource>/scale` for Scale, `get`/`patch` on the workload for Restart.
 
     Sessions (ExecuteTTY, PortForward): browsers cannot stream a request body, so a session is a
     server stream plus unary writes. The first message of the stream carries `session_id`, sent
@@ -652,10 +652,10 @@ class RuntimeServiceSync(Protocol):
     """
     RuntimeService runs the operations a Kubernetes UI lives on. Every call executes in the
     cluster as the authenticated caller (Kubernetes impersonation), so the cluster's own RBAC
-    decides: `get` on pods/log for PodLog, `create` on pods/exec and pods/portforward for exec and
-    port-forward (checked with a SelfSubjectAccessReview before the stream is opened, on every
-    Kubernetes version), `get`/`patch` on `<resource>/scale` for Scale, `patch` on the workload
-    for Restart.
+    decides: `get` on pods/log for PodLog, `get` and `create` on pods/exec and pods/portforward for
+    exec and port-forward (the stream is a WebSocket upgrade; checked with SelfSubjectAccessReviews
+    before the stream is opened, on every Kubernetes version), `get`/`update` on
+    `<resource>/scale` for Scale, `get`/`patch` on the workload for Restart.
 
     Sessions (ExecuteTTY, PortForward): browsers cannot stream a request body, so a session is a
     server stream plus unary writes. The first message of the stream carries `session_id`, sent
@@ -923,10 +923,10 @@ class RuntimeServiceClientSync(ConnectClientSync):
     """
     RuntimeService runs the operations a Kubernetes UI lives on. Every call executes in the
     cluster as the authenticated caller (Kubernetes impersonation), so the cluster's own RBAC
-    decides: `get` on pods/log for PodLog, `create` on pods/exec and pods/portforward for exec and
-    port-forward (checked with a SelfSubjectAccessReview before the stream is opened, on every
-    Kubernetes version), `get`/`patch` on `<resource>/scale` for Scale, `patch` on the workload
-    for Restart.
+    decides: `get` on pods/log for PodLog, `get` and `create` on pods/exec and pods/portforward for
+    exec and port-forward (the stream is a WebSocket upgrade; checked with SelfSubjectAccessReviews
+    before the stream is opened, on every Kubernetes version), `get`/`update` on
+    `<resource>/scale` for Scale, `get`/`patch` on the workload for Restart.
 
     Sessions (ExecuteTTY, PortForward): browsers cannot stream a request body, so a session is a
     server stream plus unary writes. The first message of the stream carries `session_id`, sent
