@@ -36,7 +36,7 @@ from pyqwest import Client, HTTPTransport, HTTPVersion
 
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
-from otterscale.testing import LocalIssuer, start_system
+from otterscale.testing import LocalIssuer, Node, start_node, start_system
 
 from ._stats import summary
 
@@ -281,7 +281,7 @@ async def idle_sessions(
     }
 
 
-def _prepare(node: Any) -> dict[str, str]:
+def _prepare(node: Node) -> dict[str, str]:
     cp = node.control_plane
     with contextlib.suppress(Exception):
         cp.request(
@@ -317,8 +317,6 @@ def _prepare(node: Any) -> dict[str, str]:
 
 def run(work: Path, sizes: RuntimeSizes) -> dict[str, Any]:
     """Start the node, a hub and an agent; measure; stop everything. Returns the results."""
-    from otterscale.testing import start_node  # the node fixture's module (needs root)
-
     node = start_node(work / "node")
     issuer = LocalIssuer().start()
     system = None

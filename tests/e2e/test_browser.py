@@ -43,11 +43,11 @@ from typing import Any
 
 import pytest
 
-from otterscale.testing import ControlPlane, Keycloak, System, start_system
+from otterscale.testing import ControlPlane, Keycloak, Node, System, start_system
 
 from .conftest import ISSUED_TOKENS, Measurements, secrets_in, subject_of, unique
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.node]
 
 ROOT = Path(__file__).resolve().parents[2]
 WEB = ROOT / "web" / "dashboard-test"
@@ -149,7 +149,7 @@ def sites(dashboard_page: Path) -> Iterator[tuple[StaticSite, StaticSite]]:
 def browser_system(
     tmp_path_factory: pytest.TempPathFactory,
     control_plane_factory: Any,
-    node: Any,
+    node: Node,
     keycloak: Keycloak,
     sites: tuple[StaticSite, StaticSite],
 ) -> Iterator[System]:
@@ -197,7 +197,7 @@ def _grant(cp: ControlPlane, namespace: str, subject: str) -> None:
     )
 
 
-def _runtime_targets(node: Any, namespace: str, subject: str) -> dict[str, str]:
+def _runtime_targets(node: Node, namespace: str, subject: str) -> dict[str, str]:
     """Pods and a Deployment on the node, and what a dashboard user may do with them there:
     read logs, exec, scale and restart in one namespace."""
     cp = node.control_plane
@@ -290,7 +290,7 @@ def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
     browser_system: System,
     sites: tuple[StaticSite, StaticSite],
     keycloak: Keycloak,
-    node: Any,
+    node: Node,
     measurements: Measurements,
     tmp_path: Path,
 ) -> None:

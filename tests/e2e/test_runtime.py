@@ -37,11 +37,11 @@ from pyqwest import Client, HTTPTransport
 
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
-from otterscale.testing import LocalIssuer, System, start_system
+from otterscale.testing import LocalIssuer, Node, System, start_system
 
 from .conftest import TRANSPORTS, unique
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.node]
 
 CLUSTER = "node"
 NAMESPACE = "runtime-e2e"
@@ -62,7 +62,7 @@ WEB = ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory
 class RuntimeSystem:
     system: System
     issuer: LocalIssuer
-    node: Any
+    node: Node
     pods: dict[str, str]
     users: dict[str, str] = field(default_factory=dict)
 
@@ -108,7 +108,7 @@ def deployment(name: str, image: str, replicas: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def runtime_system(node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeSystem]:
+def runtime_system(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeSystem]:
     cp = node.control_plane
     with contextlib.suppress(Exception):
         cp.request(

@@ -29,6 +29,7 @@ from connectrpc.errors import ConnectError
 from otterscale.common import AuditConfig, Identity, RuntimeConfig
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
+from otterscale.testing import Node
 
 from .conftest import (
     ADMIN,
@@ -41,7 +42,7 @@ from .conftest import (
     unique,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.node]
 
 NAMESPACE = "runtime-tests"
 #: Seconds a test waits for output it caused; the node answers in milliseconds when idle.
@@ -62,7 +63,7 @@ WEB = ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory
 
 
 @pytest.fixture(scope="module")
-def cluster(node: Any) -> Iterator[dict[str, str]]:
+def cluster(node: Node) -> Iterator[dict[str, str]]:
     """A namespace with a shell pod, a log ticker, a web server, and RBAC for a viewer and a log reader."""
     cp = node.control_plane
     _ensure_admin_binding(cp)
@@ -147,7 +148,7 @@ def cluster(node: Any) -> Iterator[dict[str, str]]:
     return {**names, **users}
 
 
-def _agent(node: Any, runtime: RuntimeConfig, audit_file: Path | None = None) -> AgentThread:
+def _agent(node: Node, runtime: RuntimeConfig, audit_file: Path | None = None) -> AgentThread:
     from otterscale.agent import AgentSettings
 
     audit = AuditConfig(sink="file", file=audit_file) if audit_file is not None else AuditConfig()
@@ -171,13 +172,13 @@ def audit_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def node_agent(node: Any, cluster: dict[str, str], audit_file: Path) -> Iterator[AgentThread]:
+def node_agent(node: Node, cluster: dict[str, str], audit_file: Path) -> Iterator[AgentThread]:
     with _agent(node, RuntimeConfig(), audit_file) as agent:
         yield agent
 
 
 @pytest.fixture(scope="module")
-def tight_agent(node: Any, cluster: dict[str, str]) -> Iterator[AgentThread]:
+def tight_agent(node: Node, cluster: dict[str, str]) -> Iterator[AgentThread]:
     with _agent(node, TIGHT) as agent:
         yield agent
 
@@ -553,7 +554,7 @@ async def test_a_write_gap_is_aborted(tight_agent: AgentThread, cluster: dict[st
             await session.cancel()
 
 
-async def test_agent_shutdown_ends_sessions_with_unavailable(node: Any, cluster: dict[str, str]) -> None:
+async def test_agent_shutdown_ends_sessions_with_unavailable(node: Node, cluster: dict[str, str]) -> None:
     with _agent(node, RuntimeConfig()) as agent:
         async with client_factory(agent.url) as factory:
             session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
@@ -661,7 +662,7 @@ async def test_log_follow_sees_new_lines_and_heartbeats(
         assert seen[1:] == [seen[0] + 1, seen[0] + 2]
 
 
-async def test_log_of_every_container(clients: ClientFactory, node: Any, cluster: dict[str, str]) -> None:
+async def test_log_of_every_container(clients: ClientFactory, node: Node, cluster: dict[str, str]) -> None:
     name = unique("pair")
     cp = node.control_plane
     image = node.image("python")
