@@ -180,7 +180,7 @@ async def test_view_user_cannot_exec_or_port_forward(
     client = runtime(make_client, viewer, transport="grpc-h2c")
     error, received = await stream_error(client.execute_tty(exec_request(namespace, pods["single"])))
     assert error.code is Code.PERMISSION_DENIED
-    assert "may not create pods/exec" in error.message
+    assert "may not get or create pods/exec" in error.message
     assert received == []
     error, received = await stream_error(
         client.port_forward(
@@ -188,7 +188,7 @@ async def test_view_user_cannot_exec_or_port_forward(
         )
     )
     assert error.code is Code.PERMISSION_DENIED
-    assert "may not create pods/portforward" in error.message
+    assert "may not get or create pods/portforward" in error.message
     after = metric(
         agent_server, "otterscale_agent_runtime_refusals_total", 'kind="exec",reason="access_denied"'
     )
