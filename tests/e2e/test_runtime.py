@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import functools
 import os
+import pty
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -555,6 +561,105 @@ def test_cli_logs_scale_restart(runtime_system: RuntimeSystem) -> None:
     done = _cli(runtime_system, "restart", f"deployment/{name}", "-n", NAMESPACE)
     assert done.returncode == 0, done.stderr
     assert runtime_system.token().split(".")[2] not in (done.stdout + done.stderr).decode()
+
+
+class PseudoTerminal:
+    """The controlling terminal of a child process (a pty): what a person at a terminal types and
+    sees, and the window size they drag it to."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.master, self.slave = pty.openpty()
+        self.resize(rows, cols)
+        self.seen = b""
+
+    def resize(self, rows: int, cols: int) -> None:
+        # On the master: the kernel sends SIGWINCH to the terminal's foreground process group.
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def read_for(self, seconds: float) -> bytes:
+        got = b""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.master], [], [], left)
+            if not ready:
+                break
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # the child closed the terminal (EIO)
+                break
+            if not chunk:
+                break
+            got += chunk
+        self.seen += got
+        return got
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def test_cli_exec_with_a_real_terminal(runtime_system: RuntimeSystem) -> None:
+    """``otterscale exec -it`` on a pty: the container's terminal gets this one's size and its
+    changes (SIGWINCH), and raw mode sends Ctrl-C to the remote shell instead of ending the CLI.
+
+    Sizes reach the container asynchronously (see ``test_exec_through_the_hub``): the test asks
+    ``stty size`` until the size shows, within generous bounds (a loaded 2-core CI box).
+    """
+    terminal = PseudoTerminal(30, 90)
+    env = {
+        **os.environ,
+        "OTTERSCALE_HUB": runtime_system.system.hub_url,
+        "OTTERSCALE_CLUSTER": CLUSTER,
+        "OTTERSCALE_TOKEN": runtime_system.token(),
+    }
+    command = [
+        str(Path(sys.executable).with_name("otterscale")),
+        "exec",
+        runtime_system.pods["shell"],
+        "-i",
+        "-t",
+        "-n",
+        NAMESPACE,
+        "--",
+        "sh",
+    ]
+    # The pty becomes the CLI's controlling terminal (login_tty), as in a terminal emulator.
+    process = subprocess.Popen(
+        command,
+        stdin=terminal.slave,
+        stdout=terminal.slave,
+        stderr=terminal.slave,
+        env=env,
+        preexec_fn=functools.partial(os.login_tty, terminal.slave),
+    )
+
+    def shows(expected: bytes, ask: bytes) -> None:
+        deadline = time.monotonic() + WAIT
+        while expected not in terminal.seen.rsplit(ask.strip(), 1)[-1]:
+            assert process.poll() is None, terminal.seen[-500:]
+            assert time.monotonic() < deadline, f"{expected!r} not seen: {terminal.seen[-500:]!r}"
+            terminal.type(ask)
+            terminal.read_for(1.0)
+
+    try:
+        shows(b"30 90", b"stty size\n")
+        terminal.resize(40, 120)
+        shows(b"40 120", b"stty size\n")
+        terminal.type(b"sleep 600\n")
+        terminal.read_for(1.0)
+        terminal.type(b"\x03")  # raw mode: interrupts the remote sleep, not this CLI
+        shows(b"alive-42", b"echo alive-$((6*7))\n")
+        terminal.type(b"exit 5\n")
+        assert process.wait(timeout=WAIT) == 5, terminal.seen[-500:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=WAIT)
+        terminal.close()
 
 
 @pytest.mark.parametrize("mode", [[], ["--http2"]], ids=["writes", "stream"])

@@ -565,6 +565,50 @@ async def test_agent_shutdown_ends_sessions_with_unavailable(node: Node, cluster
             assert "shutting down" in session.error.message
 
 
+async def test_exec_over_v4_where_the_server_offers_no_v5(node: Node, cluster: dict[str, str]) -> None:
+    """The fallback for API servers older than 1.30 (``v4.channel.k8s.io`` only): output and the
+    exit code arrive over v4, and the connection says it cannot close stdin (v4 has no way to),
+    so the service refuses close_stdin instead of losing it. The node's API server speaks both;
+    offering only v4 makes it answer as an old one would."""
+    from otterscale.agent import load_connection
+    from otterscale.agent._kube import KubeClient
+    from otterscale.agent._runtime import SessionKind
+    from otterscale.agent._runtime._channel import ERROR, EXEC_V4, STDOUT, exit_status
+    from otterscale.agent._runtime._connection import ExecConnection
+    from otterscale.agent._runtime._pods import command_params, pod_path
+    from otterscale.agent._runtime._sessions import Owner, Session
+
+    kube = await KubeClient.open(await load_connection(node.kubeconfig, {}))
+    try:
+        params = [("container", "main"), *command_params(["sh", "-c", "echo over-v4; exit 6"])]
+        ws = await kube.websocket(
+            pod_path(NAMESPACE, cluster["shell"], "exec"),
+            params=[*params, ("stdout", "true"), ("stderr", "true")],
+            protocols=(EXEC_V4,),
+            caller=ADMIN,
+        )
+        session = Session("test.x", SessionKind.EXEC, Owner.of(ADMIN), NAMESPACE, cluster["shell"])
+        connection = ExecConnection(ws, session)
+        try:
+            assert connection.protocol == EXEC_V4
+            assert not connection.can_close_stdin
+            assert "cannot close stdin" in connection.close_refusal
+            stdout, status = b"", None
+            async with asyncio.timeout(WAIT):
+                async for channel, payload in connection.frames():
+                    if channel == STDOUT:
+                        stdout += payload
+                    elif channel == ERROR:
+                        status = exit_status(payload)
+        finally:
+            await ws.close()
+    finally:
+        await kube.close()
+    assert stdout == b"over-v4\n"
+    assert status is not None
+    assert status.exit_code == 6
+
+
 # --- port-forward ---------------------------------------------------------------------------------
 
 
@@ -660,6 +704,25 @@ async def test_log_follow_sees_new_lines_and_heartbeats(
                     break
         # tail_lines=0: nothing written before the call; then consecutive new lines.
         assert seen[1:] == [seen[0] + 1, seen[0] + 2]
+
+
+async def test_an_idle_log_follow_carries_heartbeats(
+    tight_agent: AgentThread, cluster: dict[str, str]
+) -> None:
+    """The shell pod never writes: a followed log of it carries only empty messages, one per
+    heartbeat interval (0.5 s here), so proxies in between keep the stream open."""
+    async with client_factory(tight_agent.url) as factory:
+        client = runtime(factory)
+        request = pb.PodLogRequest(
+            cluster=CLUSTER, namespace=NAMESPACE, name=cluster["shell"], follow=True, tail_lines=0
+        )
+        seen: list[pb.PodLogResponse] = []
+        async with asyncio.timeout(WAIT):
+            async for message in client.pod_log(request):
+                seen.append(message)
+                if len(seen) >= 3:
+                    break
+        assert all(m == pb.PodLogResponse() for m in seen), seen
 
 
 async def test_log_of_every_container(clients: ClientFactory, node: Node, cluster: dict[str, str]) -> None:
