@@ -29,16 +29,15 @@ from connectrpc.errors import ConnectError
 from otterscale.common import AuditConfig, Identity, RuntimeConfig
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
-from otterscale.testing import Node
+from otterscale.testing import AgentProcess, Node, eventually
 
 from .conftest import (
     ADMIN,
     CLUSTER,
-    IDENTITY_KEY,
-    AgentThread,
     ClientFactory,
     _ensure_admin_binding,
     client_factory,
+    start_agent,
     unique,
 )
 
@@ -148,21 +147,14 @@ def cluster(node: Node) -> Iterator[dict[str, str]]:
     return {**names, **users}
 
 
-def _agent(node: Node, runtime: RuntimeConfig, audit_file: Path | None = None) -> AgentThread:
-    from otterscale.agent import AgentSettings
-
-    audit = AuditConfig(sink="file", file=audit_file) if audit_file is not None else AuditConfig()
-    return AgentThread(
-        AgentSettings(
-            cluster=CLUSTER,
-            host="127.0.0.1",
-            port=0,
-            identity_key=IDENTITY_KEY,
-            kubeconfig=str(node.kubeconfig),
-            runtime=runtime,
-            audit=audit,
-        )
-    )
+def _agent(
+    node: Node, directory: Path, runtime: RuntimeConfig, audit_file: Path | None = None
+) -> contextlib.AbstractContextManager[AgentProcess]:
+    """An agent process in front of the node with these runtime limits (and a file audit sink)."""
+    sections: dict[str, Any] = {"runtime": runtime.model_dump(mode="json")}
+    if audit_file is not None:
+        sections["audit"] = AuditConfig(sink="file", file=audit_file).model_dump(mode="json")
+    return start_agent(node.control_plane, directory, sections=sections)
 
 
 @pytest.fixture(scope="module")
@@ -172,19 +164,23 @@ def audit_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def node_agent(node: Node, cluster: dict[str, str], audit_file: Path) -> Iterator[AgentThread]:
-    with _agent(node, RuntimeConfig(), audit_file) as agent:
+def node_agent(
+    node: Node, cluster: dict[str, str], audit_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
+    with _agent(node, tmp_path_factory.mktemp("node-agent"), RuntimeConfig(), audit_file) as agent:
         yield agent
 
 
 @pytest.fixture(scope="module")
-def tight_agent(node: Node, cluster: dict[str, str]) -> Iterator[AgentThread]:
-    with _agent(node, TIGHT) as agent:
+def tight_agent(
+    node: Node, cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
+    with _agent(node, tmp_path_factory.mktemp("tight-agent"), TIGHT) as agent:
         yield agent
 
 
 @pytest_asyncio.fixture
-async def clients(node_agent: AgentThread) -> AsyncIterator[ClientFactory]:
+async def clients(node_agent: AgentProcess) -> AsyncIterator[ClientFactory]:
     async with client_factory(node_agent.url) as factory:
         yield factory
 
@@ -480,7 +476,7 @@ async def test_audit_events_at_start_and_end_without_stdin(
 # --- limits and timeouts ----------------------------------------------------------------------------
 
 
-async def test_per_subject_limit_and_its_release(tight_agent: AgentThread, cluster: dict[str, str]) -> None:
+async def test_per_subject_limit_and_its_release(tight_agent: AgentProcess, cluster: dict[str, str]) -> None:
     async with client_factory(tight_agent.url) as factory:
         client = runtime(factory, transport="connect-h2c")
         first = await Session(client, exec_request(cluster["shell"], ["cat"])).start()
@@ -512,7 +508,7 @@ async def test_per_subject_limit_and_its_release(tight_agent: AgentThread, clust
         await second.cancel()
 
 
-async def test_idle_timeout_and_heartbeats(tight_agent: AgentThread, cluster: dict[str, str]) -> None:
+async def test_idle_timeout_and_heartbeats(tight_agent: AgentProcess, cluster: dict[str, str]) -> None:
     async with client_factory(tight_agent.url) as factory:
         session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
         started = time.monotonic()
@@ -525,7 +521,7 @@ async def test_idle_timeout_and_heartbeats(tight_agent: AgentThread, cluster: di
 
 
 async def test_activity_keeps_a_session_until_its_lifetime(
-    tight_agent: AgentThread, cluster: dict[str, str]
+    tight_agent: AgentProcess, cluster: dict[str, str]
 ) -> None:
     async with client_factory(tight_agent.url) as factory:
         session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
@@ -541,7 +537,7 @@ async def test_activity_keeps_a_session_until_its_lifetime(
         assert "runtime.max_lifetime_seconds" in session.error.message
 
 
-async def test_a_write_gap_is_aborted(tight_agent: AgentThread, cluster: dict[str, str]) -> None:
+async def test_a_write_gap_is_aborted(tight_agent: AgentProcess, cluster: dict[str, str]) -> None:
     async with client_factory(tight_agent.url) as factory:
         session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
         try:
@@ -554,8 +550,11 @@ async def test_a_write_gap_is_aborted(tight_agent: AgentThread, cluster: dict[st
             await session.cancel()
 
 
-async def test_agent_shutdown_ends_sessions_with_unavailable(node: Node, cluster: dict[str, str]) -> None:
-    with _agent(node, RuntimeConfig()) as agent:
+async def test_agent_shutdown_ends_sessions_with_unavailable(
+    node: Node, cluster: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGTERM (what Kubernetes sends a Pod): open sessions end with unavailable, not cut off."""
+    with _agent(node, tmp_path, RuntimeConfig()) as agent:
         async with client_factory(agent.url) as factory:
             session = await Session(runtime(factory), exec_request(cluster["shell"], ["cat"])).start()
             await asyncio.to_thread(agent.stop)
@@ -587,6 +586,7 @@ async def test_exec_over_v4_where_the_server_offers_no_v5(node: Node, cluster: d
             protocols=(EXEC_V4,),
             caller=ADMIN,
         )
+        sock = ws.get_extra_info("socket")
         session = Session("test.x", SessionKind.EXEC, Owner.of(ADMIN), NAMESPACE, cluster["shell"])
         connection = ExecConnection(ws, session)
         try:
@@ -604,6 +604,13 @@ async def test_exec_over_v4_where_the_server_offers_no_v5(node: Node, cluster: d
             await ws.close()
     finally:
         await kube.close()
+
+    # The TLS shutdown of the stream's connection ends on later turns of this loop: wait for its
+    # socket to close, so no transport of this test is left to a later test's garbage collection.
+    async def socket_closed() -> bool:
+        return sock is None or sock.fileno() == -1
+
+    await eventually(socket_closed, WAIT, "the exec connection's socket closing", every=0.05)
     assert stdout == b"over-v4\n"
     assert status is not None
     assert status.exit_code == 6
@@ -679,7 +686,7 @@ async def test_port_forward_close_write_is_refused_honestly(
 
 
 async def test_log_follow_sees_new_lines_and_heartbeats(
-    tight_agent: AgentThread, cluster: dict[str, str], transport: str
+    tight_agent: AgentProcess, cluster: dict[str, str], transport: str
 ) -> None:
     async with client_factory(tight_agent.url) as factory:
         client = runtime(factory, transport=transport)
@@ -707,7 +714,7 @@ async def test_log_follow_sees_new_lines_and_heartbeats(
 
 
 async def test_an_idle_log_follow_carries_heartbeats(
-    tight_agent: AgentThread, cluster: dict[str, str]
+    tight_agent: AgentProcess, cluster: dict[str, str]
 ) -> None:
     """The shell pod never writes: a followed log of it carries only empty messages, one per
     heartbeat interval (0.5 s here), so proxies in between keep the stream open."""

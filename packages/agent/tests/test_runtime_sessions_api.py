@@ -8,7 +8,6 @@ streams themselves are tested against a real node in ``tests/e2e/test_runtime.py
 
 from __future__ import annotations
 
-import re
 import urllib.request
 from typing import Any
 
@@ -19,9 +18,9 @@ from connectrpc.errors import ConnectError
 from otterscale.common import Identity
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
-from otterscale.testing import ControlPlane
+from otterscale.testing import AgentProcess, ControlPlane
 
-from .conftest import CLUSTER, AgentThread, ClientFactory, unique
+from .conftest import CLUSTER, ClientFactory, unique
 
 pytestmark = pytest.mark.integration
 
@@ -62,17 +61,10 @@ async def unary_error(call: Any) -> ConnectError:
     return caught.value
 
 
-def scrape(agent: AgentThread) -> tuple[int, str, str]:
+def scrape(agent: AgentProcess) -> tuple[int, str, str]:
     """Status, content type and text of the agent's /metrics (stdlib: a real HTTP client)."""
     with urllib.request.urlopen(agent.url + "/metrics", timeout=10) as resp:  # noqa: S310 - loopback
         return resp.status, resp.headers["Content-Type"], resp.read().decode()
-
-
-def metric(agent: AgentThread, name: str, labels: str) -> float:
-    _, _, text = scrape(agent)
-    found = re.search(rf"^{re.escape(name)}{{{re.escape(labels)}}} (\S+)$", text, re.M)
-    assert found is not None, f"{name}{{{labels}}} not in /metrics"
-    return float(found.group(1))
 
 
 @pytest.fixture
@@ -172,11 +164,10 @@ async def test_view_user_cannot_exec_or_port_forward(
     namespace: str,
     pods: dict[str, str],
     viewer: Identity,
-    agent_server: AgentThread,
+    agent_server: AgentProcess,
 ) -> None:
-    before = metric(
-        agent_server, "otterscale_agent_runtime_refusals_total", 'kind="exec",reason="access_denied"'
-    )
+    refusals = "otterscale_agent_runtime_refusals_total"
+    before = agent_server.metrics().get(refusals, kind="exec", reason="access_denied")
     client = runtime(make_client, viewer, transport="grpc-h2c")
     error, received = await stream_error(client.execute_tty(exec_request(namespace, pods["single"])))
     assert error.code is Code.PERMISSION_DENIED
@@ -189,21 +180,19 @@ async def test_view_user_cannot_exec_or_port_forward(
     )
     assert error.code is Code.PERMISSION_DENIED
     assert "may not get or create pods/portforward" in error.message
-    after = metric(
-        agent_server, "otterscale_agent_runtime_refusals_total", 'kind="exec",reason="access_denied"'
-    )
+    after = agent_server.metrics().get(refusals, kind="exec", reason="access_denied")
     assert after == before + 1
 
 
 async def test_failed_starts_leave_no_session_behind(
-    make_client: ClientFactory, namespace: str, pods: dict[str, str], agent_server: AgentThread
+    make_client: ClientFactory, namespace: str, pods: dict[str, str], agent_server: AgentProcess
 ) -> None:
     client = runtime(make_client, transport="connect-h2c")
     # More failed starts than one subject may hold sessions: each frees its slot.
     for _ in range(12):
         error, _ = await stream_error(client.execute_tty(exec_request(namespace, pods["single"])))
         assert error.code is Code.FAILED_PRECONDITION
-    assert metric(agent_server, "otterscale_agent_runtime_sessions_active", 'kind="exec"') == 0
+    assert agent_server.metrics().value("otterscale_agent_runtime_sessions_active", kind="exec") == 0
 
 
 async def test_writes_to_unknown_sessions_are_not_found_without_the_id(make_client: ClientFactory) -> None:
@@ -273,7 +262,7 @@ async def test_pod_log_needs_a_container_choice(
     assert "app, sidecar" in error.message
 
 
-def test_agent_metrics_endpoint(agent_server: AgentThread) -> None:
+def test_agent_metrics_endpoint(agent_server: AgentProcess) -> None:
     status, content_type, text = scrape(agent_server)
     assert status == 200
     assert content_type.startswith("text/plain")
