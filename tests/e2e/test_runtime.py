@@ -25,7 +25,6 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 import urllib.request
@@ -43,7 +42,7 @@ from pyqwest import Client, HTTPTransport
 
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
-from otterscale.testing import LocalIssuer, Node, System, start_system
+from otterscale.testing import LocalIssuer, Node, System, otterscale_command, start_system
 
 from .conftest import TRANSPORTS, unique
 
@@ -493,17 +492,23 @@ async def test_agent_killed_mid_exec_is_unavailable(clients: Clients, runtime_sy
 # --- the CLI ---------------------------------------------------------------------------------------
 
 
-def _cli(
-    runtime_system: RuntimeSystem, *argv: str, stdin: bytes | None = None, timeout: float = WAIT
-) -> subprocess.CompletedProcess[bytes]:
-    env = {
+def _cli_env(runtime_system: RuntimeSystem) -> dict[str, str]:
+    """The CLI's settings from the environment: the hub, the cluster, an admin's token."""
+    return {
         **os.environ,
         "OTTERSCALE_HUB": runtime_system.system.hub_url,
         "OTTERSCALE_CLUSTER": CLUSTER,
         "OTTERSCALE_TOKEN": runtime_system.token(),
     }
-    command = [str(Path(sys.executable).with_name("otterscale")), *argv]
-    return subprocess.run(command, input=stdin, capture_output=True, env=env, timeout=timeout, check=False)
+
+
+def _cli(
+    runtime_system: RuntimeSystem, *argv: str, stdin: bytes | None = None, timeout: float = WAIT
+) -> subprocess.CompletedProcess[bytes]:
+    command = [*otterscale_command(), *argv]
+    return subprocess.run(
+        command, input=stdin, capture_output=True, env=_cli_env(runtime_system), timeout=timeout, check=False
+    )
 
 
 @pytest.mark.parametrize("mode", [[], ["--http2"]], ids=["writes", "stream"])
@@ -610,14 +615,8 @@ def test_cli_exec_with_a_real_terminal(runtime_system: RuntimeSystem) -> None:
     ``stty size`` until the size shows, within generous bounds (a loaded 2-core CI box).
     """
     terminal = PseudoTerminal(30, 90)
-    env = {
-        **os.environ,
-        "OTTERSCALE_HUB": runtime_system.system.hub_url,
-        "OTTERSCALE_CLUSTER": CLUSTER,
-        "OTTERSCALE_TOKEN": runtime_system.token(),
-    }
     command = [
-        str(Path(sys.executable).with_name("otterscale")),
+        *otterscale_command(),
         "exec",
         runtime_system.pods["shell"],
         "-i",
@@ -633,7 +632,7 @@ def test_cli_exec_with_a_real_terminal(runtime_system: RuntimeSystem) -> None:
         stdin=terminal.slave,
         stdout=terminal.slave,
         stderr=terminal.slave,
-        env=env,
+        env=_cli_env(runtime_system),
         preexec_fn=functools.partial(os.login_tty, terminal.slave),
     )
 
@@ -664,14 +663,8 @@ def test_cli_exec_with_a_real_terminal(runtime_system: RuntimeSystem) -> None:
 
 @pytest.mark.parametrize("mode", [[], ["--http2"]], ids=["writes", "stream"])
 def test_cli_port_forward(runtime_system: RuntimeSystem, mode: list[str]) -> None:
-    env = {
-        **os.environ,
-        "OTTERSCALE_HUB": runtime_system.system.hub_url,
-        "OTTERSCALE_CLUSTER": CLUSTER,
-        "OTTERSCALE_TOKEN": runtime_system.token(),
-    }
     command = [
-        str(Path(sys.executable).with_name("otterscale")),
+        *otterscale_command(),
         "port-forward",
         runtime_system.pods["web"],
         ":8080",
@@ -679,7 +672,9 @@ def test_cli_port_forward(runtime_system: RuntimeSystem, mode: list[str]) -> Non
         "-n",
         NAMESPACE,
     ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as process:
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_cli_env(runtime_system)
+    ) as process:
         try:
             assert process.stdout is not None
             line = process.stdout.readline().decode()  # blocks until it listens (or exits)
