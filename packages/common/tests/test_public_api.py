@@ -16,6 +16,11 @@ EXPECTED = {
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
+    "FanoutConfig",
+    "AccessConfig",
+    "AccessRule",
+    "LabelSelector",
+    "LabelSyntaxError",
     "KeycloakConfig",
     "TunnelConfig",
     "TunnelServerConfig",

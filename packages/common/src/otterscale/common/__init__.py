@@ -1,11 +1,11 @@
 """otterscale-common: what the OtterScale hub and agent share.
 
-Configuration (``otterscale.yaml``), OIDC bearer-token verification, the verified caller
-(:class:`Identity`), the signed hub-to-agent identity headers, logging set-up, the ``otterscale``
-command and the flags both services take, supervision of external processes
-(:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`) and
-serving an ASGI application with a tuned hypercorn (:func:`serve`). Nothing here knows about a
-particular service.
+Configuration (``otterscale.yaml``, cluster label selectors), OIDC bearer-token verification,
+the verified caller (:class:`Identity`), the signed hub-to-agent identity headers, logging
+set-up, the ``otterscale`` command and the flags both services take, supervision of external
+processes (:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`)
+and serving an ASGI application with a tuned hypercorn (:func:`serve`). Nothing here knows about
+a particular service.
 
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
@@ -48,9 +48,12 @@ from ._cli import (
 )
 from ._config import (
     MAX_CONFIG_BYTES,
+    AccessConfig,
+    AccessRule,
     AgentAuth,
     AgentConfig,
     ClusterConfig,
+    FanoutConfig,
     HubLimitsConfig,
     KeycloakConfig,
     OtterscaleConfig,
@@ -70,6 +73,7 @@ from ._errors import (
 )
 from ._h2 import tune_hypercorn
 from ._identity import RESERVED_PREFIXES, Identity
+from ._labels import LabelSelector, LabelSyntaxError
 from ._logging import LogFormat, RedactingFilter, configure_logging, redact
 from ._net import ASGIApp, create_listener, serve, server_config
 from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
@@ -103,6 +107,8 @@ __all__ = [
     "SUBJECT_HEADER",
     "TIMESTAMP_HEADER",
     "ASGIApp",
+    "AccessConfig",
+    "AccessRule",
     "AgentAuth",
     "AgentConfig",
     "AuthenticationError",
@@ -117,11 +123,14 @@ __all__ = [
     "CommandMain",
     "CommonOptions",
     "ConfigError",
+    "FanoutConfig",
     "HubLimitsConfig",
     "Identity",
     "IdentityHeaderError",
     "IdentityProviderUnavailableError",
     "KeycloakConfig",
+    "LabelSelector",
+    "LabelSyntaxError",
     "LogFormat",
     "OIDCVerifier",
     "OtterscaleConfig",

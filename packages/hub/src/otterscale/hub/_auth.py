@@ -92,6 +92,14 @@ class Authenticator:
                 self._cache.popitem(last=False)
         return identity
 
+    def expiry(self, authorization: Sequence[str]) -> float | None:
+        """The ``exp`` of the bearer token in ``authorization`` (call after :meth:`authenticate`
+        succeeded for it): long-lived streams open no new upstream call after it."""
+        if len(authorization) != 1:
+            return None
+        _, _, token = authorization[0].strip().partition(" ")
+        return _expiry(token.strip())
+
     async def aclose(self) -> None:
         """Close the verifier's HTTP session and forget every cached token."""
         self._cache.clear()

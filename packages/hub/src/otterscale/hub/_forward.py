@@ -86,6 +86,16 @@ class LeaderForwarder(PassThroughResourceService):
         """Forward ListClusters (the leader knows the agents' state)."""
         return await self._unary(request, ctx)
 
+    # MultiClusterService (the leader runs the legs: only it reaches the agents)
+
+    async def multi_list(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Forward MultiList."""
+        return await self._unary(request, ctx)
+
+    def multi_watch(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> AsyncIterator[RawMessage]:
+        """Forward MultiWatch as a stream."""
+        return self._stream(request, ctx)
+
     # ----------------------------------------------------------------------------------------------
     # Leader changes and shutdown
 

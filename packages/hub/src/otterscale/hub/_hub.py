@@ -57,7 +57,8 @@ from otterscale.common import (
     derive_identity_key,
     serve,
 )
-from otterscale.resource.v1 import resource_pb2
+from otterscale.resource.v1 import multicluster_pb2, resource_pb2
+from otterscale.resource.v1.multicluster_connect import MultiClusterServiceASGIApplication
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
 
 from ._auth import Authenticator
@@ -65,6 +66,7 @@ from ._clusters import ClusterServiceImpl
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec
 from ._election import ElectionSettings
 from ._errors import HubError
+from ._fanout import Fanout
 from ._forward import LeaderForwarder
 from ._health import HealthASGIApplication, HealthService, health_file
 from ._leader import KubernetesLeadership, Leadership
@@ -152,6 +154,7 @@ class Hub:
         self._agents: AgentClients | None = None
         self._auth: Authenticator | None = None
         self._proxy: ResourceProxy | None = None
+        self._fanout: Fanout | None = None
         self._health: HealthService | None = None
         self._shutdown = asyncio.Event()
         self._serving = asyncio.Event()
@@ -282,6 +285,17 @@ class Hub:
             limits=self.limits,
             on_unreachable=self.probe_soon,
         )
+        self._fanout = Fanout(
+            config,
+            authenticator=authenticator,
+            tunnels=tunnels,
+            agents=self._agents,
+            keys=self._keys,
+            metrics=metrics,
+            limits=self.limits,
+            watch_slots=self._proxy.watch_slots,
+            on_unreachable=self.probe_soon,
+        )
         self._health = HealthService(tunnels, serving=self.ready, resources_serving=self._serves_api)
         if self.leadership is not None:
             self._forwarder = LeaderForwarder(self.leadership, metrics)
@@ -407,9 +421,18 @@ class Hub:
         cluster_app = ClusterServiceASGIApplication(
             ClusterServiceImpl(authenticator=self._auth, tunnels=self.tunnels), interceptors=interceptors
         )
+        assert self._fanout is not None
+        multi_app = MultiClusterServiceASGIApplication(
+            self._fanout.service,  # type: ignore[arg-type]
+            interceptors=interceptors,
+            codecs=[PassthroughCodec(CODEC_PROTO), PassthroughCodec(CODEC_JSON)],
+            compressions=[gzip],
+            read_max_bytes=max_request,
+        )
         health_app = HealthASGIApplication(self._health, interceptors=interceptors)
         resource: ASGIApp = resource_app  # type: ignore[assignment]
         cluster: ASGIApp = cluster_app  # type: ignore[assignment]
+        multi: ASGIApp = multi_app  # type: ignore[assignment]
         if self._forwarder is not None:
             # Followers forward both services to the leader (pass-through codecs, nothing decoded).
             codecs = [PassthroughCodec(CODEC_PROTO), PassthroughCodec(CODEC_JSON)]
@@ -426,17 +449,28 @@ class Hub:
                 codecs=codecs,
                 compressions=[GzipCompression(level=1)],
             )
+            forward_multi = MultiClusterServiceASGIApplication(
+                self._forwarder,  # type: ignore[arg-type]
+                interceptors=interceptors,
+                codecs=codecs,
+                compressions=[gzip],
+                read_max_bytes=max_request,
+            )
             resource = Switch(resource, forward_resources, lambda: self._leading)  # type: ignore[arg-type]
             cluster = Switch(cluster, forward_clusters, lambda: self._leading)  # type: ignore[arg-type]
+            multi = Switch(multi, forward_multi, lambda: self._leading)  # type: ignore[arg-type]
         # Request size and slow Watch clients are bounded for leader and follower alike.
         resource = ClientLimits(resource, self.limits, on_refused=refused)
+        multi = ClientLimits(multi, self.limits, on_refused=refused)
         services: dict[str, ASGIApp] = {
             _service_name(resource_app.path): resource,
+            _service_name(multi_app.path): multi,
             _service_name(cluster_app.path): cluster,
             _service_name(health_app.path): health_app,  # type: ignore[dict-item]
         }
         described = [
             resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
+            multicluster_pb2.DESCRIPTOR.services_by_name["MultiClusterService"],
             cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
             health_file().services_by_name["Health"],
         ]
@@ -459,6 +493,8 @@ class Hub:
             self._health.close()
         if self._proxy is not None:
             self._proxy.drain()
+        if self._fanout is not None:
+            self._fanout.drain()
         if self._forwarder is not None:
             self._forwarder.drain()
         self._shutdown.set()
@@ -549,6 +585,8 @@ class Hub:
         self._set_leading(False)
         if self._proxy is not None:
             self._proxy.end_streams()
+        if self._fanout is not None:
+            self._fanout.end_streams()
         tasks = [task for task in (self._mark_task, self._prober, *self._probes.values()) if task is not None]
         await cancel_and_wait(tasks)
         self._mark_task = self._prober = None
