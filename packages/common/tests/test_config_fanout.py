@@ -10,7 +10,9 @@ BASE = """
 keycloak: {realm_url: "http://127.0.0.1/realms/x", client_id: c}
 tunnel: {server: {host: 127.0.0.1, port: 8300, key_seed: seed}}
 clusters:
-  east: {agent: {auth: {user: e, pass: p}, tunnel_port: 5001, api_port: 1}, labels: {env: prod, "example.com/region": eu}}
+  east:
+    agent: {auth: {user: e, pass: p}, tunnel_port: 5001, api_port: 1}
+    labels: {env: prod, "example.com/region": eu}
   west: {agent: {auth: {user: w, pass: p}, tunnel_port: 5002, api_port: 1}}
 """
 
@@ -32,7 +34,10 @@ def test_defaults_and_labels() -> None:
 @pytest.mark.parametrize(
     ("extra", "problem"),
     [
-        ("fanout: {max_clusters_per_call: 0}", "fanout.max_clusters_per_call: must be greater than or equal to 1"),
+        (
+            "fanout: {max_clusters_per_call: 0}",
+            "fanout.max_clusters_per_call: must be greater than or equal to 1",
+        ),
         ("fanout: {max_inflight_per_cluster: true}", "fanout.max_inflight_per_cluster:"),
         ("fanout: {default_page_items: 10, max_page_items: 5}", "default_page_items must not be larger"),
         ("fanout: {token_key: too-short}", "fanout.token_key: must be at least 32 bytes"),
@@ -40,8 +45,14 @@ def test_defaults_and_labels() -> None:
         ("access: {default: some}", "access.default: must be 'all' or 'none'"),
         ("access: {rules: [{groups: [g]}]}", "access.rules.0: a rule needs clusters or cluster_labels"),
         ("access: {rules: [{clusters: [east]}]}", "access.rules.0: a rule needs groups or subjects"),
-        ("access: {rules: [{groups: [g], clusters: [nowhere]}]}", "access.rules.0.clusters.0: cluster 'nowhere'"),
-        ("access: {rules: [{groups: [g], clusters: ['Bad!']}]}", "access.rules.0.clusters.0: must be a cluster name"),
+        (
+            "access: {rules: [{groups: [g], clusters: [nowhere]}]}",
+            "access.rules.0.clusters.0: cluster 'nowhere'",
+        ),
+        (
+            "access: {rules: [{groups: [g], clusters: ['Bad!']}]}",
+            "access.rules.0.clusters.0: must be a cluster name",
+        ),
         ("access: {rules: [{groups: [g], cluster_labels: 'env in (a'}]}", "access.rules.0.cluster_labels:"),
     ],
 )
@@ -52,7 +63,7 @@ def test_problems_name_the_key(extra: str, problem: str) -> None:
 
 
 def test_bad_labels_name_the_key() -> None:
-    text = BASE.replace("env: prod", 'env: "-x"').replace("region\": eu", 'region": 3')
+    text = BASE.replace("env: prod", 'env: "-x"').replace('region": eu', 'region": 3')
     with pytest.raises(ConfigError) as caught:
         parse_config(text, "otterscale.yaml")
     message = str(caught.value)

@@ -13,10 +13,10 @@ from otterscale.hub._fanout.errors import FanoutLimitError
 def test_legs_per_subject_and_watch_legs_per_hub() -> None:
     legs = SubjectLegs(per_subject=10, watch_total=12)
     legs.acquire("alice", 8)
-    with pytest.raises(FanoutLimitError, match="fanout.max_legs_per_subject"):
+    with pytest.raises(FanoutLimitError, match=r"fanout\.max_legs_per_subject"):
         legs.acquire("alice", 3)
     legs.acquire("bob", 10, watch=True)
-    with pytest.raises(FanoutLimitError, match="fanout.max_watch_legs"):
+    with pytest.raises(FanoutLimitError, match=r"fanout\.max_watch_legs"):
         legs.acquire("carol", 3, watch=True)
     assert (legs.held("alice"), legs.held("carol")) == (8, 0)  # a refused acquire takes nothing
     legs.release("bob", 10, watch=True)

@@ -133,6 +133,7 @@ class System:
         *,
         keycloak_options: Mapping[str, Any] | None = None,
         log_level: str = "debug",
+        config_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.directory = directory
         #: ``--log-level`` of the hub and the agents. Debug by default: the "no secret in any log"
@@ -143,6 +144,9 @@ class System:
         self.client_id = client_id
         self.audience = audience
         self.keycloak_options = dict(keycloak_options or {})
+        #: Merged into the generated ``otterscale.yaml`` (key by key, recursively): cluster
+        #: labels, ``fanout``, ``access``, ``limits``...
+        self.config_overrides: dict[str, Any] = dict(config_overrides or {})
         self.key_seed = secrets.token_urlsafe(24)
         self.tunnel_port = free_port()
         self.hub_port = free_port()
@@ -199,11 +203,12 @@ class System:
             if self.fingerprint:
                 agent["fingerprint"] = self.fingerprint
             clusters[c.name] = {"agent": agent}
-        return {
+        document = {
             "keycloak": keycloak,
             "tunnel": {"server": {"host": "127.0.0.1", "port": self.tunnel_port, "key_seed": self.key_seed}},
             "clusters": clusters,
         }
+        return _merged(document, self.config_overrides)
 
     def write_config(self) -> None:
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -370,6 +375,16 @@ class System:
         self.stop_hub()
 
 
+def _merged(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), dict):
+            result[key] = _merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
 def _fingerprint_from_log(log: Path) -> str | None:
     for line in log.read_text(errors="replace").splitlines():
         try:
@@ -391,16 +406,24 @@ def start_system(
     keycloak_options: Mapping[str, Any] | None = None,
     log_level: str = "debug",
     start_agents: bool = True,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> System:
     """Write the config, start the hub, then one agent per cluster that has a control plane.
 
     ``keycloak_options`` adds keys to the configuration's ``keycloak`` section (for example
     ``{"leeway_seconds": 0}`` for token-expiry tests); ``log_level`` is the services'
-    ``--log-level``. Returns once the hub reports every started agent connected.
+    ``--log-level``; ``config_overrides`` is merged into the configuration (see
+    :attr:`System.config_overrides`). Returns once the hub reports every started agent connected.
     """
     directory.mkdir(parents=True, exist_ok=True)
     system = System(
-        directory, realm_url, client_id, audience, keycloak_options=keycloak_options, log_level=log_level
+        directory,
+        realm_url,
+        client_id,
+        audience,
+        keycloak_options=keycloak_options,
+        log_level=log_level,
+        config_overrides=config_overrides,
     )
     for name, cp in clusters.items():
         system.add_cluster(name, cp)

@@ -34,6 +34,7 @@ from .._upstream import AgentClients
 from .budget import ClusterLanes, SubjectLegs
 from .legs import AgentLegs
 from .listing import ListSettings, MultiLister
+from .metrics import FanoutMetrics
 from .selection import ClusterDirectory
 from .service import MultiClusterServiceImpl
 from .tokens import TokenSealer, derive_token_key
@@ -91,7 +92,8 @@ class Fanout:
             tunnels=tunnels, agents=agents, keys=keys, metrics=metrics, on_unreachable=on_unreachable
         )
         subject_legs = SubjectLegs(fanout.max_legs_per_subject, fanout.max_watch_legs)
-        self.lanes = ClusterLanes(fanout.max_inflight_per_cluster)
+        fanout_metrics = FanoutMetrics(metrics.registry)
+        self.lanes = ClusterLanes(fanout.max_inflight_per_cluster, fanout_metrics)
         concurrency = min(32, fanout.max_concurrency)
         self.lister = MultiLister(
             legs=legs,
@@ -108,6 +110,7 @@ class Fanout:
                 cursor_ttl=fanout.cursor_ttl_seconds,
                 page_bytes=limits.max_response_bytes,
             ),
+            metrics=fanout_metrics,
         )
 
         def refused(reason: str) -> None:
@@ -125,6 +128,7 @@ class Fanout:
                 max_concurrency=fanout.max_concurrency,
             ),
             on_refused=refused,
+            metrics=fanout_metrics,
         )
         self.service = MultiClusterServiceImpl(
             authenticator=authenticator, lister=self.lister, watcher=self.watcher

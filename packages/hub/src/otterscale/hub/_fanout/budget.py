@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from .errors import FanoutLimitError
+from .metrics import FanoutMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ class _Lane:
 class ClusterLanes:
     """At most ``per_cluster`` List legs in flight per cluster (see the module docstring)."""
 
-    def __init__(self, per_cluster: int) -> None:
+    def __init__(self, per_cluster: int, metrics: FanoutMetrics | None = None) -> None:
         self.per_cluster = per_cluster
+        self._metrics = metrics
         self._lanes: dict[str, _Lane] = {}
         #: Most legs seen in flight at once per cluster (tests and metrics check the cap).
         self.peak: dict[str, int] = {}
@@ -126,6 +128,8 @@ class ClusterLanes:
         if lane.inflight < self.per_cluster and not lane.waiting:
             lane.inflight += 1
         else:
+            if self._metrics is not None:
+                self._metrics.waits.labels(cluster=cluster).inc()
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             lane.waiting.setdefault(subject, deque()).append(future)
             try:
@@ -140,7 +144,10 @@ class ClusterLanes:
                         if not queue:
                             del lane.waiting[subject]
                 raise
-        self.peak[cluster] = max(self.peak.get(cluster, 0), lane.inflight)
+        peak = self.peak[cluster] = max(self.peak.get(cluster, 0), lane.inflight)
+        if self._metrics is not None:
+            self._metrics.inflight.labels(cluster=cluster).set(lane.inflight)
+            self._metrics.inflight_peak.labels(cluster=cluster).set(peak)
         try:
             yield
         finally:
@@ -151,3 +158,5 @@ class ClusterLanes:
             lane.inflight -= 1
             if lane.inflight == 0 and not lane.waiting:
                 self._lanes.pop(cluster, None)
+        if self._metrics is not None:
+            self._metrics.inflight.labels(cluster=cluster).set(lane.inflight)

@@ -147,6 +147,13 @@ def transport_failure(exc: ConnectError) -> str | None:
     return None
 
 
+def _reraise_cancellation(exc: ConnectError) -> None:
+    """connectrpc's client reports the cancellation of the calling task as a "canceled" error;
+    the cancellation itself must go on (the leg is being stopped, or its caller went away)."""
+    if isinstance(exc.__cause__, asyncio.CancelledError):
+        raise exc.__cause__
+
+
 class AgentLegs:
     """Sends legs to agents (see the module docstring)."""
 
@@ -201,8 +208,9 @@ class AgentLegs:
         client = self._agents.client(cluster, request.codec)
         started = time.perf_counter()
         token = CALL_RESPONSE_LIMIT.set(max_bytes)
+        timer = asyncio.timeout(within)
         try:
-            async with asyncio.timeout(within):
+            async with timer:
                 response: RawMessage = await client.execute_unary(
                     request=request,
                     method=LIST_METHOD,
@@ -212,6 +220,9 @@ class AgentLegs:
         except TimeoutError:
             raise timed_out(within) from None
         except ConnectError as exc:
+            if timer.expired():  # connectrpc turned our timeout's cancellation into "canceled"
+                raise timed_out(within) from None
+            _reraise_cancellation(exc)
             if is_response_too_large(exc):
                 raise ResponseTooLarge() from None
             reason = transport_failure(exc)
@@ -245,6 +256,7 @@ class AgentLegs:
                     async for message in upstream:
                         yield message.data
                 except ConnectError as exc:
+                    _reraise_cancellation(exc)
                     reason = transport_failure(exc)
                     if reason is not None:
                         raise self._unreachable(cluster, reason) from None

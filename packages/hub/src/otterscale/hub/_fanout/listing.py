@@ -7,10 +7,11 @@ Per page (fanout.md 2.5, with the choices below):
    not started (no entry), *active* (its snapshot resourceVersion and Kubernetes continue token),
    *done* (its snapshot resourceVersion) or *failed* (its final outcome).
 3. **ORDER_FAIR**: the first ``W`` unfinished clusters in name order (``W`` = ``max_concurrency``)
-   each get ``ceil(limit / W')`` items of the page (``W'`` = legs actually dialled) and run in
-   parallel, so a page takes about as long as its slowest leg and nothing fetched is thrown away
-   (no leg asks for more than its share). **ORDER_CLUSTER_MAJOR**: clusters one after another in
-   name order, each asked for what is left of the page; a cluster's continue token ends the page.
+   share the page's ``limit`` evenly (a hard maximum: with fewer items than clusters only the first
+   ``limit`` advance) and run in parallel, so a page takes about as long as its slowest leg and
+   nothing fetched is thrown away (no leg asks for more than its share). **ORDER_CLUSTER_MAJOR**:
+   clusters one after another in name order, each asked for what is left of the page; a cluster's
+   continue token ends the page.
 4. Each leg is an ordinary List to that cluster's agent as the caller (:mod:`.legs`), within
    ``min(per_cluster_timeout, the call's deadline - 50 ms)``, after waiting its turn for one of the
    cluster's in-flight slots (:mod:`.budget`). The answers are spliced into the page unchanged
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +61,7 @@ from .audit import record
 from .budget import ClusterLanes, SubjectLegs
 from .errors import InvalidFanoutRequestError, RequireAllError
 from .legs import AgentLegs, LegFailure, ResponseTooLarge, short, timed_out
+from .metrics import FanoutMetrics
 from .query import Query, checked_options
 from .selection import ClusterDirectory, Resolution
 from .tokens import CURSOR, RESUME, TokenSealer, binding_digest
@@ -173,7 +174,9 @@ class MultiLister:
         lanes: ClusterLanes,
         subject_legs: SubjectLegs,
         settings: ListSettings,
+        metrics: FanoutMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or FanoutMetrics()
         self._legs = legs
         self._directory = directory
         self._sealer = sealer
@@ -268,6 +271,8 @@ class MultiLister:
                         )
                     )
         _record(identity, query, resolution, page, started, first=first, last=last)
+        for status in page.statuses:
+            self._metrics.outcomes.labels(rpc="MultiList", outcome=Outcome.Name(status.outcome)).inc()
         if require_all:
             failed = [
                 s
@@ -348,7 +353,11 @@ class MultiLister:
                 self._failed(page, name, entry, _not_connected(name), 0.0, retry=not require_all)
         if not dial:
             return
-        share = math.ceil(limit / len(dial))
+        # The page's item budget, split as evenly as it goes: ``limit`` is a hard maximum, so with
+        # fewer items than clusters only the first ``limit`` clusters advance on this page.
+        dial = dial[:limit]
+        base, extra = divmod(limit, len(dial))
+        shares = {name: base + (1 if i < extra else 0) for i, name in enumerate(dial)}
         byte_share = max(self._settings.page_bytes // len(dial), MIN_LEG_BYTES)
         self._subject_legs.acquire(identity.subject, len(dial))
         page.dialled = len(dial)
@@ -358,7 +367,7 @@ class MultiLister:
                     self._leg(
                         name,
                         entries[name],
-                        share,
+                        shares[name],
                         byte_share,
                         identity,
                         query,

@@ -71,6 +71,7 @@ from .budget import SubjectLegs
 from .errors import InvalidFanoutRequestError
 from .legs import AgentLegs, LegFailure, short
 from .listing import resume_binding
+from .metrics import FanoutMetrics
 from .query import Query, checked_options, duration_seconds
 from .selection import ClusterDirectory, Resolution
 from .tokens import RESUME, TokenSealer
@@ -148,8 +149,15 @@ class _Stream:
     """The shared state of one MultiWatch: legs, the ready list and how the stream must end."""
 
     def __init__(
-        self, identity: Identity, query: Query, codec: str, names: tuple[str, ...], concurrency: int
+        self,
+        identity: Identity,
+        query: Query,
+        codec: str,
+        names: tuple[str, ...],
+        concurrency: int,
+        metrics: FanoutMetrics,
     ) -> None:
+        self.metrics = metrics
         self.identity = identity
         self.query = query
         self.codec = codec
@@ -189,6 +197,7 @@ class _Stream:
         checkpoint: object = _KEEP,
     ) -> None:
         leg.last_outcome = outcome
+        self.metrics.outcomes.labels(rpc="MultiWatch", outcome=Outcome.Name(outcome)).inc()
         response = MultiWatchResponse(
             status=ClusterStatus(cluster=leg.name, outcome=outcome, message=message, retryable=retryable)  # type: ignore[arg-type]
         )
@@ -215,7 +224,9 @@ class MultiWatcher:
         settings: WatchSettings,
         on_refused: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: FanoutMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or FanoutMetrics()
         self._legs = legs
         self._directory = directory
         self._sealer = sealer
@@ -295,18 +306,7 @@ class MultiWatcher:
                     f"of at most {MAX_RESOURCE_VERSION_CHARS} characters"
                 )
             points[entry.cluster] = entry.resource_version
-        try:
-            self._watch_slots.acquire(identity.subject)
-        except WatchLimitError:
-            if self._on_refused is not None:
-                self._on_refused("watch_limit")
-            raise
-        try:
-            self._subject_legs.acquire(identity.subject, len(resolution.clusters), watch=True)
-        except Exception:
-            self._watch_slots.release(identity.subject)
-            raise
-        stream = _Stream(identity, query, codec, resolution.clusters, concurrency)
+        stream = _Stream(identity, query, codec, resolution.clusters, concurrency, self._metrics)
         for name, leg in stream.legs.items():
             if initial != MultiWatchRequest.INITIAL_EVENTS_ALL and points.get(name):
                 leg.rv = leg.checkpoint_rv = points[name]
@@ -334,7 +334,21 @@ class MultiWatcher:
         identity = stream.identity
         codec = stream.codec
         started = time.monotonic()
+        # Taken here, in the generator, so that its ``finally`` always gives them back.
+        try:
+            self._watch_slots.acquire(identity.subject)
+        except WatchLimitError:
+            if self._on_refused is not None:
+                self._on_refused("watch_limit")
+            raise
+        try:
+            self._subject_legs.acquire(identity.subject, len(stream.legs), watch=True)
+        except Exception:
+            self._watch_slots.release(identity.subject)
+            raise
         self._streams.add(stream)
+        self._metrics.watch_streams.inc()
+        self._metrics.watch_legs.inc(len(stream.legs))
         for leg in stream.legs.values():
             leg.task = spawn(
                 self._leg(
@@ -411,6 +425,8 @@ class MultiWatcher:
                     leg.deficit = 0
         finally:
             self._streams.discard(stream)
+            self._metrics.watch_streams.dec()
+            self._metrics.watch_legs.dec(len(stream.legs))
             await cancel_and_wait([leg.task for leg in stream.legs.values() if leg.task is not None])
             self._subject_legs.release(identity.subject, len(stream.legs), watch=True)
             self._watch_slots.release(identity.subject)
