@@ -123,6 +123,7 @@ def fleet_overrides(**fanout: Any) -> dict[str, Any]:
             "token_key": TOKEN_KEY,
             "max_inflight_per_cluster": 2,
             "max_clusters_per_call": 7,
+            "max_legs_per_subject": 12,
             **fanout,
         },
     }
@@ -313,7 +314,7 @@ class Clients:
     _clients: list[Any] = field(default_factory=list)
 
     def multi(
-        self, transport: str = "connect-h2c", *, json: bool = False, timeout_ms: int = 60_000
+        self, transport: str = "connect-h2c", *, json: bool = False, timeout_ms: int | None = 60_000
     ) -> MultiClusterServiceClient:
         protocol, version = TRANSPORTS[transport]
         http = HTTPTransport(http_version=version)

@@ -69,7 +69,7 @@ from . import wire
 from .audit import record
 from .budget import SubjectLegs
 from .errors import InvalidFanoutRequestError
-from .legs import AgentLegs, LegFailure, short
+from .legs import AgentLegs, LegFailure, ResponseTooLarge, short
 from .listing import resume_binding
 from .metrics import FanoutMetrics
 from .query import Query, checked_options, duration_seconds
@@ -143,6 +143,7 @@ class _Leg:
     ever_synced: bool = False
     scheduled: bool = False  # in the stream's ready list
     partial_initial: bool = False  # some initial events were delivered, then the watch broke
+    progress: bool = False  # the current watch has read an event
 
 
 class _Stream:
@@ -469,6 +470,7 @@ class MultiWatcher:
     ) -> None:
         backoff = BACKOFF_FIRST
         announced = False  # UNAVAILABLE was reported for the current outage
+        quiet_retry = False  # a broken live leg was retried once without a word
         resyncing = False
         first_connect = True
         while True:
@@ -514,12 +516,17 @@ class MultiWatcher:
                     async with stream.start_window:
                         leg.rv = await self._current_version(stream, leg, leg_timeout)
                     leg.checkpoint_rv = leg.rv
+                leg.progress = False
                 progressed = await self._watch(stream, leg, with_initial=with_initial, resyncing=resyncing)
                 resyncing = False
                 if progressed:
+                    # The cluster ended a watch that worked (its own timeout): resume at once.
                     backoff = BACKOFF_FIRST
-                    announced = False
-                continue  # the cluster ended the watch: reconnect from leg.rv at once
+                    announced = quiet_retry = False
+                else:  # ended without a single event: do not hammer it
+                    await self._pause(_jitter(backoff), changes=False)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
             except _Expired:
                 stream.resyncs += 1
                 if not auto_resync:
@@ -533,6 +540,13 @@ class MultiWatcher:
                 leg.rv, leg.synced, resyncing = "", False, True
                 continue
             except LegFailure as failure:
+                if leg.progress:  # it had worked again since the last quiet retry
+                    quiet_retry = False
+                if leg.synced and failure.retryable and not quiet_retry:
+                    # A live leg broke (an agent's "watch ended, resume", a cut tunnel): try once
+                    # at once and say nothing if that works.
+                    quiet_retry = True
+                    continue
                 leg.synced = False
                 if failure.outcome in _PARKED:
                     if leg.last_outcome != failure.outcome:
@@ -560,13 +574,16 @@ class MultiWatcher:
     async def _current_version(self, stream: _Stream, leg: _Leg, within: float) -> str:
         """The cluster's current resourceVersion (a List of one item, as the caller)."""
         request = stream.query.list_request(leg.name, 1, "")
-        data = await self._legs.list(
-            leg.name,
-            stream.identity,
-            RawMessage(wire.encode(request, stream.codec), stream.codec),
-            within=within,
-            max_bytes=16 * 1024 * 1024,
-        )
+        try:
+            data = await self._legs.list(
+                leg.name,
+                stream.identity,
+                RawMessage(wire.encode(request, stream.codec), stream.codec),
+                within=within,
+                max_bytes=16 * 1024 * 1024,
+            )
+        except ResponseTooLarge:
+            raise LegFailure(Outcome.OUTCOME_ERROR, "one object is larger than 16 MiB") from None
         try:
             return wire.scan_list(data, stream.codec).resource_version
         except wire.WireError:
@@ -621,7 +638,7 @@ class MultiWatcher:
                         raise LegFailure(
                             Outcome.OUTCOME_ERROR, short(meta.status_message or "the watch failed")
                         )
-                    progressed = True
+                    progressed = leg.progress = True
                     if in_initial:
                         if meta.type == wire.TYPE_BOOKMARK and wire.initial_events_end(data, codec):
                             in_initial = False
