@@ -435,7 +435,11 @@ async def test_legs_count_against_the_callers_limit(fleet: Fleet, clients: Clien
         assert "fanout.max_legs_per_subject" in caught.value.message
         bob = MultiListRequest(selection=ClusterSelection(clusters=["a-full"]), query=listing.query)
         assert (await client.multi_list(bob, headers=fleet.auth("bob"))).lists
-    # The stream's legs are given back when it ends.
+    # The stream's legs are given back when it ends (the hub notices the client's close first).
+    deadline = time.monotonic() + WAIT
+    while fleet.hub_metric("otterscale_hub_fanout_watch_legs") > 0:
+        assert time.monotonic() < deadline, "the stream's legs were not released"
+        await asyncio.sleep(0.1)
     await client.multi_list(listing, headers=fleet.auth("alice"))
 
 
