@@ -99,7 +99,13 @@ are accepted on input), 64-bit integers as decimal strings, `bytes` as base64, e
 documented as having explicit presence, where leaving the field out differs from sending zero.
 
 Every request needs `Authorization: Bearer <OIDC access token>`; the call runs as that user in
-the target cluster (Kubernetes impersonation)."""
+the target cluster (Kubernetes impersonation).
+
+Browser pages of another origin may call the API when the hub's `cors.allowed_origins` lists
+their origin: the hub answers CORS preflights (`OPTIONS`, no token needed) itself, allows `GET` and
+`POST` with Connect's and gRPC-Web's headers plus `Authorization` and `X-Request-Id`, and exposes
+`Grpc-Status`, `Grpc-Message`, `Grpc-Status-Details-Bin` and `X-Request-Id` (README: Dashboards in
+the browser). Without it the hub is same-origin only."""
 
 STREAM_NOTE = """
 

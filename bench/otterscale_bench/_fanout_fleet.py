@@ -193,7 +193,7 @@ async def start_real_fleet(
         AUDIENCE,
         None,
         log_level=log_level,
-        config_overrides={
+        extra_config={
             "limits": {"max_watches_per_subject": 1000},
             "fanout": {"max_inflight_per_cluster": 64, "max_legs_per_subject": 100_000},
         },
@@ -254,7 +254,7 @@ def start_stub_fleet(
         AUDIENCE,
         None,
         log_level=log_level,
-        config_overrides={
+        extra_config={
             "fanout": {
                 "max_clusters_per_call": max(1000, n),
                 "max_legs_per_subject": 100_000,

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from otterscale.common import (
     AgentAuth,
     AgentConfig,
+    CorsConfig,
     HubLimitsConfig,
     KeycloakConfig,
     OtterscaleConfig,
@@ -57,8 +58,9 @@ def test_hub_schema_knows_exactly_the_configuration_keys() -> None:
     config = schema["properties"]["config"]
     props = config["properties"]
     assert set(props) == _aliases(OtterscaleConfig)
-    assert set(config["required"]) == _aliases(OtterscaleConfig) - {"limits"}  # limits is optional
+    assert set(config["required"]) == _aliases(OtterscaleConfig) - {"limits", "cors"}  # both optional
     assert set(props["limits"]["properties"]) == _aliases(HubLimitsConfig)
+    assert set(props["cors"]["properties"]) == _aliases(CorsConfig)
     assert set(props["keycloak"]["properties"]) == _aliases(KeycloakConfig)
     assert (
         set(props["tunnel"]["properties"]["server"]["properties"])
@@ -85,6 +87,33 @@ def test_default_values_match_the_schema(chart: str) -> None:
     jsonschema.validate(defaults, schema)
     for values in sorted((ROOT / "charts" / chart / "ci").glob("*.yaml")):
         jsonschema.validate(_coalesce(defaults, yaml.safe_load(values.read_text())), schema)
+
+
+@pytest.mark.parametrize(
+    ("cors", "valid"),
+    [
+        ({"allowed_origins": ["https://dashboard.example.com", "http://127.0.0.1:5173"]}, True),
+        ({"allowed_origins": ["https://*.example.com"], "allow_credentials": True}, True),
+        ({"allowed_origins": ["*"]}, True),
+        ({"allowed_origins": ["*"], "allow_credentials": True}, False),  # refused by the hub too
+        ({"allowed_origins": ["https://dashboard.example.com/"]}, False),  # a path
+        ({"allowed_origins": ["dashboard.example.com"]}, False),  # no scheme
+        ({"allowed_origins": ["https://a.*.example.com"]}, False),
+        ({"extra_allowed_headers": ["X Tenant"]}, False),
+        ({"allowed_origin": ["https://dashboard.example.com"]}, False),  # a typo
+    ],
+)
+def test_hub_schema_checks_cors_like_the_hub(cors: dict[str, Any], valid: bool) -> None:
+    """helm install refuses what the hub would refuse at start-up, before any Pod starts."""
+    chart = ROOT / "charts" / "otterscale-hub"
+    schema = json.loads((chart / "values.schema.json").read_text())
+    values = _coalesce(
+        yaml.safe_load((chart / "values.yaml").read_text()),
+        yaml.safe_load((chart / "ci" / "default-values.yaml").read_text()),
+    )
+    values["config"]["cors"] = cors
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(values))
+    assert not errors if valid else errors
 
 
 def _coalesce(defaults: Any, override: Any) -> Any:

@@ -68,6 +68,7 @@ READER_RULES = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"
 #: host, a second local system): skipped under ``--provider=kind``, each with its reason.
 LOCAL_ONLY = {
     "test_demo.py::": "runs `nox -s demo`, the local stack itself",
+    "test_browser.py::": "starts its own hub and agent (CORS configured) as local processes",
     "test_tunnels.py::": "runs chisel clients against the hub's tunnel and agent ports on this host",
     "test_auth.py::test_an_expired_token_is_unauthenticated": "starts a second local system",
     "test_faults.py::test_a_dead_agent_is": "compares the hub's OS process id",

@@ -145,6 +145,8 @@ async def test_discovery_and_schema_through_the_hub(hub: Hub) -> None:
     resources = {(r.group, r.version, r.resource) for r in discovery.api_resources}
     assert ("", "v1", "configmaps") in resources
     assert ("rbac.authorization.k8s.io", "v1", "clusterrolebindings") in resources
+    # subresources too, as the original listed them (a dashboard reads the actions they offer)
+    assert {("", "v1", "pods/log"), ("", "v1", "pods/exec"), ("apps", "v1", "deployments/scale")} <= resources
     schema = await client.schema(
         pb.SchemaRequest(cluster="east", version="v1", kind="ConfigMap"), headers=hub.auth("alice")
     )
@@ -174,3 +176,84 @@ async def test_a_group_binding_applies_through_the_hub(hub: Hub, namespace: str)
             )
         assert denied.value.code is Code.PERMISSION_DENIED
         assert hub.subject("carol") in denied.value.message
+
+
+@pytest.mark.parametrize("transport", ["connect-h1", "grpc-h2c", "grpcweb-h1"])
+async def test_describe_through_the_hub(
+    hub: Hub, otterscale_system: System, namespace: str, transport: str
+) -> None:
+    """bob may ``view`` this namespace of east (a RoleBinding of the aggregated ClusterRole):
+    he gets the object and its events. carol's group may read configmaps but not events: she gets
+    the object and the reason in events_error, not a silently empty list."""
+    cp = otterscale_system.clusters["east"].control_plane
+    assert cp is not None
+    cp.request(
+        "POST",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "bob-views"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": hub.subject("bob")}
+            ],
+        },
+    )
+    cm = cp.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "described"}, "data": {"a": "1"}},
+    )
+    for name, when in (("later", "2020-01-01T00:00:02Z"), ("earlier", "2020-01-01T00:00:01Z")):
+        cp.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/events",
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": name},
+                "involvedObject": {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "namespace": namespace,
+                    "name": "described",
+                    "uid": cm["metadata"]["uid"],
+                },
+                "reason": "E2E",
+                "message": name,
+                "lastTimestamp": when,
+            },
+        )
+    cp.wait_for(  # RBAC caches, and kube-controller-manager filling the aggregated role
+        lambda: cp.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/events",
+            headers={"Impersonate-User": hub.subject("bob")},
+        ),
+        what="bob may view",
+    )
+    request = pb.DescribeRequest(
+        cluster="east", version="v1", resource="configmaps", namespace=namespace, name="described"
+    )
+    client = hub.client(transport, json=transport == "connect-h1")
+
+    viewed = await client.describe(request, headers=hub.auth("bob"))
+    assert viewed.resource.object["metadata"]["uid"] == cm["metadata"]["uid"]
+    assert "managedFields" not in viewed.resource.object["metadata"]
+    assert [e.object["metadata"]["name"] for e in viewed.events] == ["earlier", "later"]
+    assert viewed.events_error == ""
+
+    request.events_limit = 1
+    limited = await client.describe(request, headers=hub.auth("bob"))
+    assert [e.object["metadata"]["name"] for e in limited.events] == ["later"]
+
+    partial = await client.describe(request, headers=hub.auth("carol"))
+    assert partial.resource.object["metadata"]["name"] == "described"
+    assert list(partial.events) == []
+    assert partial.events_error == f'forbidden: cannot list events in namespace "{namespace}"'
+
+    request.cluster = "west"  # alice has no rights there: the call itself is refused
+    with pytest.raises(ConnectError) as denied:
+        await client.describe(request, headers=hub.auth("alice"))
+    assert denied.value.code is Code.PERMISSION_DENIED

@@ -236,42 +236,53 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
 CRD_GROUP = "otterscale.test"
 
 
-def _crd(plural: str, kind: str, scope: str, short_names: list[str]) -> dict[str, Any]:
+def _crd(
+    plural: str,
+    kind: str,
+    scope: str,
+    short_names: list[str],
+    *,
+    group: str = CRD_GROUP,
+    extra_fields: tuple[str, ...] = (),
+    subresources: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    version: dict[str, Any] = {
+        "name": "v1",
+        "served": True,
+        "storage": True,
+        "schema": {
+            "openAPIV3Schema": {
+                "type": "object",
+                "properties": {
+                    "spec": {
+                        "type": "object",
+                        "required": ["size"],
+                        "properties": {
+                            "size": {"type": "integer", "minimum": 1},
+                            "color": {"type": "string", "enum": ["red", "green", "blue"]},
+                            "labels": {
+                                "type": "object",
+                                "additionalProperties": {"type": "string"},
+                            },
+                            **{field: {"type": "string"} for field in extra_fields},
+                        },
+                    },
+                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                },
+            }
+        },
+    }
+    if subresources is not None:
+        version["subresources"] = subresources
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{CRD_GROUP}"},
+        "metadata": {"name": f"{plural}.{group}"},
         "spec": {
-            "group": CRD_GROUP,
+            "group": group,
             "scope": scope,
             "names": {"plural": plural, "singular": kind.lower(), "kind": kind, "shortNames": short_names},
-            "versions": [
-                {
-                    "name": "v1",
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "properties": {
-                                "spec": {
-                                    "type": "object",
-                                    "required": ["size"],
-                                    "properties": {
-                                        "size": {"type": "integer", "minimum": 1},
-                                        "color": {"type": "string", "enum": ["red", "green", "blue"]},
-                                        "labels": {
-                                            "type": "object",
-                                            "additionalProperties": {"type": "string"},
-                                        },
-                                    },
-                                },
-                                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                            },
-                        }
-                    },
-                }
-            ],
+            "versions": [version],
         },
     }
 
@@ -284,39 +295,58 @@ def install_crd(
     short_names: list[str] | None = None,
     *,
     wait_for_openapi: bool = True,
+    group: str = CRD_GROUP,
+    extra_fields: tuple[str, ...] = (),
+    subresources: dict[str, Any] | None = None,
 ) -> None:
     """Create (or update) a CRD and wait until it is established and served (and, by default,
-    until its OpenAPI v3 schema is published).
+    until kube-apiserver publishes its OpenAPI v3 schema with every spec field).
 
-    Short names must be unique within the group, or the CRD is never established.
+    ``extra_fields`` are added to the spec as strings; ``subresources`` is the version's
+    ``subresources`` (for example ``{"status": {}}``). Short names must be unique within the
+    group, or the CRD is never established.
     """
-    body = _crd(plural, kind, scope, short_names or [])
+    body = _crd(
+        plural,
+        kind,
+        scope,
+        short_names or [],
+        group=group,
+        extra_fields=extra_fields,
+        subresources=subresources,
+    )
     cp.apply(body)
 
     def established() -> bool:
-        crd = cp.request(
-            "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.{CRD_GROUP}"
-        )
+        crd = cp.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.{group}")
         conditions = (crd.get("status") or {}).get("conditions") or []
         ready = any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
-        return ready and cp.request("GET", f"/apis/{CRD_GROUP}/v1/{plural}?limit=1") is not None
+        return ready and cp.request("GET", f"/apis/{group}/v1/{plural}?limit=1") is not None
 
-    cp.wait_for(established, timeout=60, what=f"CRD {plural}.{CRD_GROUP} established")
-
-    def published() -> bool:
-        # kube-apiserver publishes a CRD's OpenAPI v3 a little after serving it.
-        entry = cp.request("GET", "/openapi/v3")["paths"].get(f"apis/{CRD_GROUP}/v1")
-        if not entry:
-            return False
-        schemas = cp.request("GET", entry["serverRelativeURL"])["components"]["schemas"]
-        return any(
-            gvk.get("kind") == kind
-            for schema in schemas.values()
-            for gvk in schema.get("x-kubernetes-group-version-kind", ())
+    cp.wait_for(established, timeout=60, what=f"CRD {plural}.{group} established")
+    if wait_for_openapi:
+        wanted = {"size", "color", "labels", *extra_fields}
+        cp.wait_for(
+            lambda: wanted <= published_spec_fields(cp, group, kind),
+            timeout=60,
+            what=f"OpenAPI v3 of {kind} with {sorted(wanted)}",
         )
 
-    if wait_for_openapi:
-        cp.wait_for(published, timeout=60, what=f"OpenAPI v3 of {kind}")
+
+def published_spec_fields(cp: ControlPlane, group: str, kind: str) -> set[str]:
+    """The spec fields of ``kind`` in kube-apiserver's published OpenAPI v3 (as admin).
+
+    kube-apiserver publishes a CRD's OpenAPI v3 a little after serving it, and a change a little
+    after making it.
+    """
+    entry = cp.request("GET", "/openapi/v3")["paths"].get(f"apis/{group}/v1")
+    if not entry:
+        return set()
+    schemas = cp.request("GET", entry["serverRelativeURL"])["components"]["schemas"]
+    for schema in schemas.values():
+        if any(gvk.get("kind") == kind for gvk in schema.get("x-kubernetes-group-version-kind", ())):
+            return set(((schema.get("properties") or {}).get("spec") or {}).get("properties") or {})
+    return set()
 
 
 @pytest.fixture(scope="session")

@@ -65,8 +65,10 @@ async def test_discovery(make_client: ClientFactory, transport: str, crds: dict[
         "Gadget",
         False,
     )
-    # subresources are not resources
-    assert not any("/" in r.resource for r in response.api_resources)
+    # subresources are listed as the original listed them (test_discovery.py compares them all)
+    log, scale = found[("", "v1", "pods/log")], found[("apps", "v1", "deployments/scale")]
+    assert (log.kind, log.namespaced, list(log.verbs), list(log.short_names)) == ("Pod", True, ["get"], [])
+    assert (scale.kind, scale.namespaced, sorted(scale.verbs)) == ("Scale", True, ["get", "patch", "update"])
 
 
 async def test_configmap_lifecycle(make_client: ClientFactory, transport: str, namespace: str) -> None:

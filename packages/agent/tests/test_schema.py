@@ -1,8 +1,10 @@
-"""Schema output is a usable JSON schema: real objects validate, wrong ones do not."""
+"""Schema output is a usable JSON schema: real objects validate, wrong ones do not; and a CRD
+changed a moment ago is described as it is now, not as it was."""
 
 from __future__ import annotations
 
 import copy
+import uuid
 from typing import Any
 
 import jsonschema
@@ -12,7 +14,14 @@ from google.protobuf import json_format
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import ControlPlane
 
-from .conftest import CLUSTER, CRD_GROUP, ClientFactory
+from .conftest import (
+    CLUSTER,
+    CRD_GROUP,
+    AgentThread,
+    ClientFactory,
+    agent_settings,
+    install_crd,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +99,41 @@ async def test_custom_resource_schema(
     assert schema["x-kubernetes-group-version-kind"] == [
         {"group": CRD_GROUP, "kind": "Widget", "version": "v1"}
     ]
+
+
+async def test_schema_right_after_a_crd_changes(
+    make_client: ClientFactory, control_plane: ControlPlane
+) -> None:
+    """kube-apiserver answers an outdated ``/openapi/v3/...?hash=`` URL with HTTP 301. Once it
+    has published a CRD change, the very next Schema call must describe it: not the document
+    cached before (stale), and no error for the redirect (it was INTERNAL). Both when the agent
+    had fetched the group-version's document (``cached``) and when it only knew its URL from the
+    index (``indexed``). The agent's index TTL is long here, so nothing but the fix can help."""
+    suffix = uuid.uuid4().hex[:8]
+    cached_group, indexed_group = f"cached-{suffix}.{CRD_GROUP}", f"indexed-{suffix}.{CRD_GROUP}"
+    install_crd(control_plane, "gears", "Gear", "Namespaced", group=cached_group)
+    install_crd(control_plane, "cogs", "Cog", "Namespaced", group=indexed_group)
+
+    with AgentThread(agent_settings(control_plane, discovery_ttl=600.0)) as agent:
+        rpc = make_client(url=agent.url)
+
+        async def spec_fields(group: str, kind: str) -> set[str]:
+            schema = await rpc.schema(pb.SchemaRequest(cluster=CLUSTER, group=group, version="v1", kind=kind))
+            return set(json_format.MessageToDict(schema)["properties"]["spec"]["properties"])
+
+        # Reads the index (both groups in it) and the document of the cached group only.
+        assert await spec_fields(cached_group, "Gear") == {"size", "color", "labels"}
+
+        install_crd(
+            control_plane, "gears", "Gear", "Namespaced", group=cached_group, extra_fields=("weight",)
+        )
+        install_crd(control_plane, "cogs", "Cog", "Namespaced", group=indexed_group, extra_fields=("teeth",))
+        # install_crd returned once kube-apiserver published both changes: ask at once.
+        assert await spec_fields(indexed_group, "Cog") == {"size", "color", "labels", "teeth"}
+        assert await spec_fields(cached_group, "Gear") == {"size", "color", "labels", "weight"}
+        # and again (from the agent's caches, revalidated)
+        assert await spec_fields(cached_group, "Gear") == {"size", "color", "labels", "weight"}
+
+        # A new kind in a group whose document the agent has: the document changed (301) too.
+        install_crd(control_plane, "sprockets", "Sprocket", "Cluster", group=cached_group)
+        assert await spec_fields(cached_group, "Sprocket") == {"size", "color", "labels"}

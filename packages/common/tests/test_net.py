@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
-from otterscale.common import create_listener, serve
+from otterscale.common import create_listener, drain_request, serve
 
 BODY = b"x" * 70_000  # bigger than one HTTP/2 frame and one socket write
 
@@ -103,3 +103,28 @@ async def test_an_answer_with_trailers_is_left_as_it_was(base_url: str) -> None:
         assert response.trailers.get("x-end") == "1"
     finally:
         await transport.aclose()
+
+
+async def test_drain_request_reads_to_the_end_or_reports_a_disconnect() -> None:
+    def feed(*messages: dict[str, Any]) -> Any:
+        queue = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            return queue.pop(0)
+
+        receive.left = queue  # type: ignore[attr-defined]
+        return receive
+
+    whole = feed(
+        {"type": "http.request", "body": b"a", "more_body": True},
+        {"type": "http.request", "body": b"b", "more_body": False},
+        {"type": "http.disconnect"},
+    )
+    assert await drain_request(whole) is True
+    assert whole.left == [{"type": "http.disconnect"}]  # nothing read past the body's end
+    assert (
+        await drain_request(
+            feed({"type": "http.request", "body": b"a", "more_body": True}, {"type": "http.disconnect"})
+        )
+        is False
+    )

@@ -10,6 +10,7 @@ import otterscale.common
 
 EXPECTED = {
     "ASGIApp",
+    "drain_request",
     "serve",
     "server_config",
     "tune_hypercorn",
@@ -21,6 +22,7 @@ EXPECTED = {
     "AccessRule",
     "LabelSelector",
     "LabelSyntaxError",
+    "CorsConfig",
     "KeycloakConfig",
     "TunnelConfig",
     "TunnelServerConfig",

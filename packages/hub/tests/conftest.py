@@ -274,6 +274,14 @@ class FakeResources:
             await asyncio.sleep(10)
         return self._object(request.name, request.namespace or "default")
 
+    async def describe(
+        self, request: pb.DescribeRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.DescribeResponse:
+        self._check(ctx, request)
+        return pb.DescribeResponse(
+            resource=self._object(request.name), events=[self._object("event")], events_error="partial"
+        )
+
     async def create(self, request: pb.CreateRequest, ctx: RequestContext[Any, Any]) -> pb.Resource:
         self._check(ctx, request)
         return self._object("created")

@@ -245,11 +245,17 @@ async def test_every_rpc_is_forwarded(hub_env: HubEnv) -> None:
         pb.ListRequest(cluster="alpha", version="v1", resource="configmaps", limit=3), headers=auth
     )
     await client.get(get(), headers=auth)
+    described = await client.describe(
+        pb.DescribeRequest(cluster="alpha", version="v1", resource="configmaps", name="d", events_limit=5),
+        headers=auth,
+    )
+    assert (described.resource.object["metadata"]["name"], described.events_error) == ("d", "partial")
     await client.create(pb.CreateRequest(cluster="alpha", manifest=b"kind: ConfigMap"), headers=auth)
     await client.apply(pb.ApplyRequest(cluster="alpha", name="x", manifest=b"{}", force=True), headers=auth)
     await client.delete(pb.DeleteRequest(cluster="alpha", name="x", grace_period_seconds=0), headers=auth)
     methods = [r.method.rsplit("/", 1)[1] for r in agent.resources.records]
-    assert methods == ["Discovery", "List", "Get", "Create", "Apply", "Delete"]
+    assert methods == ["Discovery", "List", "Get", "Describe", "Create", "Apply", "Delete"]
+    assert agent.resources.records[3].request.events_limit == 5
     delete = agent.resources.records[-1].request
     assert delete.HasField("grace_period_seconds")
     assert delete.grace_period_seconds == 0

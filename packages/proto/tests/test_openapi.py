@@ -22,7 +22,7 @@ from otterscale.resource.v1 import resource_pb2 as pb
 
 OPENAPI = Path(__file__).resolve().parents[3] / "api" / "openapi.yaml"
 SERVICE = pb.DESCRIPTOR.services_by_name["ResourceService"]
-RPCS = ["Discovery", "Schema", "List", "Get", "Create", "Apply", "Delete", "Watch"]
+RPCS = ["Discovery", "Schema", "List", "Get", "Describe", "Create", "Apply", "Delete", "Watch"]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,8 @@ def _populated(cls: type[Message]) -> Message:
             setattr(msg, field.name, True)
         elif field.type == FieldDescriptor.TYPE_INT64:
             setattr(msg, field.name, -42)
+        elif field.type == FieldDescriptor.TYPE_INT32:
+            setattr(msg, field.name, -7)
         elif field.type == FieldDescriptor.TYPE_BYTES:
             setattr(msg, field.name, b"\xff\x00")
         else:

@@ -9,7 +9,9 @@ Existing clients of the original Go service (the web dashboard among them) speak
   descriptors, and every RPC's request/response types;
 * proto3 JSON (what Connect's JSON codec speaks) uses api.md's lowerCamelCase names.
 
-The additions (new field numbers, never reused core numbers) are tested the same way.
+The original service later grew ``ResourceService.Describe`` (design/runtime.md section 2); its
+messages are transcribed the same way (:data:`ORIGINAL_LATER`), so a dashboard written against it
+works here. The additions (new field numbers, never reused core numbers) are tested the same way.
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ def enc_struct(obj: dict[str, Any]) -> bytes:
 
 # --- The compatible core, transcribed from api.md -------------------------------------------------
 
-S, B, I64T, BY, MSG, ENUM = "string", "bool", "int64", "bytes", "message", "enum"
+S, B, I32T, I64T, BY, MSG, ENUM = "string", "bool", "int32", "int64", "bytes", "message", "enum"
 TYPES = {
     S: FieldDescriptor.TYPE_STRING,
     B: FieldDescriptor.TYPE_BOOL,
+    I32T: FieldDescriptor.TYPE_INT32,
     I64T: FieldDescriptor.TYPE_INT64,
     BY: FieldDescriptor.TYPE_BYTES,
     MSG: FieldDescriptor.TYPE_MESSAGE,
@@ -173,6 +176,18 @@ CORE: dict[str, list[Row]] = {
     ],
 }
 
+# The original's Describe (runtime.md section 2: "cluster 1, group 2, version 3, resource 4,
+# namespace 5, name 6 (all string)"; "resource Resource 1; events repeated Resource 2").
+ORIGINAL_LATER: dict[str, list[Row]] = {
+    "DescribeRequest": _strings("cluster", "group", "version", "resource", "namespace", "name"),
+    "DescribeResponse": [
+        ("resource", 1, MSG, False, f"{PKG}.Resource", "resource"),
+        ("events", 2, MSG, True, f"{PKG}.Resource", "events"),
+    ],
+}
+#: Every message whose original fields are frozen.
+FROZEN = {**CORE, **ORIGINAL_LATER}
+
 ADDITIONS: dict[str, list[Row]] = {
     "CreateRequest": [("dry_run", 7, B, False, None, "dryRun")],
     "ApplyRequest": [("dry_run", 10, B, False, None, "dryRun")],
@@ -182,6 +197,8 @@ ADDITIONS: dict[str, list[Row]] = {
     ],
     "WatchRequest": [("send_initial_events", 9, B, False, None, "sendInitialEvents")],
     "WatchEvent": [("status", 4, MSG, False, STRUCT, "status")],
+    "DescribeRequest": [("events_limit", 7, I32T, False, None, "eventsLimit")],
+    "DescribeResponse": [("events_error", 3, S, False, None, "eventsError")],
 }
 
 # RPC -> (request, response, server streaming)
@@ -190,6 +207,7 @@ RPCS = {
     "Schema": (f"{PKG}.SchemaRequest", STRUCT, False),
     "List": (f"{PKG}.ListRequest", f"{PKG}.ListResponse", False),
     "Get": (f"{PKG}.GetRequest", f"{PKG}.Resource", False),
+    "Describe": (f"{PKG}.DescribeRequest", f"{PKG}.DescribeResponse", False),
     "Create": (f"{PKG}.CreateRequest", f"{PKG}.Resource", False),
     "Apply": (f"{PKG}.ApplyRequest", f"{PKG}.Resource", False),
     "Delete": (f"{PKG}.DeleteRequest", EMPTY, False),
@@ -231,9 +249,9 @@ def _check_rows(name: str, rows: list[Row]) -> None:
             assert field.enum_type.full_name == type_name, where
 
 
-@pytest.mark.parametrize("name", sorted(CORE))
+@pytest.mark.parametrize("name", sorted(FROZEN))
 def test_core_fields_match_api_md(name: str) -> None:
-    _check_rows(name, CORE[name])
+    _check_rows(name, FROZEN[name])
 
 
 @pytest.mark.parametrize("name", sorted(ADDITIONS))
@@ -241,20 +259,21 @@ def test_addition_fields(name: str) -> None:
     _check_rows(name, ADDITIONS[name])
 
 
-@pytest.mark.parametrize("name", sorted(CORE))
+@pytest.mark.parametrize("name", sorted(FROZEN))
 def test_no_untested_fields(name: str) -> None:
     """Every field is either core or a listed addition, and no number is used twice."""
-    expected = {row[0]: row[1] for row in CORE[name] + ADDITIONS.get(name, [])}
+    expected = {row[0]: row[1] for row in FROZEN[name] + ADDITIONS.get(name, [])}
     desc = message_class(name).DESCRIPTOR
     assert {f.name: f.number for f in desc.fields} == expected
     assert len(set(expected.values())) == len(expected)
 
 
 def test_presence() -> None:
-    """Only grace_period_seconds (core) and the message-typed fields have explicit presence."""
-    for name in CORE:
+    """Only grace_period_seconds (core), events_limit (addition) and the message-typed fields have
+    explicit presence."""
+    for name in FROZEN:
         for field in message_class(name).DESCRIPTOR.fields:
-            explicit = field.name == "grace_period_seconds" or (
+            explicit = field.name in {"grace_period_seconds", "events_limit"} or (
                 field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated
             )
             assert field.has_presence == explicit, f"{name}.{field.name}"
@@ -425,6 +444,33 @@ def test_get_request() -> None:
     assert msg.SerializeToString() == data
 
 
+def test_describe_request_and_response() -> None:
+    """The original's Describe bytes (fields 1-6; 1-2), hand-encoded, decode field by field."""
+    data = _strings_bytes("prod", "apps", "v1", "deployments", "default", "web")
+    req = _decode(pb.DescribeRequest, data)
+    assert (req.cluster, req.group, req.version, req.resource, req.namespace, req.name) == (
+        "prod",
+        "apps",
+        "v1",
+        "deployments",
+        "default",
+        "web",
+    )
+    assert not req.HasField("events_limit")  # an original client never sends it: default 100
+    assert req.SerializeToString() == data
+
+    event = {"apiVersion": "v1", "kind": "Event", "reason": "ScalingReplicaSet", "count": 2}
+    data = (
+        f_bytes(1, f_bytes(1, enc_struct(DEPLOYMENT)))
+        + f_bytes(2, f_bytes(1, enc_struct(event)))
+        + f_bytes(2, f_bytes(1, enc_struct({"kind": "Event"})))
+    )
+    resp = _decode(pb.DescribeResponse, data)
+    assert _struct_dict(resp.resource.object) == _numbers_as_floats(DEPLOYMENT)
+    assert [_struct_dict(e.object) for e in resp.events] == [_numbers_as_floats(event), {"kind": "Event"}]
+    assert resp.events_error == ""
+
+
 MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: caf\xc3\xa9\n"
 
 
@@ -523,6 +569,11 @@ def test_additions_decode() -> None:
     assert event.HasField("status")
     assert not event.HasField("resource")
     assert _struct_dict(event.status) == _numbers_as_floats(status)
+    describe = _decode(pb.DescribeRequest, f_str(6, "web") + f_varint(7, 250))
+    assert (describe.name, describe.HasField("events_limit"), describe.events_limit) == ("web", True, 250)
+    described = _decode(pb.DescribeResponse, f_str(3, "forbidden: cannot list events"))
+    assert described.events_error == "forbidden: cannot list events"
+    assert not described.HasField("resource")
 
 
 def test_old_client_bytes_leave_additions_at_defaults() -> None:
@@ -532,6 +583,8 @@ def test_old_client_bytes_leave_additions_at_defaults() -> None:
     assert delete.propagation_policy == pb.PROPAGATION_POLICY_UNSPECIFIED
     watch = _decode(pb.WatchRequest, _strings_bytes("prod", "", "v1", "pods"))
     assert watch.send_initial_events is False
+    describe = _decode(pb.DescribeRequest, _strings_bytes("prod", "", "v1", "pods", "ns", "p"))
+    assert not describe.HasField("events_limit")
 
 
 # --- proto3 JSON (the Connect JSON codec) ---------------------------------------------------------
@@ -552,7 +605,7 @@ def _populated(cls: type[Message]) -> Message:
             setattr(msg, field.name, 1)
         elif field.type == FieldDescriptor.TYPE_BOOL:
             setattr(msg, field.name, True)
-        elif field.type == FieldDescriptor.TYPE_INT64:
+        elif field.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32):
             setattr(msg, field.name, 42)
         elif field.type == FieldDescriptor.TYPE_BYTES:
             setattr(msg, field.name, b"x")
@@ -561,11 +614,11 @@ def _populated(cls: type[Message]) -> Message:
     return msg
 
 
-@pytest.mark.parametrize("name", sorted(CORE))
+@pytest.mark.parametrize("name", sorted(FROZEN))
 def test_json_names(name: str) -> None:
     cls = message_class(name)
     got = json.loads(json_format.MessageToJson(_populated(cls)))
-    expected = {row[5] for row in CORE[name] + ADDITIONS.get(name, [])}
+    expected = {row[5] for row in FROZEN[name] + ADDITIONS.get(name, [])}
     assert set(got) == expected
 
 

@@ -275,7 +275,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, control_plane_factory: Any) 
         realm_url=issuer.url,
         client_id=AUDIENCE,
         start_agents=False,
-        config_overrides=fleet_overrides(),
+        extra_config=fleet_overrides(),
     )
     relays = {
         "e-slow": BlackHoleRelay(("127.0.0.1", system.tunnel_port), latency=SLOW_LATENCY).start(),
@@ -352,10 +352,10 @@ async def clients(fleet: Fleet) -> AsyncIterator[Clients]:
         await found.aclose()
 
 
-async def wait_connected(fleet: Fleet, cluster: str, *, timeout: float = 60.0) -> None:
+async def wait_connected(fleet: Fleet, cluster: str, *, within: float = 60.0) -> None:
     """Until the hub reports ``cluster`` connected (its /metrics), polling without blocking the loop."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not (await asyncio.to_thread(fleet.system.connected)).get(cluster):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{cluster} not connected within {timeout:g}s")
+            raise TimeoutError(f"{cluster} not connected within {within:g}s")
         await asyncio.sleep(0.2)

@@ -139,9 +139,11 @@ async def test_every_cluster_gets_its_own_outcome(fleet: Fleet, clients: Clients
     )
     # A cluster's message says nothing about another cluster (its names, its objects).
     for name in ("b-ns", "c-none", "d-down"):
-        assert "a-full" not in statuses[name].message and "f-nocrd" not in statuses[name].message
+        assert "a-full" not in statuses[name].message
+        assert "f-nocrd" not in statuses[name].message
     last = pages[-1]
-    assert last.resume and {v.cluster for v in last.resource_versions} == {"a-full", "f-nocrd"}
+    assert last.resume
+    assert {v.cluster for v in last.resource_versions} == {"a-full", "f-nocrd"}
     assert last.progress.clusters_total == 5
     assert last.progress.clusters_done == 2
     assert last.progress.clusters_failed == 3
@@ -235,7 +237,8 @@ async def test_a_black_holed_cluster_costs_one_timeout(fleet: Fleet, clients: Cl
         statuses = {s.cluster: s for s in first.statuses}
         # TIMEOUT, or UNAVAILABLE if the hub's prober noticed the dead tunnel first.
         assert statuses["g-hole"].outcome in (Outcome.OUTCOME_TIMEOUT, Outcome.OUTCOME_UNAVAILABLE)
-        assert statuses["a-full"].outcome == OK and statuses["a-full"].items > 0
+        assert statuses["a-full"].outcome == OK
+        assert statuses["a-full"].items > 0
         # Bounded by the 2 s per-cluster timeout, not by the call's 120 s deadline (generous on a
         # loaded 2-core machine: the point is "not the deadline", the bench measures the cost).
         assert elapsed < 30, elapsed
@@ -260,8 +263,12 @@ async def test_an_expired_continue_token_ends_only_that_cluster(fleet: Fleet, cl
     # A write, then compaction of everything before it; kube-apiserver 1.36 serves continue tokens
     # from its watch cache's snapshots, so it is restarted too (a new one has only etcd, as after
     # any restart or after the cache moved on): the first page's snapshot is gone.
-    cp.request("PATCH", "/api/v1/namespaces/team-e/configmaps/cm-000", {"data": {"touched": str(time.time())}},
-               content_type="application/merge-patch+json")  # fmt: skip
+    cp.request(
+        "PATCH",
+        "/api/v1/namespaces/team-e/configmaps/cm-000",
+        {"data": {"touched": str(time.time())}},
+        content_type="application/merge-patch+json",
+    )
     cp.compact()
     cp.restart_apiserver()  # from the test's (main) thread: see otterscale.testing._system
     rest = request(["a-full", "f-nocrd"], limit=20)
@@ -305,7 +312,8 @@ async def test_allow_lists_hide_clusters_like_unknown_ones(fleet: Fleet, clients
     )
     assert f.outcome == Outcome.OUTCOME_UNKNOWN_CLUSTER
     assert forbidden.progress == unknown.progress
-    assert not forbidden.lists and not unknown.lists
+    assert not forbidden.lists
+    assert not unknown.lists
     # Labels never reach a cluster the caller may not use.
     assert (
         set(final_statuses(await traverse(client, request(label_selector="env=dev"), fleet.auth("bob"))))
@@ -314,7 +322,9 @@ async def test_allow_lists_hide_clusters_like_unknown_ones(fleet: Fleet, clients
 
     counts = {name: dialled(name) for name in LABELS}
     empty = await client.multi_list(request(), headers=fleet.auth("carol"))
-    assert not empty.statuses and not empty.lists and not empty.next_cursor
+    assert not empty.statuses
+    assert not empty.lists
+    assert not empty.next_cursor
     assert {name: dialled(name) for name in LABELS} == counts
 
 

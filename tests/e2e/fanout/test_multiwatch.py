@@ -67,13 +67,13 @@ class Collector:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def wait(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
+    async def wait(self, what: str, check: Callable[[], bool], within: float = WAIT) -> None:
         """Until ``check()`` holds (re-checked at every message), or fail saying ``what``."""
         try:
-            async with asyncio.timeout(timeout), self._changed:
+            async with asyncio.timeout(within), self._changed:
                 await self._changed.wait_for(lambda: check() or self.ended)
         except TimeoutError:
-            raise AssertionError(f"{what}: not within {timeout:g}s; statuses {self.status_names()}") from None
+            raise AssertionError(f"{what}: not within {within:g}s; statuses {self.status_names()}") from None
         if not check():
             raise AssertionError(f"{what}: the stream ended ({self.error}); statuses {self.status_names()}")
 
@@ -132,6 +132,16 @@ async def watching(
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+
+
+async def refusal(
+    client: MultiClusterServiceClient, message: MultiWatchRequest, headers: dict[str, str]
+) -> ConnectError:
+    """The error a stream that must be refused ends with."""
+    async with watching(client, message, headers) as stream:
+        await stream.wait("refused", lambda: stream.ended)
+    assert isinstance(stream.error, ConnectError), f"not refused: {stream.status_names()}"
+    return stream.error
 
 
 def watch_request(
@@ -362,13 +372,8 @@ async def test_resuming_from_a_checkpoint_or_tracked_versions_loses_nothing(
                 assert stream.numbers(cluster) == list(range(4, 9)), cluster
                 assert not stream.events(cluster, pb.WatchEvent.TYPE_ADDED)
     # Another caller cannot use alice's checkpoint.
-    with pytest.raises(ConnectError) as caught:
-        async with watching(
-            client, watch_request(name, clusters, resume=checkpoint), fleet.auth("bob")
-        ) as stream:
-            await stream.wait("refused", lambda: stream.error is not None)
-            raise stream.error  # type: ignore[misc]
-    assert caught.value.code is Code.INVALID_ARGUMENT
+    error = await refusal(client, watch_request(name, clusters, resume=checkpoint), fleet.auth("bob"))
+    assert error.code is Code.INVALID_ARGUMENT
 
 
 async def test_list_then_watch_the_fleet(fleet: Fleet, clients: Clients) -> None:
@@ -377,7 +382,8 @@ async def test_list_then_watch_the_fleet(fleet: Fleet, clients: Clients) -> None
     client = clients.multi(timeout_ms=None)
     listing = MultiListRequest(selection=ClusterSelection(clusters=["a-full", "f-nocrd"]), query=query(name))
     page = await client.multi_list(listing, headers=fleet.auth("alice"))
-    assert not page.next_cursor and page.resume
+    assert not page.next_cursor
+    assert page.resume
     assert sum(len(part.list.items) for part in page.lists) == 2
     for n in (1, 2):
         await asyncio.gather(write(fleet.plane("a-full"), name, n), write(fleet.plane("f-nocrd"), name, n))
@@ -386,7 +392,8 @@ async def test_list_then_watch_the_fleet(fleet: Fleet, clients: Clients) -> None
         await stream.wait(
             "both changes", lambda: all(len(stream.numbers(c)) >= 2 for c in ("a-full", "f-nocrd"))
         )
-        assert stream.numbers("a-full") == [1, 2] and stream.numbers("f-nocrd") == [1, 2]
+        assert stream.numbers("a-full") == [1, 2]
+        assert stream.numbers("f-nocrd") == [1, 2]
         assert not stream.events("a-full", pb.WatchEvent.TYPE_ADDED)
 
 
@@ -411,10 +418,11 @@ async def test_no_new_leg_with_an_expired_token(fleet: Fleet, clients: Clients) 
         await stream.wait("a-full streams past the expiry", lambda: stream.numbers("a-full") == [1])
         try:
             system.kill_agent("f-nocrd")  # blocks the loop a moment: spawning is main-thread only
-            await stream.wait("the stream ends", lambda: stream.ended, timeout=WAIT)
+            await stream.wait("the stream ends", lambda: stream.ended)
         finally:
             system.start_agent("f-nocrd")
-    assert isinstance(stream.error, ConnectError) and stream.error.code is Code.UNAUTHENTICATED, stream.error
+    assert isinstance(stream.error, ConnectError), stream.error
+    assert stream.error.code is Code.UNAUTHENTICATED, stream.error
 
 
 async def test_legs_count_against_the_callers_limit(fleet: Fleet, clients: Clients) -> None:
@@ -453,11 +461,8 @@ async def test_bad_requests_fail_the_call(fleet: Fleet, clients: Clients) -> Non
         "checkpoint too often": MultiWatchRequest(query=query("x"), checkpoint_interval=Duration(nanos=1000)),
     }
     for what, message in cases.items():
-        with pytest.raises(ConnectError) as caught:
-            async with watching(client, message, fleet.auth("alice")) as stream:
-                await stream.wait(what, lambda stream=stream: stream.error is not None)  # type: ignore[misc]
-                raise stream.error  # type: ignore[misc]
-        assert caught.value.code is Code.INVALID_ARGUMENT, (what, caught.value)
+        error = await refusal(client, message, fleet.auth("alice"))
+        assert error.code is Code.INVALID_ARGUMENT, (what, error)
 
 
 @pytest.fixture(autouse=True)

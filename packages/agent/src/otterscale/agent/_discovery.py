@@ -13,7 +13,15 @@ Aggregated discovery (``apidiscovery.k8s.io/v2``, two requests: ``/api`` and ``/
 where the server has it; otherwise the legacy per-group-version documents are fetched in
 parallel. Either way a group-version that fails (a broken aggregated APIService, reported as
 ``freshness: Stale`` or as a failing request) is left out and logged, never fatal.
-Subresources (``pods/log``, ``deployments/scale``) are not listed: they are not objects.
+
+Subresources are listed as the original Go service listed them (client-go's
+``ServerGroupsAndResources``, whose conversion of aggregated discovery is
+``discovery.convertAPIGroup``): after each resource, one entry per subresource named
+``<resource>/<subresource>`` (``pods/log``, ``deployments/scale``) with the subresource's own kind
+and verbs, the parent's scope and no short names; an aggregated entry whose ``responseKind`` is
+missing or empty is left out (its subresources are not; kube-apiserver always sets it). A
+dashboard reads them to know which actions a resource offers. Only whole resources are
+addressable by List/Get/...: :meth:`lookup` never returns a subresource.
 """
 
 from __future__ import annotations
@@ -64,6 +72,11 @@ class APIResourceInfo:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
+    @property
+    def is_subresource(self) -> bool:
+        """``pods/log``, ``deployments/scale``: listed by Discovery, not addressable by itself."""
+        return "/" in self.resource
+
 
 def group_version_path(group: str, version: str) -> str:
     """``/api/v1`` for the core group, ``/apis/<group>/<version>`` otherwise."""
@@ -99,7 +112,7 @@ class DiscoveryCache:
         return self._ttl
 
     async def resources(self) -> Sequence[APIResourceInfo]:
-        """Every resource of every served group-version (fresh within the TTL)."""
+        """Every resource and subresource of every served group-version (fresh within the TTL)."""
         return (await self._fresh()).resources
 
     async def lookup(self, group: str, version: str, resource: str) -> APIResourceInfo:
@@ -128,7 +141,7 @@ class DiscoveryCache:
                 return current
             started = self._clock()
             resources = await self._discover()
-            index = {(r.group, r.version, r.resource): r for r in resources}
+            index = {(r.group, r.version, r.resource): r for r in resources if not r.is_subresource}
             self._snapshot = _Snapshot(tuple(resources), index, started)
             logger.debug("discovered %d resources", len(resources))
             return self._snapshot
@@ -183,6 +196,14 @@ class DiscoveryCache:
         return [r for batch in batches for r in batch]
 
 
+def _response_kind(entry: Mapping[str, Any]) -> str | None:
+    """The entry's ``responseKind.kind``; None when the GVK is missing or empty (as client-go)."""
+    gvk = entry.get("responseKind")
+    if not isinstance(gvk, Mapping) or not any(gvk.get(key) for key in ("group", "version", "kind")):
+        return None
+    return str(gvk.get("kind") or "")
+
+
 def _parse_aggregated(doc: Mapping[str, Any]) -> list[APIResourceInfo]:
     out: list[APIResourceInfo] = []
     for item in doc.get("items") or ():
@@ -196,18 +217,34 @@ def _parse_aggregated(doc: Mapping[str, Any]) -> list[APIResourceInfo]:
                 name = str(res.get("resource") or "")
                 if not name:
                     continue
-                kind = str((res.get("responseKind") or {}).get("kind") or "")
-                out.append(
-                    APIResourceInfo(
-                        group=group,
-                        version=version,
-                        resource=name,
-                        kind=kind,
-                        namespaced=res.get("scope") == "Namespaced",
-                        verbs=tuple(res.get("verbs") or ()),
-                        short_names=tuple(res.get("shortNames") or ()),
+                namespaced = res.get("scope") == "Namespaced"
+                kind = _response_kind(res)
+                if kind is not None:
+                    out.append(
+                        APIResourceInfo(
+                            group=group,
+                            version=version,
+                            resource=name,
+                            kind=kind,
+                            namespaced=namespaced,
+                            verbs=tuple(res.get("verbs") or ()),
+                            short_names=tuple(res.get("shortNames") or ()),
+                        )
                     )
-                )
+                for sub in res.get("subresources") or ():
+                    sub_kind = _response_kind(sub)
+                    if sub_kind is None:
+                        continue
+                    out.append(
+                        APIResourceInfo(
+                            group=group,
+                            version=version,
+                            resource=f"{name}/{sub.get('subresource') or ''}",
+                            kind=sub_kind,
+                            namespaced=namespaced,
+                            verbs=tuple(sub.get("verbs") or ()),
+                        )
+                    )
     return out
 
 
@@ -215,7 +252,7 @@ def _parse_legacy(group: str, version: str, doc: Mapping[str, Any]) -> list[APIR
     out: list[APIResourceInfo] = []
     for res in doc.get("resources") or ():
         name = str(res.get("name") or "")
-        if not name or "/" in name:
+        if not name:
             continue
         out.append(
             APIResourceInfo(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -33,7 +34,7 @@ from ._kubeconfig import KubeConnection
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Caller", "KubeClient", "impersonation_headers", "iter_lines", "loads"]
+__all__ = ["Answer", "Caller", "KubeClient", "impersonation_headers", "iter_lines", "loads"]
 
 #: Default per-call timeout when the client sent no deadline (watches have none at all).
 DEFAULT_TIMEOUT = 60.0
@@ -96,6 +97,20 @@ def _socket_factory(addr_info: Any) -> socket.socket:
     return sock
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """One response of kube-apiserver, read whole."""
+
+    status: int
+    body: bytes
+    content_type: str
+    location: str = ""
+
+    def error(self) -> KubernetesAPIError:
+        """The failure this answer reports (its Status object when it carries one)."""
+        return _api_error(self.status, self.body)
+
+
 class KubeClient:
     """Raw JSON access to one kube-apiserver; create with :meth:`open`, close with :meth:`close`."""
 
@@ -155,7 +170,7 @@ class KubeClient:
             kwargs["proxy"] = self._conn.proxy
         return kwargs
 
-    async def request(
+    async def exchange(
         self,
         method: str,
         path: str,
@@ -166,9 +181,16 @@ class KubeClient:
         caller: Caller | None = None,
         accept: str = "application/json",
         time_limit: float | None = None,
-    ) -> tuple[bytes, str]:
-        """Body and Content-Type of a successful (2xx) response; KubernetesAPIError otherwise."""
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """kube-apiserver's answer whatever its status; redirects are never followed.
+
+        For the few callers that act on a non-2xx status themselves (a 304 or 301 of a
+        conditional GET); everything else uses :meth:`request`.
+        """
         headers = await self._headers(caller, accept, content_type if body is not None else None)
+        for name, value in (extra_headers or {}).items():
+            headers[name] = value
         try:
             async with self._session.request(
                 method,
@@ -184,13 +206,26 @@ class KubeClient:
                 **self._request_kwargs(),
             ) as resp:
                 data = await resp.read()
-                if resp.status >= 300:
-                    raise _api_error(resp.status, data)
-                return data, resp.headers.get("Content-Type", "")
+                return Answer(
+                    resp.status,
+                    data,
+                    resp.headers.get("Content-Type", ""),
+                    resp.headers.get("Location", ""),
+                )
         except TimeoutError as exc:
             raise KubernetesTimeoutError(f"kubernetes API did not answer {method} {path} in time") from exc
         except aiohttp.ClientError as exc:
             raise KubernetesUnavailableError(f"kubernetes API unreachable: {_describe(exc)}") from exc
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[bytes, str]:
+        """Body and Content-Type of a successful (2xx) response; KubernetesAPIError otherwise.
+
+        Takes :meth:`exchange`'s keyword arguments.
+        """
+        answer = await self.exchange(method, path, **kwargs)
+        if answer.status >= 300:
+            raise answer.error()
+        return answer.body, answer.content_type
 
     async def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
         """Like :meth:`request`, decoded as JSON."""

@@ -2,10 +2,17 @@
 
 ``/openapi/v3`` lists one document per group-version under a URL carrying a content hash
 (``/openapi/v3/apis/apps/v1?hash=...``). Documents are cached by that URL, so a cached document
-is valid exactly until the hash changes; the (small) index itself is re-read after the TTL (and
-on a miss, at most once a second), which is how a new or changed CRD shows up. Resolved kind
-schemas are cached per (document URL, kind) already encoded as ``google.protobuf.Struct`` bytes:
-an inlined Deployment schema is ~0.5 MB, and encoding it per call cost ~8 ms.
+is valid exactly until the hash changes. kube-apiserver answers a hashed URL whose document has
+changed since with HTTP 301 to the new hash, and one whose group-version is gone with 404. So
+every call revalidates its cached document with a conditional GET (``If-None-Match`` with the
+hash: 304, no body, when unchanged); on a 301 it fetches the document the redirect names (once;
+kube-apiserver's index lags up to a second behind its documents, so re-reading the index would
+often still give the old URL), on a 404 it re-reads the index and tries once more. A changed
+CRD's schema is therefore served as soon as kube-apiserver publishes it: never a stale one, never
+an error for the redirect. The (small) index itself is otherwise re-read after the TTL (and on a miss, at
+most once a second), which is how a new group-version shows up. Resolved kind schemas are cached
+per (document URL, kind) already encoded as ``google.protobuf.Struct`` bytes: an inlined
+Deployment schema is ~0.5 MB, and encoding it per call cost ~8 ms.
 
 Inlining: a ``$ref`` to ``#/components/schemas/X`` is replaced by X's (recursively inlined)
 schema; sibling keys of the ``$ref`` are kept and win. A reference to a schema that is already
@@ -23,10 +30,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from ._discovery import DEFAULT_TTL, MISS_REFRESH_INTERVAL
-from ._errors import KubernetesAPIError, UnknownKindError
-from ._kube import KubeClient
+from ._errors import KubernetesUnavailableError, UnknownKindError
+from ._kube import KubeClient, loads
 from ._structs import struct_bytes
 
 logger = logging.getLogger(__name__)
@@ -36,6 +44,31 @@ __all__ = ["SchemaCache", "find_component", "inline_refs"]
 _REF_PREFIX = "#/components/schemas/"
 _MAX_DOCUMENTS = 32
 _MAX_RESOLVED = 256
+_MOVED_PERMANENTLY, _NOT_MODIFIED, _NOT_FOUND = 301, 304, 404
+
+
+class _DocumentMoved(Exception):
+    """The document URL is outdated: 301 to ``location`` (the current URL), or 404 (``""``)."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+def _url_hash(url: str) -> str:
+    values = parse_qs(urlsplit(url).query).get("hash")
+    return values[0] if values else ""
+
+
+def _same_document(url: str, location: str) -> str:
+    """``location`` if it is the same group-version's document under another hash, else ``""``.
+
+    The agent only ever follows a redirect to its own server's document of the same path.
+    """
+    old, new = urlsplit(url), urlsplit(location)
+    if new.scheme or new.netloc or new.path != old.path or not _url_hash(location):
+        return ""
+    return location
 
 
 def find_component(schemas: Mapping[str, Any], group: str, version: str, kind: str) -> str | None:
@@ -144,25 +177,43 @@ class SchemaCache:
         UnknownKindError (not_found) if the cluster does not know the group-version or kind.
         """
         gv = f"apis/{group}/{version}" if group else f"api/{version}"
-        url = await self._document_url(gv)
-        if url is None:
-            raise UnknownKindError(f"the server has no OpenAPI v3 document for {gv.split('/', 1)[1]}")
+        url, document = await self._current_document(gv)
         key = (url, kind)
         cached = self._resolved.get(key)
         if cached is not None:
             self._resolved.move_to_end(key)
             return cached
-        document = await self._document(url)
         schemas = (document.get("components") or {}).get("schemas") or {}
         name = find_component(schemas, group, version, kind)
         if name is None:
             gv_name = f"{group}/{version}" if group else version
             raise UnknownKindError(f'kind "{kind}" is not defined in {gv_name}')
         resolved = struct_bytes(inline_refs(schemas, name))
-        self._resolved[key] = resolved
+        if _url_hash(url):  # without a hash the document may change under the same URL
+            self._resolved[key] = resolved
         while len(self._resolved) > _MAX_RESOLVED:
             self._resolved.popitem(last=False)
         return resolved
+
+    async def _current_document(self, gv: str) -> tuple[str, dict[str, Any]]:
+        """The URL and the current document of ``gv`` (one redirect followed or index re-read)."""
+        seen = self._index_at
+        url = await self._document_url(gv)
+        for _ in range(2):
+            if url is None:
+                raise UnknownKindError(f"the server has no OpenAPI v3 document for {gv.split('/', 1)[1]}")
+            try:
+                return url, await self._document(url)
+            except _DocumentMoved as moved:
+                logger.debug("OpenAPI document %s changed or went away", url.split("?")[0])
+                if moved.location:
+                    url = self._index[gv] = moved.location
+                else:
+                    await self._refresh_index(seen)
+                    url = self._index.get(gv)
+        raise KubernetesUnavailableError(
+            f"the OpenAPI document of {gv.split('/', 1)[1]} changed twice while it was read; try again"
+        )
 
     async def _document_url(self, gv: str) -> str | None:
         if self._clock() - self._index_at >= self._ttl:
@@ -189,23 +240,51 @@ class SchemaCache:
             self._index_at = started
 
     async def _document(self, url: str) -> dict[str, Any]:
-        doc = self._documents.get(url)
-        if doc is not None:
-            self._documents.move_to_end(url)
-            return doc
+        """The document at ``url`` if it is still current; _DocumentMoved if it is not.
+
+        A cached document is revalidated with ``If-None-Match`` (its hash is kube-apiserver's
+        ETag): 304 keeps it, for one small round trip per call.
+        """
+        cached = self._documents.get(url)
+        if cached is not None:
+            fresh = await self._fetch(url, revalidate=True)
+            if fresh is None:
+                self._documents.move_to_end(url)
+                return cached
+            return self._remember(url, fresh)
         lock = self._document_locks.setdefault(url, asyncio.Lock())
-        async with lock:
-            doc = self._documents.get(url)
-            if doc is None:
-                try:
-                    fetched = await self._client.request_json("GET", url)
-                except KubernetesAPIError as exc:
-                    if exc.http_status == 404:
-                        raise UnknownKindError(f"OpenAPI document {url.split('?')[0]} is gone") from exc
-                    raise
-                doc = fetched if isinstance(fetched, dict) else {}
-                self._documents[url] = doc
-                while len(self._documents) > _MAX_DOCUMENTS:
-                    self._documents.popitem(last=False)
-        self._document_locks.pop(url, None)
+        try:
+            async with lock:
+                doc = self._documents.get(url)
+                if doc is None:
+                    fetched = await self._fetch(url, revalidate=False)
+                    doc = self._remember(url, fetched or {})
+        finally:
+            self._document_locks.pop(url, None)
+        return doc
+
+    async def _fetch(self, url: str, *, revalidate: bool) -> dict[str, Any] | None:
+        """GET the document (None: 304, unchanged); _DocumentMoved on 301 or 404."""
+        headers = {"If-None-Match": f'"{_url_hash(url)}"'} if revalidate and _url_hash(url) else None
+        answer = await self._client.exchange("GET", url, extra_headers=headers)
+        if revalidate and answer.status == _NOT_MODIFIED:
+            return None
+        if answer.status in (_MOVED_PERMANENTLY, _NOT_FOUND):
+            self._documents.pop(url, None)
+            moved = answer.status == _MOVED_PERMANENTLY
+            raise _DocumentMoved(_same_document(url, answer.location) if moved else "")
+        if answer.status >= 300:
+            raise answer.error()
+        try:
+            decoded = loads(answer.body)
+        except ValueError as exc:
+            raise KubernetesUnavailableError(f"kubernetes API returned invalid JSON for {url}") from exc
+        return decoded if isinstance(decoded, dict) else {}
+
+    def _remember(self, url: str, doc: dict[str, Any]) -> dict[str, Any]:
+        if _url_hash(url):  # without a hash the document may change under the same URL
+            self._documents[url] = doc
+            self._documents.move_to_end(url)
+            while len(self._documents) > _MAX_DOCUMENTS:
+                self._documents.popitem(last=False)
         return doc

@@ -1,4 +1,4 @@
-"""ResourceService: the eight RPCs, executed in the cluster as the verified caller.
+"""ResourceService: its RPCs, executed in the cluster as the verified caller.
 
 Each handler validates its request, resolves the resource through the discovery cache (no
 round trip per call), builds the REST path, calls kube-apiserver through :class:`KubeClient`
@@ -14,9 +14,11 @@ Behaviour chosen where api.md leaves room (also in the README):
   different value to a field Create set is then a conflict unless ``force`` (as with kubectl).
 - Create/Apply take the namespace from the request, else from the manifest; a namespaced
   resource with neither is invalid_argument. Cluster-scoped resources ignore the namespace.
-- List and Watch objects lose ``managedFields`` and the last-applied annotation; Get returns the
-  whole object. List items get ``apiVersion``/``kind`` filled in (kube-apiserver omits them for
-  built-in types), as client-go's unstructured lists do.
+- List, Watch and Describe objects lose ``managedFields`` and the last-applied annotation; Get
+  returns the whole object. List items get ``apiVersion``/``kind`` filled in (kube-apiserver
+  omits them for built-in types), as client-go's unstructured lists do.
+- Describe: the object, and its events found and ordered as ``_events`` explains; not being
+  allowed to list events is reported in ``events_error``, never a failed call.
 - Watch: a too-old resourceVersion is an ERROR event carrying the 410 Status (whether
   kube-apiserver reports it in the stream or as the HTTP status), after which the stream ends OK.
   Any other refusal before the stream starts is an ordinary error. When kube-apiserver ends the
@@ -52,6 +54,7 @@ from ._errors import (
     WatchClosedError,
     to_connect_error,
 )
+from ._events import DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT, list_object_events
 from ._kube import KubeClient, iter_lines, loads
 from ._manifest import parse_manifest
 from ._objects import clean_object, collection_path, object_path, with_type_meta
@@ -231,6 +234,34 @@ class ResourceServiceImpl:
             time_limit=_time_limit(ctx),
         )
         return resource_message(with_type_meta(obj, info))
+
+    async def describe(
+        self, request: pb.DescribeRequest, ctx: RequestContext[Any, Any], /
+    ) -> pb.DescribeResponse:
+        limit = DEFAULT_EVENTS_LIMIT
+        if request.HasField("events_limit"):
+            limit = request.events_limit
+            if not 1 <= limit <= MAX_EVENTS_LIMIT:
+                raise InvalidRequestError(
+                    f"events_limit must be between 1 and {MAX_EVENTS_LIMIT}, not {limit}"
+                )
+        _require(request.name, "name")
+        info = await self._resolve(request.cluster, request.group, request.version, request.resource)
+        caller = current_identity()
+        obj = await self._client.request_json(
+            "GET",
+            object_path(info, request.namespace, request.name),
+            caller=caller,
+            time_limit=_time_limit(ctx),
+        )
+        found = await list_object_events(
+            self._client, info, obj, caller=caller, limit=limit, time_limit=lambda: _time_limit(ctx)
+        )
+        response = pb.DescribeResponse(
+            resource=resource_message(with_type_meta(clean_object(obj), info)), events_error=found.error
+        )
+        response.events.extend(resource_message(event) for event in found.events)
+        return response
 
     async def create(self, request: pb.CreateRequest, ctx: RequestContext[Any, Any], /) -> pb.Resource:
         info = await self._resolve(request.cluster, request.group, request.version, request.resource)

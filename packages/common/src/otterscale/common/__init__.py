@@ -53,6 +53,7 @@ from ._config import (
     AgentAuth,
     AgentConfig,
     ClusterConfig,
+    CorsConfig,
     FanoutConfig,
     HubLimitsConfig,
     KeycloakConfig,
@@ -75,7 +76,7 @@ from ._h2 import tune_hypercorn
 from ._identity import RESERVED_PREFIXES, Identity
 from ._labels import LabelSelector, LabelSyntaxError
 from ._logging import LogFormat, RedactingFilter, configure_logging, redact
-from ._net import ASGIApp, create_listener, serve, server_config
+from ._net import ASGIApp, create_listener, drain_request, serve, server_config
 from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
 from ._signing import (
     GROUPS_HEADER,
@@ -123,6 +124,7 @@ __all__ = [
     "CommandMain",
     "CommonOptions",
     "ConfigError",
+    "CorsConfig",
     "FanoutConfig",
     "HubLimitsConfig",
     "Identity",
@@ -153,6 +155,7 @@ __all__ = [
     "container_mode",
     "create_listener",
     "derive_identity_key",
+    "drain_request",
     "echo",
     "find_chisel",
     "load_config",

@@ -10,10 +10,12 @@ Ports may be integers or quoted strings (``"8300"``). New, optional keys (all un
 ``audience`` (default: ``client_id``), ``subject_claim`` (``sub``), ``groups_claim`` (``groups``),
 ``groups_prefix`` (empty), ``leeway_seconds`` (30), ``timeout_seconds`` (5) and
 ``min_refresh_interval_seconds`` (30). The optional ``limits`` section bounds what the hub
-accepts from and holds for clients (:class:`HubLimitsConfig`; agents ignore it). Hub-only
-additions for fan-out calls: ``clusters.<name>.labels``, the ``fanout`` section
-(:class:`FanoutConfig`) and the ``access`` section (:class:`AccessConfig`, per-caller cluster
-allow-lists). Unknown keys are refused everywhere: a typo must not silently fall back to a default.
+accepts from and holds for clients (:class:`HubLimitsConfig`; agents ignore it); the optional
+``cors`` section lets browser pages of other origins call the hub (:class:`CorsConfig`; agents
+ignore it). Hub-only additions for fan-out calls: ``clusters.<name>.labels``, the ``fanout``
+section (:class:`FanoutConfig`) and the ``access`` section (:class:`AccessConfig`, per-caller
+cluster allow-lists). Unknown keys are refused everywhere: a typo must not silently fall back to a
+default.
 
 Every problem in a file is reported at once, one line each, naming the file and the dotted key
 path (``clusters.dev.agent.tunnel_port``). Messages are built here from error locations and
@@ -30,6 +32,7 @@ no duplicate keys, and aliases allowed only while the document expanded through 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import logging
 import os
 import re
@@ -146,6 +149,99 @@ def _groups_prefix(value: str) -> str:
     if value.startswith("system:"):
         raise PydanticCustomError("otterscale_reserved", "must not start with the reserved prefix 'system:'")
     return value
+
+
+_HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ORIGIN_HINT = "scheme://host[:port] such as https://dashboard.example.com or https://*.example.com"
+
+
+def _cors_origin(value: str) -> str:
+    """An allowed origin in its canonical form (how browsers send ``Origin``), or ``*``.
+
+    Lower-case scheme and host, no default port, no path; ``https://*.example.com`` allows one
+    label in place of ``*`` (``a.example.com``, not ``a.b.example.com`` nor ``example.com``).
+    """
+    text = value.strip()
+    if text == "*":
+        return text
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DEFAULT_PORTS:
+        raise PydanticCustomError("otterscale_origin", "must be an http(s) origin: " + _ORIGIN_HINT)
+    authority, slash, path = rest.partition("/")
+    if slash and path:
+        raise PydanticCustomError(
+            "otterscale_origin", "an origin has no path, query or fragment: " + _ORIGIN_HINT
+        )
+    if slash:
+        raise PydanticCustomError(
+            "otterscale_origin", "an origin has no trailing '/' (browsers send it without one)"
+        )
+    if any(char in authority for char in "?#@") or any(char.isspace() for char in authority):
+        raise PydanticCustomError(
+            "otterscale_origin", "an origin has no user info, query or fragment: " + _ORIGIN_HINT
+        )
+    if not authority.isascii():
+        raise PydanticCustomError(
+            "otterscale_origin", "write an internationalised host name in its ASCII (xn--) form"
+        )
+    host, port = _split_authority(authority.lower())
+    wildcard = host.startswith("*.")
+    name = host[2:] if wildcard else host
+    if "*" in name:
+        raise PydanticCustomError(
+            "otterscale_origin", "'*' may only stand for the first label, as in https://*.example.com"
+        )
+    if not _valid_host(name, allow_ip=not wildcard):
+        raise PydanticCustomError("otterscale_origin", "has an invalid host: " + _ORIGIN_HINT)
+    if wildcard and "." not in name and name != "localhost":
+        raise PydanticCustomError(
+            "otterscale_origin", "a wildcard needs a domain of at least two labels, as in *.example.com"
+        )
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+def _split_authority(authority: str) -> tuple[str, int | None]:
+    if authority.startswith("["):  # an IPv6 literal
+        end = authority.find("]")
+        host, rest = authority[: end + 1], authority[end + 1 :]
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise PydanticCustomError("otterscale_origin", "has an invalid IPv6 host: " + _ORIGIN_HINT)
+        port_text = rest[1:] if rest else None
+    else:
+        host, colon, port_text_or_empty = authority.partition(":")
+        port_text = port_text_or_empty if colon else None
+    if port_text is None:
+        return host, None
+    if not _PORT_TEXT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise PydanticCustomError("otterscale_origin", "has an invalid port: " + _ORIGIN_HINT)
+    return host, int(port_text)
+
+
+def _valid_host(host: str, *, allow_ip: bool) -> bool:
+    if host.startswith("["):
+        if not allow_ip:
+            return False
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    labels = host.split(".")
+    return len(host) <= 253 and all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+
+
+def _header_name(value: str) -> str:
+    name = value.strip().lower()
+    if not _HEADER_NAME_RE.fullmatch(name):
+        raise PydanticCustomError(
+            "otterscale_header_name", "must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+        )
+    return name
 
 
 Port = Annotated[int, PlainValidator(_port)]
@@ -298,6 +394,38 @@ class HubLimitsConfig(_Model):
     watch_send_timeout_seconds: float = Field(default=30.0, gt=0, le=86_400)
 
 
+class CorsConfig(_Model):
+    """The ``cors`` section: which browser origins may call the hub from their pages (optional).
+
+    ``allowed_origins``: exact origins (``https://dashboard.example.com``, ``http://127.0.0.1:5173``;
+    the host is compared case-insensitively and a default port is dropped), one-level wildcards
+    (``https://*.example.com``), or ``*`` (any origin; only while ``allow_credentials`` is false).
+    Empty (the default): same-origin only, the hub sends no CORS headers at all.
+
+    ``allow_credentials`` (default false): answer ``Access-Control-Allow-Credentials: true``.
+    Bearer tokens set by a script do not need it; only cookies would.
+
+    ``extra_allowed_headers``: request headers a page may send besides Connect's and gRPC-Web's
+    own, ``Authorization`` and ``X-Request-Id``.
+
+    CORS is not access control (the bearer token is): it only tells browsers which pages may
+    read the hub's answers.
+    """
+
+    allowed_origins: tuple[Annotated[str, AfterValidator(_cors_origin)], ...] = ()
+    allow_credentials: bool = Field(default=False, strict=True)
+    extra_allowed_headers: tuple[Annotated[str, AfterValidator(_header_name)], ...] = ()
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> Self:
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise PydanticCustomError(
+                "otterscale_cors_star",
+                "'*' (any origin) is refused while allow_credentials is true: list the origins",
+            )
+        return self
+
+
 def _token_key(value: SecretStr) -> SecretStr:
     if len(value.get_secret_value().encode()) < 32:
         raise PydanticCustomError("otterscale_token_key", "must be at least 32 bytes of random text")
@@ -404,6 +532,7 @@ class OtterscaleConfig(_Model):
     tunnel: TunnelConfig
     clusters: dict[ClusterName, ClusterConfig]
     limits: HubLimitsConfig = HubLimitsConfig()
+    cors: CorsConfig = CorsConfig()
     fanout: FanoutConfig = FanoutConfig()
     access: AccessConfig | None = None
 

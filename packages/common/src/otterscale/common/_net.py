@@ -49,6 +49,20 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 
+async def drain_request(receive: Receive) -> bool:
+    """Read a request's body to its end, discarding it; False when the client disconnected first.
+
+    Answer an HTTP/2 request only after this: answering before its body has ended makes
+    hypercorn 0.18 fail on the DATA frames that follow and drop the whole connection.
+    """
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            return True
+
+
 #: Responses that never carry a body, so never a Content-Length of their (empty) body either.
 _BODILESS_STATUS = frozenset({204, 304})
 

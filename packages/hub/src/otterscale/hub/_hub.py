@@ -64,6 +64,7 @@ from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplicati
 from ._auth import Authenticator
 from ._clusters import ClusterServiceImpl
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec
+from ._cors import with_cors
 from ._election import ElectionSettings
 from ._errors import HubError
 from ._fanout import Fanout
@@ -394,7 +395,7 @@ class Hub:
                 if self.chisel is chisel:
                     self.chisel = None
 
-    def _router(self, metrics: HubMetrics) -> Router:
+    def _router(self, metrics: HubMetrics) -> ASGIApp:
         assert self._proxy is not None
         assert self._health is not None
         assert self._auth is not None
@@ -476,7 +477,8 @@ class Hub:
         ]
         for app in reflection_apps(described, interceptors=interceptors):
             services[_service_name(app.path)] = app  # type: ignore[assignment]
-        return Router(services, metrics=metrics.render, ready=self.ready, on_startup=self._serving.set)
+        router = Router(services, metrics=metrics.render, ready=self.ready, on_startup=self._serving.set)
+        return with_cors(router, self.settings.config.cors)  # outermost: before auth, on followers too
 
     async def stop(self) -> None:
         """Shut down gracefully (see the module docstring); idempotent and bounded."""

@@ -1,4 +1,4 @@
-"""The eight ResourceService handlers of a component that only passes raw messages on.
+"""The ResourceService handlers of a component that only passes raw messages on.
 
 Both the proxy (to an agent) and the follower's forwarder (to the leader) serve the generated
 ResourceService with a pass-through codec: every unary RPC is "send these bytes on and return the
@@ -70,6 +70,10 @@ class PassThroughResourceService:
 
     async def get(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
         """Pass Get on."""
+        return await self._unary(request, ctx)
+
+    async def describe(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+        """Pass Describe on."""
         return await self._unary(request, ctx)
 
     async def create(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:

@@ -133,7 +133,7 @@ class System:
         *,
         keycloak_options: Mapping[str, Any] | None = None,
         log_level: str = "debug",
-        config_overrides: Mapping[str, Any] | None = None,
+        extra_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.directory = directory
         #: ``--log-level`` of the hub and the agents. Debug by default: the "no secret in any log"
@@ -144,9 +144,9 @@ class System:
         self.client_id = client_id
         self.audience = audience
         self.keycloak_options = dict(keycloak_options or {})
-        #: Merged into the generated ``otterscale.yaml`` (key by key, recursively): cluster
-        #: labels, ``fanout``, ``access``, ``limits``...
-        self.config_overrides: dict[str, Any] = dict(config_overrides or {})
+        #: Merged into the generated ``otterscale.yaml``, key by key and recursively: more
+        #: top-level sections (``{"cors": {...}}``), cluster labels, ``fanout``, ``access``...
+        self.extra_config = dict(extra_config or {})
         self.key_seed = secrets.token_urlsafe(24)
         self.tunnel_port = free_port()
         self.hub_port = free_port()
@@ -208,7 +208,7 @@ class System:
             "tunnel": {"server": {"host": "127.0.0.1", "port": self.tunnel_port, "key_seed": self.key_seed}},
             "clusters": clusters,
         }
-        return _merged(document, self.config_overrides)
+        return _merged(document, self.extra_config)
 
     def write_config(self) -> None:
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -406,14 +406,14 @@ def start_system(
     keycloak_options: Mapping[str, Any] | None = None,
     log_level: str = "debug",
     start_agents: bool = True,
-    config_overrides: Mapping[str, Any] | None = None,
+    extra_config: Mapping[str, Any] | None = None,
 ) -> System:
     """Write the config, start the hub, then one agent per cluster that has a control plane.
 
     ``keycloak_options`` adds keys to the configuration's ``keycloak`` section (for example
     ``{"leeway_seconds": 0}`` for token-expiry tests); ``log_level`` is the services'
-    ``--log-level``; ``config_overrides`` is merged into the configuration (see
-    :attr:`System.config_overrides`). Returns once the hub reports every started agent connected.
+    ``--log-level``; ``extra_config`` is merged into the configuration (see
+    :attr:`System.extra_config`). Returns once the hub reports every started agent connected.
     """
     directory.mkdir(parents=True, exist_ok=True)
     system = System(
@@ -423,7 +423,7 @@ def start_system(
         audience,
         keycloak_options=keycloak_options,
         log_level=log_level,
-        config_overrides=config_overrides,
+        extra_config=extra_config,
     )
     for name, cp in clusters.items():
         system.add_cluster(name, cp)

@@ -9,6 +9,8 @@ on Ctrl-C (or SIGTERM). If the hub or the agent dies meanwhile, it says so (with
 and exits 1.
 
 ``--smoke`` makes that call itself and exits (CI runs it so the demo cannot rot).
+``--cors-origin ORIGIN`` (repeatable) lets browser pages of that origin call the hub (the hub's
+``cors.allowed_origins``), for trying a dashboard served elsewhere against the demo.
 
 Exit status: 0 after Ctrl-C (or ``--smoke``), 1 when something could not start or died, 130 when
 interrupted during start-up. Everything started is stopped in every case.
@@ -28,6 +30,10 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+from otterscale.common import CorsConfig
 
 from ._controlplane import ControlPlane, start_control_plane
 from ._keycloak import Keycloak, KeycloakError, start_keycloak
@@ -144,6 +150,15 @@ class _Signals:
         raise KeyboardInterrupt
 
 
+def _cors_origin(value: str) -> str:
+    """One ``--cors-origin``, checked as the hub checks ``cors.allowed_origins`` (canonical form)."""
+    try:
+        config = CorsConfig(allowed_origins=(value,))
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: {exc.errors()[0]['msg']}") from None
+    return config.allowed_origins[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nox -s demo --",
@@ -151,7 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, default=None, help="working directory (default: a new temp dir)")
     parser.add_argument("--smoke", action="store_true", help="make the first call, print it, and exit")
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        type=_cors_origin,
+        metavar="ORIGIN",
+        help="let browser pages of ORIGIN (scheme://host[:port], or https://*.example.com) call the hub; "
+        "repeatable",
+    )
     args = parser.parse_args(argv)
+    extra_config = {"cors": {"allowed_origins": args.cors_origin}} if args.cors_origin else None
 
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="otterscale-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"  ready at {keycloak.realm_url} in {keycloak.startup_seconds:.1f}s")
         _log("starting the hub and the agent (chisel tunnel)...")
         system = start_system(
-            workdir / "system", {CLUSTER: cp}, realm_url=keycloak.realm_url, log_level="info"
+            workdir / "system",
+            {CLUSTER: cp},
+            realm_url=keycloak.realm_url,
+            log_level="info",
+            extra_config=extra_config,
         )
         _log(
             f"  hub ready in {system.timings.hub_start[-1]:.1f}s, agent connected "
@@ -191,10 +220,17 @@ def main(argv: list[str] | None = None) -> int:
             "config": str(system.config_path),
             "kubeconfig": str(cp.kubeconfig),
             "workdir": str(workdir),
+            "cors_origins": args.cors_origin,
         }
         info_file = workdir / "demo.json"
         info_file.write_text(json.dumps(info, indent=2) + "\n")
         _log(f"up in {time.monotonic() - started:.0f}s; namespaces seen through the hub: {', '.join(names)}")
+        if args.cors_origin:
+            _log(f"browser pages of {', '.join(args.cors_origin)} may call the hub (CORS)")
+            if args.smoke:
+                for origin in args.cors_origin:
+                    if "*" not in origin:
+                        _log(f"CORS preflight from {origin}: {_preflight(system.hub_url, origin)}")
         print(
             "\nOtterScale is running. List the namespaces of cluster "
             f"'{CLUSTER}' through the hub as {DEMO_USER}:\n\n  "
@@ -243,6 +279,24 @@ def _run_until_stopped(stop: threading.Event, system: System, keycloak: Keycloak
             except KeycloakError as exc:  # try again at the next check; the old token still works
                 _log(f"could not refresh the token: {exc}")
     return 0
+
+
+def _preflight(hub_url: str, origin: str) -> str:
+    """What a browser's preflight from ``origin`` for a List gets (--smoke checks CORS is on)."""
+    req = urllib.request.Request(  # noqa: S310 - loopback demo URL
+        f"{hub_url}/otterscale.resource.v1.ResourceService/List",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+        method="OPTIONS",
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+        allowed = resp.headers.get("Access-Control-Allow-Origin")
+        if resp.status != 204 or allowed != origin:
+            raise RuntimeError(f"the hub did not allow {origin}: {resp.status}, Allow-Origin {allowed!r}")
+        return f"{resp.status}, Access-Control-Allow-Origin {allowed}"
 
 
 def _wait_for_first_call(hub_url: str, token: str, timeout: float = 60.0) -> list[str]:

@@ -23,7 +23,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.struct_pb2 import Struct
 from pyqwest import Client, SyncClient
 
-from .resource_pb2 import ApplyRequest, CreateRequest, DeleteRequest, DiscoveryRequest, DiscoveryResponse, GetRequest, ListRequest, ListResponse, Resource, SchemaRequest, WatchEvent, WatchRequest
+from .resource_pb2 import ApplyRequest, CreateRequest, DeleteRequest, DescribeRequest, DescribeResponse, DiscoveryRequest, DiscoveryResponse, GetRequest, ListRequest, ListResponse, Resource, SchemaRequest, WatchEvent, WatchRequest
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -79,6 +79,20 @@ class ResourceService(Protocol):
     async def get(self, request: GetRequest, ctx: RequestContext[GetRequest, Resource], /) -> Resource:
         """
         Get reads one object.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def describe(self, request: DescribeRequest, ctx: RequestContext[DescribeRequest, DescribeResponse], /) -> DescribeResponse:
+        """
+        Describe reads one object and its core/v1 Events, like `kubectl describe`. The RPC and its
+        fields 1-6 (request) and 1-2 (response) are the original service's. Both are cleaned like List items
+        (no metadata.managedFields, no last-applied-configuration annotation). Events are those whose
+        involvedObject.uid is the object's uid (for a Node also those naming it by kind and name, as
+        the kubelet records node events with the node's name as uid), listed in the object's
+        namespace (all namespaces for a cluster-scoped object), oldest first, at most events_limit of
+        the newest. A failure to list events does not fail the call: events is then empty and
+        events_error says why. Missing version, resource or name, or events_limit outside 1-1000, is
+        invalid_argument; an unknown resource or object is not_found.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -165,6 +179,17 @@ class ResourceServiceASGIApplication(ConnectASGIApplication[ResourceService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.get,
+                ),
+                "/otterscale.resource.v1.ResourceService/Describe": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Describe",
+                        service_name="otterscale.resource.v1.ResourceService",
+                        input=DescribeRequest,
+                        output=DescribeResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.describe,
                 ),
                 "/otterscale.resource.v1.ResourceService/Create": Endpoint.unary(
                     method=MethodInfo(
@@ -358,6 +383,37 @@ class ResourceServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def describe(
+        self,
+        request: DescribeRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DescribeResponse:
+        """
+        Describe reads one object and its core/v1 Events, like `kubectl describe`. The RPC and its
+        fields 1-6 (request) and 1-2 (response) are the original service's. Both are cleaned like List items
+        (no metadata.managedFields, no last-applied-configuration annotation). Events are those whose
+        involvedObject.uid is the object's uid (for a Node also those naming it by kind and name, as
+        the kubelet records node events with the node's name as uid), listed in the object's
+        namespace (all namespaces for a cluster-scoped object), oldest first, at most events_limit of
+        the newest. A failure to list events does not fail the call: events is then empty and
+        events_error says why. Missing version, resource or name, or events_limit outside 1-1000, is
+        invalid_argument; an unknown resource or object is not_found.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Describe",
+                service_name="otterscale.resource.v1.ResourceService",
+                input=DescribeRequest,
+                output=DescribeResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     async def create(
         self,
         request: CreateRequest,
@@ -496,6 +552,20 @@ class ResourceServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def describe(self, request: DescribeRequest, ctx: RequestContext[DescribeRequest, DescribeResponse], /) -> DescribeResponse:
+        """
+        Describe reads one object and its core/v1 Events, like `kubectl describe`. The RPC and its
+        fields 1-6 (request) and 1-2 (response) are the original service's. Both are cleaned like List items
+        (no metadata.managedFields, no last-applied-configuration annotation). Events are those whose
+        involvedObject.uid is the object's uid (for a Node also those naming it by kind and name, as
+        the kubelet records node events with the node's name as uid), listed in the object's
+        namespace (all namespaces for a cluster-scoped object), oldest first, at most events_limit of
+        the newest. A failure to list events does not fail the call: events is then empty and
+        events_error says why. Missing version, resource or name, or events_limit outside 1-1000, is
+        invalid_argument; an unknown resource or object is not_found.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def create(self, request: CreateRequest, ctx: RequestContext[CreateRequest, Resource], /) -> Resource:
         """
         Create creates the object described by a YAML or JSON manifest.
@@ -577,6 +647,17 @@ class ResourceServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.get,
+                ),
+                "/otterscale.resource.v1.ResourceService/Describe": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Describe",
+                        service_name="otterscale.resource.v1.ResourceService",
+                        input=DescribeRequest,
+                        output=DescribeResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.describe,
                 ),
                 "/otterscale.resource.v1.ResourceService/Create": EndpointSync.unary(
                     method=MethodInfo(
@@ -764,6 +845,37 @@ class ResourceServiceClientSync(ConnectClientSync):
                 service_name="otterscale.resource.v1.ResourceService",
                 input=GetRequest,
                 output=Resource,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def describe(
+        self,
+        request: DescribeRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DescribeResponse:
+        """
+        Describe reads one object and its core/v1 Events, like `kubectl describe`. The RPC and its
+        fields 1-6 (request) and 1-2 (response) are the original service's. Both are cleaned like List items
+        (no metadata.managedFields, no last-applied-configuration annotation). Events are those whose
+        involvedObject.uid is the object's uid (for a Node also those naming it by kind and name, as
+        the kubelet records node events with the node's name as uid), listed in the object's
+        namespace (all namespaces for a cluster-scoped object), oldest first, at most events_limit of
+        the newest. A failure to list events does not fail the call: events is then empty and
+        events_error says why. Missing version, resource or name, or events_limit outside 1-1000, is
+        invalid_argument; an unknown resource or object is not_found.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Describe",
+                service_name="otterscale.resource.v1.ResourceService",
+                input=DescribeRequest,
+                output=DescribeResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -116,6 +116,34 @@ class GetRequest(_message.Message):
     name: str
     def __init__(self, cluster: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., resource: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
+class DescribeRequest(_message.Message):
+    __slots__ = ("cluster", "group", "version", "resource", "namespace", "name", "events_limit")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    group: str
+    version: str
+    resource: str
+    namespace: str
+    name: str
+    events_limit: int
+    def __init__(self, cluster: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., resource: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., events_limit: _Optional[int] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("resource", "events", "events_error")
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    resource: Resource
+    events: _containers.RepeatedCompositeFieldContainer[Resource]
+    events_error: str
+    def __init__(self, resource: _Optional[_Union[Resource, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Resource, _Mapping]]] = ..., events_error: _Optional[str] = ...) -> None: ...
+
 class CreateRequest(_message.Message):
     __slots__ = ("cluster", "group", "version", "resource", "namespace", "manifest", "dry_run")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]

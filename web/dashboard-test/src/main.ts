@@ -1,0 +1,268 @@
+// A stand-in for a browser dashboard: it calls the hub the way the real web UI does, with
+// @connectrpc/connect-web from a page whose origin is not the hub's. tests/e2e/test_browser.py
+// serves the built page (dist/) on its own loopback port, opens it in Chromium (drive.mjs) and
+// runs `window.otterscale.run(...)` once per transport; the page draws a table of what happened
+// (the screenshots) and returns the same rows to the test.
+//
+// The TypeScript messages and service descriptors in ./gen are generated at build time from the
+// repository's .proto files (npm run generate), so an RPC added there appears here on the next
+// build. Describe is looked up at run time: until resource.proto has it, its row says "waiting".
+//
+// Never shows or returns the token.
+
+import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-web";
+import { ClusterService } from "./gen/otterscale/cluster/v1/cluster_pb";
+import { ResourceService, WatchEvent_Type } from "./gen/otterscale/resource/v1/resource_pb";
+
+/** The four ways a browser can speak to the hub. */
+export const TRANSPORTS = ["connect-json", "connect-binary", "grpc-web-binary", "grpc-web-json"] as const;
+export type TransportName = (typeof TRANSPORTS)[number];
+
+/** What the test passes in: where the hub is, who calls, and where to work. */
+export interface RunConfig {
+  hubUrl: string;
+  token: string;
+  cluster: string;
+  namespace: string;
+  transport: TransportName;
+  /** Per-call deadline; also sent to the hub (Connect-Timeout-Ms / Grpc-Timeout headers). */
+  timeoutMs: number;
+}
+
+/** One RPC's outcome: "ok", "failed", or "waiting" (the RPC is not in the .proto files yet). */
+export interface Step {
+  rpc: string;
+  outcome: "ok" | "failed" | "waiting";
+  detail: string;
+  /** The Connect code of an error ("unauthenticated"...), empty when there was none. */
+  code: string;
+  ms: number;
+}
+
+function transport(name: TransportName, baseUrl: string, token: string): Transport {
+  const interceptors: Interceptor[] = [];
+  if (token) {
+    interceptors.push((next) => async (req) => {
+      req.header.set("Authorization", `Bearer ${token}`);
+      return next(req);
+    });
+  }
+  switch (name) {
+    case "connect-json":
+      return createConnectTransport({ baseUrl, useBinaryFormat: false, interceptors });
+    case "connect-binary":
+      return createConnectTransport({ baseUrl, useBinaryFormat: true, interceptors });
+    case "grpc-web-binary":
+      return createGrpcWebTransport({ baseUrl, useBinaryFormat: true, interceptors });
+    case "grpc-web-json":
+      return createGrpcWebTransport({ baseUrl, useBinaryFormat: false, interceptors });
+  }
+}
+
+/** "Unauthenticated" -> "unauthenticated", "PermissionDenied" -> "permission_denied" (the wire names). */
+export function codeName(code: Code): string {
+  return Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toLowerCase();
+}
+
+/** A check of the page failed (as opposed to an RPC error, which is a ConnectError). */
+class Failed extends Error {}
+
+/** The step cannot run yet: the RPC is not in the .proto files this page was built from. */
+class Waiting extends Error {}
+
+async function step(rpc: string, steps: Step[], body: () => Promise<string>): Promise<boolean> {
+  const started = performance.now();
+  try {
+    const detail = await body();
+    steps.push({ rpc, outcome: "ok", detail, code: "", ms: Math.round(performance.now() - started) });
+    return true;
+  } catch (err) {
+    const ms = Math.round(performance.now() - started);
+    if (err instanceof Waiting) {
+      steps.push({ rpc, outcome: "waiting", detail: err.message, code: "", ms });
+    } else if (err instanceof ConnectError) {
+      steps.push({ rpc, outcome: "failed", detail: err.message, code: codeName(err.code), ms });
+    } else {
+      steps.push({ rpc, outcome: "failed", detail: err instanceof Error ? err.message : String(err), code: "", ms });
+    }
+    return false;
+  }
+}
+
+function check(condition: boolean, message: string): void {
+  if (!condition) throw new Failed(message);
+}
+
+type Json = { [key: string]: unknown };
+
+function metadata(object: Json | undefined): Json {
+  return ((object ?? {})["metadata"] as Json | undefined) ?? {};
+}
+
+function manifest(name: string, namespace: string, value: string): Uint8Array {
+  // The dashboard sends YAML text as the manifest bytes (shared/design/api.md).
+  const yaml = [
+    "apiVersion: v1",
+    "kind: ConfigMap",
+    "metadata:",
+    `  name: ${name}`,
+    `  namespace: ${namespace}`,
+    "data:",
+    `  value: "${value}"`,
+    "",
+  ].join("\n");
+  return new TextEncoder().encode(yaml);
+}
+
+/** Every RPC a dashboard needs, in order, over one transport. Never throws: failures are rows. */
+export async function run(config: RunConfig): Promise<Step[]> {
+  const steps: Step[] = [];
+  const { cluster, namespace, timeoutMs } = config;
+  const base = transport(config.transport, config.hubUrl, config.token);
+  const clusters = createClient(ClusterService, base);
+  const resources = createClient(ResourceService, base);
+  const options = { timeoutMs };
+  const name = `browser-${config.transport}-${Date.now().toString(36)}`;
+  const target = { cluster, group: "", version: "v1", resource: "configmaps", namespace };
+
+  await step("ListClusters", steps, async () => {
+    const { clusters: found } = await clusters.listClusters({}, options);
+    const mine = found.find((c) => c.name === cluster);
+    check(mine !== undefined, `cluster ${cluster} not listed`);
+    check(mine!.connected, `cluster ${cluster} not connected`);
+    return `${found.length} clusters; ${cluster} connected`;
+  });
+  await step("Discovery", steps, async () => {
+    const { apiResources } = await resources.discovery({ cluster }, options);
+    const configmaps = apiResources.find((r) => r.group === "" && r.version === "v1" && r.resource === "configmaps");
+    check(configmaps !== undefined, "configmaps not discovered");
+    return `${apiResources.length} resources`;
+  });
+  await step("List", steps, async () => {
+    const listed = await resources.list(target, options);
+    return `${listed.items.length} configmaps at resourceVersion ${listed.resourceVersion}`;
+  });
+  let createdVersion = "";
+  await step("Apply", steps, async () => {
+    const applied = await resources.apply(
+      { ...target, name, manifest: manifest(name, namespace, "one"), force: true, fieldManager: "otterscale-web-ui" },
+      options,
+    );
+    const meta = metadata(applied.object);
+    check(meta["name"] === name, `applied ${String(meta["name"])}, not ${name}`);
+    createdVersion = String(meta["resourceVersion"]);
+    return `created ${name}`;
+  });
+  await step("Get", steps, async () => {
+    const got = await resources.get({ ...target, name }, options);
+    const data = (got.object?.["data"] ?? {}) as Json;
+    check(data["value"] === "one", `data.value is ${String(data["value"])}`);
+    return `data.value = one`;
+  });
+  await step("Watch", steps, async () => {
+    // From the created version on, so what arrives is the change made below, live.
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), timeoutMs);
+    try {
+      const stream = resources.watch(
+        { ...target, fieldSelector: `metadata.name=${name}`, resourceVersion: createdVersion },
+        { signal: abort.signal },
+      );
+      const seen = (async () => {
+        for await (const event of stream) {
+          const object = event.resource?.object;
+          if (event.type === WatchEvent_Type.MODIFIED && ((object?.["data"] ?? {}) as Json)["value"] === "two") {
+            return `MODIFIED at resourceVersion ${event.resourceVersion}`;
+          }
+        }
+        throw new Failed("the stream ended before the change arrived");
+      })();
+      await resources.apply(
+        { ...target, name, manifest: manifest(name, namespace, "two"), force: true, fieldManager: "otterscale-web-ui" },
+        options,
+      );
+      return await seen;
+    } finally {
+      clearTimeout(timer);
+      abort.abort();
+    }
+  });
+  await step("Describe", steps, async () => {
+    const describe = (ResourceService.method as Record<string, unknown>)["describe"];
+    if (describe === undefined) {
+      throw new Waiting("ResourceService.Describe is not in resource.proto yet (issue 15, item 3)");
+    }
+    const call = (resources as unknown as Record<string, (req: object, opt: object) => Promise<Json>>)["describe"];
+    const described = await call({ ...target, name }, options);
+    const object = (described["resource"] as { object?: Json } | undefined)?.object;
+    check(metadata(object)["name"] === name, "Describe returned another object");
+    const events = (described["events"] as unknown[] | undefined) ?? [];
+    const eventsError = String(described["eventsError"] ?? "");
+    check(eventsError === "", `events_error: ${eventsError}`);
+    return `${name} with ${events.length} events`;
+  });
+  await step("Delete", steps, async () => {
+    await resources.delete({ ...target, name }, options);
+    try {
+      await resources.get({ ...target, name }, options);
+    } catch (err) {
+      if (err instanceof ConnectError && err.code === Code.NotFound) return "deleted; Get says not_found";
+      throw err;
+    }
+    throw new Failed("still there after Delete");
+  });
+  await step("Unauthenticated", steps, async () => {
+    // No token: the hub must answer (with CORS headers) so the page can tell "log in again"
+    // from "hub down"; a blocked answer would be a network error (code unknown) instead.
+    const anonymous = createClient(ResourceService, transport(config.transport, config.hubUrl, ""));
+    try {
+      await anonymous.list(target, options);
+    } catch (err) {
+      if (err instanceof ConnectError && err.code === Code.Unauthenticated) return `unauthenticated: ${err.rawMessage}`;
+      throw err;
+    }
+    throw new Failed("answered without a token");
+  });
+  show(config.transport, steps);
+  return steps;
+}
+
+/** One call from a page whose origin the hub does not allow: the browser must block the answer. */
+export async function blocked(config: RunConfig): Promise<Step[]> {
+  const steps: Step[] = [];
+  const clusters = createClient(ClusterService, transport(config.transport, config.hubUrl, config.token));
+  await step("ListClusters", steps, async () => {
+    const { clusters: found } = await clusters.listClusters({}, { timeoutMs: config.timeoutMs });
+    return `answered: ${found.length} clusters (the browser should have blocked this)`;
+  });
+  show(`${config.transport} from a disallowed origin`, steps);
+  return steps;
+}
+
+function show(title: string, steps: Step[]): void {
+  const section = document.createElement("section");
+  const heading = document.createElement("h2");
+  heading.textContent = `${title} (page ${location.origin})`;
+  section.append(heading);
+  const table = document.createElement("table");
+  table.innerHTML = "<tr><th>RPC</th><th>outcome</th><th>code</th><th>ms</th><th>detail</th></tr>";
+  for (const s of steps) {
+    const row = table.insertRow();
+    row.className = s.outcome;
+    for (const text of [s.rpc, s.outcome, s.code, String(s.ms), s.detail]) {
+      row.insertCell().textContent = text;
+    }
+  }
+  section.append(table);
+  document.getElementById("results")!.append(section);
+}
+
+declare global {
+  interface Window {
+    otterscale: { run: typeof run; blocked: typeof blocked; transports: readonly TransportName[] };
+  }
+}
+
+window.otterscale = { run, blocked, transports: TRANSPORTS };
+document.getElementById("status")!.textContent = "ready";
