@@ -187,6 +187,7 @@ async def start_real_fleet(
     for i, (kube, cp) in enumerate(zip(kubes, planes, strict=True)):
         await _prepare_plane(kube, cp, sizes, i, hot_objects=20)
     where = placement(sizes)
+    (work / "system").mkdir(parents=True, exist_ok=True)
     system = System(
         work / "system",
         issuer.url,
@@ -248,6 +249,7 @@ def start_stub_fleet(
     """A hub with ``stub_clusters`` clusters, each a real chisel client to one replaying stub."""
     work.mkdir(parents=True, exist_ok=True)
     n = sizes.stub_clusters
+    (work / "system").mkdir(parents=True, exist_ok=True)
     system = System(
         work / "system",
         issuer.url,

@@ -8,6 +8,7 @@ cluster's real chisel client forwards its tunnel port here):
 
 - List replays the ConfigMaps recorded from a real agent (``--items``, a file of ListResponse
   bytes): ``limit`` and ``continue`` page through them (the continue token is the next offset);
+- ``/ping`` answers 204, as the agent's liveness endpoint does (the hub probes it);
 - Watch sends the recorded items as ADDED events and the end-of-initial-events bookmark when asked
   for initial events, then a MODIFIED event of the first item every ``--event-interval`` seconds,
   with increasing resourceVersions, until the hub closes the stream.
@@ -34,15 +35,16 @@ from connectrpc.request import RequestContext
 
 from otterscale.common import serve
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
+from otterscale.resource.v1.resource_connect import ResourceService, ResourceServiceASGIApplication
 
 logger = logging.getLogger("otterscale_bench.stub")
 
 _versions = itertools.count(1_000_000)
 
 
-class StubResources:
-    """ResourceService answering List and Watch from recorded items (see the module docstring)."""
+class StubResources(ResourceService):
+    """ResourceService answering List and Watch from recorded items (see the module docstring);
+    the other methods are the generated ones (unimplemented)."""
 
     def __init__(self, items: list[pb.Resource], event_interval: float) -> None:
         self._items = items
@@ -81,7 +83,16 @@ class StubResources:
 
 async def _main(args: argparse.Namespace) -> None:
     recorded = pb.ListResponse.FromString(Path(args.items).read_bytes())
-    app = ResourceServiceASGIApplication(StubResources(list(recorded.items), args.event_interval))  # type: ignore[arg-type]
+    connect = ResourceServiceASGIApplication(StubResources(list(recorded.items), args.event_interval))
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # The hub's prober pings every agent: answer it like the agent does.
+        if scope["type"] == "http" and scope["path"] == "/ping":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await connect(scope, receive, send)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
