@@ -437,10 +437,15 @@ async def test_legs_count_against_the_callers_limit(fleet: Fleet, clients: Clien
             selection=ClusterSelection(clusters=["a-full", "b-ns", "c-none", "e-slow", "f-nocrd", "g-hole"]),
             query=ResourceQuery(version="v1", resource="configmaps", namespace="team-a"),
         )
+        refusals = fleet.hub_metric("otterscale_hub_limit_refusals_total", reason="fanout_legs_per_subject")
         with pytest.raises(ConnectError) as caught:
             await client.multi_list(listing, headers=fleet.auth("alice"))
         assert caught.value.code is Code.RESOURCE_EXHAUSTED
         assert "fanout.max_legs_per_subject" in caught.value.message
+        assert (
+            fleet.hub_metric("otterscale_hub_limit_refusals_total", reason="fanout_legs_per_subject")
+            == refusals + 1
+        )
         bob = MultiListRequest(selection=ClusterSelection(clusters=["a-full"]), query=listing.query)
         assert (await client.multi_list(bob, headers=fleet.auth("bob"))).lists
     # The stream's legs are given back when it ends (the hub notices the client's close first).

@@ -88,10 +88,15 @@ class Fanout:
         directory = ClusterDirectory(labels, self.access, max_clusters=fanout.max_clusters_per_call)
         current, previous = token_keys(config)
         sealer = TokenSealer(current, previous)
+
+        def refused(reason: str) -> None:
+            metrics.limit_refusals.labels(reason=reason).inc()
+
+        subject_legs = SubjectLegs(fanout.max_legs_per_subject, fanout.max_watch_legs, on_refused=refused)
         legs = AgentLegs(
             tunnels=tunnels, agents=agents, keys=keys, metrics=metrics, on_unreachable=on_unreachable
         )
-        subject_legs = SubjectLegs(fanout.max_legs_per_subject, fanout.max_watch_legs)
+
         fanout_metrics = FanoutMetrics(metrics.registry)
         self.lanes = ClusterLanes(fanout.max_inflight_per_cluster, fanout_metrics)
         concurrency = min(32, fanout.max_concurrency)
@@ -112,9 +117,6 @@ class Fanout:
             ),
             metrics=fanout_metrics,
         )
-
-        def refused(reason: str) -> None:
-            metrics.limit_refusals.labels(reason=reason).inc()
 
         self.watcher = MultiWatcher(
             legs=legs,

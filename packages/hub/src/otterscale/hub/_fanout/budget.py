@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from .errors import FanoutLimitError
@@ -29,6 +29,7 @@ from .metrics import FanoutMetrics
 
 logger = logging.getLogger(__name__)
 
+#: ``reason`` labels of ``otterscale_hub_limit_refusals_total`` for the fan-out's own limits.
 LEGS_PER_SUBJECT = "fanout_legs_per_subject"
 WATCH_LEGS = "fanout_watch_legs"
 
@@ -36,9 +37,12 @@ WATCH_LEGS = "fanout_watch_legs"
 class SubjectLegs:
     """Legs held per subject and Watch legs held in total (see the module docstring)."""
 
-    def __init__(self, per_subject: int, watch_total: int) -> None:
+    def __init__(
+        self, per_subject: int, watch_total: int, *, on_refused: Callable[[str], None] | None = None
+    ) -> None:
         self.per_subject = per_subject
         self.watch_total = watch_total
+        self._on_refused = on_refused
         self._held: dict[str, int] = {}
         self._watch_legs = 0
 
@@ -55,12 +59,14 @@ class SubjectLegs:
         """Take ``count`` legs for ``subject``; :class:`FanoutLimitError` if over a limit."""
         held = self._held.get(subject, 0)
         if held + count > self.per_subject:
+            self._refused(LEGS_PER_SUBJECT)
             raise FanoutLimitError(
                 f"this call needs {count} legs and the caller holds {held}: the hub's limit is "
                 f"{self.per_subject} per subject (fanout.max_legs_per_subject in otterscale.yaml); "
                 "wait for other calls to end or select fewer clusters"
             )
         if watch and self._watch_legs + count > self.watch_total:
+            self._refused(WATCH_LEGS)
             raise FanoutLimitError(
                 f"this hub holds {self._watch_legs} MultiWatch legs and this call needs {count}: the "
                 f"limit is {self.watch_total} (fanout.max_watch_legs in otterscale.yaml); retry later"
@@ -68,6 +74,10 @@ class SubjectLegs:
         self._held[subject] = held + count
         if watch:
             self._watch_legs += count
+
+    def _refused(self, reason: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
     def release(self, subject: str, count: int, *, watch: bool = False) -> None:
         """Give back legs taken by :meth:`acquire`."""
