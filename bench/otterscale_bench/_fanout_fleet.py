@@ -15,7 +15,6 @@ hub. The report labels them "stub agents".
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -182,7 +181,9 @@ async def start_real_fleet(
     planes = [first_plane]
     for i in range(1, sizes.planes):
         logger.info("fanout: starting control plane %d of %d", i + 1, sizes.planes)
-        planes.append(await asyncio.to_thread(start_control_plane, f"fan{i}", work / f"plane-{i}"))
+        # On the main thread (blocking the loop a moment): a child process dies with the thread
+        # that spawned it (otterscale.testing's parent-death signal).
+        planes.append(start_control_plane(f"fan{i}", work / f"plane-{i}"))
     kubes = [KubeDirect(cp) for cp in planes]
     for i, (kube, cp) in enumerate(zip(kubes, planes, strict=True)):
         await _prepare_plane(kube, cp, sizes, i, hot_objects=20)
