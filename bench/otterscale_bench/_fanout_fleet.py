@@ -8,7 +8,8 @@ others are spread over the remaining planes. The black-holed cluster's (``c01``)
 through a :class:`~otterscale.testing.BlackHoleRelay`.
 
 **Stub fleet**: a hub with ``stub_clusters`` clusters, each a real chisel client forwarding its
-tunnel port to one stub process that replays a real agent's recorded answers (:mod:`._stub`):
+tunnel port to a stub process (one per :data:`CLUSTERS_PER_STUB`) that replays a real agent's
+recorded answers (:mod:`._stub`):
 1,000 real agents (~90 MB each) do not fit on the benchmark machine, and these rows measure the
 hub. The report labels them "stub agents".
 """
@@ -129,6 +130,16 @@ class RealFleet:
         return [name for name, index in self.placement.items() if index == plane]
 
 
+#: Objects the firehose writes round-robin: concurrent patches of one object conflict and retry in
+#: kube-apiserver, which would measure etcd contention instead of the hub.
+HOT_OBJECTS = 200
+
+
+def hot_names(count: int = HOT_OBJECTS) -> list[str]:
+    """The names of the firehose cluster's objects (on plane 0)."""
+    return [f"hot-{i:03d}" for i in range(count)]
+
+
 def placement(sizes: FanoutSizes) -> dict[str, int]:
     """``h00`` alone on plane 0; the others round-robin over the remaining planes."""
     others = max(1, sizes.planes - 1)
@@ -164,7 +175,7 @@ async def _prepare_plane(
     count = await kube.count(f"/api/v1/namespaces/{LIST_NAMESPACE}/configmaps")
     if count != sizes.list_items:
         raise RuntimeError(f"plane {index} has {count} ConfigMaps, expected {sizes.list_items}")
-    names = [f"hot-{i:02d}" for i in range(hot_objects)] if index == 0 else ["fw"]
+    names = hot_names(hot_objects) if index == 0 else ["fw"]
     for name in names:
         body = {
             "apiVersion": "v1",
@@ -186,7 +197,7 @@ async def start_real_fleet(
         planes.append(start_control_plane(f"fan{i}", work / f"plane-{i}"))
     kubes = [KubeDirect(cp) for cp in planes]
     for i, (kube, cp) in enumerate(zip(kubes, planes, strict=True)):
-        await _prepare_plane(kube, cp, sizes, i, hot_objects=20)
+        await _prepare_plane(kube, cp, sizes, i, hot_objects=HOT_OBJECTS)
     where = placement(sizes)
     (work / "system").mkdir(parents=True, exist_ok=True)
     system = System(
@@ -235,9 +246,15 @@ async def stop_real_fleet(fleet: RealFleet) -> None:
 @dataclass
 class StubFleet:
     system: System
-    stub: ManagedProcess
+    stubs: list[ManagedProcess]
     tunnels: list[ManagedProcess]
     procs: ProcessSet
+
+
+#: Clusters per stub process. The hub pings every agent every few seconds, all at once; a real
+#: fleet answers those from as many processes, one stub process answering 1,000 within the
+#: probe's 2 s on a loaded 2-core machine would make the hub mark clusters disconnected.
+CLUSTERS_PER_STUB = 100
 
 
 def _connected_count(system: System) -> int:
@@ -272,28 +289,35 @@ def start_stub_fleet(
     assert system.fingerprint is not None
     items_file = work / "recorded-list.bin"
     items_file.write_bytes(items)
-    stub_port = free_port()
-    stub = ManagedProcess(
-        "stub-agent",
-        [
-            sys.executable,
-            "-m",
-            "otterscale_bench._stub",
-            "--port",
-            str(stub_port),
-            "--items",
-            str(items_file),
-        ],
-        work / "stub-agent.log",
-        env={**os.environ, "PYTHONPATH": str(BENCH_DIR)},
-    )
+    stubs: list[ManagedProcess] = []
     tunnels: list[ManagedProcess] = []
     try:
-        stub.wait_until(lambda: _port_open(stub_port), timeout=60, what="listening")
+        ports = []
+        for k in range(max(1, -(-n // CLUSTERS_PER_STUB))):
+            port = free_port()
+            ports.append(port)
+            stubs.append(
+                ManagedProcess(
+                    f"stub-agent-{k}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "otterscale_bench._stub",
+                        "--port",
+                        str(port),
+                        "--items",
+                        str(items_file),
+                    ],
+                    work / f"stub-agent-{k}.log",
+                    env={**os.environ, "PYTHONPATH": str(BENCH_DIR)},
+                )
+            )
+        for stub, port in zip(stubs, ports, strict=True):
+            stub.wait_until(lambda port=port: _port_open(port), timeout=60, what="listening")
         chisel = str(tool_path("chisel"))
         logs = work / "chisel-clients"
         logs.mkdir(exist_ok=True)
-        for entry in system.clusters.values():
+        for i, entry in enumerate(system.clusters.values()):
             tunnels.append(
                 ManagedProcess(
                     f"chisel-{entry.name}",
@@ -307,7 +331,7 @@ def start_stub_fleet(
                         "--max-retry-interval",
                         "2s",
                         system.tunnel_url,
-                        f"R:127.0.0.1:{entry.tunnel_port}:127.0.0.1:{stub_port}",
+                        f"R:127.0.0.1:{entry.tunnel_port}:127.0.0.1:{ports[i % len(ports)]}",
                     ],
                     logs / f"{entry.name}.log",
                     env={"AUTH": f"{entry.user}:{entry.password}", "PATH": os.environ.get("PATH", "")},
@@ -318,11 +342,11 @@ def start_stub_fleet(
         )
     except BaseException:
         _stop_all(tunnels)
-        stub.stop()
+        _stop_all(stubs)
         system.stop()
         raise
     procs = ProcessSet({"hub": system.hub.pid, "chisel-server": child_pid(system.hub.pid, "chisel")})
-    return StubFleet(system, stub, tunnels, procs)
+    return StubFleet(system, stubs, tunnels, procs)
 
 
 def _port_open(port: int) -> bool:
@@ -340,5 +364,5 @@ def _stop_all(processes: Sequence[ManagedProcess]) -> None:
 
 def stop_stub_fleet(fleet: StubFleet) -> None:
     _stop_all(fleet.tunnels)
-    fleet.stub.stop()
+    _stop_all(fleet.stubs)
     fleet.system.stop()

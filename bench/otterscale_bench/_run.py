@@ -358,8 +358,17 @@ def main(argv: list[str] | None = None) -> int:
             t = time.monotonic()
             fanout_sizes = _fanout.FANOUT_SMOKE if args.smoke else _fanout.FANOUT_FULL
             logger.info("fanout: %s", fanout_sizes)
-            results["fanout"] = asyncio.run(
-                _fanout.run(work / "fanout", cp, issuer, fanout_sizes, args.service_log_level, failures)
+            results["fanout"] = {}
+            asyncio.run(
+                _fanout.run(
+                    work / "fanout",
+                    cp,
+                    issuer,
+                    fanout_sizes,
+                    args.service_log_level,
+                    failures,
+                    results["fanout"],
+                )
             )
             results["timings"]["fanout"] = round(time.monotonic() - t, 1)
     except BaseException as exc:
