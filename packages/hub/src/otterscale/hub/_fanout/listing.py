@@ -60,7 +60,7 @@ from . import wire
 from .audit import record
 from .budget import ClusterLanes, SubjectLegs
 from .errors import InvalidFanoutRequestError, RequireAllError
-from .legs import AgentLegs, LegFailure, ResponseTooLarge, short, timed_out
+from .legs import RETRYABLE, AgentLegs, LegFailure, ResponseTooLarge, short, timed_out
 from .metrics import FanoutMetrics
 from .query import Query, checked_options
 from .selection import ClusterDirectory, Resolution
@@ -129,6 +129,17 @@ class Entry:
             self.bytes_per_item,
             self.remaining,
         ]
+
+    def final_status(self, name: str, message: str) -> ClusterStatus:
+        """The status of a cluster that failed for good on an earlier page (its outcome kept)."""
+        return ClusterStatus(
+            cluster=name,
+            outcome=self.outcome,  # type: ignore[arg-type]
+            message=message,
+            code=self.code,
+            retryable=self.outcome in RETRYABLE,
+            final=True,
+        )
 
     @classmethod
     def unpack(cls, packed: Sequence[Any]) -> tuple[str, Entry]:
@@ -260,15 +271,7 @@ class MultiLister:
                 entry = entries[name]
                 if entry.state == FAILED and name not in touched:
                     page.statuses.append(
-                        ClusterStatus(
-                            cluster=name,
-                            outcome=entry.outcome,  # type: ignore[arg-type]
-                            message="failed on an earlier page of this traversal",
-                            code=entry.code,
-                            final=True,
-                            retryable=entry.outcome in _HUB_RETRIES
-                            or entry.outcome == Outcome.OUTCOME_TIMEOUT,
-                        )
+                        entry.final_status(name, "failed on an earlier page of this traversal")
                     )
         _record(identity, query, resolution, page, started, first=first, last=last)
         for status in page.statuses:
@@ -332,16 +335,8 @@ class MultiLister:
             for name in retries:
                 entry = entries[name]
                 entry.state = FAILED
-                page.statuses.append(
-                    ClusterStatus(
-                        cluster=name,
-                        outcome=entry.outcome,  # type: ignore[arg-type]
-                        message="still failing after earlier pages of this traversal; not tried again",
-                        code=entry.code,
-                        retryable=True,
-                        final=True,
-                    )
-                )
+                message = "still failing after earlier pages of this traversal; not tried again"
+                page.statuses.append(entry.final_status(name, message))
             return
         chosen = (fresh + retries)[:concurrency]
         dial = []
