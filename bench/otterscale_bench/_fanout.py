@@ -140,9 +140,9 @@ class HubClients:
 
 
 def list_request(
-    clusters: Sequence[str], *, limit: int, order: int = 0, timeout: float | None = None
+    clusters: Sequence[str], *, limit: int, order: int = 0, timeout: float | None = None, concurrency: int = 0
 ) -> MultiListRequest:
-    options = FanoutOptions()
+    options = FanoutOptions(max_concurrency=concurrency)
     if timeout is not None:
         options.per_cluster_timeout.CopyFrom(Duration(seconds=int(timeout), nanos=int(timeout % 1 * 1e9)))
     return MultiListRequest(
@@ -246,7 +246,13 @@ async def lists(
             runs = [await multi() for _ in range(sizes.list_repeats)]
         cpu_after = fleet.procs.cpu()
         peak = fleet.procs.peak(hub, sampler.maximum())["hub"]
-        b1 = [await _b1(clients, clusters, expected) for _ in range(sizes.list_repeats)]
+        fleet.procs.reset_peak(hub)
+        b1_baseline = fleet.procs.rss(hub)["hub"]
+        b1_before = fleet.procs.cpu()
+        with RSSSampler(fleet.procs, hub, interval=0.02) as b1_sampler:
+            b1 = [await _b1(clients, clusters, expected) for _ in range(sizes.list_repeats)]
+        b1_cpu = fleet.procs.cpu().seconds["hub"] - b1_before.seconds["hub"]
+        b1_peak = fleet.procs.peak(hub, b1_sampler.maximum())["hub"]
         b2 = [await _b2(clients, clusters, expected) for _ in range(max(2, sizes.list_repeats // 3))]
     except Exception as exc:
         failures.fail("MultiList unpaged", exc)
@@ -261,9 +267,13 @@ async def lists(
             "b2_sequential_ms": {k: round(v, 1) for k, v in summary(b2).items()},
             "response_bytes": response_bytes,
             "hub_cpu_us_per_item": round(hub_cpu / (len(runs) * expected) * 1e6, 2),
+            "b1_hub_cpu_us_per_item": round(b1_cpu / (len(b1) * expected) * 1e6, 2),
             "hub_rss_mib_baseline": round(baseline, 1),
             "hub_rss_mib_peak": round(peak, 1),
             "hub_rss_increase_over_response": round((peak - baseline) * 1024 * 1024 / response_bytes, 2),
+            "b1_hub_rss_increase_over_response": round(
+                (b1_peak - b1_baseline) * 1024 * 1024 / response_bytes, 2
+            ),
         }
     )
     for name, order in (
@@ -308,8 +318,14 @@ async def black_hole(
     assert fleet.relay is not None
     assert HOLE in clusters
     request = list_request(clusters, limit=len(clusters) * sizes.list_items, timeout=sizes.hole_timeout)
+    small = list_request(clusters, limit=100 * len(clusters), timeout=sizes.hole_timeout)
     frozen = fleet.relay.freeze()
     try:
+        # A page of 100 items a cluster first (its time is the timeout plus the call), then the
+        # unpaged page (plus moving and decoding the other clusters' 1,000 items each).
+        started = time.perf_counter()
+        await clients.multi.multi_list(small, headers=clients.headers)
+        small_ms = (time.perf_counter() - started) * 1000
         started = time.perf_counter()
         page = await clients.multi.multi_list(request, headers=clients.headers)
         elapsed = (time.perf_counter() - started) * 1000
@@ -329,6 +345,8 @@ async def black_hole(
         "per_cluster_timeout_ms": sizes.hole_timeout * 1000,
         "page_ms": round(elapsed, 1),
         "over_timeout_ms": round(elapsed - sizes.hole_timeout * 1000, 1),
+        "small_page_ms": round(small_ms, 1),
+        "small_page_over_timeout_ms": round(small_ms - sizes.hole_timeout * 1000, 1),
         "hole_outcome": outcomes.get(HOLE),
         "others_ok": others_ok,
     }
@@ -685,16 +703,26 @@ async def stub_rows(
     }
     result["idle_rss_mib"] = {k: round(v, 1) for k, v in fleet.procs.rss(["hub", "chisel-server"]).items()}
     expected = n * sizes.stub_items
+    # One page for every cluster: enough items a page for a leg of MIN_LEG_ITEMS each, every
+    # cluster in flight at once (the stub hub allows max_concurrency up to the fleet's size).
+    one_page = list_request(names, limit=100 * n, concurrency=n)
     try:
-        await traverse(clients, list_request(names, limit=expected))  # warm-up: connections
+        await traverse(clients, one_page)  # warm-up: connections
         times = []
         for _ in range(3):
             started = time.perf_counter()
-            found, pages = await traverse(clients, list_request(names, limit=expected))
+            found, pages = await traverse(clients, one_page)
             times.append((time.perf_counter() - started) * 1000)
             if len(pages) != 1 or len(found) != expected:
                 raise RuntimeError(f"{len(pages)} pages, {len(found)} items of {expected}")
         result["multilist_ms"] = {k: round(v, 1) for k, v in summary(times).items()}
+        started = time.perf_counter()
+        found, pages = await traverse(clients, list_request(names, limit=expected))
+        result["default_options"] = {
+            "ms": round((time.perf_counter() - started) * 1000, 1),
+            "pages": len(pages),
+            "items": len(found),
+        }
         found, pages = await traverse(clients, list_request(names, limit=sizes.page_limit))
         if len(found) != expected or max(found.values()) != 1:
             raise RuntimeError(f"paged: {len(found)} unique items of {expected}")

@@ -279,6 +279,8 @@ def start_stub_fleet(
                 "max_clusters_per_call": max(1000, n),
                 "max_legs_per_subject": 100_000,
                 "max_inflight_per_cluster": 8,
+                "max_concurrency": max(128, n),
+                "max_page_items": max(100_000, 100 * n),
             },
         },
     )

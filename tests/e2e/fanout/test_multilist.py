@@ -231,7 +231,7 @@ async def test_a_black_holed_cluster_costs_one_timeout(fleet: Fleet, clients: Cl
         assert relay.freeze() >= 1
         started = time.monotonic()
         first = await client.multi_list(
-            request(["a-full", "g-hole"], limit=150, timeout=2), headers=fleet.auth("alice")
+            request(["a-full", "g-hole"], limit=200, timeout=2), headers=fleet.auth("alice")
         )
         elapsed = time.monotonic() - started
         statuses = {s.cluster: s for s in first.statuses}
@@ -242,7 +242,7 @@ async def test_a_black_holed_cluster_costs_one_timeout(fleet: Fleet, clients: Cl
         # Bounded by the 2 s per-cluster timeout, not by the call's 120 s deadline (generous on a
         # loaded 2-core machine: the point is "not the deadline", the bench measures the cost).
         assert elapsed < 30, elapsed
-        rest = request(["a-full", "g-hole"], limit=150, timeout=2)
+        rest = request(["a-full", "g-hole"], limit=200, timeout=2)
         rest.cursor = first.next_cursor
         pages = [first, *await traverse(client, rest, fleet.auth("alice"))]
         assert of_cluster(items(pages), "a-full") == fleet.truth("a-full")
@@ -257,7 +257,8 @@ async def test_an_expired_continue_token_ends_only_that_cluster(fleet: Fleet, cl
     """4.2.4: f-nocrd's snapshot is compacted away between pages: EXPIRED (it already returned
     items, so starting over would repeat them); a-full completes."""
     client = clients.multi()
-    first = await client.multi_list(request(["a-full", "f-nocrd"], limit=20), headers=fleet.auth("alice"))
+    # 200 a page: both clusters take part in it (at least 100 items a leg in FAIR order).
+    first = await client.multi_list(request(["a-full", "f-nocrd"], limit=200), headers=fleet.auth("alice"))
     assert {s.cluster for s in first.statuses if s.outcome == OK} == {"a-full", "f-nocrd"}
     cp = fleet.plane("f-nocrd")
     # A write, then compaction of everything before it; kube-apiserver 1.36 serves continue tokens
@@ -271,7 +272,7 @@ async def test_an_expired_continue_token_ends_only_that_cluster(fleet: Fleet, cl
     )
     cp.compact()
     cp.restart_apiserver()  # from the test's (main) thread: see otterscale.testing._system
-    rest = request(["a-full", "f-nocrd"], limit=20)
+    rest = request(["a-full", "f-nocrd"], limit=200)
     rest.cursor = first.next_cursor
     pages = [first, *await traverse(client, rest, fleet.auth("alice"))]
     statuses = final_statuses(pages)

@@ -436,6 +436,7 @@ async def test_legs_count_against_the_callers_limit(fleet: Fleet, clients: Clien
         listing = MultiListRequest(
             selection=ClusterSelection(clusters=["a-full", "b-ns", "c-none", "e-slow", "f-nocrd", "g-hole"]),
             query=ResourceQuery(version="v1", resource="configmaps", namespace="team-a"),
+            limit=600,  # 100 items a leg: all six clusters in one page
         )
         refusals = fleet.hub_metric("otterscale_hub_limit_refusals_total", reason="fanout_legs_per_subject")
         with pytest.raises(ConnectError) as caught:
