@@ -532,6 +532,64 @@ def _expected(writes: dict[int, list[tuple[int, str]]], fleet: RealFleet) -> set
     }
 
 
+async def _every_plane(
+    fleet: RealFleet, per_cluster: float, seconds: float, writes: dict[int, list[tuple[int, str]]]
+) -> None:
+    """Write one object of every plane ``per_cluster`` times a second (each of its clusters sees it)."""
+    jobs = []
+    for index, kube in enumerate(fleet.kubes):
+        if fleet.clusters_on(index):
+            writes[index] = []
+            names = ["hot-000"] if index == 0 else ["fw"]
+            jobs.append(_writer(kube, names, per_cluster, seconds, writes[index]))
+    await asyncio.gather(*jobs)
+
+
+async def separate_watches(
+    fleet: RealFleet, clients: HubClients, sizes: FanoutSizes, failures: Failures
+) -> dict[str, Any]:
+    """The MultiWatch row's other baseline: the same clusters as one single-cluster Watch each
+    through the hub, the same writes (as B1 is for MultiList)."""
+    clusters = sorted(fleet.placement)
+    per_cluster = sizes.watch_rate / len(clusters)
+    arrivals = _Arrivals()
+    writes: dict[int, list[tuple[int, str]]] = {}
+    tasks = []
+    try:
+        for cluster in clusters:
+            request = pb.WatchRequest(
+                cluster=cluster,
+                version="v1",
+                resource="configmaps",
+                namespace=WATCH_NAMESPACE,
+                label_selector=WATCH_LABEL,
+            )
+            stream = clients.resources.watch(request, headers=clients.headers)
+            tasks.append(
+                asyncio.create_task(_read_single(stream, cluster, arrivals), name=f"bench-watch-{cluster}")
+            )
+        await _until_synced(arrivals, clusters)
+        await _every_plane(fleet, per_cluster, sizes.watch_seconds, writes)
+        expected = _expected(writes, fleet)
+        await _settle(arrivals, expected, 15)
+    except Exception as exc:
+        failures.fail("separate Watches", exc)
+        return {}
+    finally:
+        arrivals.closing = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    delivered = _latencies(arrivals, expected)
+    return {
+        "streams": len(clusters),
+        "events": len(expected),
+        "missing": len(expected) - len(delivered),
+        "delivery_ms": {k: round(v, 2) for k, v in summary(delivered).items()},
+        "delivery_after_ack_ms": {k: round(v, 2) for k, v in summary(_after_ack(arrivals, expected)).items()},
+    }
+
+
 async def watch(
     fleet: RealFleet, clients: HubClients, sizes: FanoutSizes, failures: Failures
 ) -> dict[str, Any]:
@@ -546,14 +604,8 @@ async def watch(
             started = time.monotonic()
             await _until_synced(arrivals, clusters)
             result["all_synced_s"] = round(time.monotonic() - started, 2)
-            jobs = []
-            for index, kube in enumerate(fleet.kubes):
-                if fleet.clusters_on(index):
-                    writes[index] = []
-                    names = ["hot-000"] if index == 0 else ["fw"]
-                    jobs.append(_writer(kube, names, per_cluster, sizes.watch_seconds, writes[index]))
             cpu_before = fleet.procs.cpu()
-            await asyncio.gather(*jobs)
+            await _every_plane(fleet, per_cluster, sizes.watch_seconds, writes)
             cpu_after = fleet.procs.cpu()
             expected = _expected(writes, fleet)
             await _settle(arrivals, expected, 15)
@@ -800,6 +852,7 @@ async def run(
         results["lists"] = await lists(real, clients, sizes, failures)
         results["black_hole"] = await black_hole(real, clients, sizes, failures)
         results["watch"] = await watch(real, clients, sizes, failures)
+        results["watch"]["separate_watches"] = await separate_watches(real, clients, sizes, failures)
         results["fairness"] = await fairness(real, clients, sizes, failures)
         recorded = await clients.resources.list(
             pb.ListRequest(
