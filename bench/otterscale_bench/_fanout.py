@@ -217,7 +217,8 @@ async def lists(
 ) -> dict[str, Any]:
     clusters = sorted(fleet.placement)[: sizes.list_clusters]
     expected = len(clusters) * sizes.list_items
-    unpaged = list_request(clusters, limit=expected)
+    # One page: every item, and at least MIN_LEG_ITEMS (100) a cluster so every cluster takes part.
+    unpaged = list_request(clusters, limit=max(expected, 100 * len(clusters)))
     result: dict[str, Any] = {
         "clusters": len(clusters),
         "items_per_cluster": sizes.list_items,
@@ -317,7 +318,9 @@ async def black_hole(
     clusters = sorted(fleet.placement)[: sizes.list_clusters]
     assert fleet.relay is not None
     assert HOLE in clusters
-    request = list_request(clusters, limit=len(clusters) * sizes.list_items, timeout=sizes.hole_timeout)
+    request = list_request(
+        clusters, limit=max(len(clusters) * sizes.list_items, 100 * len(clusters)), timeout=sizes.hole_timeout
+    )
     small = list_request(clusters, limit=100 * len(clusters), timeout=sizes.hole_timeout)
     frozen = fleet.relay.freeze()
     try:
