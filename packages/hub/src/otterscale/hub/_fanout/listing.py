@@ -125,7 +125,7 @@ class Entry:
             return [name, DONE, self.rv]
         if self.state == FAILED:
             return [name, FAILED, self.outcome, self.code]
-        return [
+        packed = [
             name,
             ACTIVE,
             self.rv,
@@ -135,6 +135,9 @@ class Entry:
             self.bytes_per_item,
             self.remaining,
         ]
+        if self.attempts:  # waiting for a retry: what it last failed with, its outcome if it stays failed
+            packed += [self.outcome, self.code]
+        return packed
 
     def final_status(self, name: str, message: str) -> ClusterStatus:
         """The status of a cluster that failed for good on an earlier page (its outcome kept)."""
@@ -155,8 +158,9 @@ class Entry:
         if state == FAILED:
             return name, cls(FAILED, outcome=int(packed[2]), code=str(packed[3]))
         rv, cont, items, attempts, bpi, remaining = packed[2:8]
+        outcome, code = (int(packed[8]), str(packed[9])) if len(packed) > 9 else (0, "")
         return name, cls(
-            ACTIVE, str(rv), str(cont), int(items), int(attempts), 0, "", int(bpi), int(remaining)
+            ACTIVE, str(rv), str(cont), int(items), int(attempts), outcome, code, int(bpi), int(remaining)
         )
 
 
@@ -359,7 +363,7 @@ class MultiLister:
         # would pay 20 round trips for what 5 legs of 100 return. A cluster whose agent is not
         # connected is answered from the hub's state and takes no leg.
         slots = min(concurrency, max(1, limit // MIN_LEG_ITEMS))
-        dial = []
+        dial: list[str] = []
         for name in fresh + retries:
             if len(dial) == slots:
                 break
