@@ -448,7 +448,8 @@ class FanoutConfig(_Model):
     selection resolving to more is invalid_argument), ``max_legs_per_subject`` (List legs in flight
     plus open Watch legs of one authenticated subject), ``max_inflight_per_cluster`` (List legs in
     flight to one cluster, all callers together; more wait their turn, served round-robin by
-    subject), ``max_concurrency`` (the most a caller may ask for in ``max_concurrency``),
+    subject), ``max_inflight_legs`` (List legs in flight in this hub, all callers together; more
+    wait), ``max_concurrency`` (the most a caller may ask for in ``max_concurrency``),
     ``max_watch_legs`` (Watch legs open in this hub, all callers together).
 
     Defaults of calls: ``per_cluster_timeout_seconds`` (a leg's timeout when the call names none),
@@ -461,6 +462,7 @@ class FanoutConfig(_Model):
     max_clusters_per_call: int = Field(default=1000, ge=1, le=100_000, strict=True)
     max_legs_per_subject: int = Field(default=2000, ge=1, le=1_000_000, strict=True)
     max_inflight_per_cluster: int = Field(default=8, ge=1, le=10_000, strict=True)
+    max_inflight_legs: int = Field(default=256, ge=1, le=1_000_000, strict=True)
     max_concurrency: int = Field(default=128, ge=1, le=10_000, strict=True)
     max_watch_legs: int = Field(default=20_000, ge=1, le=10_000_000, strict=True)
     per_cluster_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)

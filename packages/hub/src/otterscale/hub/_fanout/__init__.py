@@ -98,7 +98,9 @@ class Fanout:
         )
 
         fanout_metrics = FanoutMetrics(metrics.registry)
-        self.lanes = ClusterLanes(fanout.max_inflight_per_cluster, fanout_metrics)
+        self.lanes = ClusterLanes(
+            fanout.max_inflight_per_cluster, fanout_metrics, total=fanout.max_inflight_legs
+        )
         concurrency = min(32, fanout.max_concurrency)
         self.lister = MultiLister(
             legs=legs,

@@ -12,6 +12,9 @@ bounds are security controls (fanout.md 3.4), not only performance knobs:
   kube-apiserver. A leg beyond it waits; waiting legs are served round-robin by subject (a small
   version of Kubernetes' API priority and fairness): a user scanning 1,000 clusters gets the
   same turns on each cluster as a user listing three. The wait counts against the leg's timeout.
+  And List legs in flight in the whole hub, ``fanout.max_inflight_legs``: a page over 1,000
+  clusters at once would keep the hub's event loop so busy that its own health probes of the
+  agents time out (measured: the prober then marked hundreds of connected agents unreachable).
 
 Pure bookkeeping on the event loop: no locks, no tasks.
 """
@@ -117,9 +120,12 @@ class _Lane:
 class ClusterLanes:
     """At most ``per_cluster`` List legs in flight per cluster (see the module docstring)."""
 
-    def __init__(self, per_cluster: int, metrics: FanoutMetrics | None = None) -> None:
+    def __init__(
+        self, per_cluster: int, metrics: FanoutMetrics | None = None, *, total: int = 1_000_000
+    ) -> None:
         self.per_cluster = per_cluster
         self._metrics = metrics
+        self._total = asyncio.Semaphore(total)
         self._lanes: dict[str, _Lane] = {}
         #: Most legs seen in flight at once per cluster (tests and metrics check the cap).
         self.peak: dict[str, int] = {}
@@ -131,7 +137,12 @@ class ClusterLanes:
 
     @asynccontextmanager
     async def slot(self, cluster: str, subject: str) -> AsyncIterator[None]:
-        """Hold one of ``cluster``'s slots for the body; wait (cancellably) for one if needed."""
+        """Hold one of the hub's and one of ``cluster``'s slots for the body (waits cancellably)."""
+        async with self._total, self._cluster_slot(cluster, subject):
+            yield
+
+    @asynccontextmanager
+    async def _cluster_slot(self, cluster: str, subject: str) -> AsyncIterator[None]:
         lane = self._lanes.get(cluster)
         if lane is None:
             lane = self._lanes[cluster] = _Lane()
