@@ -345,6 +345,63 @@ async def test_a_connection_closed_by_its_peer_while_idle_is_released_at_once(ve
             await asyncio.wait_for(server, 15)
 
 
+async def test_request_data_after_the_answer_keeps_the_connection() -> None:
+    """A stream answered before its request ended (a client or bidirectional stream refused on its
+    first message) gets more request data: the other streams of the connection carry on. Without
+    the fix hypercorn raises KeyError on that DATA frame and drops the whole connection."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    tune_hypercorn()
+
+    async def answer_at_once(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "lifespan":
+            await _app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 403, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"no"})  # type: ignore[operator]
+
+    sock = create_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    shutdown = asyncio.Event()
+    server = asyncio.create_task(
+        serve(answer_at_once, sock, shutdown, graceful_timeout=1), name="test-h2-late"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    headers = [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "x")]
+
+    async def until_ended(stream_id: int) -> list[object]:
+        seen: list[object] = []
+        while not any(isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id for e in seen):
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, f"the server closed the connection (events so far: {seen})"
+            seen += conn.receive_data(data)
+            writer.write(conn.data_to_send())
+        return seen
+
+    try:
+        conn.initiate_connection()
+        first = conn.get_next_available_stream_id()
+        conn.send_headers(first, headers)
+        conn.send_data(first, b"the first message")
+        writer.write(conn.data_to_send())
+        await until_ended(first)  # answered while the request is still open
+        conn.send_data(first, b"more of the request", end_stream=True)
+        second = conn.get_next_available_stream_id()
+        conn.send_headers(second, headers, end_stream=True)
+        writer.write(conn.data_to_send())
+        events = await until_ended(second)
+        statuses = [dict(e.headers)[b":status"] for e in events if isinstance(e, h2.events.ResponseReceived)]
+        assert statuses == [b"403"], events
+    finally:
+        writer.close()
+        shutdown.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(server, 10)
+
+
 def test_another_hypercorn_is_left_alone_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

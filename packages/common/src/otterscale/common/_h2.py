@@ -1,7 +1,7 @@
 """hypercorn 0.18, made fit for hundreds of Watch streams and for clients that stop reading or leave.
 
 The hub and the agent both serve through hypercorn; :func:`tune_hypercorn` (called by
-:func:`otterscale.common.serve`) changes five things in it, process-wide, because hypercorn's
+:func:`otterscale.common.serve`) changes six things in it, process-wide, because hypercorn's
 configuration has no hook for any of them:
 
 1. **An O(1) send scheduler.** hypercorn picks the next stream to send from with
@@ -46,6 +46,15 @@ configuration has no hook for any of them:
    whose peer has gone is closed at once: hypercorn kept it open until its keep-alive timer ran
    out (120 s here), so every connection cut while idle (a hub or a tunnel restarting) sat in
    CLOSE_WAIT that long (a 30-minute soak with long-lived agents ended with ~20 in each agent).
+
+6. **Request data after the answer.** A server may answer before the request body has ended (an
+   error on a client or bidirectional stream's first message, an agent whose stream ended while
+   the hub still sends): hypercorn then forgets the stream, and the client's next DATA frame for
+   it raises ``KeyError`` out of the connection's event loop, which drops the whole connection
+   with every other call on it (the client saw ``unavailable: broken pipe`` instead of the
+   answer). Such frames are now acknowledged (so the connection's flow-control window does not
+   shrink) and dropped, as RFC 9113 section 8.1 lets a server that has answered ignore the rest
+   of the request.
 
 Each change checks the hypercorn version it was written against (the dependency is pinned) and
 leaves hypercorn alone, with a warning, for any other version. :func:`tune_hypercorn` is
@@ -380,8 +389,42 @@ async def _reset_unfinished(protocol: Any, stream_id: int) -> None:
             logger.debug("stream %d was not scheduled", stream_id)
 
 
+def _install_late_data() -> bool:
+    """Drop request data for streams hypercorn has finished (item 6 of the module docstring).
+
+    Wraps ``H2Protocol._handle_events``. Returns whether the change is in place; False, with a
+    warning, for an unexpected hypercorn.
+    """
+    import h2.events
+    from hypercorn.protocol.h2 import H2Protocol
+
+    original = H2Protocol._handle_events
+    if getattr(original, "_otterscale_late_data", False):
+        return True
+    if not _supported("request data after an answer drops the whole HTTP/2 connection"):
+        return False
+
+    @functools.wraps(original)
+    async def _handle_events(self: Any, events: list[Any]) -> None:
+        batch: list[Any] = []
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                if batch:  # the events before it may create the stream: handle them first
+                    await original(self, batch)
+                    batch = []
+                if event.stream_id not in self.streams:
+                    self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    continue
+            batch.append(event)
+        await original(self, batch)
+
+    _handle_events._otterscale_late_data = True  # type: ignore[attr-defined]
+    H2Protocol._handle_events = _handle_events
+    return True
+
+
 def tune_hypercorn() -> bool:
-    """Apply the five changes of the module docstring to hypercorn, once per process.
+    """Apply the six changes of the module docstring to hypercorn, once per process.
 
     Call it before serving (:func:`otterscale.common.serve` does). Returns whether all of them
     are in place: False, with a warning logged, when the installed hypercorn is not the version
@@ -390,4 +433,5 @@ def tune_hypercorn() -> bool:
     scheduler = _install_scheduler_and_cache()
     flow = _install_flow_fixes()
     close = _install_bounded_close()
-    return scheduler and flow and close
+    late = _install_late_data()
+    return scheduler and flow and close and late

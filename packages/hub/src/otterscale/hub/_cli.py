@@ -53,8 +53,9 @@ from ._election import (
     DEFAULT_RETRY_PERIOD,
     ElectionSettings,
 )
-from ._hub import HubSettings, hub_version, run_hub, tunnel_fingerprint
+from ._hub import HubSettings, hub_version, run_hub
 from ._kube import service_account_namespace
+from ._tunnel_server import tunnel_fingerprint
 
 logger = logging.getLogger(__name__)
 

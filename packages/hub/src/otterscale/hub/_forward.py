@@ -1,4 +1,4 @@
-"""Followers forward: every ResourceService and ClusterService call goes on to the leader.
+"""Followers forward: every call of every API service goes on to the leader.
 
 With leader election only the leader runs the tunnel server, so only it can reach the agents
 (and only it knows their state). A follower serves the same routes with this forwarder, which
@@ -6,9 +6,12 @@ re-issues each call to ``http://<leader Pod IP>:<the fixed --address port>`` (fr
 :class:`~._leader.LeaderTracker`'s cache: no API request per call) over warm HTTP/2
 connections, with the same procedure, codec and message bytes (pass-through codecs, nothing is
 decoded), and passes the answer back as it came: response bytes, error code, message and
-details unchanged. Unary and Watch alike, whatever protocol the caller speaks (Connect, gRPC,
-gRPC-Web over HTTP/1.1 or h2c): the follower terminates the caller's protocol and speaks Connect
-to the leader.
+details unchanged. Every call shape alike (unary, server, client and bidirectional streams,
+the last two passed on message by message as they arrive), whatever protocol the caller speaks
+(Connect, gRPC, gRPC-Web over HTTP/1.1 or h2c): the follower terminates the caller's protocol and
+speaks Connect to the leader over HTTP/2. Cluster-routed and hub-served services are forwarded
+the same way, from their descriptors (:mod:`._services`): the follower reads no field of any
+request, the leader routes it.
 
 What goes with a forwarded call, and nothing else:
 
@@ -22,7 +25,7 @@ What goes with a forwarded call, and nothing else:
 
 During a hand-over a follower answers unavailable at once, saying why (no leader, the leader's
 address is not known yet, the leader cannot be reached: connect timeout 2 s), instead of
-queueing calls. When the leader changes, calls and Watches still open to the former one end
+queueing calls. When the leader changes, calls and streams still open to the former one end
 with unavailable (clients resume a Watch from its last resourceVersion); the connection to a
 leader that was killed may otherwise never report its death.
 """
@@ -38,7 +41,6 @@ from connectrpc.client import ConnectClient
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
-from connectrpc.request import RequestContext
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
 from otterscale.common import AuthenticationError, OtterscaleError
@@ -48,7 +50,17 @@ from ._errors import LeaderUnavailableError, NotLeaderError, ShuttingDownError, 
 from ._leader import LeaderInfo, Leadership
 from ._metrics import HubMetrics
 from ._observe import FORWARDED_BY_HEADER
-from ._passthrough import PassThroughResourceService, close_upstream, next_hop_timeout_ms, with_request_id
+from ._passthrough import (
+    Context,
+    RequestPipe,
+    Requests,
+    caller_failure,
+    close_upstream,
+    next_hop_timeout_ms,
+    pass_on,
+    with_request_id,
+)
+from ._routes import Route
 from ._upstream import MAX_RESPONSE_BYTES, STREAM_TRANSPORTS
 
 logger = logging.getLogger(__name__)
@@ -62,11 +74,11 @@ _SHUTDOWN = "otterscale-hub-forward-shutdown"
 _LEADER_CHANGED = "otterscale-hub-leader-changed"
 
 
-class LeaderForwarder(PassThroughResourceService):
-    """ResourceService and ClusterService on a follower (see the module docstring).
+class LeaderForwarder:
+    """The :class:`~._passthrough.Relay` of every API service on a follower (see the module docstring).
 
-    Served by the generated ASGI applications with pass-through codecs; the method names are
-    those of both service protocols.
+    Served by :class:`~._passthrough.PassThroughApplication`\\ s built from the descriptors of
+    every cluster-routed and hub-served service.
     """
 
     def __init__(self, leadership: Leadership, metrics: HubMetrics) -> None:
@@ -80,28 +92,11 @@ class LeaderForwarder(PassThroughResourceService):
         self._draining = False
 
     # ----------------------------------------------------------------------------------------------
-    # ClusterService (the ResourceService handlers come from PassThroughResourceService)
-
-    async def list_clusters(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward ListClusters (the leader knows the agents' state)."""
-        return await self._unary(request, ctx)
-
-    # MultiClusterService (the leader runs the legs: only it reaches the agents)
-
-    async def multi_list(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
-        """Forward MultiList."""
-        return await self._unary(request, ctx)
-
-    def multi_watch(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> AsyncIterator[RawMessage]:
-        """Forward MultiWatch as a stream."""
-        return self._stream(request, ctx)
-
-    # ----------------------------------------------------------------------------------------------
     # Leader changes and shutdown
 
     @property
     def open_calls(self) -> int:
-        """Forwarded calls (unary and Watch) open right now."""
+        """Forwarded calls (unary and streams) open right now."""
         return len(self._calls)
 
     def leader_changed(self) -> None:
@@ -113,7 +108,7 @@ class LeaderForwarder(PassThroughResourceService):
                 task.cancel(_LEADER_CHANGED)
 
     def drain(self) -> None:
-        """Refuse new Watches; end the open ones with unavailable (this replica shuts down)."""
+        """Refuse new streams; end the open ones with unavailable (this replica shuts down)."""
         self._draining = True
         for task, (_url, stream) in list(self._calls.items()):
             if stream:
@@ -125,13 +120,15 @@ class LeaderForwarder(PassThroughResourceService):
             await transport.aclose()
 
     # ----------------------------------------------------------------------------------------------
+    # Relay
 
-    async def _unary(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+    async def unary(self, route: Route, request: RawMessage, ctx: Context) -> RawMessage:
+        """Forward one unary call to the leader."""
         code = "ok"
         task = asyncio.current_task()
         assert task is not None
         try:
-            leader, headers, timeout_ms = self._prepare(ctx, stream=False)
+            leader, headers, timeout_ms = self._prepare(route, ctx, stream=False)
             client = self._client(leader, request.codec, 0)
             self._calls[task] = (client_url(leader), False)
             try:
@@ -139,9 +136,9 @@ class LeaderForwarder(PassThroughResourceService):
                     request=request, method=ctx.method, headers=headers, timeout_ms=timeout_ms
                 )
             except ConnectError as exc:
-                raise self._upstream_error(leader, exc, task) from None
+                raise self._upstream_error(route, leader, exc, task) from None
             except asyncio.CancelledError as exc:
-                raise self._cancelled(leader, exc, task) from None
+                raise self._cancelled(route, leader, exc, task) from None
             return response
         except ConnectError as exc:
             code = exc.code.value
@@ -157,30 +154,38 @@ class LeaderForwarder(PassThroughResourceService):
             self._calls.pop(task, None)
             self._count(ctx, code)
 
-    async def _stream(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> AsyncIterator[RawMessage]:
+    async def stream(self, route: Route, requests: Requests, ctx: Context) -> AsyncIterator[RawMessage]:
+        """Forward a streaming call (any of the three shapes) to the leader."""
         code = "ok"
         task = asyncio.current_task()
         assert task is not None
         index = -1
+        pipe: RequestPipe | None = None
         try:
-            leader, headers, timeout_ms = self._prepare(ctx, stream=True)
+            leader, headers, timeout_ms = self._prepare(route, ctx, stream=True)
             index = min(range(STREAM_TRANSPORTS), key=self._open_streams.__getitem__)
             self._open_streams[index] += 1
-            client = self._client(leader, request.codec, 1 + index)
             self._calls[task] = (client_url(leader), True)
             try:
-                upstream = client.execute_server_stream(
-                    request=request, method=ctx.method, headers=headers, timeout_ms=timeout_ms
-                )
+                if isinstance(requests, RawMessage):
+                    client = self._client(leader, requests.codec, 1 + index)
+                    upstream = pass_on(client, requests, ctx, headers, timeout_ms)
+                else:
+                    # A request stream goes on as it arrives; the leader routes it by its first message.
+                    pipe = RequestPipe(requests, name=f"hub-forward-requests:{route.procedure}")
+                    client = self._client(leader, _codec(ctx), 1 + index)
+                    upstream = pass_on(client, pipe, ctx, headers, timeout_ms)
                 try:
                     async for message in upstream:
                         yield message
                 finally:
                     await close_upstream(upstream)
             except ConnectError as exc:
-                raise self._upstream_error(leader, exc, task) from None
+                if (failure := caller_failure(pipe)) is not None:
+                    raise failure from None
+                raise self._upstream_error(route, leader, exc, task) from None
             except asyncio.CancelledError as exc:
-                raise self._cancelled(leader, exc, task) from None
+                raise self._cancelled(route, leader, exc, task) from None
         except ConnectError as exc:
             code = exc.code.value
             raise
@@ -195,10 +200,12 @@ class LeaderForwarder(PassThroughResourceService):
             if index >= 0:
                 self._open_streams[index] -= 1
             self._calls.pop(task, None)
+            if pipe is not None:
+                await pipe.close()
             self._count(ctx, code)
 
     def _prepare(
-        self, ctx: RequestContext[Any, Any], *, stream: bool
+        self, route: Route, ctx: Context, *, stream: bool
     ) -> tuple[LeaderInfo, dict[str, str], int | None]:
         me = self._leadership.identity
         forwarded_by = ctx.request_headers.get(HOP_HEADER)
@@ -208,7 +215,7 @@ class LeaderForwarder(PassThroughResourceService):
                 "it did): leadership is changing, retry in a moment"
             )
         if stream and self._draining:
-            raise ShuttingDownError("the hub is shutting down; retry the Watch from the last resourceVersion")
+            raise ShuttingDownError(f"the hub is shutting down; retry {route.again}")
         leader = self._leadership.leader()
         if leader is None:
             raise LeaderUnavailableError(
@@ -248,11 +255,11 @@ class LeaderForwarder(PassThroughResourceService):
         return found
 
     def _upstream_error(
-        self, leader: LeaderInfo, exc: ConnectError, task: asyncio.Task[Any]
+        self, route: Route, leader: LeaderInfo, exc: ConnectError, task: asyncio.Task[Any]
     ) -> BaseException:
         cause = exc.__cause__
         if isinstance(cause, asyncio.CancelledError):
-            return self._cancelled(leader, cause, task)
+            return self._cancelled(route, leader, cause, task)
         if exc.code is Code.UNAVAILABLE and cause is not None and not isinstance(cause, ConnectError):
             # A transport failure: the leader was never reached, or went away mid-call.
             reason = str(cause).strip() or type(cause).__name__
@@ -265,26 +272,28 @@ class LeaderForwarder(PassThroughResourceService):
         return exc
 
     def _cancelled(
-        self, leader: LeaderInfo, exc: asyncio.CancelledError, task: asyncio.Task[Any]
+        self, route: Route, leader: LeaderInfo, exc: asyncio.CancelledError, task: asyncio.Task[Any]
     ) -> BaseException:
         if exc.args == (_LEADER_CHANGED,):
             task.uncancel()
             return to_connect_error(
-                LeaderUnavailableError(
-                    f"{leader.identity} no longer leads; retry (resume a Watch from its last resourceVersion)"
-                )
+                LeaderUnavailableError(f"{leader.identity} no longer leads; retry {route.again}")
             )
         if exc.args == (_SHUTDOWN,):
             task.uncancel()
-            return to_connect_error(
-                ShuttingDownError("the hub is shutting down; resume the Watch from the last resourceVersion")
-            )
+            return to_connect_error(ShuttingDownError(f"the hub is shutting down; resume {route.again}"))
         return exc
 
-    def _count(self, ctx: RequestContext[Any, Any], code: str) -> None:
+    def _count(self, ctx: Context, code: str) -> None:
         self._metrics.forwarded_rpcs.labels(
             service=ctx.method.service_name, method=ctx.method.name, code=code
         ).inc()
+
+
+def _codec(ctx: Context) -> str:
+    """The codec of a request stream's messages, from its content type (``application/grpc+json``)."""
+    content_type = ctx.request_headers.get("content-type", "")
+    return CODEC_JSON if content_type.partition(";")[0].endswith("json") else CODEC_PROTO
 
 
 def client_url(leader: LeaderInfo) -> str:

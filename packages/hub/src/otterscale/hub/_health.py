@@ -9,11 +9,12 @@ runtime into the hub for three small messages. ``List`` (added upstream in 2024)
 
 Services and their status:
 
-- ``""`` (the server as a whole) and ``otterscale.resource.v1.ResourceService``: SERVING while the
-  hub runs, its tunnel server is up and it is not shutting down; NOT_SERVING otherwise. With
-  leader election a follower has no tunnel server and is SERVING while it runs (it forwards);
-- ``otterscale.cluster.v1.ClusterService``, ``grpc.health.v1.Health`` and the reflection services:
-  SERVING while the hub runs and is not shutting down;
+- ``""`` (the server as a whole) and every cluster-routed service
+  (``otterscale.resource.v1.ResourceService``, ...): SERVING while the hub runs, its tunnel server
+  is up and it is not shutting down; NOT_SERVING otherwise. With leader election a follower has no
+  tunnel server and is SERVING while it runs (it forwards);
+- every hub-served service (``otterscale.cluster.v1.ClusterService``, ...), ``grpc.health.v1.Health``
+  and the reflection services: SERVING while the hub runs and is not shutting down;
 - ``otterscale.cluster.v1.Cluster/<name>``: SERVING while cluster ``<name>``'s agent is connected
   to this replica; with leader election only the leader's answer means anything (followers have
   no tunnels; ClusterService, which they forward, answers the same everywhere);
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from connectrpc.code import Code
@@ -49,8 +50,7 @@ HEALTH_FILE = "grpc/health/v1/health.proto"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 CLUSTER_PREFIX = "otterscale.cluster.v1.Cluster/"
 RESOURCE_SERVICE = "otterscale.resource.v1.ResourceService"
-HUB_SERVICES = (
-    "otterscale.cluster.v1.ClusterService",
+_OWN_SERVICES = (
     HEALTH_SERVICE,
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
@@ -126,21 +126,25 @@ class HealthService:
         *,
         serving: Callable[[], bool],
         resources_serving: Callable[[], bool] | None = None,
+        routed: Iterable[str] = (RESOURCE_SERVICE,),
+        served: Iterable[str] = ("otterscale.cluster.v1.ClusterService",),
     ) -> None:
         self._tunnels = tunnels
         self._serving = serving
         self._resources_serving = resources_serving
+        self._routed = frozenset(("", *routed))
+        self._served = frozenset((*_OWN_SERVICES, *served))
         self._closing = False
         self._closed = asyncio.Event()
 
     def status(self, service: str) -> int:
         """The serving status of ``service`` (SERVICE_UNKNOWN when there is no such service)."""
         up = self._serving() and not self._closing
-        if service in ("", RESOURCE_SERVICE):
+        if service in self._routed:
             if self._resources_serving is not None:
                 return SERVING if up and self._resources_serving() else NOT_SERVING
             return SERVING if up and self._tunnels.server_up else NOT_SERVING
-        if service in HUB_SERVICES:
+        if service in self._served:
             return SERVING if up else NOT_SERVING
         if service.startswith(CLUSTER_PREFIX):
             cluster = self._tunnels.get(service[len(CLUSTER_PREFIX) :])

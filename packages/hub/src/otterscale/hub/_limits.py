@@ -8,18 +8,21 @@ Each refusal is a Connect ``resource_exhausted`` whose message names the limit a
 ``max_request_bytes`` (default 4 MiB, reason ``request_too_large``)
     A larger request body, or a larger enveloped message, is refused before it is buffered: at
     once when ``Content-Length`` says so, else as soon as that many bytes have arrived (chunked
-    or streamed bodies). A gzip-compressed request (connectrpc clients compress by default) is
-    inflated only up to the limit and refused past it (:class:`BoundedGzipCompression`).
+    or streamed bodies). Of a client or bidirectional stream, which may carry any number of
+    messages, each message is bounded (on its envelope's length prefix), not the whole body. A
+    gzip-compressed request (connectrpc clients compress by default) is inflated only up to the
+    limit and refused past it (:class:`BoundedGzipCompression`).
 ``max_response_bytes`` (default 64 MiB, reason ``response_too_large``)
     An agent's unary answer stops being read there; the call ends asking the caller to page
     with limit/continue. A single Watch event over it ends the Watch (connectrpc's message).
 ``max_watches_per_subject`` (default 1000, reason ``watch_limit``)
-    The next Watch of that authenticated subject is refused; a Watch that ends for any reason
+    The next stream (a Watch, or any other server, client or bidirectional stream: each holds a
+    connection open) of that authenticated subject is refused; a stream that ends for any reason
     (client cancel, agent error, hub drain, slow client) frees its slot.
 ``watch_send_timeout_seconds`` (default 30, reason ``slow_watch_client``)
-    A Watch whose client has not accepted an event for that long is ended. No status can reach
-    a client that does not read, so the stream is reset (RST_STREAM on HTTP/2); its agent
-    stream, slot and gauge are released at once.
+    A stream (Watch or other) whose client has not accepted a message for that long is ended.
+    No status can reach a client that does not read, so the stream is reset (RST_STREAM on
+    HTTP/2); its agent stream, slot and gauge are released at once.
 
 Memory: a refused request costs at most ``max_request_bytes`` plus one read chunk (the rest of
 its body is read and dropped, not kept); a unary answer at most about twice ``max_response_bytes``
@@ -37,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +56,8 @@ from ._errors import (
     WatchLimitError,
     to_connect_error,
 )
+from ._routes import Route, cluster_routes, routes_by_procedure
+from ._services import ROUTED_SERVICES
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +75,6 @@ ENVELOPE_PREFIX = 5
 DISCARD_BYTES = 16 * MIB
 DISCARD_SECONDS = 5.0
 
-#: Server-streaming methods whose sends are bounded by ``watch_send_timeout_seconds``.
-STREAMING_METHODS = ("/Watch", "/MultiWatch")
 #: ``reason`` labels of ``otterscale_hub_limit_refusals_total``.
 REQUEST_TOO_LARGE = "request_too_large"
 RESPONSE_TOO_LARGE = "response_too_large"
@@ -129,11 +132,14 @@ def response_too_large(cluster: str, limit: int) -> ResponseTooLargeError:
 
 
 # --------------------------------------------------------------------------------------------------
-# Watch slots
+# Stream slots
 
 
 class WatchSlots:
-    """At most ``limit`` concurrent Watches per authenticated subject (pure bookkeeping).
+    """At most ``limit`` concurrent streams per authenticated subject (pure bookkeeping).
+
+    Named after the first streaming RPC (``limits.max_watches_per_subject``); every streaming
+    call of every routed service takes a slot.
 
     :meth:`acquire` takes a slot or raises :class:`WatchLimitError`; every successful acquire is
     paired with exactly one :meth:`release` (the proxy does it in a ``finally``).
@@ -153,12 +159,13 @@ class WatchSlots:
         """Slots held by every subject."""
         return sum(self._held.values())
 
-    def acquire(self, subject: str) -> None:
-        """Take a slot for ``subject``; raise :class:`WatchLimitError` when it holds ``limit``."""
+    def acquire(self, subject: str, method: str = "Watch") -> None:
+        """Take a slot for ``subject``'s ``method`` stream; raise :class:`WatchLimitError` when it
+        holds ``limit``."""
         held = self._held.get(subject, 0)
         if held >= self.limit:
             raise WatchLimitError(
-                f"too many concurrent Watch streams for this caller: the hub's limit is {self.limit} "
+                f"too many concurrent {method} streams for this caller: the hub's limit is {self.limit} "
                 "per subject (limits.max_watches_per_subject in otterscale.yaml); close one first"
             )
         self._held[subject] = held + 1
@@ -173,17 +180,21 @@ class WatchSlots:
 
 
 # --------------------------------------------------------------------------------------------------
-# Requests and slow Watch clients: ASGI middleware in front of ResourceService
+# Requests and slow stream clients: ASGI middleware in front of every API service
 
 
 class ClientLimits:
-    """ASGI middleware: the request size limit for every call, the send timeout for Watches.
+    """ASGI middleware: the request size limit for every call, the send timeout for streams.
+
+    ``routes`` (by procedure path) says which calls stream requests or responses; by default
+    those of the hub's cluster-routed services.
 
     Request bodies: ``receive`` is wrapped so that a body over the limit raises a Connect
     ``resource_exhausted`` inside connectrpc, which answers it in the caller's protocol (Connect
     unary, Connect streaming, gRPC, gRPC-Web) exactly like its own errors. It is raised before
     any byte is read when ``Content-Length`` is too large, else when the bytes read so far (or
-    an envelope's length prefix) pass the limit, so nothing larger is ever buffered.
+    an envelope's length prefix) pass the limit, so nothing larger is ever buffered. A request
+    stream's messages are bounded one by one, on each envelope's length prefix.
 
     That answer is held back while the rest of the refused body is read and dropped (at most
     :data:`DISCARD_BYTES`, for at most :data:`DISCARD_SECONDS`): hypercorn 0.18 forgets a stream
@@ -193,28 +204,38 @@ class ClientLimits:
     that sends a finite body gets the answer once it is sent; one that sends without end gets it
     after those bounds, and loses the connection.
 
-    Watch responses: each ``send`` of the response may take at most ``watch_send_timeout``;
+    Streamed responses: each ``send`` of the response may take at most ``watch_send_timeout``;
     hypercorn's send blocks only when the client's HTTP/2 window and the stream's small buffer
     are full, that is when the client has not accepted data for that long. The call then ends
     (the handler's generator is closed, which closes the agent stream and frees the slot) and
     every later send fails at once, so nothing else waits on that client.
     """
 
-    def __init__(self, app: ASGIApp, limits: HubLimits, *, on_refused: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: HubLimits,
+        *,
+        on_refused: Callable[[str], None],
+        routes: Mapping[str, Route] | None = None,
+    ) -> None:
         self._app = app
         self._limits = limits
         self._on_refused = on_refused
+        self._routes = routes if routes is not None else default_routes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        body = _BodyLimit(scope, receive, self._limits.max_request_bytes, self._on_refused)
+        route = self._routes.get(scope["path"])
+        per_message = route is not None and route.streams_requests
+        body = _BodyLimit(scope, receive, self._limits.max_request_bytes, self._on_refused, per_message)
         held = _HeldSend(send, body)
-        if not scope["path"].endswith(STREAMING_METHODS):
+        if route is None or not route.streams_responses:
             await self._app(scope, body, held)
         else:
-            sender = _WatchSender(held, self._limits.watch_send_timeout, self._on_refused)
+            sender = _StreamSender(held, self._limits.watch_send_timeout, self._on_refused, route)
             try:
                 await self._app(scope, body, sender)
             except ConnectError as exc:
@@ -250,25 +271,42 @@ class _HeldSend:
 
 
 class _BodyLimit:
-    """The request's ``receive`` that refuses a body over the limit (see :class:`ClientLimits`)."""
+    """The request's ``receive`` that refuses a body over the limit (see :class:`ClientLimits`).
 
-    def __init__(self, scope: Scope, receive: Receive, limit: int, on_refused: Callable[[str], None]) -> None:
+    ``per_message``: the body is a request stream; each enveloped message is bounded, not the whole.
+    """
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        limit: int,
+        on_refused: Callable[[str], None],
+        per_message: bool = False,
+    ) -> None:
         self._receive = receive
         self._limit = limit
         self._on_refused = on_refused
         content_type = _header(scope, b"content-type") or ""
         self._enveloped = content_type.startswith(("application/grpc", "application/connect+"))
+        self._per_message = per_message and self._enveloped
         # An enveloped body carries the message plus its 5-byte prefix.
         self._allowed = limit + (ENVELOPE_PREFIX if self._enveloped else 0)
         declared = _header(scope, b"content-length")
         self._declared = int(declared) if declared is not None and declared.isdigit() else None
         self._received = 0
         self._prefix = b""
+        self._payload_left = 0  # bytes of the current message still to come (per_message)
         self._done = False
         self.refused = False
 
     async def __call__(self) -> dict[str, Any]:
-        if self._declared is not None and self._declared > self._allowed and not self._done:
+        if (
+            not self._per_message
+            and self._declared is not None
+            and self._declared > self._allowed
+            and not self._done
+        ):
             self._refuse()
         message = await self._receive()
         if message["type"] == "http.request":
@@ -276,6 +314,9 @@ class _BodyLimit:
             self._received += len(chunk)
             if not message.get("more_body", False):
                 self._done = True
+            if self._per_message:
+                self._messages(chunk)
+                return message
             if self._enveloped and len(self._prefix) < ENVELOPE_PREFIX:
                 self._prefix += chunk[: ENVELOPE_PREFIX - len(self._prefix)]
                 if (
@@ -288,6 +329,24 @@ class _BodyLimit:
         elif message["type"] == "http.disconnect":
             self._done = True
         return message
+
+    def _messages(self, chunk: bytes) -> None:
+        """Follow the envelopes of a request stream; refuse one that announces too much."""
+        position, end = 0, len(chunk)
+        while position < end:
+            if self._payload_left:
+                taken = min(self._payload_left, end - position)
+                self._payload_left -= taken
+                position += taken
+                continue
+            taken = min(ENVELOPE_PREFIX - len(self._prefix), end - position)
+            self._prefix += chunk[position : position + taken]
+            position += taken
+            if len(self._prefix) == ENVELOPE_PREFIX:
+                self._payload_left = int.from_bytes(self._prefix[1:], "big")
+                self._prefix = b""
+                if self._payload_left > self._limit:
+                    self._refuse()
 
     def _refuse(self) -> None:
         if not self.refused:
@@ -309,13 +368,14 @@ class _BodyLimit:
             logger.debug("stopped discarding a refused request body after %.0fs", DISCARD_SECONDS)
 
 
-class _WatchSender:
-    """The Watch response's ``send``, bounded in time (see :class:`ClientLimits`)."""
+class _StreamSender:
+    """A streamed response's ``send``, bounded in time (see :class:`ClientLimits`)."""
 
-    def __init__(self, send: Send, timeout: float, on_refused: Callable[[str], None]) -> None:
+    def __init__(self, send: Send, timeout: float, on_refused: Callable[[str], None], route: Route) -> None:
         self._send = send
         self._timeout = timeout
         self._on_refused = on_refused
+        self._route = route
         self.stalled: ConnectError | None = None
 
     async def __call__(self, message: dict[str, Any]) -> None:
@@ -326,11 +386,14 @@ class _WatchSender:
                 await self._send(message)
         except TimeoutError:
             self._on_refused(SLOW_WATCH_CLIENT)
+            route = self._route
+            what, again = ("event", "resume from the last resourceVersion")
+            if not route.resumable:
+                what, again = ("message", f"call {route.method} again")
             self.stalled = to_connect_error(
                 SlowWatchClientError(
-                    f"the client accepted no Watch event for {self._timeout:g}s "
-                    "(limits.watch_send_timeout_seconds in otterscale.yaml); resume from the last "
-                    "resourceVersion"
+                    f"the client accepted no {route.method} {what} for {self._timeout:g}s "
+                    f"(limits.watch_send_timeout_seconds in otterscale.yaml); {again}"
                 )
             )
             raise self.stalled from None
@@ -436,3 +499,8 @@ def is_response_too_large(exc: ConnectError) -> bool:
             return True
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def default_routes() -> Mapping[str, Route]:
+    """The routes of the hub's own cluster-routed services (:data:`._services.ROUTED_SERVICES`)."""
+    return routes_by_procedure(route for service in ROUTED_SERVICES for route in cluster_routes(service))

@@ -7,8 +7,8 @@ always a configured cluster name (a request for an unknown cluster is counted wi
 
 =============================================== ==========================================================
 ``otterscale_hub_rpc_handled_total``            RPCs finished, by ``service``, ``method``, ``code``
-``otterscale_hub_rpc_duration_seconds``         RPC duration histogram, same labels (a Watch: its lifetime)
-``otterscale_hub_watch_streams_active``         open Watch streams, by ``cluster``
+``otterscale_hub_rpc_duration_seconds``         RPC duration histogram, same labels (a stream: its lifetime)
+``otterscale_hub_watch_streams_active``         open streams to agents (Watch and every other), by ``cluster``
 ``otterscale_hub_tunnel_up``                    1 when the cluster's agent is connected, by ``cluster``
 ``otterscale_hub_tunnel_last_seen_timestamp_seconds`` last contact with the agent, by ``cluster``
 ``otterscale_hub_tunnel_transitions_total``     connected/disconnected changes, by ``cluster``
@@ -98,14 +98,14 @@ class HubMetrics:
         )
         self.rpc_duration = Histogram(
             "otterscale_hub_rpc_duration_seconds",
-            "Duration of RPCs through the hub (for Watch: the lifetime of the stream).",
+            "Duration of RPCs through the hub (for Watch and other streams: the lifetime of the stream).",
             ["service", "method", "code"],
             buckets=_RPC_BUCKETS,
             registry=registry,
         )
         self.watch_active = Gauge(
             "otterscale_hub_watch_streams_active",
-            "Watch streams currently open through the hub.",
+            "Streams (Watch and every other streaming RPC) currently open through the hub to agents.",
             ["cluster"],
             registry=registry,
         )

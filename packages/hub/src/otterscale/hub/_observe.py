@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectrpc.errors import ConnectError
+from connectrpc.method import StreamType
 from connectrpc.request import RequestContext
 
 from ._metrics import HubMetrics
@@ -122,7 +123,7 @@ class ObservingInterceptor:
             logger.warning("rpc failed: %s", _error_text(error), extra=fields)
         elif error is not None and code != "canceled":
             logger.info("rpc %s: %s", code, _error_text(error), extra=fields)
-        elif elapsed >= self._slow and info.method != "Watch":
+        elif elapsed >= self._slow and ctx.method.stream_type is StreamType.UNARY:  # streams are long
             logger.info("rpc %s (slow)", code, extra=fields)
         else:
             logger.log(level, "rpc %s", code, extra=fields)

@@ -1,11 +1,14 @@
-"""The ResourceService proxy: authenticate, route by ``cluster``, forward to the cluster's agent.
+"""The proxy of every cluster-routed service: authenticate, route, forward to the cluster's agent.
 
-For every call, in order:
+Every method of every service registered as cluster-routed (:mod:`._services`) comes here, through
+a :class:`~._passthrough.PassThroughApplication` built from its descriptor. For every call, in
+order:
 
 1. the bearer token is verified (unauthenticated / unavailable when the issuer is unreachable);
-2. the request's ``cluster`` is read from the raw message (:func:`._codec.peek_cluster`): empty
-   is invalid_argument, unknown is not_found, a cluster whose agent is not connected is
-   unavailable at once (in-memory state, see :mod:`._tunnels`);
+2. the cluster is read from the raw request (its :class:`~._routes.Route`: field 1 ``cluster``,
+   a field path such as ``start.cluster`` in a request stream's first message, or the prefix of
+   a self-routing session id): empty is invalid_argument, unknown is not_found, a cluster whose
+   agent is not connected is unavailable at once (in-memory state, see :mod:`._tunnels`);
 3. the call is re-issued to ``http://127.0.0.1:<tunnel_port>`` over the warm HTTP/2 connection
    with the same procedure, codec and message bytes, the remaining deadline, the request id and
    the identity headers signed for that cluster and procedure. No other client header is
@@ -14,15 +17,18 @@ For every call, in order:
    details unchanged. Only a failure to reach the agent at all (the tunnel dropped mid-call)
    becomes the hub's own unavailable, naming the cluster.
 
-Watch is a stream end to end: each event is forwarded as it arrives; a client that goes away
-cancels the hub's handler, which closes the agent stream (HTTP/2 RST_STREAM, so the agent stops
-its Kubernetes watch); an agent that ends the stream ends the client's with the same status.
-When the hub shuts down, open Watches end with unavailable (the client resumes elsewhere from its
-last resourceVersion) and new ones are refused; so do they when this replica stops leading (with
-leader election only the leader serves this proxy; followers forward, see :mod:`._forward`).
+Streams (Watch, and any server, client or bidirectional stream) stay streams end to end: each
+message is forwarded as it arrives, in both directions (a request stream through a
+:class:`~._passthrough.RequestPipe`, so a bidirectional call is full duplex where HTTP/2 carries
+it); a client that goes away cancels the hub's handler, which closes the agent stream (HTTP/2
+RST_STREAM, so the agent stops its work); an agent that ends the stream ends the client's with the
+same status. When the hub shuts down, open streams end with unavailable (a Watch resumes
+elsewhere from its last resourceVersion) and new ones are refused; so do they when this replica
+stops leading (with leader election only the leader serves this proxy; followers forward, see
+:mod:`._forward`).
 
-Limits (:mod:`._limits`): each Watch holds one of its subject's ``max_watches_per_subject`` slots
-from authentication until the stream ends, however it ends; an agent answer over
+Limits (:mod:`._limits`): each stream holds one of its subject's ``max_watches_per_subject``
+slots from authentication until it ends, however it ends; an agent answer over
 ``max_response_bytes`` ends the call with resource_exhausted (and is not a tunnel failure).
 """
 
@@ -35,15 +41,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from connectrpc.client import ConnectClient
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from connectrpc.request import RequestContext
+from prometheus_client import Gauge
 
 from otterscale.common import Identity, OtterscaleError, echo, sign_identity
 
 from ._auth import Authenticator
-from ._codec import RawMessage, peek_cluster
+from ._codec import RawMessage
 from ._errors import (
     AgentUnavailableError,
     MissingClusterError,
@@ -62,7 +67,17 @@ from ._limits import (
 )
 from ._metrics import HubMetrics
 from ._observe import current_call
-from ._passthrough import PassThroughResourceService, close_upstream, next_hop_timeout_ms, with_request_id
+from ._passthrough import (
+    Context,
+    RequestPipe,
+    Requests,
+    caller_failure,
+    close_upstream,
+    next_hop_timeout_ms,
+    pass_on,
+    with_request_id,
+)
+from ._routes import Route
 from ._tunnels import ClusterStatus, Tunnels
 from ._upstream import AgentClients
 
@@ -76,20 +91,19 @@ LEADERSHIP_LOST = "otterscale-hub-leadership-lost"
 
 @dataclass(frozen=True, slots=True)
 class _Forward:
-    """Where and how one call goes: the cluster, the caller, its agent client, headers and deadline."""
+    """Where and how one call goes: the cluster, its agent client, codec, headers and deadline."""
 
     cluster: str
-    subject: str
-    client: ConnectClient
+    codec: str
     headers: dict[str, str]
     timeout_ms: int | None
 
 
-class ResourceProxy(PassThroughResourceService):
-    """Implements every ResourceService method by forwarding it (see the module docstring).
+class ClusterProxy:
+    """The :class:`~._passthrough.Relay` of every cluster-routed service (see the module docstring).
 
-    Served by the generated ``ResourceServiceASGIApplication`` with pass-through codecs, so the
-    routes and stream types always match the .proto.
+    Served by :class:`~._passthrough.PassThroughApplication`\\ s built from the services'
+    descriptors, so routes and stream types always match the .proto files.
     """
 
     def __init__(
@@ -105,6 +119,7 @@ class ResourceProxy(PassThroughResourceService):
     ) -> None:
         self._auth = authenticator
         self._limits = limits or HubLimits()
+        #: Streams open per subject (``limits.max_watches_per_subject`` counts every stream).
         self.watch_slots = WatchSlots(self._limits.max_watches_per_subject)
         self._tunnels = tunnels
         self._agents = agents
@@ -119,35 +134,38 @@ class ResourceProxy(PassThroughResourceService):
 
     @property
     def open_streams(self) -> int:
-        """Watch streams open right now."""
+        """Streams (Watch and every other streaming call) open right now."""
         return len(self._streams)
 
     def drain(self) -> None:
-        """Refuse new Watches and end the open ones with unavailable."""
+        """Refuse new streams and end the open ones with unavailable."""
         self._draining = True
         for task in list(self._streams):
             task.cancel(SHUTDOWN)
 
     def end_streams(self) -> None:
-        """End the open Watches with unavailable: this replica stopped leading (the tunnels go)."""
+        """End the open streams with unavailable: this replica stopped leading (the tunnels go)."""
         for task in list(self._streams):
             task.cancel(LEADERSHIP_LOST)
 
     # ----------------------------------------------------------------------------------------------
+    # Relay
 
-    async def _unary(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
+    async def unary(self, route: Route, request: RawMessage, ctx: Context) -> RawMessage:
+        """Forward one unary call to its cluster's agent."""
         try:
-            forward = await self._prepare(request, ctx, stream=False)
+            identity = await self._authenticate(ctx)
+            forward = self._prepare(route, request, identity, ctx, stream=False)
         except Exception as exc:
             raise self._translate(exc) from None
         cluster = forward.cluster
         started = time.perf_counter()
         try:
-            response: RawMessage = await forward.client.execute_unary(
+            response: RawMessage = await self._agents.client(cluster, forward.codec).execute_unary(
                 request=request, method=ctx.method, headers=forward.headers, timeout_ms=forward.timeout_ms
             )
         except ConnectError as exc:
-            raise self._upstream_error(cluster, exc) from None
+            raise self._upstream_error(route, cluster, exc) from None
         except Exception as exc:
             raise self._translate(exc) from None
         finally:
@@ -157,75 +175,99 @@ class ResourceProxy(PassThroughResourceService):
         self._tunnels.seen(cluster)
         return response
 
-    async def _stream(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> AsyncIterator[RawMessage]:
+    async def stream(self, route: Route, requests: Requests, ctx: Context) -> AsyncIterator[RawMessage]:
+        """Forward a streaming call (any of the three shapes) to its cluster's agent."""
+        forward: _Forward | None = None
         try:
-            forward = await self._prepare(request, ctx, stream=True)
+            identity = await self._authenticate(ctx)
+            if isinstance(requests, RawMessage):
+                forward = self._prepare(route, requests, identity, ctx, stream=True)
         except Exception as exc:
             raise self._translate(exc) from None
-        cluster = forward.cluster
+        subject = identity.subject
         try:
-            self.watch_slots.acquire(forward.subject)
+            # Taken before a request stream's first message is awaited: a caller cannot hold more
+            # open streams than its slots, whether or not they have started.
+            self.watch_slots.acquire(subject, route.method)
         except WatchLimitError as exc:
             self._metrics.limit_refusals.labels(reason=WATCH_LIMIT).inc()
             raise to_connect_error(exc) from None
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
-        gauge = self._metrics.watch_active.labels(cluster=cluster)
-        gauge.inc()
+        pipe: RequestPipe | None = None
+        gauge: Gauge | None = None
         try:
-            with self._agents.stream_client(cluster, request.codec) as client:
-                upstream = client.execute_server_stream(
-                    request=request, method=ctx.method, headers=forward.headers, timeout_ms=forward.timeout_ms
-                )
+            if forward is None:
+                assert not isinstance(requests, RawMessage)
+                pipe = RequestPipe(requests, name=f"hub-requests:{route.procedure}")
                 try:
-                    first = True
-                    async for message in upstream:
-                        if first:
-                            self._tunnels.seen(cluster)
-                            first = False
-                        yield message
-                finally:
-                    await close_upstream(upstream)
-        except ConnectError as exc:
-            raise self._upstream_error(cluster, exc, task=task) from None
+                    first = await pipe.first(route.field)
+                    forward = self._prepare(route, first, identity, ctx, stream=True)
+                except Exception as exc:
+                    raise self._translate(exc) from None
+            cluster = forward.cluster
+            gauge = self._metrics.watch_active.labels(cluster=cluster)
+            gauge.inc()
+            try:
+                with self._agents.stream_client(cluster, forward.codec) as client:
+                    passed = requests if isinstance(requests, RawMessage) else pipe
+                    assert passed is not None
+                    upstream = pass_on(client, passed, ctx, forward.headers, forward.timeout_ms)
+                    try:
+                        answered = False
+                        async for message in upstream:
+                            if not answered:
+                                self._tunnels.seen(cluster)
+                                answered = True
+                            yield message
+                    finally:
+                        await close_upstream(upstream)
+            except ConnectError as exc:
+                if (failure := caller_failure(pipe)) is not None:
+                    raise failure from None
+                raise self._upstream_error(route, cluster, exc, task=task) from None
         except asyncio.CancelledError as exc:
             if _is_shutdown(exc):
                 task.uncancel()
-                raise self._shutdown_error(exc) from None
+                raise self._shutdown_error(route, exc) from None
             raise
         finally:
             self._streams.discard(task)
-            self.watch_slots.release(forward.subject)
-            gauge.dec()
+            self.watch_slots.release(subject)
+            if gauge is not None:
+                gauge.dec()
+            if pipe is not None:
+                await pipe.close()
 
-    async def _prepare(self, request: RawMessage, ctx: RequestContext[Any, Any], *, stream: bool) -> _Forward:
-        call = current_call()
+    # ----------------------------------------------------------------------------------------------
+
+    async def _authenticate(self, ctx: Context) -> Identity:
         identity: Identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
+        call = current_call()
         if call is not None:
             call.subject = identity.subject
-        cluster = peek_cluster(request)
-        self._route(cluster)
+        return identity
+
+    def _prepare(
+        self, route: Route, request: RawMessage, identity: Identity, ctx: Context, *, stream: bool
+    ) -> _Forward:
+        cluster = route.cluster(request)
+        self._route(route, cluster)
+        call = current_call()
         if call is not None:
             call.cluster = cluster
         if stream and self._draining:
-            raise ShuttingDownError("the hub is shutting down; retry the Watch from the last resourceVersion")
-        procedure = f"/{ctx.method.service_name}/{ctx.method.name}"
-        headers = sign_identity(identity, cluster=cluster, method=procedure, key=self._keys[cluster])
+            raise ShuttingDownError(f"the hub is shutting down; retry {route.again}")
+        headers = sign_identity(identity, cluster=cluster, method=route.procedure, key=self._keys[cluster])
         timeout_ms = next_hop_timeout_ms(ctx, "the agent")
-        return _Forward(
-            cluster,
-            identity.subject,
-            self._agents.client(cluster, request.codec),
-            with_request_id(headers),
-            timeout_ms,
-        )
+        return _Forward(cluster, request.codec, with_request_id(headers), timeout_ms)
 
-    def _route(self, cluster: str) -> ClusterStatus:
+    def _route(self, route: Route, cluster: str) -> ClusterStatus:
         if not cluster:
             configured = ", ".join(self._tunnels.names())
             raise MissingClusterError(
-                f"the request's cluster field is empty; configured clusters: {configured}"
+                f"the request's {route.field} field is empty; configured clusters: {configured}"
             )
         status = self._tunnels.get(cluster)
         if status is None:
@@ -238,7 +280,7 @@ class ResourceProxy(PassThroughResourceService):
         return status
 
     def _upstream_error(
-        self, cluster: str, exc: ConnectError, *, task: asyncio.Task[Any] | None = None
+        self, route: Route, cluster: str, exc: ConnectError, *, task: asyncio.Task[Any] | None = None
     ) -> ConnectError:
         cause = exc.__cause__
         if is_response_too_large(exc):
@@ -248,7 +290,7 @@ class ResourceProxy(PassThroughResourceService):
         if isinstance(cause, asyncio.CancelledError):
             if task is not None and _is_shutdown(cause):
                 task.uncancel()
-                return self._shutdown_error(cause)
+                return self._shutdown_error(route, cause)
             # This handler is being cancelled: the client's deadline passed or the client went
             # away. Let the cancellation go on, so the server answers deadline_exceeded (or
             # canceled) itself, instead of the client library's "Request was cancelled".
@@ -276,16 +318,12 @@ class ResourceProxy(PassThroughResourceService):
             )
         return exc
 
-    def _shutdown_error(self, exc: BaseException) -> ConnectError:
+    def _shutdown_error(self, route: Route, exc: BaseException) -> ConnectError:
         if exc.args == (LEADERSHIP_LOST,):
             return to_connect_error(
-                ShuttingDownError(
-                    "this hub replica stopped leading; resume the Watch from the last resourceVersion"
-                )
+                ShuttingDownError(f"this hub replica stopped leading; resume {route.again}")
             )
-        return to_connect_error(
-            ShuttingDownError("the hub is shutting down; resume the Watch from the last resourceVersion")
-        )
+        return to_connect_error(ShuttingDownError(f"the hub is shutting down; resume {route.again}"))
 
     def _translate(self, exc: BaseException) -> ConnectError:
         if isinstance(exc, ConnectError | OtterscaleError):

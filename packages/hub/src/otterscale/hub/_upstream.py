@@ -7,10 +7,10 @@ multiplexed on it: no TCP handshake, no SSH channel set-up per request, and 1,00
 1,000 HTTP/2 streams rather than 1,000 connections. When a tunnel closes, chisel closes the
 connection and the next call opens a new one.
 
-Watches get their own transports (at least :data:`STREAM_TRANSPORTS` of them, each its own
-HTTP/2 connection per agent), so unary calls never wait behind long-lived streams: an HTTP/2
-server caps concurrent streams per connection (the agent's hypercorn at 1000), and a client at
-that cap queues new requests. A Watch takes the stream transport with the fewest open streams
+Streams (Watch and every other) get their own transports (at least :data:`STREAM_TRANSPORTS` of
+them, each its own HTTP/2 connection per agent), so unary calls never wait behind long-lived
+streams: an HTTP/2 server caps concurrent streams per connection (the agent's hypercorn at 1000),
+and a client at that cap queues new requests. A stream takes the stream transport with the fewest open streams
 for its cluster; when every one already carries :data:`STREAMS_PER_CONNECTION`, another
 transport (connection) is opened, up to :data:`MAX_STREAM_TRANSPORTS`. Many streams on one
 connection are costly for a pure-Python HTTP/2 server (hypercorn's per-frame work grows with the

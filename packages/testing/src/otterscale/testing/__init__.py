@@ -5,6 +5,7 @@ point, so every package's tests and ``tests/e2e`` get its fixtures without a con
 """
 
 from ._controlplane import ControlPlane, KubeAPIError, object_path, start_control_plane
+from ._echo import ECHO_SERVICE, EchoAgent, EchoEvent, EchoService
 from ._ha import (
     AgentCluster,
     HubReplicas,
@@ -30,10 +31,14 @@ from .tools import ToolMissingError, keycloak_home, tool_path
 
 __all__ = [
     "DEFAULT_USERS",
+    "ECHO_SERVICE",
     "AgentCluster",
     "BlackHoleRelay",
     "ClusterEntry",
     "ControlPlane",
+    "EchoAgent",
+    "EchoEvent",
+    "EchoService",
     "HubReplicas",
     "Keycloak",
     "KeycloakError",
