@@ -37,6 +37,7 @@ from connectrpc.protocol import ProtocolType
 from google._upb import _message as upb  # type: ignore[import-not-found]
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
+from otterscale.cluster.v1.cluster_connect import ClusterServiceClient
 from otterscale.resource.v1.multicluster_connect import MultiClusterServiceClient
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
 from otterscale.testing import BlackHoleRelay, ControlPlane, LocalIssuer, System, start_system
@@ -326,6 +327,13 @@ class Clients:
             http_client=Client(http),
             timeout_ms=timeout_ms,
         )
+        self._clients.append(client)
+        return client
+
+    def clusters(self) -> ClusterServiceClient:
+        http = HTTPTransport(http_version=HTTPVersion.HTTP2)
+        self._transports.append(http)
+        client = ClusterServiceClient(self.fleet.system.hub_url, http_client=Client(http), timeout_ms=30_000)
         self._clients.append(client)
         return client
 

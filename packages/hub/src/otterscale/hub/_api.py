@@ -30,6 +30,7 @@ from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-
 
 from otterscale.common import ASGIApp, OIDCVerifier, OtterscaleConfig
 
+from ._access import AccessPolicy
 from ._auth import Authenticator
 from ._cors import with_cors
 from ._forward import LeaderForwarder
@@ -77,6 +78,8 @@ class Api:
         routed = list(routed_services)
         served = list(hub_services)
         self.authenticator = Authenticator(OIDCVerifier.from_config(config.keycloak))
+        #: Which clusters each caller may use, for every service (``access`` in otterscale.yaml).
+        self.access = AccessPolicy(config.access, {name: c.labels for name, c in config.clusters.items()})
         self.proxy = ClusterProxy(
             authenticator=self.authenticator,
             tunnels=tunnels,
@@ -85,6 +88,7 @@ class Api:
             metrics=metrics,
             limits=limits,
             on_unreachable=on_unreachable,
+            access=self.access,
         )
         self.health = HealthService(
             tunnels,
@@ -111,6 +115,7 @@ class Api:
             watch_slots=self.proxy.watch_slots,
             on_unreachable=on_unreachable,
             compressions=(self._gzip,),
+            access=self.access,
         )
         self._stream_owners = context.stream_owners
         services: dict[str, ASGIApp] = {}

@@ -37,6 +37,7 @@ from otterscale.common import ASGIApp, OtterscaleConfig
 from otterscale.resource.v1 import multicluster_pb2, resource_pb2
 from otterscale.resource.v1.multicluster_connect import MultiClusterServiceASGIApplication
 
+from ._access import AccessPolicy
 from ._auth import Authenticator
 from ._clusters import ClusterServiceImpl
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec
@@ -85,6 +86,8 @@ class ServiceContext:
     on_unreachable: Callable[[str], None]
     #: The hub's compressions (gzip bounded by the request limit).
     compressions: Sequence[Compression] = ()
+    #: Which clusters each caller may use (``access``); None: everyone, every cluster.
+    access: AccessPolicy | None = None
     #: Register here what keeps streams open (see :class:`StreamOwner`).
     stream_owners: list[StreamOwner] = field(default_factory=list)
 
@@ -98,7 +101,9 @@ class HubService:
 
 
 def _cluster_service(context: ServiceContext) -> ASGIApp:
-    service = ClusterServiceImpl(authenticator=context.authenticator, tunnels=context.tunnels)
+    service = ClusterServiceImpl(
+        authenticator=context.authenticator, tunnels=context.tunnels, access=context.access
+    )
     app: ASGIApp = ClusterServiceASGIApplication(service, interceptors=context.interceptors)
     return app
 
@@ -116,6 +121,7 @@ def _multicluster_service(context: ServiceContext) -> ASGIApp:
         limits=context.limits,
         watch_slots=context.watch_slots,
         on_unreachable=context.on_unreachable,
+        access=context.access,
     )
     context.stream_owners.append(fanout)
     # Pass-through codecs: requests are decoded by the service, answers are spliced from the

@@ -81,10 +81,12 @@ class Fanout:
         limits: HubLimits,
         watch_slots: WatchSlots,
         on_unreachable: Callable[[str], None] | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         fanout = config.fanout
         labels = {name: cluster.labels for name, cluster in config.clusters.items()}
-        self.access = AccessPolicy(config.access, labels)
+        #: The hub's access policy (the same for single-cluster calls), or one of our own.
+        self.access = access if access is not None else AccessPolicy(config.access, labels)
         directory = ClusterDirectory(labels, self.access, max_clusters=fanout.max_clusters_per_call)
         current, previous = token_keys(config)
         sealer = TokenSealer(current, previous)
