@@ -177,3 +177,13 @@ def test_field_numbers_match_the_generated_descriptors() -> None:
     assert ClusterList.DESCRIPTOR.fields_by_name["list"].number == wire.CLUSTER_PAYLOAD
     assert ClusterEvent.DESCRIPTOR.fields_by_name["event"].number == wire.CLUSTER_PAYLOAD
     assert MultiWatchResponse.DESCRIPTOR.fields_by_name["event"].number == wire.WATCH_RESPONSE_EVENT
+
+
+def test_a_list_written_in_another_field_order_is_read_the_same() -> None:
+    """Agents write fields 1-3 before the items (the fast path); any other order is still read."""
+    items = _list_response("", "", 0, [{"a": 1}, {"b": 2}, {"c": 3}]).SerializeToString()
+    header = _list_response("42", "next", 7, []).SerializeToString()
+    for data in (items + header, header + items, items + header + items):
+        meta = wire.scan_list(data, CODEC_PROTO)
+        decoded = pb.ListResponse.FromString(data)
+        assert meta == wire.ListMeta("42", "next", 7, len(decoded.items))

@@ -148,7 +148,66 @@ def _int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+_ITEM_TAG = (LIST_ITEMS << 3) | _LEN
+
+
+def _count_items(data: bytes, position: int) -> int | None:
+    """Items from ``position`` on, when nothing but items follows (how agents write a List: fields
+    1-3, then every item); None otherwise. One tight loop over the lengths, no generator."""
+    end = len(data)
+    count = 0
+    while position < end:
+        if data[position] != _ITEM_TAG:
+            return None
+        position += 1
+        length = 0
+        shift = 0
+        while True:
+            if position >= end:
+                raise WireError("truncated varint")
+            byte = data[position]
+            position += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift >= 70:
+                raise WireError("varint too long")
+        position += length
+        count += 1
+    if position > end:
+        raise WireError("truncated field")
+    return count
+
+
 def _scan_list_proto(data: bytes) -> ListMeta:
+    rv = token = ""
+    remaining = items = 0
+    view = memoryview(data)
+    position = 0
+    # The header (fields 1-3) comes first; from the first item on, count items the fast way.
+    while position < len(data) and data[position] != _ITEM_TAG:
+        key, after = _read_varint(view, position)
+        field, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            value, after = _read_varint(view, after)
+            if field == LIST_REMAINING:
+                remaining = _int64(value)
+        elif wire == _LEN:
+            length, after = _read_varint(view, after)
+            if after + length > len(data):
+                raise WireError("truncated field")
+            if field == LIST_RESOURCE_VERSION:
+                rv = _text(data, (after, after + length))
+            elif field == LIST_CONTINUE:
+                token = _text(data, (after, after + length))
+            after += length
+        else:
+            break  # an unexpected shape: the general scan below reads it
+        position = after
+    counted = _count_items(data, position)
+    if counted is not None:
+        return ListMeta(rv, token, remaining, counted)
     rv = token = ""
     remaining = items = 0
     for field, wire, value in _fields(data):
