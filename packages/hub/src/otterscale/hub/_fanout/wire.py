@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 from google.protobuf import json_format  # type: ignore[import-untyped]  # no stubs for protobuf 7
-from google.protobuf.message import Message  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError, Message  # type: ignore[import-untyped]
 
 from otterscale.resource.v1 import resource_pb2 as pb
 
@@ -307,12 +307,16 @@ def encode(message: Message, codec: str) -> bytes:
 def decode(data: bytes, message: Message, codec: str) -> None:
     """Parse ``data`` in ``codec`` into ``message`` (unknown JSON fields are ignored, as by connectrpc).
 
-    Raises ``google.protobuf.message.DecodeError`` or ``json_format.ParseError``.
+    Raises :class:`WireError` saying why, whatever the parser's own exception was.
     """
-    if codec == CODEC_JSON:
-        json_format.Parse(data, message, ignore_unknown_fields=True)
-    else:
-        message.ParseFromString(data)
+    try:
+        if codec == CODEC_JSON:
+            json_format.Parse(data, message, ignore_unknown_fields=True)
+        else:
+            message.ParseFromString(data)
+    except (DecodeError, json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise WireError(reason) from None
 
 
 def list_page(codec: str, lists: Sequence[tuple[str, bytes]], rest: Message) -> bytes:
