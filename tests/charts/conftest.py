@@ -46,8 +46,11 @@ class Helm:
         namespace: str = "otterscale",
         release: str = "test",
         sets: tuple[str, ...] = (),
+        kubeconfig: Path | None = None,
     ) -> list[dict[str, Any]]:
-        result = self.template_raw(chart, values=values, namespace=namespace, release=release, sets=sets)
+        result = self.template_raw(
+            chart, values=values, namespace=namespace, release=release, sets=sets, kubeconfig=kubeconfig
+        )
         assert result.returncode == 0, f"helm template {chart} failed:\n{result.stderr}"
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -59,8 +62,12 @@ class Helm:
         namespace: str = "otterscale",
         release: str = "test",
         sets: tuple[str, ...] = (),
+        kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
+        """``kubeconfig``: render against that cluster (``--dry-run=server``), so ``lookup`` works."""
         args = ["template", release, str(CHARTS[chart]), "--namespace", namespace]
+        if kubeconfig is not None:
+            args += ["--dry-run=server", "--kubeconfig", str(kubeconfig)]
         for api in API_VERSIONS:
             args += ["--api-versions", api]
         if values is not None:

@@ -22,6 +22,7 @@ from otterscale.common import (
     AccessRule,
     AgentAuth,
     AgentConfig,
+    AuditConfig,
     ClusterConfig,
     CorsConfig,
     FanoutConfig,
@@ -62,9 +63,10 @@ def test_hub_schema_knows_exactly_the_configuration_keys() -> None:
     config = schema["properties"]["config"]
     props = config["properties"]
     assert set(props) == _aliases(OtterscaleConfig)
-    optional = {"limits", "cors", "fanout", "access"}
+    optional = {"limits", "audit", "cors", "fanout", "access"}
     assert set(config["required"]) == _aliases(OtterscaleConfig) - optional
     assert set(props["limits"]["properties"]) == _aliases(HubLimitsConfig)
+    assert set(props["audit"]["properties"]) == _aliases(AuditConfig)
     assert set(props["cors"]["properties"]) == _aliases(CorsConfig)
     # The token keys are secret: secrets.fanoutTokenKey / fanoutPreviousTokenKeys.
     assert set(props["fanout"]["properties"]) == _aliases(FanoutConfig) - {"token_key", "previous_token_keys"}

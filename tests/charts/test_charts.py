@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KIND = ROOT / "deploy" / "kind"
 CHART_NAMES = ("otterscale-hub", "otterscale-agent")
 NAMESPACE = "otterscale-chart-tests"
+#: A secret long enough for the charts and the services (at least 32 characters).
+LONG = "a-chart-test-secret-0123456789abcdef"
 
 
 @dataclass(frozen=True)
@@ -222,11 +224,23 @@ def _existing_secret_overlay(chart: str, values: dict[str, Any]) -> str:
     """What an operator's Secret holds for the existing-secret value sets (as the values document)."""
     if chart == "otterscale-hub":
         clusters = {
-            name: {"agent": {"auth": {"pass": f"{name}-password"}}} for name in values["config"]["clusters"]
+            name: {"agent": {"auth": {"pass": f"{name}-password-from-an-operator-secret"}}}
+            for name in values["config"]["clusters"]
         }
         return yaml.safe_dump({"clusters": clusters})
-    agent = {"auth": {"pass": "password"}, "fingerprint": "k3tNNCbWyIqIG8qkN0J1v2dUcnS1xCYUqMqBo36fUKE="}
+    agent = {
+        "auth": {"pass": "agent-password-from-an-operator-secret"},
+        "fingerprint": "k3tNNCbWyIqIG8qkN0J1v2dUcnS1xCYUqMqBo36fUKE=",
+    }
     return yaml.safe_dump({"clusters": {values["cluster"]: {"agent": agent}}})
+
+
+def _secret_values(overlay: Any) -> list[str]:
+    """The key seeds and passwords in a secrets.yaml overlay."""
+    if isinstance(overlay, dict):
+        found = [v for k, v in overlay.items() if k in ("pass", "key_seed") and isinstance(v, str)]
+        return found + [s for v in overlay.values() for s in _secret_values(v)]
+    return []
 
 
 @pytest.mark.parametrize("case", VALUE_SETS, ids=lambda c: c.id)
@@ -271,7 +285,8 @@ def test_merged_configuration_is_accepted_by_the_service(
     )
     assert result.returncode == 0, result.stderr
     assert "password" not in result.stdout
-    assert "change-me" not in result.stdout
+    for secret in _secret_values(yaml.safe_load(overlay)):
+        assert secret not in result.stdout + result.stderr
     assert out.stat().st_mode & 0o777 == 0o600
 
     merged = yaml.safe_load(out.read_text())
@@ -295,6 +310,65 @@ def test_merged_configuration_is_accepted_by_the_service(
         assert agent.auth.password.get_secret_value()
 
 
+def test_secrets_not_given_are_generated_once_and_kept(
+    helm_cli: Any, control_plane: ControlPlane, kube: Any
+) -> None:
+    """No tunnel key seed, no agent password in the values: the hub chart generates long random
+    ones, and a later render against the cluster (as ``helm upgrade`` does) reads them back from
+    the release's Secret instead of rolling new ones (which would change the hub's fingerprint and
+    lock every agent out)."""
+    values = ROOT / "charts" / "otterscale-hub" / "ci" / "default-values.yaml"
+    namespace = f"hub-secrets-{uuid.uuid4().hex[:6]}"
+
+    def generated(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        secret = _by_kind(docs, "Secret")
+        assert secret is not None
+        overlay: dict[str, Any] = yaml.safe_load(base64.b64decode(secret["data"]["secrets.yaml"]))
+        return overlay
+
+    first_docs = helm_cli.template("otterscale-hub", values=values, namespace=namespace, release="hub")
+    first = generated(first_docs)
+    seed = first["tunnel"]["server"]["key_seed"]
+    password = first["clusters"]["dev"]["agent"]["auth"]["pass"]
+    assert len(seed) >= 32
+    assert len(password) >= 32
+    assert seed != password
+    # Without the cluster (helm template), nothing can be looked up: new values each time.
+    again = generated(helm_cli.template("otterscale-hub", values=values, namespace=namespace, release="hub"))
+    assert again["tunnel"]["server"]["key_seed"] != seed
+
+    kube.ensure_namespace(namespace)
+    secret = _by_kind(first_docs, "Secret")
+    assert secret is not None
+    try:
+        kube.apply(secret, dry_run=False)  # as `helm install` would have created it
+        kept = generated(
+            helm_cli.template(
+                "otterscale-hub",
+                values=values,
+                namespace=namespace,
+                release="hub",
+                kubeconfig=control_plane.kubeconfig,
+            )
+        )
+        assert kept == first
+        # A value given explicitly still wins over the stored one.
+        given = generated(
+            helm_cli.template(
+                "otterscale-hub",
+                values=values,
+                namespace=namespace,
+                release="hub",
+                sets=(f"secrets.tunnelKeySeed={LONG}",),
+                kubeconfig=control_plane.kubeconfig,
+            )
+        )
+        assert given["tunnel"]["server"]["key_seed"] == LONG
+        assert given["clusters"] == first["clusters"]
+    finally:
+        control_plane.request("DELETE", f"/api/v1/namespaces/{namespace}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Refusals with a message that says what to do
 
@@ -302,10 +376,10 @@ def test_merged_configuration_is_accepted_by_the_service(
 @pytest.mark.parametrize(
     ("chart", "sets", "message"),
     [
-        ("otterscale-hub", (), "secrets.tunnelKeySeed"),
+        ("otterscale-hub", (), "config.keycloak.realm_url is required"),
         ("otterscale-agent", (), "cluster is required"),
         ("otterscale-agent", ("cluster=dev",), "secrets.password is required"),
-        ("otterscale-agent", ("cluster=dev", "secrets.password=x"), "tunnelServerURL is required"),
+        ("otterscale-agent", ("cluster=dev", f"secrets.password={LONG}"), "tunnelServerURL is required"),
     ],
 )
 def test_defaults_alone_fail_with_what_is_missing(
@@ -330,9 +404,12 @@ def test_defaults_alone_fail_with_what_is_missing(
             ("replicaCount=2", "leaderElection.enabled=false"),
             "needs leaderElection.enabled",
         ),
-        ("otterscale-hub", ("secrets.tunnelKey=abc",), "exactly one of"),
-        ("otterscale-hub", ("secrets.agentPasswords.dev=",), "secrets.agentPasswords.dev is required"),
-        ("otterscale-hub", ("secrets.agentPasswords.nope=x",), "no such cluster"),
+        ("otterscale-hub", ("secrets.tunnelKey=abc", f"secrets.tunnelKeySeed={LONG}"), "exactly one of"),
+        ("otterscale-hub", (f"secrets.agentPasswords.nope={LONG}",), "no such cluster"),
+        # weak secrets (issue 13): at least 32 characters, or empty to have one generated
+        ("otterscale-hub", ("secrets.tunnelKeySeed=change-me",), "minLength: got 9, want 32"),
+        ("otterscale-hub", ("secrets.agentPasswords.dev=x",), "minLength: got 1, want 32"),
+        ("otterscale-agent", ("secrets.password=dev-agent-password",), "minLength: got 18, want 32"),
         ("otterscale-agent", ("config.agent.fingerprint=",), "fingerprint is required"),
         ("otterscale-agent", ("tunnelServerURL=https://user:pw@hub.example.com",), "tunnelServerURL"),
     ],

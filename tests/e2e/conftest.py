@@ -18,7 +18,9 @@ instead (the plugin's ``_kind``; tests in ``LOCAL_ONLY`` below are then skipped)
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +30,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import yaml
 from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 from connectrpc.protocol import ProtocolType
 from google._upb import _message as upb  # type: ignore[import-not-found]
@@ -36,7 +39,19 @@ from pyqwest import Client, HTTPTransport, HTTPVersion
 from otterscale.cluster.v1 import cluster_pb2
 from otterscale.cluster.v1.cluster_connect import ClusterServiceClient
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
-from otterscale.testing import ControlPlane, Keycloak, System
+from otterscale.testing import (
+    ClusterEntry,
+    ControlPlane,
+    Keycloak,
+    KubeAPIError,
+    LocalIssuer,
+    System,
+    create_namespace,
+    object_path,
+    service_account_kubeconfig,
+    start_system,
+    tool_path,
+)
 
 # Kubernetes objects can nest deeper than upb's default limit of 100 (the agent does the same).
 upb.SetAllowOversizeProtos(True)
@@ -340,3 +355,177 @@ def percentile(samples: list[float], p: float) -> float:
 
 def monotonic_ms(since: float) -> float:
     return round((time.monotonic() - since) * 1000, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# A system whose agent has exactly the agent chart's RBAC, with tokens from a local issuer
+
+
+AGENT_CHART = Path(__file__).resolve().parents[2] / "charts" / "otterscale-agent"
+#: The cluster name of ``chart_rbac_system`` in the hub's configuration.
+CHART_RBAC_CLUSTER = "ident"
+#: The group that may read configmaps (and alice may edit them) in ``ChartRbacSystem.namespace``.
+TEAM = "oidc:team-a"
+
+
+@dataclass
+class ChartRbacSystem:
+    """A hub and one agent (OS processes, real chisel) in front of a real kube-apiserver.
+
+    The agent runs as a ServiceAccount with exactly the RBAC ``charts/otterscale-agent`` renders
+    by default (impersonate any user and any group, read discovery and OpenAPI), so only the hub
+    and the agent stand between a hostile token and ``system:masters``. Tokens come from a
+    :class:`~otterscale.testing.LocalIssuer` (any claim a test wants). In ``namespace``, group
+    ``oidc:team-a`` may read configmaps and user ``alice`` may also create and delete them;
+    ``crown_jewels`` is a Secret in kube-system that only cluster-admins may read. The hub writes
+    its audit trail to ``audit_log``.
+    """
+
+    system: System
+    control_plane: ControlPlane
+    issuer: LocalIssuer
+    namespace: str
+    service_account: str
+    crown_jewels: str
+    audit_log: Path
+
+    @property
+    def agent(self) -> ClusterEntry:
+        return self.system.clusters[CHART_RBAC_CLUSTER]
+
+    def token(self, subject: str, groups: tuple[str, ...] = (), **claims: Any) -> str:
+        return remember(self.issuer.token(subject, groups, audience=self.system.client_id, **claims))
+
+    def client(self) -> tuple[ResourceServiceClient, HTTPTransport]:
+        http = HTTPTransport(http_version=HTTPVersion.HTTP1)
+        client = ResourceServiceClient(self.system.hub_url, http_client=Client(http), timeout_ms=30_000)
+        return client, http
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line]
+
+
+def _agent_chart_rbac(namespace: str, release: str) -> list[dict[str, Any]]:
+    """The ServiceAccount, ClusterRole and ClusterRoleBinding the agent chart renders by default."""
+    result = subprocess.run(
+        [
+            str(tool_path("helm")),
+            "template",
+            release,
+            str(AGENT_CHART),
+            "--namespace",
+            namespace,
+            "--values",
+            str(AGENT_CHART / "ci" / "default-values.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    wanted = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] in wanted]
+    assert {doc["kind"] for doc in docs} == wanted
+    return docs
+
+
+@pytest.fixture(scope="session")
+def chart_rbac_system(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ChartRbacSystem]:
+    cp = control_plane  # the session's shared cluster: everything made here has a unique name
+    directory = tmp_path_factory.mktemp("chart-rbac")
+    namespace = unique("ident")
+    create_namespace(cp, namespace)
+    rbac = _agent_chart_rbac(namespace, unique("agent"))
+    for obj in rbac:
+        cp.apply(obj)
+    account = next(doc["metadata"]["name"] for doc in rbac if doc["kind"] == "ServiceAccount")
+    kubeconfig = service_account_kubeconfig(cp, namespace, directory / "agent.kubeconfig", account)
+    rbac_api = "rbac.authorization.k8s.io"
+    cp.apply(
+        {
+            "apiVersion": f"{rbac_api}/v1",
+            "kind": "Role",
+            "metadata": {"name": "cm-reader", "namespace": namespace},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}],
+        }
+    )
+    cp.apply(
+        {
+            "apiVersion": f"{rbac_api}/v1",
+            "kind": "Role",
+            "metadata": {"name": "cm-editor", "namespace": namespace},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete"]}],
+        }
+    )
+    for role, kind, name in (("cm-reader", "Group", TEAM), ("cm-editor", "User", "alice")):
+        cp.apply(
+            {
+                "apiVersion": f"{rbac_api}/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": f"{role}-{kind.lower()}", "namespace": namespace},
+                "roleRef": {"apiGroup": rbac_api, "kind": "Role", "name": role},
+                "subjects": [{"apiGroup": rbac_api, "kind": kind, "name": name}],
+            }
+        )
+    cp.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "visible"}, "data": {"a": "b"}},
+    )
+    crown_jewels = unique("crown-jewels")
+    cp.request(
+        "POST",
+        "/api/v1/namespaces/kube-system/secrets",
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": crown_jewels}, "data": {}},
+    )
+    # RBAC works from informer caches: wait until the team's binding is in effect.
+    cp.wait_for(
+        lambda: cp.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/configmaps",
+            headers={"Impersonate-User": "probe", "Impersonate-Group": TEAM},
+        ),
+        what="the team's role binding in effect",
+    )
+    issuer = LocalIssuer().start()
+    audit_log = directory / "audit.log"
+    try:
+        system = start_system(
+            directory / "system",
+            {CHART_RBAC_CLUSTER: cp},
+            realm_url=issuer.url,
+            client_id="otterscale",
+            extra_config={"audit": {"sink": "file", "file": str(audit_log)}},
+            kubeconfigs={CHART_RBAC_CLUSTER: kubeconfig},
+        )
+    except BaseException:
+        issuer.stop()
+        raise
+    try:
+        yield ChartRbacSystem(system, cp, issuer, namespace, account, crown_jewels, audit_log)
+    finally:
+        system.stop()
+        issuer.stop()
+        leaked = secrets_in(system.logs(), {**_token_secrets(), "tunnel key seed": system.key_seed})
+        for obj in rbac:
+            if obj["kind"].startswith("Cluster"):
+                with contextlib.suppress(KubeAPIError):
+                    cp.request("DELETE", object_path(obj))
+        cp.request("DELETE", f"/api/v1/namespaces/kube-system/secrets/{crown_jewels}")
+        cp.request("DELETE", f"/api/v1/namespaces/{namespace}")
+        assert not leaked, f"secrets found in the logs of {system.directory}: {leaked}"
+
+
+@pytest.fixture
+def stack(chart_rbac_system: ChartRbacSystem) -> ChartRbacSystem:
+    """``chart_rbac_system`` under a short name."""
+    return chart_rbac_system
+
+
+def _token_secrets() -> dict[str, str]:
+    return {f"token #{i}": t for i, t in enumerate(sorted(ISSUED_TOKENS))}

@@ -74,6 +74,29 @@ async def test_a_tampered_token_is_unauthenticated(hub: Hub) -> None:
     assert caught.value.code is Code.UNAUTHENTICATED
 
 
+async def test_only_keycloaks_access_tokens_open_the_api(hub: Hub) -> None:
+    """Keycloak's ID token carries the same issuer and, as audience, the client: without the
+    token-type check it opened the API. Its refresh token is refused by name too."""
+    response = hub.keycloak.token_response("alice")
+    access, id_token, refresh = (
+        remember(response[key]) for key in ("access_token", "id_token", "refresh_token")
+    )
+    claims = json.loads(base64.urlsafe_b64decode(id_token.split(".")[1] + "=="))
+    assert claims["aud"] == hub.keycloak.client_id  # what made it a usable bearer token before
+    client = hub.client()
+    listed = await client.list(list_configmaps("east"), headers={"authorization": f"Bearer {access}"})
+    assert listed.resource_version
+    for token, reason in (
+        (id_token, "ID tokens are not accepted"),
+        (refresh, "refresh tokens are not accepted"),
+    ):
+        with pytest.raises(ConnectError) as caught:
+            await client.list(list_configmaps("east"), headers={"authorization": f"Bearer {token}"})
+        assert caught.value.code is Code.UNAUTHENTICATED
+        assert reason in caught.value.message
+        assert token not in caught.value.message
+
+
 async def test_a_token_for_another_audience_is_unauthenticated(hub: Hub) -> None:
     other = hub.token("alice", client_id=hub.keycloak.other_client_id)
     assert subject_of(other) == hub.subject("alice")  # same user, same realm, other audience

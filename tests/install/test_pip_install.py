@@ -8,6 +8,7 @@ sample configuration (without chisel: it must say so and how to get it; with chi
 
 from __future__ import annotations
 
+import secrets
 import signal
 import subprocess
 import time
@@ -22,8 +23,9 @@ from otterscale.testing import free_port, tool_path
 
 pytestmark = pytest.mark.integration
 
-# The sample otterscale.yaml of the README (Configuration), verbatim but for the ports, which are
-# replaced by free ones so the test cannot collide with anything on the machine.
+# The sample otterscale.yaml of the original service, verbatim but for the ports, which are
+# replaced by free ones so the test cannot collide with anything on the machine, and its example
+# secrets, which the services refuse (too short, and published): replaced by generated ones.
 SAMPLE_CONFIG = """\
 keycloak:
   # OIDC issuer URL for your Keycloak realm, for example:
@@ -57,9 +59,14 @@ clusters:
 """
 
 
+SEED = secrets.token_urlsafe(32)
+PASSWORD = secrets.token_urlsafe(32)
+
+
 def _sample_config(directory: Path) -> Path:
     text = SAMPLE_CONFIG.replace('host: "0.0.0.0"', 'host: "127.0.0.1"')
     text = text.replace('port: "8300"', f'port: "{free_port()}"').replace("51001", str(free_port()))
+    text = text.replace('"change-me"', f'"{SEED}"').replace('"dev-agent-password"', f'"{PASSWORD}"')
     path = directory / "otterscale.yaml"
     path.write_text(text)
     return path
@@ -153,8 +160,8 @@ def test_hub_with_chisel_serves_health_and_stops_on_sigterm(make_venv: Any, tmp_
             hub.kill()
             hub.wait()
     text = log.read_text()
-    assert "change-me" not in text
-    assert "dev-agent-password" not in text
+    assert SEED not in text
+    assert PASSWORD not in text
     assert "Traceback" not in text
 
 

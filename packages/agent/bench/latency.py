@@ -47,7 +47,7 @@ from otterscale.resource.v1.resource_connect import ResourceServiceClient
 from otterscale.testing import ControlPlane, free_port, start_control_plane
 
 CLUSTER = "bench"
-PASSWORD = "bench-agent-password-0123456789"  # noqa: S105 - a throw-away bench cluster
+PASSWORD = "bench-agent-password-0123456789-abcdef"  # noqa: S105 - a throw-away bench cluster
 KEY = derive_identity_key(CLUSTER, PASSWORD)
 CALLER = Identity("bench-admin")
 

@@ -52,7 +52,7 @@ clusters:
     agent:
       auth:
         user: other-agent
-        pass: other-password-0123456789
+        pass: other-password-0123456789-0123456789
       tunnel_port: 51002
       api_port: 8299
 """

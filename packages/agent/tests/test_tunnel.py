@@ -448,7 +448,7 @@ async def test_wrong_fingerprint_never_connects(
 async def test_wrong_password_never_connects_and_is_never_shown(
     tmp_path: Path, hub: HubTunnel, start_agent: Callable[..., AgentProcess]
 ) -> None:
-    wrong = "wrong-password-0123456789abcdef"
+    wrong = "wrong-password-0123456789abcdef-wrong"
     config = write_config(tmp_path / "otterscale.yaml", hub, fingerprint=hub.fingerprint, password=wrong)
     agent = start_agent(config)
     await agent.wait_serving()

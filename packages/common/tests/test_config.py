@@ -59,7 +59,14 @@ clusters:
       api_port: 8299
 """
 
-SECRETS = ("dev-agent-password", "change-me", "prod-password", "s3cr3t-seed")
+# The original's example secrets are refused now (too short, and published); the tests use these.
+DEV_PASSWORD = "dev-agent-password-5d0b9f1c2e7a4b3d"
+SEED = "tunnel-key-seed-8c1f0e9d7b6a5c4d3e2f"
+PROD_PASSWORD = "prod-password-3e5a7c9b1d2f4a6c8e0b"
+GO_EXAMPLE = ORIGINAL
+ORIGINAL = GO_EXAMPLE.replace('"change-me"', f'"{SEED}"').replace('"dev-agent-password"', f'"{DEV_PASSWORD}"')
+
+SECRETS = (DEV_PASSWORD, SEED, PROD_PASSWORD, "s3cr3t-seed")
 
 
 def document(**changes: Any) -> dict[str, Any]:
@@ -93,7 +100,7 @@ def second_cluster(
 ) -> dict[str, Any]:
     return {
         "agent": {
-            "auth": {"user": user, "pass": "prod-password"},
+            "auth": {"user": user, "pass": PROD_PASSWORD},
             "fingerprint": "abc",
             "tunnel_port": tunnel_port,
             "api_port": 8299,
@@ -119,11 +126,11 @@ def test_original_configuration_loads_unchanged(tmp_path: Path) -> None:
     assert config.tunnel.server.host == "0.0.0.0"  # noqa: S104
     assert config.tunnel.server.port == 8300
     assert config.tunnel.server.key_seed is not None
-    assert config.tunnel.server.key_seed.get_secret_value() == "change-me"
+    assert config.tunnel.server.key_seed.get_secret_value() == SEED
     assert config.tunnel.server.key_file is None
     agent = config.clusters["dev"].agent
     assert agent.auth.user == "dev-agent"
-    assert agent.auth.password.get_secret_value() == "dev-agent-password"
+    assert agent.auth.password.get_secret_value() == DEV_PASSWORD
     assert agent.fingerprint == "SERVER_TUNNEL_FINGERPRINT"
     assert agent.tunnel_port == 51001
     assert agent.api_port == 8299
@@ -206,7 +213,7 @@ def test_yaml_anchors_within_limits_are_fine() -> None:
     text = ORIGINAL.replace("api_port: 8299", "api_port: &api 8299") + (
         "  prod:\n"
         "    agent:\n"
-        "      auth: {user: prod-agent, pass: prod-password}\n"
+        f"      auth: {{user: prod-agent, pass: {PROD_PASSWORD}}}\n"
         "      tunnel_port: 51002\n"
         "      api_port: *api\n"
     )
@@ -231,10 +238,10 @@ def test_repr_and_str_hide_secrets() -> None:
         {"tunnel__server__key_seed": ["s3cr3t-seed"]},
         {"tunnel__server__key_seed": {"nested": "s3cr3t-seed"}},
         {"tunnel__server__port": "s3cr3t-seed"},
-        {"clusters__dev__agent__auth__pass": ["dev-agent-password"]},
-        {"clusters__dev__agent__auth__pass": {"dev-agent-password": 1}},
+        {"clusters__dev__agent__auth__pass": [DEV_PASSWORD]},
+        {"clusters__dev__agent__auth__pass": {DEV_PASSWORD: 1}},
         {"clusters__dev__agent__auth__pass": 12345},
-        {"clusters__dev__agent__auth__password": "dev-agent-password"},
+        {"clusters__dev__agent__auth__password": DEV_PASSWORD},
     ],
 )
 def test_errors_never_echo_secret_values(changes: dict[str, Any]) -> None:
@@ -245,10 +252,10 @@ def test_errors_never_echo_secret_values(changes: dict[str, Any]) -> None:
 
 
 def test_yaml_syntax_errors_do_not_quote_the_line() -> None:
-    text = ORIGINAL.replace('pass: "dev-agent-password"', 'pass: "dev-agent-password')
+    text = ORIGINAL.replace(f'pass: "{DEV_PASSWORD}"', f'pass: "{DEV_PASSWORD}')
     with pytest.raises(ConfigError) as caught:
         parse_config(text, "otterscale.yaml")
-    assert "dev-agent-password" not in str(caught.value)
+    assert DEV_PASSWORD not in str(caught.value)
     assert "not valid YAML: line" in str(caught.value)
 
 
@@ -341,10 +348,10 @@ def test_merge_keys_may_be_overridden_without_a_duplicate_error() -> None:
             prod:
               agent:
                 <<: *base
-                auth: {user: prod-agent, pass: prod-password}
+                auth: {user: prod-agent, pass: PROD_PASSWORD}
                 tunnel_port: 51002
             """
-        ),
+        ).replace("PROD_PASSWORD", PROD_PASSWORD),
         "  ",
     )
     config = parse_config(text, "x")
@@ -485,7 +492,7 @@ def test_cluster_names_yaml_reads_as_other_types_are_refused(name: str, shown: s
 def test_unknown_keys_are_refused_everywhere() -> None:
     data = document(extra=1, keycloak__realm="x", tunnel__client={}, tunnel__server__keyseed="x")
     data["clusters"]["dev"]["agent"]["tunel_port"] = 1
-    data["clusters"]["dev"]["agent"]["auth"]["password"] = "dev-agent-password"
+    data["clusters"]["dev"]["agent"]["auth"]["password"] = DEV_PASSWORD
     data["clusters"]["dev"]["extra"] = True
     error = problems_of(data)
     assert_problem(error, "extra", "unknown key; allowed keys: keycloak, tunnel, clusters")
@@ -606,7 +613,7 @@ def _models(**server: Any) -> OtterscaleConfig:
         clusters={
             "dev": ClusterConfig(
                 agent=AgentConfig(
-                    auth=AgentAuth(user="dev", password=SecretStr("pw")),
+                    auth=AgentAuth(user="dev", password=SecretStr(DEV_PASSWORD)),
                     tunnel_port=51001,
                     api_port=8299,
                 )
@@ -616,15 +623,18 @@ def _models(**server: Any) -> OtterscaleConfig:
 
 
 def test_models_can_be_built_in_code() -> None:
-    config = _models(key_seed=SecretStr("seed"))
-    assert config.clusters["dev"].agent.auth.password.get_secret_value() == "pw"
-    assert AgentAuth(user="u", password="p").password.get_secret_value() == "p"  # type: ignore[arg-type]
+    config = _models(key_seed=SecretStr(SEED))
+    assert config.clusters["dev"].agent.auth.password.get_secret_value() == DEV_PASSWORD
+    auth = AgentAuth(user="u", password=PROD_PASSWORD)  # type: ignore[arg-type]
+    assert auth.password.get_secret_value() == PROD_PASSWORD
 
 
 def test_models_in_code_still_refuse_both_keys_and_clashes() -> None:
     with pytest.raises(ValidationError, match="not both"):
-        _models(key_seed=SecretStr("seed"), key_file=Path("/k.pem"))
-    agent = AgentConfig(auth=AgentAuth(user="dev", password=SecretStr("pw")), tunnel_port=51001, api_port=1)
+        _models(key_seed=SecretStr(SEED), key_file=Path("/k.pem"))
+    agent = AgentConfig(
+        auth=AgentAuth(user="dev", password=SecretStr(DEV_PASSWORD)), tunnel_port=51001, api_port=1
+    )
     with pytest.raises(
         ValidationError, match=r"clusters\.b\.agent\.tunnel_port: port 51001 is also the tunnel_port"
     ):
@@ -639,3 +649,157 @@ def test_models_are_frozen() -> None:
     config = parse_config(ORIGINAL, "x")
     with pytest.raises(ValidationError):
         config.keycloak.client_id = "other"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------------
+# Weak secrets (issue 13): the seed is the hub's SSH identity, each password a signing key
+
+
+def test_the_originals_example_secrets_are_refused_with_how_to_make_one() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(GO_EXAMPLE, "otterscale.yaml")
+    assert_problem(caught.value, "tunnel.server.key_seed", "is an example value from the documentation")
+    assert_problem(caught.value, "clusters.dev.agent.auth.pass", "is an example value from the documentation")
+    assert "openssl rand -base64 32" in str(caught.value)
+    for secret in ("change-me", "dev-agent-password"):
+        assert secret not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("tunnel__server__key_seed", "q7", "shorter than 32 characters"),
+        ("tunnel__server__key_seed", "y" * 31, "shorter than 32 characters"),
+        ("tunnel__server__key_seed", "a-long-random-secret", "example value"),
+        ("tunnel__server__key_seed", "REPLACE-WITH-THE-OUTPUT-OF-openssl-rand-base64-32", "example value"),
+        ("clusters__dev__agent__auth__pass", "hunter2", "shorter than 32 characters"),
+        ("clusters__dev__agent__auth__pass", "a-long-random-password", "example value"),
+        ("clusters__dev__agent__auth__pass", " change-me ", "example value"),
+    ],
+)
+def test_weak_secrets_are_refused_naming_the_key_never_the_value(key: str, value: str, reason: str) -> None:
+    error = problems_of(document(**{key: value}))
+    assert_problem(error, key.replace("__", "."), reason)
+    assert "`openssl rand -base64 32`" in str(error)
+    assert value.strip() not in str(error)
+
+
+def test_a_32_character_secret_is_enough() -> None:
+    config = parse_config(
+        yaml.safe_dump(
+            document(tunnel__server__key_seed="s" * 32, clusters__dev__agent__auth__pass="p" * 32)
+        ),
+        "x",
+    )
+    assert config.tunnel.server.key_seed is not None
+    assert len(config.tunnel.server.key_seed.get_secret_value()) == 32
+
+
+def test_weak_secrets_are_refused_in_code_too() -> None:
+    with pytest.raises(ValidationError, match="shorter than 32 characters"):
+        AgentAuth(user="u", password=SecretStr("short"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity options: subject_prefix, token type, authorized parties
+
+
+def test_identity_options_default_to_the_safe_choice() -> None:
+    keycloak = parse_config(ORIGINAL, "x").keycloak
+    assert keycloak.subject_claim == "sub"
+    assert keycloak.subject_prefix == ""
+    assert keycloak.require_access_token is True
+    assert keycloak.authorized_parties == ()
+
+
+def test_identity_options_are_read() -> None:
+    config = parse_config(
+        yaml.safe_dump(
+            document(
+                keycloak__subject_prefix="oidc:",
+                keycloak__groups_prefix="oidc:",
+                keycloak__require_access_token=False,
+                keycloak__authorized_parties=["dashboard", "cli"],
+            )
+        ),
+        "x",
+    )
+    assert config.keycloak.subject_prefix == "oidc:"
+    assert config.keycloak.require_access_token is False
+    assert config.keycloak.authorized_parties == ("dashboard", "cli")
+    one = parse_config(yaml.safe_dump(document(keycloak__authorized_parties="dashboard")), "x")
+    assert one.keycloak.authorized_parties == ("dashboard",)
+
+
+@pytest.mark.parametrize("key", ["subject_prefix", "groups_prefix"])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("system:", "reserved prefix"),
+        (" system:", "reserved prefix"),
+        ("SYSTEM:x:", "reserved prefix"),
+        ("oidc: ", "leading or trailing whitespace"),
+        ("oi\u200bdc:", "invisible format character"),
+    ],
+)
+def test_prefixes_follow_the_identity_rule(key: str, value: str, reason: str) -> None:
+    assert_problem(problems_of(document(**{f"keycloak__{key}": value})), f"keycloak.{key}", reason)
+
+
+def test_require_access_token_must_be_a_boolean() -> None:
+    error = problems_of(document(keycloak__require_access_token="yes please"))
+    assert_problem(error, "keycloak.require_access_token", "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Audit
+
+
+def test_audit_defaults_to_stdout_writes_only() -> None:
+    audit = parse_config(ORIGINAL, "x").audit
+    assert (audit.sink, audit.file, audit.reads) == ("stdout", None, "off")
+
+
+def test_audit_file_sink(tmp_path: Path) -> None:
+    text = ORIGINAL + f"audit:\n  sink: file\n  file: {tmp_path / 'audit.log'}\n  max_bytes: 1048576\n"
+    text += "  backups: 3\n  reads: metadata\n"
+    audit = parse_config(text, "x").audit
+    assert audit.sink == "file"
+    assert audit.file == tmp_path / "audit.log"
+    assert (audit.max_bytes, audit.backups, audit.reads) == (1048576, 3, "metadata")
+
+
+def test_audit_reads_off_may_be_written_unquoted() -> None:
+    # YAML 1.1 reads `off` as false.
+    assert parse_config(ORIGINAL + "audit:\n  reads: off\n", "x").audit.reads == "off"
+
+
+@pytest.mark.parametrize(
+    ("section", "path", "reason"),
+    [
+        ({"sink": "file"}, "audit", "sink: file needs file: PATH"),
+        ({"file": "/tmp/a.log"}, "audit", "file is used only with sink: file"),
+        ({"sink": "syslog"}, "audit.sink", "must be 'stdout' or 'file'"),
+        ({"reads": "all"}, "audit.reads", "must be 'off' or 'metadata'"),
+        ({"reads": True}, "audit.reads", "must be 'off' or 'metadata'"),
+        ({"backups": 0}, "audit.backups", "greater than or equal to 1"),
+        ({"max_bytes": 10}, "audit.max_bytes", "greater than or equal to 65536"),
+        ({"level": "all"}, "audit.level", "unknown key"),
+    ],
+)
+def test_audit_mistakes_name_the_key(section: dict[str, Any], path: str, reason: str) -> None:
+    assert_problem(problems_of(document(audit=section)), path, reason)
+
+
+def test_the_readme_sample_is_refused_only_for_its_example_secrets() -> None:
+    """The README's otterscale.yaml, copied as is, must not run with its placeholder secrets."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    start = readme.index("   keycloak:\n     realm_url:")
+    sample = textwrap.dedent(readme[start : readme.index("   ```", start)])
+    with pytest.raises(ConfigError) as caught:
+        parse_config(sample, "otterscale.yaml")
+    assert {path for path, _ in caught.value.problems} == {
+        "tunnel.server.key_seed",
+        "clusters.dev.agent.auth.pass",
+    }
+    assert all("example value" in reason for _, reason in caught.value.problems)

@@ -8,12 +8,12 @@ from otterscale.common import ConfigError, parse_config
 
 BASE = """
 keycloak: {realm_url: "http://127.0.0.1/realms/x", client_id: c}
-tunnel: {server: {host: 127.0.0.1, port: 8300, key_seed: seed}}
+tunnel: {server: {host: 127.0.0.1, port: 8300, key_seed: tunnel-key-seed-for-the-fanout-tests-0001}}
 clusters:
   east:
-    agent: {auth: {user: e, pass: p}, tunnel_port: 5001, api_port: 1}
+    agent: {auth: {user: e, pass: east-agent-password-for-the-fanout-tests}, tunnel_port: 5001, api_port: 1}
     labels: {env: prod, "example.com/region": eu}
-  west: {agent: {auth: {user: w, pass: p}, tunnel_port: 5002, api_port: 1}}
+  west: {agent: {auth: {user: w, pass: west-agent-password-for-fanout-tests}, tunnel_port: 5002, api_port: 1}}
 """
 
 
@@ -40,7 +40,7 @@ def test_defaults_and_labels() -> None:
         ),
         ("fanout: {max_inflight_per_cluster: true}", "fanout.max_inflight_per_cluster:"),
         ("fanout: {default_page_items: 10, max_page_items: 5}", "default_page_items must not be larger"),
-        ("fanout: {token_key: too-short}", "fanout.token_key: must be at least 32 bytes"),
+        ("fanout: {token_key: too-short}", "fanout.token_key: is shorter than 32 characters"),
         ("fanout: {tokenkey: x}", "fanout.tokenkey:"),
         ("access: {default: some}", "access.default: must be 'all' or 'none'"),
         ("access: {rules: [{groups: [g]}]}", "access.rules.0: a rule needs clusters or cluster_labels"),

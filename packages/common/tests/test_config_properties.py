@@ -72,7 +72,11 @@ def _check_error(error: ConfigError, source: str = SOURCE) -> None:
 _dns_label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
 # "§" occurs in no other generated value (users, fingerprints, names, URLs), so finding a secret
 # in an error can only mean the secret was echoed.
-_secret = st.text(st.characters(blacklist_categories=("Cs", "Zs", "Cc")), max_size=30).map(lambda s: "§" + s)
+# Secrets must be at least 32 characters (MIN_SECRET_LENGTH); the "§" keeps them from being a
+# YAML special value.
+_secret = st.text(st.characters(blacklist_categories=("Cs", "Zs", "Cc")), min_size=31, max_size=60).map(
+    lambda s: "§" + s
+)
 _user = st.from_regex(r"[A-Za-z0-9._@-]{1,20}", fullmatch=True)
 _host = st.sampled_from(["0.0.0.0", "127.0.0.1", "::", "hub.example.com", "localhost"])  # noqa: S104
 

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -164,6 +165,7 @@ def claims(issuer: Issuer, **overrides: Any) -> dict[str, Any]:
         "sub": "0b6a1c6e-5d1c-4a4e-9d2e-2b7f9f6f1a11",
         "iat": now,
         "exp": now + 300,
+        "typ": "Bearer",  # Keycloak's mark of an access token
         "groups": ["dev", "ops"],
     }
     values.update(overrides)
@@ -456,7 +458,7 @@ async def test_empty_or_missing_subject_is_refused(
 ) -> None:
     await refused(verifier, sign(keys["rs"], claims(issuer, sub="")), "must not be empty")
     await refused(verifier, sign(keys["rs"], claims(issuer, sub=None)), "must be a string")
-    await refused(verifier, sign(keys["rs"], claims(issuer, sub="a\nb")), "control characters")
+    await refused(verifier, sign(keys["rs"], claims(issuer, sub="a\nb")), "a control character")
 
 
 async def test_reserved_group_is_refused_with_a_hint(
@@ -472,6 +474,140 @@ async def test_malformed_groups_claim(
     verifier: OIDCVerifier, issuer: Issuer, keys: dict[str, SigningKey], groups: object
 ) -> None:
     await refused(verifier, sign(keys["rs"], claims(issuer, groups=groups)), "claim 'groups' must")
+
+
+@pytest.mark.parametrize(
+    ("claim", "value", "reason"),
+    [
+        ("groups", [" system:masters"], "reserved prefix 'system:'"),
+        ("groups", ["dev", "system:masters\u200b"], "reserved prefix 'system:'"),
+        ("groups", ["team a"], "a space (U+0020)"),
+        ("groups", ["dev\u202e"], "an invisible format character"),
+        ("sub", " system:kube-controller-manager", "reserved prefix 'system:'"),
+        ("sub", "alice ", "leading or trailing whitespace"),
+        ("sub", "ali\u200bce", "an invisible format character"),
+        ("sub", "ali\u3000ce", "a space (U+3000)"),
+    ],
+)
+async def test_padded_and_confusable_names_are_refused_naming_the_claim(
+    verifier: OIDCVerifier,
+    issuer: Issuer,
+    keys: dict[str, SigningKey],
+    claim: str,
+    value: object,
+    reason: str,
+) -> None:
+    error = await refused(verifier, sign(keys["rs"], claims(issuer, **{claim: value})), re.escape(reason))
+    assert f"claim '{claim}'" in str(error)
+    assert "masters" not in str(error)
+    assert "alice" not in str(error)
+
+
+async def test_subject_prefix(issuer: Issuer, keys: dict[str, SigningKey]) -> None:
+    async with OIDCVerifier(
+        issuer=issuer.url, audience=AUDIENCE, subject_prefix="oidc:", groups_prefix="oidc:"
+    ) as verifier:
+        identity = await verifier.verify(sign(keys["rs"], claims(issuer, sub="system:admin")))
+        assert identity == Identity("oidc:system:admin", ("oidc:dev", "oidc:ops"))
+        # A padded value stays padded behind the prefix, and is refused.
+        await refused(verifier, sign(keys["rs"], claims(issuer, sub=" alice")), "a space")
+    async with OIDCVerifier(issuer=issuer.url, audience=AUDIENCE) as verifier:
+        await refused(verifier, sign(keys["rs"], claims(issuer, sub="system:admin")), "subject_prefix")
+
+
+# --------------------------------------------------------------------------------------------------
+# Token type, authorized party, numeric times
+
+
+async def test_access_tokens_are_accepted_by_typ_claim_or_at_jwt_header(
+    verifier: OIDCVerifier, issuer: Issuer, keys: dict[str, SigningKey]
+) -> None:
+    assert (await verifier.verify(sign(keys["rs"], claims(issuer)))).subject  # Keycloak: typ Bearer
+    for header_type in ("at+jwt", "application/at+jwt", "AT+JWT"):
+        token = sign(keys["rs"], claims(issuer, typ=None), typ=header_type)  # RFC 9068
+        assert (await verifier.verify(token)).subject
+
+
+@pytest.mark.parametrize(
+    ("typ", "reason"),
+    [
+        ("ID", "ID tokens are not accepted"),
+        ("Refresh", "refresh tokens are not accepted"),
+        ("Offline", "refresh tokens are not accepted"),
+        ("Logout", "not an access token"),
+        (None, "does not say it is an access token"),
+    ],
+)
+async def test_other_token_types_are_refused(
+    verifier: OIDCVerifier, issuer: Issuer, keys: dict[str, SigningKey], typ: str | None, reason: str
+) -> None:
+    await refused(verifier, sign(keys["rs"], claims(issuer, typ=typ)), reason)
+    # A JWT header that says "JWT" (what Keycloak writes) changes nothing.
+    await refused(verifier, sign(keys["rs"], claims(issuer, typ=typ), typ="JWT"), reason)
+
+
+async def test_a_keycloak_refresh_token_is_named_as_such(verifier: OIDCVerifier, issuer: Issuer) -> None:
+    # Keycloak signs refresh tokens with the realm's HMAC key (HS512).
+    token = forge(
+        {"alg": "HS512", "typ": "JWT", "kid": "hmac"}, claims(issuer, typ="Refresh"), hmac_secret=b"x" * 64
+    )
+    await refused(verifier, token, "refresh tokens are not accepted: send the access token")
+
+
+async def test_token_type_check_can_be_turned_off(issuer: Issuer, keys: dict[str, SigningKey]) -> None:
+    config = KeycloakConfig(realm_url=issuer.url, client_id=AUDIENCE, require_access_token=False)
+    async with OIDCVerifier.from_config(config) as verifier:
+        assert (await verifier.verify(sign(keys["rs"], claims(issuer, typ=None)))).subject
+        assert (await verifier.verify(sign(keys["rs"], claims(issuer, typ="ID")))).subject
+
+
+async def test_authorized_parties(issuer: Issuer, keys: dict[str, SigningKey]) -> None:
+    config = KeycloakConfig(realm_url=issuer.url, client_id=AUDIENCE, authorized_parties=["dashboard", "cli"])
+    async with OIDCVerifier.from_config(config) as verifier:
+        assert (await verifier.verify(sign(keys["rs"], claims(issuer, azp="cli")))).subject
+        for azp in ("other-app", None, ["cli"]):
+            await refused(verifier, sign(keys["rs"], claims(issuer, azp=azp)), "keycloak.authorized_parties")
+    # Without a list, any azp is fine.
+    async with OIDCVerifier(issuer=issuer.url, audience=AUDIENCE) as verifier:
+        assert (await verifier.verify(sign(keys["rs"], claims(issuer, azp="other-app")))).subject
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize(
+    "value", ["{now}", True, None, [1], {"t": 1}], ids=["string", "bool", "null", "list", "map"]
+)
+async def test_times_that_are_not_numbers_are_refused(
+    verifier: OIDCVerifier, issuer: Issuer, keys: dict[str, SigningKey], claim: str, value: object
+) -> None:
+    now = int(time.time())
+    written = str(now + 300) if value == "{now}" else value
+    if value is None and claim == "exp":
+        await refused(verifier, sign(keys["rs"], claims(issuer, exp=None)), "no exp claim")
+        return
+    payload = claims(issuer)
+    payload[claim] = written
+    await refused(verifier, sign(keys["rs"], payload), f"claim {claim} must be a number")
+
+
+async def test_infinite_or_huge_times_are_refused_cleanly(
+    verifier: OIDCVerifier, issuer: Issuer, keys: dict[str, SigningKey]
+) -> None:
+    # Python's json reads 1e999 as inf and NaN as nan; int(inf) raised OverflowError in PyJWT.
+    header = {"alg": "RS256", "kid": keys["rs"].kid}
+    for raw in ("1e999", "NaN", "-1e999"):
+        body = json.dumps(claims(issuer, exp=1)).replace('"exp": 1', f'"exp": {raw}')
+        signing_input = _b64(json.dumps(header).encode()) + "." + _b64(body.encode())
+        signature = jwt.get_algorithm_by_name("RS256").sign(signing_input.encode(), keys["rs"].private)
+        await refused(verifier, signing_input + "." + _b64(signature), "claim exp must be a number")
+
+
+async def test_verify_token_reports_the_numeric_expiry(
+    verifier: OIDCVerifier, issuer: Issuer, keys: dict[str, SigningKey]
+) -> None:
+    now = int(time.time())
+    verified = await verifier.verify_token(sign(keys["rs"], claims(issuer, exp=now + 123)))
+    assert verified.expires_at == now + 123
+    assert verified.identity.subject
 
 
 # --------------------------------------------------------------------------------------------------

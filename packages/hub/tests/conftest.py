@@ -56,6 +56,8 @@ from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplicati
 from otterscale.testing import LocalIssuer, free_port, tool_path
 
 AUDIENCE = "otterscale"
+#: The tunnel key seed of the tests' configuration (the services refuse fewer than 32 characters).
+KEY_SEED = "test-seed-0123456789abcdef-0123456789"
 
 TRANSPORTS: dict[str, tuple[ProtocolType, Any]] = {
     "connect-h1": (ProtocolType.CONNECT, HTTPVersion.HTTP1),
@@ -140,7 +142,7 @@ def make_specs(names: tuple[str, ...] = ("alpha", "beta")) -> dict[str, ClusterS
         name: ClusterSpec(
             name=name,
             user=f"{name}-agent",
-            password=f"{name}-password-0123456789abcdef",
+            password=f"{name}-password-0123456789abcdef-{name}",
             tunnel_port=free_port(),
             api_port=free_port(),
         )
@@ -154,8 +156,9 @@ def write_config(
     issuer_url: str,
     specs: dict[str, ClusterSpec],
     tunnel_port: int,
-    key_seed: str = "test-seed",
+    key_seed: str = KEY_SEED,
     limits: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> Path:
     document: dict[str, Any] = {
         "keycloak": {"realm_url": issuer_url, "client_id": AUDIENCE},
@@ -173,6 +176,8 @@ def write_config(
     }
     if limits is not None:
         document["limits"] = limits
+    if audit is not None:
+        document["audit"] = audit
     path.write_text(yaml.safe_dump(document))
     return path
 
@@ -535,14 +540,26 @@ def hub_settings(config_path: Path, binary: ChiselBinary, **overrides: Any) -> H
 
 @pytest_asyncio.fixture
 async def hub_env(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -> AsyncIterator[HubEnv]:
+    env = await start_hub_env(tmp_path, issuer, chisel_binary)
+    try:
+        yield env
+    finally:
+        await env.close()
+
+
+async def start_hub_env(
+    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary, **sections: Any
+) -> HubEnv:
+    """A started hub of clusters alpha and beta; ``sections`` as for :func:`write_config`
+    (``limits=``, ``audit=``). The caller closes it."""
     specs = make_specs()
     tunnel_port = free_port()
     config_path = write_config(
-        tmp_path / "otterscale.yaml", issuer_url=issuer.url, specs=specs, tunnel_port=tunnel_port
+        tmp_path / "otterscale.yaml", issuer_url=issuer.url, specs=specs, tunnel_port=tunnel_port, **sections
     )
     hub = Hub(hub_settings(config_path, chisel_binary))
     await hub.start()
-    env = HubEnv(
+    return HubEnv(
         hub=hub,
         issuer=issuer,
         specs=specs,
@@ -550,10 +567,6 @@ async def hub_env(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -
         config_path=config_path,
         tunnel_port=tunnel_port,
     )
-    try:
-        yield env
-    finally:
-        await env.close()
 
 
 def struct_dict(message: Any) -> dict[str, Any]:

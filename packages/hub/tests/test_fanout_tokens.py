@@ -107,14 +107,15 @@ def test_an_old_cursor_is_refused_saying_so_but_only_to_its_owner() -> None:
 def test_replicas_sharing_the_configuration_share_the_key() -> None:
     text = """
 keycloak: {realm_url: "http://127.0.0.1/realms/x", client_id: c}
-tunnel: {server: {host: 127.0.0.1, port: 8300, key_seed: "seed-one-seed-one"}}
+tunnel: {server: {host: 127.0.0.1, port: 8300, key_seed: "seed-one-seed-one-seed-one-seed-one"}}
 clusters:
-  a: {agent: {auth: {user: u, pass: p}, tunnel_port: 5001, api_port: 1}}
+  a: {agent: {auth: {user: u, pass: agent-password-for-the-fanout-key-test}, tunnel_port: 5001, api_port: 1}}
 """
     one, _ = token_keys(parse_config(text, "one"))
     two, _ = token_keys(parse_config(text, "two"))
     assert one == two
-    other, _ = token_keys(parse_config(text.replace("seed-one-seed-one", "seed-two-seed-two"), "x"))
+    other_seed = text.replace("seed-one-seed-one-seed-one-seed-one", "seed-two-seed-two-seed-two-seed-two")
+    other, _ = token_keys(parse_config(other_seed, "x"))
     assert other != one
     explicit, previous = token_keys(
         parse_config(text + f"fanout: {{token_key: {'k' * 40}, previous_token_keys: [{'s' * 40}]}}\n", "x")
@@ -122,7 +123,7 @@ clusters:
     assert explicit not in (one, other)
     assert previous == [derive_token_key(b"s" * 40)]
     # The fan-out key is not the seed itself, nor a key of anything else derived from it.
-    assert one != derive_token_key(b"seed-one-seed-one")
+    assert one != derive_token_key(b"seed-one-seed-one-seed-one-seed-one")
 
 
 def _names(count: int, seed: int = 7) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import socket
 import time
@@ -27,9 +28,10 @@ from pyqwest import Client, HTTPTransport, HTTPVersion
 
 from otterscale.cluster.v1.cluster_connect import ClusterServiceClient
 from otterscale.cluster.v1.cluster_pb2 import ListClustersRequest
-from otterscale.common import ChiselBinary
+from otterscale.common import ChiselBinary, load_config
 from otterscale.hub import Hub
 from otterscale.hub._leader import LeaderInfo
+from otterscale.hub._replicas import ReplicaSigner, replica_key
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
 from otterscale.testing import free_port
@@ -49,6 +51,7 @@ from .conftest import (
 pytestmark = [pytest.mark.integration, pytest.mark.ha]
 
 HOP = "x-otterscale-forwarded-by"
+FORWARDED_FOR = "x-otterscale-forwarded-for"
 
 
 def get(name: str = "demo", cluster: str = "alpha") -> pb.GetRequest:
@@ -167,7 +170,12 @@ SETUP_ATTEMPTS = 3
 
 
 async def start_replicas(
-    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary, *, limits: dict[str, Any] | None = None
+    tmp_path: Path,
+    issuer: Issuer,
+    chisel_binary: ChiselBinary,
+    *,
+    limits: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> Replicas:
     """Hubs ``a`` (leading, with the tunnel server) and ``b``, and cluster alpha's agent.
 
@@ -185,6 +193,7 @@ async def start_replicas(
             specs=specs,
             tunnel_port=tunnel_port,
             limits=limits,
+            audit=audit,
         )
         found = Replicas(issuer, specs, chisel_binary, config_path, tunnel_port)
         try:
@@ -306,17 +315,39 @@ async def test_forwarded_call_keeps_caller_identity_request_id_and_deadline(
     assert time.perf_counter() - started < 3
 
 
-async def test_hop_guard_refuses_a_second_hop(replicas: Replicas) -> None:
-    agent = replicas.agents["alpha"]
-    before = len(agent.resources.records)
-    with pytest.raises(ConnectError) as refused:
-        await replicas.client("b").get(get(), headers=replicas.auth(**{HOP: "c"}))
-    assert refused.value.code is Code.UNAVAILABLE
-    assert "b does not lead (the call was forwarded by c" in refused.value.message
-    assert len(agent.resources.records) == before
-    # The leader serves a forwarded call as any other.
-    got = await replicas.client("a").get(get("hop"), headers=replicas.auth(**{HOP: "c"}))
-    assert got.object["metadata"]["name"] == "hop"
+@pytest.mark.security
+async def test_forwarding_headers_count_only_when_a_replica_signed_them(
+    replicas: Replicas, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's ``X-Otterscale-Forwarded-By`` (or a forged or stale signature) is dropped on
+    entry: it neither makes a follower refuse the call as a second hop nor puts a replica name or
+    an address into the leader's access log and audit trail. A fresh signature with the replicas'
+    key (derived from the tunnel key they share) is kept."""
+    caplog.set_level(logging.INFO, logger="otterscale.hub.access")
+    procedure = "/otterscale.resource.v1.ResourceService/Get"
+    key = replica_key(load_config(replicas.config_path))
+    forged = [
+        {HOP: "c"},
+        {HOP: "c", FORWARDED_FOR: "203.0.113.9:1"},
+        ReplicaSigner(b"not-the-replicas-key-0123456789ab").headers("c", "203.0.113.9:1", procedure),
+        ReplicaSigner(key).headers("c", "203.0.113.9:1", procedure, now=time.time() - 120),  # stale
+        ReplicaSigner(key).headers("c", "203.0.113.9:1", "/otterscale.resource.v1.ResourceService/List"),
+    ]
+    for index, headers in enumerate(forged):
+        for hub in ("b", "a"):  # the follower forwards it as any call; the leader serves it
+            name = f"forged-{index}-{hub}"
+            got = await replicas.client(hub).get(get(name), headers=replicas.auth(**headers))
+            assert got.object["metadata"]["name"] == name
+    lines = [r for r in caplog.records if r.name == "otterscale.hub.access" and r.method.endswith("/Get")]
+    assert lines
+    assert all(getattr(r, "forwarded_by", "") in ("", "b") for r in lines)
+    assert any(getattr(r, "forwarded_by", "") == "b" for r in lines)  # b's own, signed, was kept
+    # A replica's signature is kept: the leader logs the replica it names.
+    caplog.clear()
+    signed = ReplicaSigner(key).headers("c", "203.0.113.9:1", procedure)
+    await replicas.client("a").get(get("signed"), headers=replicas.auth(**signed))
+    lines = [r for r in caplog.records if r.name == "otterscale.hub.access" and r.method.endswith("/Get")]
+    assert [getattr(r, "forwarded_by", "") for r in lines] == ["c"]
 
 
 async def test_two_followers_that_name_each_other_never_loop(replicas: Replicas) -> None:
@@ -558,3 +589,32 @@ async def test_followers_enforce_the_same_limits(
 def refusals(hub: Hub, reason: str) -> float:
     assert hub.metrics is not None
     return float(hub.metrics.limit_refusals.labels(reason=reason)._value.get())
+
+
+@pytest.mark.security
+async def test_a_forwarded_call_is_audited_once_by_the_leader(
+    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary
+) -> None:
+    """The follower that forwards a call writes no audit event; the leader that serves it writes
+    the one event, naming the follower and the caller's own address (signed by the follower)."""
+    log = tmp_path / "audit.log"
+    found = await start_replicas(
+        tmp_path, issuer, chisel_binary, audit={"sink": "file", "file": str(log), "reads": "metadata"}
+    )
+    create = pb.CreateRequest(cluster="alpha", version="v1", resource="configmaps", namespace="default")
+    try:
+        await found.client("b").create(create, headers=found.auth(**{"x-request-id": "fwd-create"}))
+        await found.client("b").get(get("g"), headers=found.auth(**{"x-request-id": "fwd-get"}))
+        await found.client("a").get(get("g"), headers=found.auth(**{"x-request-id": "direct-get"}))
+    finally:
+        await found.close()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    for request_id, verb, via in (
+        ("fwd-create", "Create", "b"),
+        ("fwd-get", "Get", "b"),
+        ("direct-get", "Get", ""),
+    ):
+        [event] = [e for e in events if e["request_id"] == request_id]
+        assert (event["verb"], event["replica"], event["forwarded_by"]) == (verb, "a", via)
+        assert (event["subject"], event["code"], event["cluster"]) == ("alice", "ok", "alpha")
+        assert event["source"].startswith("127.0.0.1:")

@@ -31,6 +31,8 @@ from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
+from otterscale.common import load_config
+from otterscale.hub._replicas import ReplicaSigner, replica_key
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
 from otterscale.testing import ControlPlane, HubReplicas, ManagedProcess, start_hub_replicas
@@ -41,6 +43,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.ha]
 
 REPLICAS = 3
 HOP = "x-otterscale-forwarded-by"
+GET = "/otterscale.resource.v1.ResourceService/Get"
 
 
 @dataclass
@@ -205,13 +208,18 @@ async def test_one_leader_and_every_replica_serves(system: System) -> None:
         await system.client(followers[0]).get(system.get(), headers=system.auth("mallory"))
     assert refused.value.code is Code.PERMISSION_DENIED
     assert 'User "mallory"' in refused.value.message
-    # A call that was already forwarded is never forwarded again.
+    # A call that another replica already forwarded is never forwarded again.
+    key = replica_key(load_config(system.replicas.configs[followers[0]]))
+    signed = ReplicaSigner(key).headers(f"hub-{followers[1]}", "127.0.0.1:1", GET)
     with pytest.raises(ConnectError) as hop:
-        await system.client(followers[0]).get(
-            system.get(), headers={**system.auth(), HOP: f"hub-{followers[1]}"}
-        )
+        await system.client(followers[0]).get(system.get(), headers={**system.auth(), **signed})
     assert hop.value.code is Code.UNAVAILABLE
     assert "does not lead" in hop.value.message
+    # A client cannot pose as a replica: its unsigned hop header is dropped and the call served.
+    got = await system.client(followers[0]).get(
+        system.get(), headers={**system.auth(), HOP: f"hub-{followers[1]}"}
+    )
+    assert got.object["metadata"]["name"] == "probe"
     # Followers answer /readyz and /metrics themselves.
     for index in followers:
         assert await system.ready(index)

@@ -1104,9 +1104,11 @@ async def test_watch_send_timeout_ends_the_call_and_later_sends_fail_at_once() -
 def test_limits_come_from_the_config_with_defaults(tmp_path: Path) -> None:
     document = {
         "keycloak": {"realm_url": "https://keycloak.example.com/realms/x", "client_id": "otterscale"},
-        "tunnel": {"server": {"host": "127.0.0.1", "port": 8300, "key_seed": "seed"}},
+        "tunnel": {"server": {"host": "127.0.0.1", "port": 8300, "key_seed": "seed-" * 8}},
         "clusters": {
-            "dev": {"agent": {"auth": {"user": "dev", "pass": "pw"}, "tunnel_port": 8301, "api_port": 1}}
+            "dev": {
+                "agent": {"auth": {"user": "dev", "pass": "pw-" * 11}, "tunnel_port": 8301, "api_port": 1}
+            }
         },
     }
     assert HubLimits.from_config(parse_config(yaml.safe_dump(document), "x").limits) == HubLimits(
@@ -1148,9 +1150,11 @@ def test_limits_come_from_the_config_with_defaults(tmp_path: Path) -> None:
 def test_bad_limits_name_the_key_and_why(limits: Any, problems: list[str]) -> None:
     document = {
         "keycloak": {"realm_url": "https://keycloak.example.com/realms/x", "client_id": "otterscale"},
-        "tunnel": {"server": {"host": "127.0.0.1", "port": 8300, "key_seed": "seed"}},
+        "tunnel": {"server": {"host": "127.0.0.1", "port": 8300, "key_seed": "seed-" * 8}},
         "clusters": {
-            "dev": {"agent": {"auth": {"user": "dev", "pass": "pw"}, "tunnel_port": 8301, "api_port": 1}}
+            "dev": {
+                "agent": {"auth": {"user": "dev", "pass": "pw-" * 11}, "tunnel_port": 8301, "api_port": 1}
+            }
         },
         "limits": limits,
     }

@@ -138,9 +138,15 @@ class EchoSystem:
 
 
 async def start_echo_system(
-    tmp_path: Path, issuer: Issuer, binary: ChiselBinary, *, replicas: bool
+    tmp_path: Path,
+    issuer: Issuer,
+    binary: ChiselBinary,
+    *,
+    replicas: bool,
+    audit: dict[str, Any] | None = None,
 ) -> EchoSystem:
-    """One hub alone (``a``), or ``a`` leading with follower ``b``; echo agents of alpha and beta."""
+    """One hub alone (``a``), or ``a`` leading with follower ``b``; echo agents of alpha and beta
+    (``audit``: the configuration's audit section)."""
     specs = make_specs()
     tunnel_port = free_port()
     config = write_config(
@@ -149,6 +155,7 @@ async def start_echo_system(
         specs=specs,
         tunnel_port=tunnel_port,
         limits={"max_request_bytes": MAX_REQUEST, "max_watches_per_subject": MAX_STREAMS},
+        audit=audit,
     )
     system = EchoSystem(issuer, specs, binary, tunnel_port)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from otterscale.common import (
     Identity,
     IdentityProviderUnavailableError,
     ServerEventKind,
+    VerifiedToken,
     parse_server_line,
 )
 from otterscale.hub._auth import Authenticator
@@ -167,20 +170,22 @@ class FakeVerifier:
         self.calls = 0
         self.error: Exception | None = None
 
-    async def verify(self, token: str) -> Identity:
+    async def verify_token(self, token: str) -> VerifiedToken:
+        """As the real verifier: the identity and the numeric ``exp`` (else unauthenticated)."""
         self.calls += 1
         if self.error is not None:
             raise self.error
-        return Identity(subject=token.split(".")[0] or "x")
+        payload = token.split(".")[1]
+        exp = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))).get("exp")
+        if not isinstance(exp, int | float):
+            raise AuthenticationError("token claim exp must be a number (seconds since the epoch)")
+        return VerifiedToken(Identity(subject=token.split(".")[0] or "x"), float(exp))
 
     async def aclose(self) -> None:
         return None
 
 
-def _token(subject: str, exp: float | None) -> str:
-    import base64
-    import json
-
+def _token(subject: str, exp: object) -> str:
     claims: dict[str, Any] = {"sub": subject}
     if exp is not None:
         claims["exp"] = exp
@@ -216,6 +221,21 @@ async def test_token_cache(clock: Clock) -> None:
     for name in ("d", "e", "f"):
         await auth.authenticate([f"Bearer {_token(name, clock.now + 300)}"])
     assert len(auth._cache) == 2
+
+
+async def test_the_cache_trusts_only_the_verified_expiry(clock: Clock) -> None:
+    """The expiry comes from the verifier (which insists on a number), never from re-reading the
+    token: a string ``exp`` once made the cache ignore it, and a token worked past its expiry."""
+    verifier = FakeVerifier()
+    auth = Authenticator(verifier, cache_seconds=60, clock=clock)  # type: ignore[arg-type]
+    with pytest.raises(AuthenticationError, match="exp must be a number"):
+        await auth.authenticate([f"Bearer {_token('mallory', str(clock.now + 3600))}"])
+    assert not auth._cache
+    token = _token("alice", clock.now + 5)
+    await auth.authenticate([f"Bearer {token}"])
+    clock.now += 6  # past exp, inside the cache window: verified again, not served from the cache
+    await auth.authenticate([f"Bearer {token}"])
+    assert verifier.calls == 3
 
 
 @pytest.mark.parametrize(

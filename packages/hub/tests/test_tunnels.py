@@ -21,7 +21,7 @@ from otterscale.common import ChiselClient, ProcessSpec, Supervisor, parse_clien
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import free_port
 
-from .conftest import HubEnv, wait_for
+from .conftest import KEY_SEED, HubEnv, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -56,9 +56,9 @@ async def test_chisel_server_environment_is_clean(hub_env: HubEnv, monkeypatch: 
     assert chisel.pid is not None
     environ = _environ(chisel.pid)
     # Only the key seed, deliberately (an environment is private; argv is not).
-    assert environ == {"CHISEL_KEY": "test-seed"}
+    assert environ == {"CHISEL_KEY": KEY_SEED}
     argv = _cmdline(chisel.pid)
-    assert "test-seed" not in " ".join(argv)
+    assert KEY_SEED not in " ".join(argv)
     assert "--reverse" in argv
     assert "--authfile" in argv
     for spec in hub_env.specs.values():
@@ -88,7 +88,7 @@ async def test_inherited_auth_host_port_do_not_reach_chisel(
     os.kill(old, signal.SIGKILL)
     await wait_for(lambda: chisel.pid not in (None, old) and chisel.running, 15, "chisel restarted")
     assert chisel.pid is not None
-    assert _environ(chisel.pid) == {"CHISEL_KEY": "test-seed"}
+    assert _environ(chisel.pid) == {"CHISEL_KEY": KEY_SEED}
     # The intruder's credentials are not accepted.
     intruder = ChiselClient(
         hub_env.binary,

@@ -1,15 +1,17 @@
 """otterscale-common: what the OtterScale hub and agent share.
 
 Configuration (``otterscale.yaml``, cluster label selectors), OIDC bearer-token verification,
-the verified caller (:class:`Identity`), the signed hub-to-agent identity headers, logging
-set-up, the ``otterscale`` command and the flags both services take, supervision of external
-processes (:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`)
-and serving an ASGI application with a tuned hypercorn (:func:`serve`). Nothing here knows about
-a particular service.
+the verified caller (:class:`Identity`) and the one rule for its names, the signed hub-to-agent
+identity headers, the audit trail (:class:`AuditLog`), logging set-up, the ``otterscale``
+command and the flags both services take, supervision of external processes
+(:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`) and
+serving an ASGI application with a tuned hypercorn (:func:`serve`). Nothing here knows about a
+particular service.
 
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
+from ._audit import AuditClusterOutcome, AuditEvent, AuditKind, AuditLog, AuditTarget
 from ._chisel import (
     LOOPBACK,
     MIN_CHISEL_VERSION,
@@ -48,10 +50,12 @@ from ._cli import (
 )
 from ._config import (
     MAX_CONFIG_BYTES,
+    MIN_SECRET_LENGTH,
     AccessConfig,
     AccessRule,
     AgentAuth,
     AgentConfig,
+    AuditConfig,
     ClusterConfig,
     CorsConfig,
     FanoutConfig,
@@ -77,7 +81,7 @@ from ._identity import RESERVED_PREFIXES, Identity
 from ._labels import LabelSelector, LabelSyntaxError
 from ._logging import LogFormat, RedactingFilter, configure_logging, redact
 from ._net import ASGIApp, create_listener, drain_request, serve, server_config
-from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier
+from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier, VerifiedToken
 from ._signing import (
     GROUPS_HEADER,
     IDENTITY_HEADER_PREFIX,
@@ -85,6 +89,8 @@ from ._signing import (
     SUBJECT_HEADER,
     TIMESTAMP_HEADER,
     derive_identity_key,
+    derive_key,
+    mac_fields,
     sign_identity,
     strip_identity_headers,
     verify_identity,
@@ -103,6 +109,7 @@ __all__ = [
     "LOOPBACK",
     "MAX_CONFIG_BYTES",
     "MIN_CHISEL_VERSION",
+    "MIN_SECRET_LENGTH",
     "RESERVED_PREFIXES",
     "SIGNATURE_HEADER",
     "SUBJECT_HEADER",
@@ -112,6 +119,12 @@ __all__ = [
     "AccessRule",
     "AgentAuth",
     "AgentConfig",
+    "AuditClusterOutcome",
+    "AuditConfig",
+    "AuditEvent",
+    "AuditKind",
+    "AuditLog",
+    "AuditTarget",
     "AuthenticationError",
     "ChiselBinary",
     "ChiselClient",
@@ -148,6 +161,7 @@ __all__ = [
     "TunnelSession",
     "TunnelUser",
     "UsageError",
+    "VerifiedToken",
     "add_common_arguments",
     "authfile_content",
     "check_chisel",
@@ -155,10 +169,12 @@ __all__ = [
     "container_mode",
     "create_listener",
     "derive_identity_key",
+    "derive_key",
     "drain_request",
     "echo",
     "find_chisel",
     "load_config",
+    "mac_fields",
     "parse_address",
     "parse_chisel_version",
     "parse_client_line",

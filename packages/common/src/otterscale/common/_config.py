@@ -7,15 +7,21 @@ The file format is the original Go service's, unchanged::
     clusters:  {<name>: {agent: {auth: {user, pass}, fingerprint, tunnel_port, api_port}}}
 
 Ports may be integers or quoted strings (``"8300"``). New, optional keys (all under ``keycloak``):
-``audience`` (default: ``client_id``), ``subject_claim`` (``sub``), ``groups_claim`` (``groups``),
-``groups_prefix`` (empty), ``leeway_seconds`` (30), ``timeout_seconds`` (5) and
+``audience`` (default: ``client_id``), ``subject_claim`` (``sub``), ``subject_prefix`` (empty),
+``groups_claim`` (``groups``), ``groups_prefix`` (empty), ``require_access_token`` (true),
+``authorized_parties`` (empty: any client), ``leeway_seconds`` (30), ``timeout_seconds`` (5) and
 ``min_refresh_interval_seconds`` (30). The optional ``limits`` section bounds what the hub
 accepts from and holds for clients (:class:`HubLimitsConfig`; agents ignore it); the optional
-``cors`` section lets browser pages of other origins call the hub (:class:`CorsConfig`; agents
-ignore it). Hub-only additions for fan-out calls: ``clusters.<name>.labels``, the ``fanout``
-section (:class:`FanoutConfig`) and the ``access`` section (:class:`AccessConfig`, per-caller
-cluster allow-lists). Unknown keys are refused everywhere: a typo must not silently fall back to a
+``audit`` section says where audit events go (:class:`AuditConfig`); the optional ``cors``
+section lets browser pages of other origins call the hub (:class:`CorsConfig`; agents ignore it).
+Hub-only additions for fan-out calls: ``clusters.<name>.labels``, the ``fanout`` section
+(:class:`FanoutConfig`) and the ``access`` section (:class:`AccessConfig`, per-caller cluster
+allow-lists). Unknown keys are refused everywhere: a typo must not silently fall back to a
 default.
+
+Secrets (``tunnel.server.key_seed``, ``clusters.<name>.agent.auth.pass``) must be at least
+``MIN_SECRET_LENGTH`` (32) characters and not one of the documentation's example values: the
+seed is the hub's SSH identity and each password is also the key that signs identity headers.
 
 Every problem in a file is reported at once, one line each, naming the file and the dotted key
 path (``clusters.dev.agent.tunnel_port``). Messages are built here from error locations and
@@ -40,13 +46,14 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -58,6 +65,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ._errors import ConfigError
+from ._identity import identity_name_problem
 from ._labels import LabelSelector, LabelSyntaxError, label_key_problem, label_value_problem
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,22 @@ logger = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_YAML_NODES = 100_000
 MAX_YAML_DEPTH = 50
+
+#: Shortest ``tunnel.server.key_seed`` and agent ``auth.pass`` accepted, in characters.
+MIN_SECRET_LENGTH = 32
+#: How to make a good one (in every refusal).
+GENERATE_HINT = "`openssl rand -base64 32`"
+#: Values the README, the charts and earlier documentation show as examples: refused as secrets.
+EXAMPLE_SECRETS = frozenset(
+    {
+        "a-long-random-secret",
+        "a-long-random-password",
+        "change-me",
+        "changeme",
+        "dev-agent-password",
+        "REPLACE-WITH-THE-OUTPUT-OF-openssl-rand-base64-32",
+    }
+)
 
 _CLUSTER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _PORT_TEXT_RE = re.compile(r"[0-9]{1,5}")
@@ -96,12 +120,6 @@ def _port(value: object) -> int:
 
 def _non_empty(value: str) -> str:
     if not value.strip():
-        raise PydanticCustomError("otterscale_empty", "must not be empty")
-    return value
-
-
-def _non_empty_secret(value: SecretStr) -> SecretStr:
-    if not value.get_secret_value():
         raise PydanticCustomError("otterscale_empty", "must not be empty")
     return value
 
@@ -145,10 +163,41 @@ def _realm_url(value: str) -> str:
     return value
 
 
-def _groups_prefix(value: str) -> str:
-    if value.startswith("system:"):
-        raise PydanticCustomError("otterscale_reserved", "must not start with the reserved prefix 'system:'")
+def _name_prefix(value: str) -> str:
+    """``subject_prefix`` / ``groups_prefix``: empty, or a valid start of a name (the identity rule)."""
+    if value:
+        problem = identity_name_problem(value, "the prefix")
+        if problem:
+            raise PydanticCustomError("otterscale_prefix", problem.removeprefix("the prefix "))
     return value
+
+
+def _strong_secret(value: SecretStr) -> SecretStr:
+    """``key_seed``, ``pass``, ``token_key``: long enough to resist guessing, not a documented example."""
+    secret = value.get_secret_value()
+    if not secret:
+        raise PydanticCustomError("otterscale_empty", "must not be empty")
+    if secret.strip() in EXAMPLE_SECRETS:
+        raise PydanticCustomError(
+            "otterscale_weak_secret",
+            f"is an example value from the documentation; generate a secret: {GENERATE_HINT}",
+        )
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise PydanticCustomError(
+            "otterscale_weak_secret",
+            f"is shorter than {MIN_SECRET_LENGTH} characters; generate a secret: {GENERATE_HINT}",
+        )
+    return value
+
+
+def _authorized_parties(value: object) -> object:
+    # One client id on its own is a common way to write a one-item list.
+    return [value] if isinstance(value, str) else value
+
+
+def _reads_level(value: object) -> object:
+    # YAML 1.1 reads an unquoted `off` as false.
+    return "off" if value is False else value
 
 
 _HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -264,8 +313,11 @@ class KeycloakConfig(_Model):
     client_id: NonEmptyStr
     audience: NonEmptyStr | None = None
     subject_claim: NonEmptyStr = "sub"
+    subject_prefix: Annotated[str, AfterValidator(_name_prefix)] = ""
     groups_claim: NonEmptyStr = "groups"
-    groups_prefix: Annotated[str, AfterValidator(_groups_prefix)] = ""
+    groups_prefix: Annotated[str, AfterValidator(_name_prefix)] = ""
+    require_access_token: bool = Field(default=True, strict=True)
+    authorized_parties: Annotated[tuple[NonEmptyStr, ...], BeforeValidator(_authorized_parties)] = ()
     leeway_seconds: float = Field(default=30.0, ge=0, le=300)
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     min_refresh_interval_seconds: float = Field(default=30.0, ge=0, le=3600)
@@ -285,7 +337,7 @@ class TunnelServerConfig(_Model):
 
     host: NonEmptyStr
     port: Port
-    key_seed: Annotated[SecretStr, AfterValidator(_non_empty_secret)] | None = None
+    key_seed: Annotated[SecretStr, AfterValidator(_strong_secret)] | None = None
     key_file: Annotated[Path, AfterValidator(_non_empty_path)] | None = None
 
     @model_validator(mode="after")
@@ -305,7 +357,7 @@ class AgentAuth(_Model):
     """The credentials an agent uses to open its reverse tunnel (YAML keys ``user`` and ``pass``)."""
 
     user: Annotated[str, AfterValidator(_agent_user)]
-    password: Annotated[SecretStr, AfterValidator(_non_empty_secret)] = Field(alias="pass")
+    password: Annotated[SecretStr, AfterValidator(_strong_secret)] = Field(alias="pass")
 
 
 class AgentConfig(_Model):
@@ -394,6 +446,31 @@ class HubLimitsConfig(_Model):
     watch_send_timeout_seconds: float = Field(default=30.0, gt=0, le=86_400)
 
 
+class AuditConfig(_Model):
+    """The ``audit`` section: where audit events go and which calls produce one (optional).
+
+    ``sink``: ``stdout`` (default; the services' own logs go to stderr, so the two streams stay
+    apart) or ``file``, which appends to ``file`` and rotates it at ``max_bytes`` (default 100 MiB),
+    keeping ``backups`` (default 5) older files. ``reads``: ``off`` (default) or ``metadata``, which
+    audits reads (Get, Describe, List, Watch, Discovery, Schema, ListClusters) too. Calls that change
+    something are always audited. See :mod:`otterscale.common._audit` for the events.
+    """
+
+    sink: Literal["stdout", "file"] = "stdout"
+    file: Annotated[Path, AfterValidator(_non_empty_path)] | None = None
+    max_bytes: int = Field(default=100 * _MIB, ge=64 * 1024, le=1024 * 1024 * _MIB, strict=True)
+    backups: int = Field(default=5, ge=1, le=1000, strict=True)
+    reads: Annotated[Literal["off", "metadata"], BeforeValidator(_reads_level)] = "off"
+
+    @model_validator(mode="after")
+    def _file_with_file_sink(self) -> Self:
+        if self.sink == "file" and self.file is None:
+            raise PydanticCustomError("otterscale_audit_file", "sink: file needs file: PATH")
+        if self.sink != "file" and self.file is not None:
+            raise PydanticCustomError("otterscale_audit_file", "file is used only with sink: file")
+        return self
+
+
 class CorsConfig(_Model):
     """The ``cors`` section: which browser origins may call the hub from their pages (optional).
 
@@ -426,13 +503,8 @@ class CorsConfig(_Model):
         return self
 
 
-def _token_key(value: SecretStr) -> SecretStr:
-    if len(value.get_secret_value().encode()) < 32:
-        raise PydanticCustomError("otterscale_token_key", "must be at least 32 bytes of random text")
-    return value
-
-
-TokenKey = Annotated[SecretStr, AfterValidator(_token_key)]
+#: A fan-out token key: as strong as every other secret in the file.
+TokenKey = Annotated[SecretStr, AfterValidator(_strong_secret)]
 
 
 class FanoutConfig(_Model):
@@ -534,6 +606,7 @@ class OtterscaleConfig(_Model):
     tunnel: TunnelConfig
     clusters: dict[ClusterName, ClusterConfig]
     limits: HubLimitsConfig = HubLimitsConfig()
+    audit: AuditConfig = AuditConfig()
     cors: CorsConfig = CorsConfig()
     fanout: FanoutConfig = FanoutConfig()
     access: AccessConfig | None = None

@@ -11,8 +11,15 @@ refreshed on use; if that refresh fails the old keys stay in use (and a warning 
 
 Only asymmetric algorithms are accepted (RS*, PS*, ES256/384/512, EdDSA), and the token's
 ``alg`` must fit the key it names, so ``alg: none`` and HS256 "signed" with the public key (key
-confusion) fail. ``iss``, ``aud`` and ``exp`` are required; ``exp``, ``nbf`` and ``iat`` are
-checked with a small leeway.
+confusion) fail. ``iss``, ``aud`` and ``exp`` are required; ``exp``, ``nbf`` and ``iat`` must be
+numbers (PyJWT alone accepts ``"exp": "1700000000"``, and a cache that reads the number back then
+ignores the expiry) and are checked here with a small leeway.
+
+Only access tokens are accepted (``require_access_token``, default on): Keycloak marks them with
+the claim ``typ: Bearer``, RFC 9068 issuers with the header ``typ: at+jwt``. An ID token carries
+the same issuer and, in Keycloak, the client as audience, so without this check a token meant for
+the client application (and shown to it, logged by it, kept in browser storage) would open the
+API. ``authorized_parties`` optionally limits the clients (``azp``) a token may have been issued to.
 
 Never logs a token or puts one (or any part of one) into an error message.
 """
@@ -20,8 +27,10 @@ Never logs a token or puts one (or any part of one) into an error message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +80,14 @@ SessionFactory = Callable[[], aiohttp.ClientSession]
 
 
 @dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """What a verified token says: who it identifies, and until when (its numeric ``exp``)."""
+
+    identity: Identity
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class _Key:
     kid: str | None
     key: Any  # a cryptography public key object
@@ -102,8 +119,11 @@ class OIDCVerifier:
         issuer: str,
         audience: str,
         subject_claim: str = "sub",
+        subject_prefix: str = "",
         groups_claim: str = "groups",
         groups_prefix: str = "",
+        require_access_token: bool = True,
+        authorized_parties: Sequence[str] = (),
         leeway_seconds: float = 30.0,
         timeout_seconds: float = 5.0,
         min_refresh_interval_seconds: float = 30.0,
@@ -121,8 +141,11 @@ class OIDCVerifier:
         self._issuer = issuer
         self._audience = audience
         self._subject_claim = subject_claim
+        self._subject_prefix = subject_prefix
         self._groups_claim = groups_claim
         self._groups_prefix = groups_prefix
+        self._require_access_token = require_access_token
+        self._authorized_parties = frozenset(authorized_parties)
         self._leeway = leeway_seconds
         self._timeout = timeout_seconds
         self._min_refresh_interval = min_refresh_interval_seconds
@@ -155,8 +178,11 @@ class OIDCVerifier:
             issuer=config.realm_url,
             audience=config.expected_audience,
             subject_claim=config.subject_claim,
+            subject_prefix=config.subject_prefix,
             groups_claim=config.groups_claim,
             groups_prefix=config.groups_prefix,
+            require_access_token=config.require_access_token,
+            authorized_parties=config.authorized_parties,
             leeway_seconds=config.leeway_seconds,
             timeout_seconds=config.timeout_seconds,
             min_refresh_interval_seconds=config.min_refresh_interval_seconds,
@@ -191,9 +217,13 @@ class OIDCVerifier:
         """Verify ``token`` (without the ``Bearer`` prefix) and return who it identifies.
 
         Raises :class:`AuthenticationError` when the token is malformed, forged, expired, for
-        another issuer or audience, or names a reserved user or group; and
+        another issuer or audience, not an access token, or names a reserved user or group; and
         :class:`IdentityProviderUnavailableError` when the keys needed to decide cannot be fetched.
         """
+        return (await self.verify_token(token)).identity
+
+    async def verify_token(self, token: str) -> VerifiedToken:
+        """:meth:`verify`, also returning the token's expiry (for callers that cache tokens)."""
         if not isinstance(token, str) or not token:
             raise AuthenticationError("bearer token is empty")
         if len(token) > MAX_TOKEN_LENGTH:
@@ -210,6 +240,9 @@ class OIDCVerifier:
         if alg == "none" or not alg:
             raise AuthenticationError("unsigned tokens (alg none) are not accepted")
         if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+            if _unverified_type(token) in _REFRESH_TYPES:
+                # Keycloak signs refresh tokens with the realm's HMAC key: say what was sent.
+                raise AuthenticationError(_REFRESH_REFUSED)
             raise AuthenticationError(
                 f"token algorithm is not accepted; accepted: {', '.join(ALLOWED_ALGORITHMS)}"
                 if not (isinstance(alg, str) and alg.startswith("HS"))
@@ -223,7 +256,15 @@ class OIDCVerifier:
         if not key.fits(alg):
             raise AuthenticationError(f"token algorithm {alg} does not match the issuer's key for its kid")
         claims = self._decode(token, key, alg)
-        return self._identity(claims)
+        expires_at = self._check_times(claims)
+        if self._require_access_token:
+            _check_access_token(header, claims)
+        azp = claims.get("azp")
+        if self._authorized_parties and not (isinstance(azp, str) and azp in self._authorized_parties):
+            raise AuthenticationError(
+                "token was issued to a client (azp claim) that is not in keycloak.authorized_parties"
+            )
+        return VerifiedToken(identity=self._identity(claims), expires_at=expires_at)
 
     # ----------------------------------------------------------------------------------------------
     # Token checks
@@ -231,6 +272,10 @@ class OIDCVerifier:
     def _decode(self, token: str, key: _Key, alg: str) -> dict[str, Any]:
         options: Options = {
             "require": ["exp", "iss", "aud"],
+            # Times are checked by _check_times, which insists on numbers (PyJWT int()s strings).
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
             "verify_sub": False,  # the subject claim is configurable and checked below
             "verify_jti": False,
             "enforce_minimum_key_length": True,
@@ -242,13 +287,8 @@ class OIDCVerifier:
                 algorithms=[alg],
                 audience=self._audience,
                 issuer=self._token_issuer or self._issuer,
-                leeway=self._leeway,
                 options=options,
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthenticationError("token has expired") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthenticationError("token is not yet valid (nbf or iat is in the future)") from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthenticationError(f"token has no {exc.claim} claim") from None
         except jwt.InvalidAudienceError:
@@ -259,8 +299,6 @@ class OIDCVerifier:
             raise AuthenticationError("token signature is invalid") from None
         except jwt.InvalidAlgorithmError:
             raise AuthenticationError("token algorithm is not accepted") from None
-        except jwt.InvalidIssuedAtError:
-            raise AuthenticationError("token iat claim is not a number") from None
         except jwt.InvalidKeyError:
             raise AuthenticationError("the issuer's signing key is not acceptable (too short?)") from None
         except jwt.DecodeError:
@@ -268,11 +306,27 @@ class OIDCVerifier:
         except jwt.PyJWTError:
             raise AuthenticationError("token is invalid") from None
 
+    def _check_times(self, claims: Mapping[str, Any]) -> float:
+        """Check ``exp``, ``nbf`` and ``iat`` (numbers, with the leeway); return ``exp``."""
+        for name in _TIME_CLAIMS:
+            if name in claims and not _is_number(claims[name]):
+                raise AuthenticationError(f"token claim {name} must be a number (seconds since the epoch)")
+        now = time.time()
+        expires_at = float(claims["exp"])
+        if expires_at <= now - self._leeway:
+            raise AuthenticationError("token has expired")
+        for name in ("nbf", "iat"):
+            if name in claims and float(claims[name]) > now + self._leeway:
+                raise AuthenticationError("token is not yet valid (nbf or iat is in the future)")
+        return expires_at
+
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
-        subject = _claim(claims, self._subject_claim)
+        raw_subject = _claim(claims, self._subject_claim)
+        subject = self._subject_prefix + raw_subject if isinstance(raw_subject, str) else raw_subject
         problem = identity_name_problem(subject, f"token subject (claim {self._subject_claim!r})")
         if problem:
-            raise AuthenticationError(problem)
+            hint = "; set keycloak.subject_prefix" if "reserved" in problem else ""
+            raise AuthenticationError(problem + hint)
 
         raw_groups = _claim(claims, self._groups_claim)
         if raw_groups is None:
@@ -470,6 +524,49 @@ def _parse_key_set(document: Mapping[str, Any]) -> tuple[_Key, ...]:
             key = key.public_key()
         keys.append(_Key(kid=kid, key=key, alg=alg))
     return tuple(keys)
+
+
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+_REFRESH_TYPES = frozenset({"refresh", "offline"})
+_REFRESH_REFUSED = (
+    "refresh tokens are not accepted: send the access token (Authorization: Bearer <access_token>)"
+)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_access_token(header: Mapping[str, Any], claims: Mapping[str, Any]) -> None:
+    """Refuse a verified token that does not say it is an access token (see the module docstring)."""
+    header_type = header.get("typ")
+    if isinstance(header_type, str) and header_type.lower().removeprefix("application/") == "at+jwt":
+        return
+    claimed = claims.get("typ")
+    kind = claimed.lower() if isinstance(claimed, str) else None
+    if kind == "bearer":
+        return
+    if kind == "id":
+        raise AuthenticationError("ID tokens are not accepted: send the access token of the login")
+    if kind in _REFRESH_TYPES:
+        raise AuthenticationError(_REFRESH_REFUSED)
+    if claimed is not None:
+        raise AuthenticationError("token is not an access token (its typ claim is not Bearer)")
+    raise AuthenticationError(
+        "token does not say it is an access token (no typ: Bearer claim, no at+jwt header); "
+        "set keycloak.require_access_token: false for an issuer that marks neither"
+    )
+
+
+def _unverified_type(token: str) -> str | None:
+    """The ``typ`` claim of a token that is about to be refused anyway, to say what it was."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    kind = claims.get("typ") if isinstance(claims, dict) else None
+    return kind.lower() if isinstance(kind, str) else None
 
 
 def _claim(claims: Mapping[str, Any], name: str) -> object:

@@ -58,7 +58,7 @@ GROUPS_HEADER = "X-Otterscale-Groups"
 TIMESTAMP_HEADER = "X-Otterscale-Timestamp"
 SIGNATURE_HEADER = "X-Otterscale-Signature"
 
-_LABEL = b"otterscale-identity-v1"
+_LABEL = "otterscale-identity-v1"
 _SIGNATURE_VERSION = "v1="
 _HKDF_SALT = b"otterscale/identity-headers/v1"
 _KEY_LENGTH = 32
@@ -80,13 +80,33 @@ def derive_identity_key(cluster: str, agent_password: str | bytes) -> bytes:
     secret = agent_password.encode("utf-8") if isinstance(agent_password, str) else agent_password
     if not secret:
         raise ValueError("agent password must not be empty")
-    hkdf = HKDF(
-        algorithm=hashes.SHA256(),
-        length=_KEY_LENGTH,
-        salt=_HKDF_SALT,
-        info=b"otterscale identity headers v1; cluster=" + cluster.encode("utf-8"),
-    )
-    return hkdf.derive(secret)
+    return _hkdf(secret, _HKDF_SALT, b"otterscale identity headers v1; cluster=" + cluster.encode("utf-8"))
+
+
+def derive_key(secret: str | bytes, *, purpose: str) -> bytes:
+    """A 32-byte key for ``purpose`` (a short label) from a shared ``secret`` (HKDF-SHA256).
+
+    For MACs between parts that already share a secret, e.g. hub replicas (the tunnel key):
+    each purpose gets its own key, and the secret itself is never used as a key.
+    """
+    data = secret.encode("utf-8") if isinstance(secret, str) else secret
+    if not data or not purpose:
+        raise ValueError("secret and purpose must not be empty")
+    return _hkdf(data, b"otterscale/" + purpose.encode("utf-8"), purpose.encode("utf-8"))
+
+
+def mac_fields(key: bytes, label: str, fields: Iterable[str]) -> str:
+    """HMAC-SHA256 of ``label`` and ``fields`` as netstrings (no two field lists share an
+    encoding), base64url without padding (43 characters). Compare with :func:`hmac.compare_digest`."""
+    if not isinstance(key, bytes) or len(key) < _MIN_KEY_LENGTH:
+        raise ValueError(f"key must be at least {_MIN_KEY_LENGTH} bytes")
+    message = _netstring(label) + b"".join(_netstring(item) for item in fields)
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=_KEY_LENGTH, salt=salt, info=info).derive(secret)
 
 
 def sign_identity(
@@ -258,6 +278,4 @@ def _netstring(value: str) -> bytes:
 
 def _mac(key: bytes, *, cluster: str, method: str, timestamp: int, identity: Identity) -> str:
     fields = [cluster, method, str(timestamp), identity.subject, str(len(identity.groups)), *identity.groups]
-    message = _netstring(_LABEL.decode("ascii")) + b"".join(_netstring(field) for field in fields)
-    digest = hmac.new(key, message, hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return mac_fields(key, _LABEL, fields)

@@ -12,9 +12,14 @@
 - in front of each API service, the client limits (:class:`~._limits.ClientLimits`: request
   size, slow stream clients); on every service, the observing interceptor (request id, access
   log, metrics);
+- on the applications that serve a call here (the proxy's and the hub-served ones, not the
+  forwarder's: the leader that serves a forwarded call audits it), the audit trail's interceptors
+  (:mod:`._audit`), which audit every method of every registered service from its descriptor;
 - gRPC health and reflection (describing every service above), ``/metrics``, ``/healthz`` and
   ``/readyz``, all answered by this replica itself (:class:`~._server.Router`).
-- in front of everything, the CORS layer for browser pages of other origins (:mod:`._cors`).
+- in front of everything, the CORS layer for browser pages of other origins (:mod:`._cors`),
+  then the guard that keeps the forwarding headers only when another replica signed them
+  (:mod:`._replicas`), before anything reads a header.
 
 Authentication happens in the handlers (the proxy, the forwarder's leader, the hub-served
 services), after routing by path but before anything is passed on.
@@ -23,16 +28,19 @@ services), after routing by path but before anything is passed on.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Iterable, Mapping
 
 from connectrpc.interceptor import Interceptor
 from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
 
-from otterscale.common import ASGIApp, OIDCVerifier, OtterscaleConfig
+from otterscale.common import ASGIApp, AuditLog, OIDCVerifier, OtterscaleConfig
 
 from ._access import AccessPolicy
+from ._audit import AuditTrail, audited_methods
 from ._auth import Authenticator
 from ._cors import with_cors
+from ._errors import HubError
 from ._forward import LeaderForwarder
 from ._health import HealthASGIApplication, HealthService, health_file
 from ._leader import Leadership
@@ -42,9 +50,10 @@ from ._observe import ObservingInterceptor
 from ._passthrough import PassThroughApplication, Relay
 from ._proxy import ClusterProxy
 from ._reflection import reflection_apps
+from ._replicas import ReplicaHeaderGuard, ReplicaSigner, replica_key
 from ._routes import Route, RouteError, cluster_routes, hub_routes, routes_by_procedure
 from ._server import Router, Switch
-from ._services import HubService, ServiceContext
+from ._services import READ_METHODS, HubService, ServiceContext
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
 
@@ -75,8 +84,27 @@ class Api:
         self._limits = limits
         self._metrics = metrics
         self._leading = leading
-        routed = list(routed_services)
-        served = list(hub_services)
+        # Everything that can refuse a registration first, before any file is opened.
+        routed = [(descriptor, cluster_routes(descriptor)) for descriptor in routed_services]
+        served = [(service, hub_routes(service.descriptor)) for service in hub_services]
+        names = [descriptor.full_name for descriptor, _ in routed]
+        names += [service.descriptor.full_name for service, _ in served]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise RouteError(f"service {', '.join(twice)} is registered twice")
+        try:
+            #: Signs the forwarding headers of a follower, checks those a leader receives.
+            self.replicas = ReplicaSigner(replica_key(config))
+            audit_log = AuditLog.from_config(config.audit)
+        except OSError as exc:
+            raise HubError(f"cannot open {exc.filename or 'a file'}: {exc.strerror or exc}") from exc
+        #: Every method of every registered service, audited by the replica that serves the call.
+        self.audit = AuditTrail(
+            audit_log,
+            audited_methods(
+                [*routed, *((service.descriptor, routes) for service, routes in served)], reads=READ_METHODS
+            ),
+            replica=leadership.identity if leadership is not None else socket.gethostname(),
+        )
         self.authenticator = Authenticator(OIDCVerifier.from_config(config.keycloak))
         #: Which clusters each caller may use, for every service (``access`` in otterscale.yaml).
         self.access = AccessPolicy(config.access, {name: c.labels for name, c in config.clusters.items()})
@@ -94,11 +122,17 @@ class Api:
             tunnels,
             serving=ready,
             resources_serving=serves_tunnels,
-            routed=[service.full_name for service in routed],
-            served=[service.descriptor.full_name for service in served],
+            routed=names[: len(routed)],
+            served=names[len(routed) :],
         )
-        self.forwarder = LeaderForwarder(leadership, metrics) if leadership is not None else None
-        self._interceptors: tuple[Interceptor, ...] = (ObservingInterceptor(metrics),)
+        self.forwarder = (
+            LeaderForwarder(leadership, metrics, self.replicas) if leadership is not None else None
+        )
+        observing = ObservingInterceptor(metrics)
+        #: Every application's interceptors (the forwarder's, health, reflection).
+        self._interceptors: tuple[Interceptor, ...] = (observing,)
+        #: Those of the applications that serve a call on this replica: the audit trail's too.
+        self._serving: tuple[Interceptor, ...] = (observing, *self.audit.interceptors())
         # gzip only when the caller asks for it, at the fastest level: responses can be large
         # (a List of thousands of objects) and the hub should stay close to a plain relay. A
         # compressed request is inflated up to the request limit only.
@@ -110,7 +144,7 @@ class Api:
             keys=keys,
             metrics=metrics,
             limits=limits,
-            interceptors=self._interceptors,
+            interceptors=self._serving,
             config=config,
             watch_slots=self.proxy.watch_slots,
             on_unreachable=on_unreachable,
@@ -119,25 +153,25 @@ class Api:
         )
         self._stream_owners = context.stream_owners
         services: dict[str, ASGIApp] = {}
-        for descriptor in routed:
-            routes = cluster_routes(descriptor)
-            self._add(services, descriptor, self._pass_through(descriptor, routes, self.proxy), routes)
-        for service in served:
-            self._add(
-                services, service.descriptor, service.application(context), hub_routes(service.descriptor)
-            )
+        for descriptor, routes in routed:
+            local = self._pass_through(descriptor, routes, self.proxy, self._serving)
+            self._add(services, descriptor, local, routes)
+        for service, routes in served:
+            self._add(services, service.descriptor, service.application(context), routes)
         health_app = HealthASGIApplication(self.health, interceptors=self._interceptors)
         services[_service_name(health_app.path)] = health_app  # type: ignore[assignment]
         described = [
-            *routed,
-            *(service.descriptor for service in served),
+            *(descriptor for descriptor, _ in routed),
+            *(service.descriptor for service, _ in served),
             health_file().services_by_name["Health"],
         ]
         for app in reflection_apps(described, interceptors=self._interceptors):
             services[_service_name(app.path)] = app  # type: ignore[assignment]
         router = Router(services, metrics=metrics.render, ready=ready, on_startup=on_started)
-        #: The hub's ASGI application; CORS outermost: before auth, on followers too.
-        self.router: ASGIApp = with_cors(router, config.cors)
+        #: The hub's ASGI application. CORS outermost: preflights before auth, on followers too;
+        #: then the forwarding headers are trusted only when another replica signed them, before
+        #: anything reads them.
+        self.router: ASGIApp = with_cors(ReplicaHeaderGuard(router, self.replicas), config.cors)
 
     def drain(self) -> None:
         """Shutdown begins: health says NOT_SERVING; new streams are refused, open ones end."""
@@ -160,22 +194,30 @@ class Api:
             self.forwarder.leader_changed()
 
     async def aclose(self) -> None:
-        """Close the connections to the leader and the token verifier (after serving stopped)."""
+        """Close the connections to the leader, the token verifier and the audit trail (after
+        serving stopped)."""
         if self.forwarder is not None:
             await self.forwarder.aclose()
         await self.authenticator.aclose()
+        self.audit.close()
 
     # ----------------------------------------------------------------------------------------------
 
     def _refused(self, reason: str) -> None:
         self._metrics.limit_refusals.labels(reason=reason).inc()
 
-    def _pass_through(self, descriptor: ServiceDescriptor, routes: list[Route], relay: Relay) -> ASGIApp:
+    def _pass_through(
+        self,
+        descriptor: ServiceDescriptor,
+        routes: list[Route],
+        relay: Relay,
+        interceptors: tuple[Interceptor, ...],
+    ) -> ASGIApp:
         return PassThroughApplication(  # type: ignore[return-value]
             descriptor,
             routes,
             relay,
-            interceptors=self._interceptors,
+            interceptors=interceptors,
             compressions=[self._gzip],
             # Bounds a compressed request once inflated (ClientLimits bounds the wire bytes).
             read_max_bytes=self._limits.max_request_bytes,
@@ -185,16 +227,14 @@ class Api:
         self, services: dict[str, ASGIApp], descriptor: ServiceDescriptor, local: ASGIApp, routes: list[Route]
     ) -> None:
         """Serve ``descriptor``'s service: ``local`` while leading, else forwarded; limits in front."""
-        name = descriptor.full_name
-        if name in services:
-            raise RouteError(f"service {name} is registered twice")
         app = local
         if self.forwarder is not None:
-            # Followers forward every service to the leader (pass-through codecs, nothing decoded).
-            forward = self._pass_through(descriptor, routes, self.forwarder)
+            # Followers forward every service to the leader (pass-through codecs, nothing decoded);
+            # the leader audits the call, the follower does not.
+            forward = self._pass_through(descriptor, routes, self.forwarder, self._interceptors)
             app = Switch(local, forward, self._leading)
         # Request size and slow stream clients are bounded for leader and follower alike.
-        services[name] = ClientLimits(
+        services[descriptor.full_name] = ClientLimits(
             app, self._limits, on_refused=self._refused, routes=routes_by_procedure(routes)
         )
 

@@ -9,23 +9,27 @@ A verified token is remembered for a short while (:data:`CACHE_SECONDS`, never p
 ``exp``): a client sends the same token with every call, and verifying an RS256 signature with
 PyJWT costs a few hundred microseconds, more than the rest of the hub's work on a call. The cache
 is keyed by a SHA-256 of the token (no token is kept), bounded (:data:`CACHE_SIZE`), and holds
-only successes. Its one cost: a signing key the issuer withdraws keeps its tokens valid for at
-most :data:`CACHE_SECONDS` more.
+only successes, each until the numeric ``exp`` the verifier checked (a token without one is never
+verified, so never cached). Its one cost: a signing key the issuer withdraws keeps its tokens
+valid for at most :data:`CACHE_SECONDS` more.
+
+The verified caller is also recorded on the running call (:func:`._observe.current_call`), so
+the access log and the audit trail name the same subject and groups the agent acts as.
 
 Never logs a token or any part of one; messages say what is wrong, not what was sent.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from otterscale.common import AuthenticationError, Identity, OIDCVerifier
+
+from ._observe import current_call
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class Authenticator:
         self._cache_seconds = cache_seconds
         self._cache_size = cache_size
         self._clock = clock
-        self._cache: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[Identity, float, float]] = OrderedDict()
 
     async def authenticate(self, authorization: Sequence[str]) -> Identity:
         """Verify the one ``Authorization: Bearer <token>`` value among ``authorization``.
@@ -60,6 +64,11 @@ class Authenticator:
         Raises :class:`AuthenticationError` (unauthenticated) or
         ``IdentityProviderUnavailableError`` (unavailable).
         """
+        return (await self.authenticate_until(authorization))[0]
+
+    async def authenticate_until(self, authorization: Sequence[str]) -> tuple[Identity, float]:
+        """:meth:`authenticate`, with the token's ``exp`` (seconds since the epoch): a
+        long-lived stream opens no new upstream call on the caller's behalf after it."""
         if not authorization:
             raise AuthenticationError("missing credentials: send Authorization: Bearer <OIDC token>")
         if len(authorization) > 1:
@@ -70,48 +79,34 @@ class Authenticator:
         token = token.strip()
         if not token:
             raise AuthenticationError("the Authorization header has an empty bearer token")
+        identity, expires_at = await self._verified(token)
+        call = current_call()
+        if call is not None:
+            call.subject, call.groups = identity.subject, identity.groups
+        return identity, expires_at
+
+    async def _verified(self, token: str) -> tuple[Identity, float]:
         if self._cache_seconds <= 0:
-            return await self._verifier.verify(token)
+            verified = await self._verifier.verify_token(token)
+            return verified.identity, verified.expires_at
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         now = self._clock()
         cached = self._cache.get(digest)
         if cached is not None:
-            identity, until = cached
+            identity, until, expires_at = cached
             if now < until:
                 self._cache.move_to_end(digest)
-                return identity
+                return identity, expires_at
             del self._cache[digest]
-        identity = await self._verifier.verify(token)
-        until = now + self._cache_seconds
-        expires = _expiry(token)
-        if expires is not None:
-            until = min(until, expires)
+        verified = await self._verifier.verify_token(token)
+        until = min(now + self._cache_seconds, verified.expires_at)
         if until > now:
-            self._cache[digest] = (identity, until)
+            self._cache[digest] = (verified.identity, until, verified.expires_at)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return identity
-
-    def expiry(self, authorization: Sequence[str]) -> float | None:
-        """The ``exp`` of the bearer token in ``authorization`` (call after :meth:`authenticate`
-        succeeded for it): long-lived streams open no new upstream call after it."""
-        if len(authorization) != 1:
-            return None
-        _, _, token = authorization[0].strip().partition(" ")
-        return _expiry(token.strip())
+        return verified.identity, verified.expires_at
 
     async def aclose(self) -> None:
         """Close the verifier's HTTP session and forget every cached token."""
         self._cache.clear()
         await self._verifier.aclose()
-
-
-def _expiry(token: str) -> float | None:
-    """The ``exp`` of a token that was just verified (so it is well formed), or None."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        exp = claims.get("exp")
-    except (IndexError, ValueError, AttributeError):
-        return None
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None

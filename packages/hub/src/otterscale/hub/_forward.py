@@ -21,7 +21,9 @@ What goes with a forwarded call, and nothing else:
 - the request id;
 - ``X-Otterscale-Forwarded-By: <this replica>``, the hop guard: a replica that receives a call
   carrying it and does not lead answers unavailable instead of forwarding it again, so two
-  replicas that disagree about the leader for a moment never bounce a call between them.
+  replicas that disagree about the leader for a moment never bounce a call between them;
+  with ``X-Otterscale-Forwarded-For`` (the caller's address) and a signature, so the receiving
+  replica trusts neither unless another replica sent them (:mod:`._replicas`).
 
 During a hand-over a follower answers unavailable at once, saying why (no leader, the leader's
 address is not known yet, the leader cannot be reached: connect timeout 2 s), instead of
@@ -60,6 +62,7 @@ from ._passthrough import (
     pass_on,
     with_request_id,
 )
+from ._replicas import ReplicaSigner
 from ._routes import Route
 from ._upstream import MAX_RESPONSE_BYTES, STREAM_TRANSPORTS
 
@@ -81,9 +84,10 @@ class LeaderForwarder:
     every cluster-routed and hub-served service.
     """
 
-    def __init__(self, leadership: Leadership, metrics: HubMetrics) -> None:
+    def __init__(self, leadership: Leadership, metrics: HubMetrics, replicas: ReplicaSigner) -> None:
         self._leadership = leadership
         self._metrics = metrics
+        self._replicas = replicas
         self._transports = [_transport() for _ in range(1 + STREAM_TRANSPORTS)]
         self._http = [Client(transport) for transport in self._transports]
         self._clients: dict[tuple[str, str, int], ConnectClient] = {}
@@ -230,7 +234,8 @@ class LeaderForwarder:
         authorization = ctx.request_headers.getall("authorization")
         if len(authorization) > 1:
             raise AuthenticationError("more than one Authorization header")
-        headers = {HOP_HEADER: me}
+        # Signed (see ._replicas): the leader keeps the hop guard and the caller's address only then.
+        headers = self._replicas.headers(me, ctx.client_address or "", route.procedure)
         if authorization:
             headers["authorization"] = authorization[0]
         timeout_ms = next_hop_timeout_ms(ctx, f"the leader {leader.identity}")

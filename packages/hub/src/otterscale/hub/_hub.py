@@ -22,7 +22,8 @@ answered by the replica itself.
 NOT_SERVING), refuse new streams and end the open ones with unavailable, stop accepting
 connections and let calls in flight finish within the drain deadline, stop the prober, stop the
 tunnel server (a leader also unlabels its Pod), release the Lease (a successor takes over at
-once instead of after the lease expires), close the agent connections and the verifier.
+once instead of after the lease expires), close the agent connections, the verifier and the
+audit trail.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from ._metrics import HubMetrics
 from ._prober import Prober
 from ._proxy import ClusterProxy
 from ._role import Role
-from ._services import HUB_SERVICES, ROUTED_SERVICES
+from ._services import HUB_SERVICES, ROUTED_SERVICES, HubService
 from ._tasks import cancel_and_wait, spawn
 from ._tunnel_server import TunnelServer
 from ._tunnels import Tunnels
@@ -84,8 +85,9 @@ class HubSettings:
     leader election on (None: the hub runs alone and always leads); it needs a fixed ``port``,
     which followers use to reach the leader. The limits on clients (request and answer sizes,
     streams per subject, slow stream clients) come from ``config.limits`` (see ``_limits``).
-    ``routed_services`` are the services forwarded to the agents by cluster (by default the
-    registry of ``_services``; tests add test-only ones).
+    ``routed_services`` are the services forwarded to the agents by cluster and ``hub_services``
+    those the hub answers itself (by default the registries of ``_services``; tests add test-only
+    ones).
     """
 
     config: OtterscaleConfig
@@ -98,6 +100,7 @@ class HubSettings:
     chisel_keepalive: float = 10.0
     election: ElectionSettings | None = None
     routed_services: tuple[ServiceDescriptor, ...] = ROUTED_SERVICES
+    hub_services: tuple[HubService, ...] = HUB_SERVICES
 
 
 class Hub:
@@ -273,7 +276,7 @@ class Hub:
             tunnels=tunnels,
             agents=agents,
             routed_services=settings.routed_services,
-            hub_services=HUB_SERVICES,
+            hub_services=settings.hub_services,
             leadership=self.leadership,
             leading=lambda: role.leading,
             ready=self.ready,

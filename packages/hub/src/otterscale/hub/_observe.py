@@ -8,12 +8,14 @@ before its body has arrived trips hypercorn 0.18).
 
 The request id is the caller's ``X-Request-Id`` when it is short and plain, else a new one; it
 is returned in the ``X-Request-Id`` response header and sent to the agent. Handlers fill in the
-cluster and subject through :func:`current_call`.
+cluster, and the authenticator the subject and groups, through :func:`current_call` (the audit
+trail, :mod:`._audit`, reads the same record).
 
 Log fields: ``request_id``, ``method`` (``/package.Service/Method``), ``cluster``, ``subject``,
 ``code`` (``ok`` or a Connect code), ``duration_ms``, ``peer``, and ``forwarded_by`` (the
-follower replica, for a call that one forwarded to this leader). Never a header value besides
-the request id and that replica name: no token, no signature.
+follower replica, for a call that one forwarded to this leader; the header is trusted only when
+another replica signed it, see :mod:`._replicas`). Never a header value besides the request id
+and that replica name: no token, no signature.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connectrpc.errors import ConnectError
 from connectrpc.method import StreamType
@@ -32,11 +34,18 @@ from connectrpc.request import RequestContext
 
 from ._metrics import HubMetrics
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from otterscale.common import AuditClusterOutcome, AuditTarget
+
 logger = logging.getLogger("otterscale.hub.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 #: Set by a follower on every call it forwards to the leader (the hop guard, see ``_forward``).
 FORWARDED_BY_HEADER = "x-otterscale-forwarded-by"
+#: The caller's address as the forwarding follower saw it (signed with the header above).
+FORWARDED_FOR_HEADER = "x-otterscale-forwarded-for"
 _QUIET_SERVICES = frozenset(
     {
         "grpc.health.v1.Health",
@@ -50,7 +59,8 @@ _REPLICA_RE = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 @dataclass(slots=True)
 class CallInfo:
-    """What is known about the running call; handlers add the cluster and the subject."""
+    """What is known about the running call; handlers add the cluster, the authenticator the
+    caller, the audit trail what the request names (``target``)."""
 
     request_id: str
     service: str
@@ -58,7 +68,13 @@ class CallInfo:
     started: float
     cluster: str = ""
     subject: str = ""
+    groups: tuple[str, ...] = ()
     forwarded_by: str = ""
+    #: The caller's address: the TCP peer, or for a forwarded call the one the follower saw.
+    source: str = ""
+    target: AuditTarget | None = None
+    #: Per cluster, how a call that reaches many (fan-out) ended there; set by its handler.
+    clusters: Mapping[str, AuditClusterOutcome] | None = None
 
 
 _CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("otterscale_hub_call", default=None)
@@ -80,12 +96,15 @@ class ObservingInterceptor:
         """Start timing; pick the request id; make the call info visible to the handler."""
         supplied = ctx.request_headers.get(REQUEST_ID_HEADER, "")
         request_id = supplied if _REQUEST_ID_RE.fullmatch(supplied) else uuid.uuid4().hex
+        forwarded_by = _replica_name(ctx.request_headers.get(FORWARDED_BY_HEADER, ""))
+        forwarded_for = ctx.request_headers.get(FORWARDED_FOR_HEADER, "") if forwarded_by else ""
         info = CallInfo(
             request_id=request_id,
             service=ctx.method.service_name,
             method=ctx.method.name,
             started=time.perf_counter(),
-            forwarded_by=_replica_name(ctx.request_headers.get(FORWARDED_BY_HEADER, "")),
+            forwarded_by=forwarded_by,
+            source=forwarded_for or ctx.client_address or "",
         )
         _CALL.set(info)
         ctx.response_headers[REQUEST_ID_HEADER] = request_id
@@ -94,12 +113,7 @@ class ObservingInterceptor:
     async def on_end(self, info: CallInfo, ctx: RequestContext[Any, Any], error: Exception | None) -> None:
         """Count, time and log the call."""
         elapsed = time.perf_counter() - info.started
-        if error is None:
-            code = "ok"
-        elif isinstance(error, ConnectError):
-            code = error.code.value
-        else:
-            code = "unknown"
+        code = code_of(error)
         self._metrics.rpc_handled.labels(service=info.service, method=info.method, code=code).inc()
         self._metrics.rpc_duration.labels(service=info.service, method=info.method, code=code).observe(
             elapsed
@@ -127,6 +141,15 @@ class ObservingInterceptor:
             logger.info("rpc %s (slow)", code, extra=fields)
         else:
             logger.log(level, "rpc %s", code, extra=fields)
+
+
+def code_of(error: Exception | None) -> str:
+    """The Connect code a call ended with, as its lower-case name (``ok`` without an error)."""
+    if error is None:
+        return "ok"
+    if isinstance(error, ConnectError):
+        return error.code.value
+    return "unknown"
 
 
 def _replica_name(value: str) -> str:

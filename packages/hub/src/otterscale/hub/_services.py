@@ -17,7 +17,13 @@ Two kinds, each a list entry:
   ends those streams when it shuts down or stops leading.
 
 Both kinds get the same front: authentication in the handlers, the client limits, the access log
-and metrics, reflection and health.
+and metrics, the audit trail, reflection and health.
+
+The audit trail (:mod:`._audit`) covers every method of every service registered here, from its
+descriptor: a method is audited always, unless it is a read (:data:`READ_METHODS`, or
+``option idempotency_level = NO_SIDE_EFFECTS`` in its .proto), which is audited only at
+``audit.reads: metadata``. So a new service or RPC is audited as a write until it is declared
+a read here: no audit code per RPC.
 """
 
 from __future__ import annotations
@@ -55,6 +61,15 @@ ROUTED_SERVICES: tuple[ServiceDescriptor, ...] = (
     resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
 )
 
+#: Methods of the registered services that only read but whose .proto cannot say so
+#: (``idempotency_level = NO_SIDE_EFFECTS`` would also turn on Connect GET, which the API does not
+#: offer for them): audited only at ``audit.reads: metadata``. Every method not listed here and not
+#: marked NO_SIDE_EFFECTS is audited always (see the module docstring).
+READ_METHODS: frozenset[str] = frozenset(
+    f"/otterscale.resource.v1.ResourceService/{method}"
+    for method in ("Discovery", "Schema", "List", "Get", "Describe", "Watch")
+)
+
 
 class StreamOwner(Protocol):
     """A hub-served service's streams, which the hub ends (after a last word) when it must."""
@@ -76,7 +91,8 @@ class ServiceContext:
     keys: Mapping[str, bytes]
     metrics: HubMetrics
     limits: HubLimits
-    #: The hub's interceptors (request id, access log, metrics): pass them to the application.
+    #: The hub's interceptors (request id, access log, metrics, audit trail): pass them to the
+    #: application.
     interceptors: tuple[Interceptor, ...]
     #: The whole configuration (a service's own sections: ``fanout``, ``access``...).
     config: OtterscaleConfig

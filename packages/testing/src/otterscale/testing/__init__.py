@@ -13,6 +13,7 @@ from ._ha import (
     caller_rbac,
     create_namespace,
     replica_ip,
+    service_account_kubeconfig,
     start_hub_replicas,
 )
 from ._issuer import LocalIssuer
@@ -58,6 +59,7 @@ __all__ = [
     "keycloak_home",
     "object_path",
     "replica_ip",
+    "service_account_kubeconfig",
     "start_control_plane",
     "start_hub_replicas",
     "start_keycloak",

@@ -454,11 +454,13 @@ def create_namespace(cp: ControlPlane, name: str) -> None:
     )
 
 
-def service_account_kubeconfig(cp: ControlPlane, namespace: str, path: Path) -> Path:
-    """A kubeconfig (mode 0600) with a token of the ``otterscale-hub`` ServiceAccount."""
+def service_account_kubeconfig(
+    cp: ControlPlane, namespace: str, path: Path, service_account: str = "otterscale-hub"
+) -> Path:
+    """A kubeconfig (mode 0600) with a token of ``service_account`` (default ``otterscale-hub``)."""
     token = cp.request(
         "POST",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts/otterscale-hub/token",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
         {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenRequest",
@@ -550,14 +552,14 @@ async def start_hub_replicas(
             kubeconfig=kubeconfig,
             tunnel_port=free_port(),
             api_port=free_port(),
-            password=secrets.token_urlsafe(24),
+            password=secrets.token_urlsafe(32),
         )
         for name, kubeconfig in kubeconfigs.items()
     }
     document: dict[str, Any] = {
         "keycloak": {"realm_url": realm_url, "client_id": client_id},
         "tunnel": {
-            "server": {"host": "127.0.0.1", "port": tunnel_port, "key_seed": secrets.token_urlsafe(24)}
+            "server": {"host": "127.0.0.1", "port": tunnel_port, "key_seed": secrets.token_urlsafe(32)}
         },
         "clusters": {
             c.name: {

@@ -61,24 +61,32 @@ class LocalIssuer:
         audience: str,
         lifetime: float = 3600.0,
         key: rsa.RSAPrivateKey | None = None,
+        header_type: str | None = None,
         **claims: Any,
     ) -> str:
         """A signed RS256 access token for ``subject`` with a ``groups`` claim.
 
-        ``lifetime`` may be negative (an expired token); ``key`` signs with another key under this
-        issuer's key id (a forgery); ``claims`` are added or override the standard ones.
+        Marked as an access token as Keycloak marks one (``typ: Bearer``, ``azp``), so the hub's
+        token-type check passes; ``typ="ID"`` makes it look like an ID token, ``typ=None`` drops
+        the claim, and ``header_type="at+jwt"`` sets the RFC 9068 header instead. ``lifetime`` may
+        be negative (an expired token); ``key`` signs with another key under this issuer's key id
+        (a forgery); ``claims`` are added or override the standard ones (None removes one).
         """
         now = int(time.time())
         payload = {
             "iss": self.url,
             "aud": audience,
             "sub": subject,
+            "typ": "Bearer",
+            "azp": audience,
             "groups": list(groups),
             "iat": now,
             "exp": now + int(lifetime),
             **claims,
         }
-        return jwt.encode(payload, key or self._key, algorithm="RS256", headers={"kid": KID})
+        payload = {name: value for name, value in payload.items() if value is not None}
+        headers = {"kid": KID} if header_type is None else {"kid": KID, "typ": header_type}
+        return jwt.encode(payload, key or self._key, algorithm="RS256", headers=headers)
 
     def _jwks(self) -> dict[str, Any]:
         jwk: dict[str, Any] = json.loads(jwt.get_algorithm_by_name("RS256").to_jwk(self._key.public_key()))

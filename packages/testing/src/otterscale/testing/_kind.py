@@ -135,6 +135,11 @@ def repo_root() -> Path:
     raise KindUnavailableError("deploy/kind/ not found: the kind provider runs from a source checkout")
 
 
+def offline_password(name: str) -> str:
+    """The agent password of a configured cluster that has no agent (32+ characters, test only)."""
+    return f"{name}-password-kind-e2e-test-only-0000"
+
+
 @dataclasses.dataclass(frozen=True)
 class Release:
     """One ``helm upgrade --install`` into one kind cluster."""
@@ -252,7 +257,7 @@ class KindPlan:
                 f"config.clusters.{name}.agent.auth.user={agent['auth']['user']}",
                 f"config.clusters.{name}.agent.tunnel_port={agent['tunnel_port']}",
                 f"config.clusters.{name}.agent.api_port={agent['api_port']}",
-                f"secrets.agentPasswords.{name}={name}-password",
+                f"secrets.agentPasswords.{name}={offline_password(name)}",
             ]
         kind_dir = self.root / "deploy" / "kind"
         chart = self.root / "charts" / "otterscale-hub"
@@ -289,7 +294,12 @@ class KindPlan:
         for index, name in enumerate(OFFLINE_CLUSTERS):
             agent = self.offline_agent(name, index)
             entries[name] = ClusterEntry(
-                name, None, agent["tunnel_port"], agent["api_port"], agent["auth"]["user"], f"{name}-password"
+                name,
+                None,
+                agent["tunnel_port"],
+                agent["api_port"],
+                agent["auth"]["user"],
+                offline_password(name),
             )
         return entries
 

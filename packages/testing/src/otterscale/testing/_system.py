@@ -57,7 +57,11 @@ _TUNNEL_UP_RE = re.compile(r'^otterscale_hub_tunnel_up\{cluster="(?P<name>[^"]+)
 
 @dataclasses.dataclass
 class ClusterEntry:
-    """One configured cluster: its control plane (None: configured but never connected)."""
+    """One configured cluster: its control plane (None: configured but never connected).
+
+    ``kubeconfig`` is what its agent uses (None: the control plane's admin kubeconfig), e.g. a
+    ServiceAccount's with exactly the agent chart's RBAC.
+    """
 
     name: str
     control_plane: ControlPlane | None
@@ -65,6 +69,7 @@ class ClusterEntry:
     api_port: int
     user: str
     password: str
+    kubeconfig: Path | None = None
 
 
 @dataclasses.dataclass
@@ -145,9 +150,9 @@ class System:
         self.audience = audience
         self.keycloak_options = dict(keycloak_options or {})
         #: Merged into the generated ``otterscale.yaml``, key by key and recursively: more
-        #: top-level sections (``{"cors": {...}}``), cluster labels, ``fanout``, ``access``...
+        #: top-level sections (``{"cors": {...}}``, ``{"audit": ...}``), cluster labels, ``fanout``...
         self.extra_config = dict(extra_config or {})
-        self.key_seed = secrets.token_urlsafe(24)
+        self.key_seed = secrets.token_urlsafe(32)  # 43 characters: the services refuse fewer than 32
         self.tunnel_port = free_port()
         self.hub_port = free_port()
         self.clusters: dict[str, ClusterEntry] = {}
@@ -175,14 +180,17 @@ class System:
 
     # --- configuration ------------------------------------------------------------------------
 
-    def add_cluster(self, name: str, control_plane: ControlPlane | None) -> ClusterEntry:
+    def add_cluster(
+        self, name: str, control_plane: ControlPlane | None, *, kubeconfig: Path | None = None
+    ) -> ClusterEntry:
         entry = ClusterEntry(
             name=name,
             control_plane=control_plane,
             tunnel_port=free_port(),
             api_port=free_port(),
             user=f"{name}-agent",
-            password=secrets.token_urlsafe(24),
+            password=secrets.token_urlsafe(32),
+            kubeconfig=kubeconfig,
         )
         self.clusters[name] = entry
         return entry
@@ -317,7 +325,7 @@ class System:
                 f"--cluster={name}",
                 f"--address=127.0.0.1:{entry.api_port}",
                 f"--config={self.config_path}",
-                f"--kubeconfig={entry.control_plane.kubeconfig}",
+                f"--kubeconfig={entry.kubeconfig or entry.control_plane.kubeconfig}",
                 f"--chisel={self.chisel}",
                 f"--tunnel-server-url={tunnel_server_url or self.tunnel_url}",
                 "--log-format=json",
@@ -407,13 +415,15 @@ def start_system(
     log_level: str = "debug",
     start_agents: bool = True,
     extra_config: Mapping[str, Any] | None = None,
+    kubeconfigs: Mapping[str, Path] | None = None,
 ) -> System:
     """Write the config, start the hub, then one agent per cluster that has a control plane.
 
     ``keycloak_options`` adds keys to the configuration's ``keycloak`` section (for example
     ``{"leeway_seconds": 0}`` for token-expiry tests); ``log_level`` is the services'
     ``--log-level``; ``extra_config`` is merged into the configuration (see
-    :attr:`System.extra_config`). Returns once the hub reports every started agent connected.
+    :attr:`System.extra_config`); ``kubeconfigs`` gives an agent another kubeconfig than the
+    control plane's admin one. Returns once the hub reports every started agent connected.
     """
     directory.mkdir(parents=True, exist_ok=True)
     system = System(
@@ -426,7 +436,7 @@ def start_system(
         extra_config=extra_config,
     )
     for name, cp in clusters.items():
-        system.add_cluster(name, cp)
+        system.add_cluster(name, cp, kubeconfig=(kubeconfigs or {}).get(name))
     try:
         system.start_hub()
         if start_agents:

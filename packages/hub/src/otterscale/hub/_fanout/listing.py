@@ -50,7 +50,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped]
 
-from otterscale.common import Identity
+from otterscale.common import AuditClusterOutcome, Identity
 from otterscale.resource.v1.multicluster_pb2 import (
     ClusterResourceVersion,
     ClusterStatus,
@@ -61,7 +61,7 @@ from otterscale.resource.v1.multicluster_pb2 import (
 
 from .._codec import RawMessage
 from . import wire
-from .audit import record
+from .audit import name_target, outcome_name, record
 from .budget import ClusterLanes, SubjectLegs
 from .errors import InvalidFanoutRequestError, RequireAllError
 from .legs import RETRYABLE, AgentLegs, LegFailure, ResponseTooLarge, short, timed_out
@@ -218,6 +218,7 @@ class MultiLister:
         started = time.monotonic()
         deadline = started + (deadline_in if deadline_in is not None else settings.default_deadline)
         query = Query.from_message(request.query)
+        name_target(query)
         per_cluster_timeout, concurrency, require_all = checked_options(
             request.options,
             settings.per_cluster_timeout,
@@ -664,18 +665,18 @@ def _record(
     record(
         "MultiList",
         identity,
+        resolution,
+        {
+            status.cluster: AuditClusterOutcome(
+                outcome_name(status.outcome),
+                items=status.items,
+                duration_ms=round(status.latency.ToNanoseconds() / 1e6, 1),
+            )
+            for status in page.statuses
+        },
         query=query.describe(),
-        clusters=len(resolution.clusters),
-        unknown=list(resolution.unknown),
+        asked=len(resolution.clusters),
         first_page=first,
         last_page=last,
         duration_ms=round((time.monotonic() - started) * 1000, 1),
-        outcomes={
-            status.cluster: {
-                "outcome": ClusterStatus.Outcome.Name(status.outcome),
-                "items": status.items,
-                "ms": round(status.latency.ToNanoseconds() / 1e6, 1),
-            }
-            for status in page.statuses
-        },
     )

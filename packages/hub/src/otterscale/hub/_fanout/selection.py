@@ -31,10 +31,15 @@ MAX_NAME_CHARS = 253
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """The clusters of one call: ``clusters`` to ask (sorted), ``unknown`` names (sorted)."""
+    """The clusters of one call: ``clusters`` to ask (sorted), ``unknown`` names (sorted).
+
+    ``denied`` are the unknown names that are configured clusters the access policy keeps from
+    the caller: for the audit record only, never for the caller (forbidden looks like unknown).
+    """
 
     clusters: tuple[str, ...]
     unknown: tuple[str, ...]
+    denied: frozenset[str] = frozenset()
 
     @property
     def total(self) -> int:
@@ -89,4 +94,4 @@ class ClusterDirectory:
                 f"the selection covers {len(chosen)} clusters; the limit is {self.max_clusters} per call "
                 "(fanout.max_clusters_per_call in otterscale.yaml): select fewer"
             )
-        return Resolution(tuple(chosen), unknown)
+        return Resolution(tuple(chosen), unknown, frozenset(n for n in unknown if n in self._labels))

@@ -22,7 +22,7 @@ from connectrpc.request import RequestContext
 from google.protobuf.message import DecodeError, Message  # type: ignore[import-untyped]
 from protobuf.wkt import Any as AnyMessage
 
-from otterscale.common import Identity, OtterscaleError
+from otterscale.common import OtterscaleError
 from otterscale.resource.v1.multicluster_pb2 import ClusterStatus, MultiListRequest, MultiWatchRequest
 
 from .._auth import Authenticator
@@ -48,7 +48,7 @@ class MultiClusterServiceImpl:
     async def multi_list(self, request: RawMessage, ctx: RequestContext[Any, Any]) -> RawMessage:
         """One page of a multi-cluster traversal."""
         try:
-            identity = await self._identity(ctx)
+            identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
             message = _decode(request, MultiListRequest())
             timeout = None if ctx.timeout_ms is None else max(0.0, ctx.timeout_ms / 1000)
             data = await self._lister.page(identity, message, request.codec, timeout)
@@ -61,8 +61,8 @@ class MultiClusterServiceImpl:
     ) -> AsyncIterator[RawMessage]:
         """One stream of every selected cluster's changes."""
         try:
-            identity = await self._identity(ctx)
-            expires = self._auth.expiry(ctx.request_headers.getall("authorization"))
+            authorization = ctx.request_headers.getall("authorization")
+            identity, expires = await self._auth.authenticate_until(authorization)
             message = _decode(request, MultiWatchRequest())
             stream = self._watcher.stream(identity, message, request.codec, expires=expires)
         except Exception as exc:
@@ -74,13 +74,6 @@ class MultiClusterServiceImpl:
             raise _translate(exc) from None
         finally:
             await stream.aclose()
-
-    async def _identity(self, ctx: RequestContext[Any, Any]) -> Identity:
-        identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
-        call = current_call()
-        if call is not None:
-            call.subject = identity.subject
-        return identity
 
 
 def _decode(request: RawMessage, message: Message) -> Any:

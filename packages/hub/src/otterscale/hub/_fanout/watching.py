@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from otterscale.common import Identity, echo
+from otterscale.common import AuditClusterOutcome, Identity, echo
 from otterscale.resource.v1.multicluster_pb2 import (
     Checkpoint,
     ClusterStatus,
@@ -66,7 +66,7 @@ from .._errors import ShuttingDownError, WatchLimitError
 from .._limits import WatchSlots
 from .._tasks import cancel_and_wait, spawn
 from . import wire
-from .audit import record
+from .audit import name_target, outcome_name, record
 from .budget import SubjectLegs
 from .errors import InvalidFanoutRequestError
 from .legs import AgentLegs, LegFailure, ResponseTooLarge, short
@@ -144,6 +144,8 @@ class _Leg:
     scheduled: bool = False  # in the stream's ready list
     partial_initial: bool = False  # some initial events were delivered, then the watch broke
     progress: bool = False  # the current watch has read an event
+    events: int = 0  # watch events read (for the audit record)
+    reconnects: int = 0
 
 
 class _Stream:
@@ -169,7 +171,6 @@ class _Stream:
         self.leg_cap = max(MIN_LEG_QUEUE_BYTES, STREAM_QUEUE_BYTES // max(1, len(names)))
         self.ending: ConnectError | None = None
         self.ending_checkpoint = False
-        self.reconnects = 0
         self.resyncs = 0
 
     def end(self, error: ConnectError, *, checkpoint: bool = False) -> None:
@@ -187,6 +188,11 @@ class _Stream:
             leg.scheduled = True
             self.ready.append(leg)
             self.wake.set()
+
+    def event(self, leg: _Leg, data: bytes, checkpoint: object) -> None:
+        """Queue one of ``leg``'s watch events (the agent's bytes, tagged with its cluster)."""
+        leg.events += 1
+        self.put(leg, wire.watch_event(self.codec, leg.name, data), checkpoint)
 
     def status(
         self,
@@ -272,6 +278,7 @@ class MultiWatcher:
             raise ShuttingDownError("the hub is shutting down; retry the MultiWatch elsewhere")
         settings = self._settings
         query = Query.from_message(request.query)
+        name_target(query)
         leg_timeout, concurrency, _ = checked_options(
             request.options,
             settings.per_cluster_timeout,
@@ -362,8 +369,6 @@ class MultiWatcher:
                 ),
                 name=f"multiwatch-leg:{leg.name}",
             )
-        record("MultiWatch", identity, event="open", query=stream.query.describe(), clusters=len(stream.legs),
-               unknown=list(resolution.unknown))  # fmt: skip
         ending = "client"
         try:
             for name in resolution.unknown:
@@ -434,16 +439,19 @@ class MultiWatcher:
             record(
                 "MultiWatch",
                 identity,
-                event="close",
+                resolution,
+                {
+                    leg.name: AuditClusterOutcome(
+                        outcome_name(leg.last_outcome) or "not_attempted",
+                        items=leg.events,
+                        reconnects=leg.reconnects,
+                    )
+                    for leg in stream.legs.values()
+                },
                 query=stream.query.describe(),
                 ended=ending,
                 seconds=round(time.monotonic() - started, 1),
-                reconnects=stream.reconnects,
                 resyncs=stream.resyncs,
-                outcomes={
-                    leg.name: ClusterStatus.Outcome.Name(leg.last_outcome) if leg.last_outcome else ""
-                    for leg in stream.legs.values()
-                },
             )
 
     def _checkpoint(self, stream: _Stream) -> bytes:
@@ -508,7 +516,7 @@ class MultiWatcher:
                 stream.status(leg, Outcome.OUTCOME_RESYNC_START, "the initial events broke off; re-listing",
                               checkpoint=_CLEAR)  # fmt: skip
             if not first_connect:
-                stream.reconnects += 1
+                leg.reconnects += 1
             first_connect = False
             with_initial = resyncing or (not leg.rv and initial != MultiWatchRequest.INITIAL_EVENTS_NONE)
             try:
@@ -643,21 +651,19 @@ class MultiWatcher:
                         if meta.type == wire.TYPE_BOOKMARK and wire.initial_events_end(data, codec):
                             in_initial = False
                             leg.rv = meta.resource_version
-                            stream.put(leg, wire.watch_event(codec, leg.name, data), _KEEP)
+                            stream.event(leg, data, _KEEP)
                             synced(meta.resource_version)
                             if holding:
                                 window.release()
                                 holding = False
                         else:
-                            stream.put(leg, wire.watch_event(codec, leg.name, data), _KEEP)
+                            stream.event(leg, data, _KEEP)
                     else:
                         if not leg.synced:
                             synced(_KEEP)
                         if meta.resource_version:
                             leg.rv = meta.resource_version
-                        stream.put(
-                            leg, wire.watch_event(codec, leg.name, data), meta.resource_version or _KEEP
-                        )
+                        stream.event(leg, data, meta.resource_version or _KEEP)
                     await stream.room(leg)
         finally:
             if grace is not None:
