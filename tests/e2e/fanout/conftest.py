@@ -24,10 +24,12 @@ control plane, the same names in every cluster, labelled ``idx=<i % 10>``; a few
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -217,6 +219,7 @@ class Fleet:
     issuer: LocalIssuer
     planes: dict[str, ControlPlane]
     relays: dict[str, BlackHoleRelay]
+    audit_log: Path
     tokens: set[str] = field(default_factory=set)
 
     def plane(self, cluster: str) -> ControlPlane:
@@ -248,6 +251,21 @@ class Fleet:
         listed = cp.request("GET", path, headers=headers)
         return {(i["metadata"].get("namespace", ""), i["metadata"]["name"]) for i in listed["items"]}
 
+    async def audit_event(self, request_id: str, *, within: float = 60.0) -> dict[str, Any]:
+        """The hub's one audit event of the call with ``request_id``. A MultiWatch's is written
+        when the hub has wound the stream down, after the client left: polled for, ``within`` is
+        generous for a loaded machine."""
+        deadline = time.monotonic() + within
+        while True:
+            text = self.audit_log.read_text() if self.audit_log.exists() else ""
+            events = [e for e in map(json.loads, text.splitlines()) if e["request_id"] == request_id]
+            if events:
+                assert len(events) == 1, events
+                return events[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no audit event for {request_id} within {within:g}s")
+            await asyncio.sleep(0.2)
+
     def hub_metric(self, name: str, **labels: str) -> float:
         """The hub's value of metric ``name`` with exactly ``labels`` (0 when absent)."""
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -270,19 +288,21 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, control_plane_factory: Any) 
         _objects(cp, plane)
         _rbac(cp, plane)
     issuer = LocalIssuer().start()
+    directory = tmp_path_factory.mktemp("fanout")
+    audit_log = directory / "audit.log"
     system = start_system(
-        tmp_path_factory.mktemp("fanout"),
+        directory,
         {name: (planes[PLANES[name]] if name in PLANES else None) for name in CLUSTERS},
         realm_url=issuer.url,
         client_id=AUDIENCE,
         start_agents=False,
-        extra_config=fleet_overrides(),
+        extra_config={**fleet_overrides(), "audit": {"sink": "file", "file": str(audit_log)}},
     )
     relays = {
         "e-slow": BlackHoleRelay(("127.0.0.1", system.tunnel_port), latency=SLOW_LATENCY).start(),
         "g-hole": BlackHoleRelay(("127.0.0.1", system.tunnel_port)).start(),
     }
-    found = Fleet(system, issuer, planes, relays)
+    found = Fleet(system, issuer, planes, relays, audit_log)
     try:
         for name in CLUSTERS:
             if name in PLANES:
@@ -290,7 +310,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, control_plane_factory: Any) 
                 system.start_agent(name, tunnel_server_url=relay.url if relay else None)
         print(f"\n[fanout] fleet up in {time.monotonic() - started:.1f}s: hub {system.hub_url}")
         yield found
-        logs = system.logs()
+        logs = {**system.logs(), "audit trail": audit_log.read_text() if audit_log.exists() else ""}
         secrets = {*found.tokens, system.key_seed, TOKEN_KEY, *(c.password for c in system.clusters.values())}
         leaked = [
             name

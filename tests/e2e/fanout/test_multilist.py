@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 
@@ -327,6 +328,60 @@ async def test_allow_lists_hide_clusters_like_unknown_ones(fleet: Fleet, clients
     assert not empty.lists
     assert not empty.next_cursor
     assert {name: dialled(name) for name in LABELS} == counts
+
+
+async def test_each_page_is_one_audit_event_with_every_clusters_outcome(
+    fleet: Fleet, clients: Clients
+) -> None:
+    """3.5: one event per MultiList page (audited although a read), the query as its target, and
+    per cluster the outcome and items the page reported; a cluster the access policy hides is
+    ``permission_denied`` in the trail while the caller was told ``unknown_cluster``."""
+    client = clients.multi()
+    message = request(["a-full", "c-none", "d-down", "f-nocrd", "nope"], limit=150)
+    pages = 0
+    while True:
+        request_id = f"fanout-audit-{uuid.uuid4().hex[:8]}"
+        page = await client.multi_list(message, headers=fleet.auth("alice", **{"x-request-id": request_id}))
+        event = await fleet.audit_event(request_id)
+        assert (event["service"], event["verb"], event["code"]) == (
+            "otterscale.resource.v1.MultiClusterService",
+            "MultiList",
+            "ok",
+        )
+        assert (event["subject"], event["cluster"], event["version"], event["resource"]) == (
+            "alice",
+            "",
+            "v1",
+            "configmaps",
+        )
+        reported = {
+            status.cluster: (Outcome.Name(status.outcome).removeprefix("OUTCOME_").lower(), status.items)
+            for status in page.statuses
+        }
+        assert {name: (c["outcome"], c["items"]) for name, c in event["clusters"].items()} == reported
+        if pages == 0:  # an unknown cluster is reported once, on the first page
+            assert event["clusters"]["nope"]["outcome"] == "unknown_cluster"
+        pages += 1
+        if not page.next_cursor:
+            break
+        assert pages < MAX_PAGES
+        message.cursor = page.next_cursor
+    assert pages > 1
+
+    request_id = f"fanout-audit-{uuid.uuid4().hex[:8]}"
+    page = await client.multi_list(
+        request(["a-full", "c-none", "nope"]), headers=fleet.auth("bob", **{"x-request-id": request_id})
+    )
+    told = {status.cluster: Outcome.Name(status.outcome) for status in page.statuses}
+    unknown = "OUTCOME_UNKNOWN_CLUSTER"
+    assert told == {"a-full": "OUTCOME_OK", "c-none": unknown, "nope": unknown}
+    event = await fleet.audit_event(request_id)
+    assert {name: c["outcome"] for name, c in event["clusters"].items()} == {
+        "a-full": "ok",
+        "c-none": "permission_denied",
+        "nope": "unknown_cluster",
+    }
+    assert event["clusters"]["a-full"]["items"] == len(fleet.truth("a-full", user="bob"))
 
 
 async def test_label_selectors_pick_clusters(fleet: Fleet, clients: Clients) -> None:

@@ -212,7 +212,8 @@ async def test_each_cluster_streams_its_own_changes_in_order(fleet: Fleet, clien
     name = fresh(fleet, ["a-full", "f-nocrd"])
     client = clients.multi(timeout_ms=None)
     message = watch_request(name, ["a-full", "c-none", "d-down", "f-nocrd"])
-    async with watching(client, message, fleet.auth("alice")) as stream:
+    request_id = f"fanout-watch-{uuid.uuid4().hex[:8]}"
+    async with watching(client, message, fleet.auth("alice", **{"x-request-id": request_id})) as stream:
         await stream.wait(
             "SYNCED on a-full and f-nocrd",
             lambda: Outcome.OUTCOME_SYNCED in stream.statuses("a-full")
@@ -236,6 +237,19 @@ async def test_each_cluster_streams_its_own_changes_in_order(fleet: Fleet, clien
         assert stream.numbers("a-full") == list(range(1, 21))
         assert stream.numbers("f-nocrd") == list(range(1, 21))
         assert stream.statuses("a-full") == [Outcome.OUTCOME_CONNECTING, Outcome.OUTCOME_SYNCED]
+        delivered = {cluster: len(stream.events(cluster)) for cluster in ("a-full", "f-nocrd")}
+    # The stream's one audit event, written when the hub has wound it down: each cluster's last
+    # state and the events its leg read (at least those delivered: the client left mid-stream).
+    event = await fleet.audit_event(request_id)
+    assert (event["verb"], event["resource"], event["code"]) == ("MultiWatch", "configmaps", "canceled")
+    assert {name: c["outcome"] for name, c in event["clusters"].items()} == {
+        "a-full": "synced",
+        "c-none": "forbidden",
+        "d-down": "unavailable",
+        "f-nocrd": "synced",
+    }
+    for cluster, count in delivered.items():
+        assert event["clusters"][cluster]["items"] >= count >= 21
 
 
 async def test_json_clients_get_the_same_stream(fleet: Fleet, clients: Clients) -> None:

@@ -51,13 +51,12 @@ def record(
     clusters: Mapping[str, AuditClusterOutcome],
     **fields: Any,
 ) -> None:
-    """Give the running call its per-cluster outcomes (``fields`` go to the debug line only and
-    must hold no secret)."""
-    outcomes = dict(clusters)
-    for name in resolution.unknown:
-        outcomes.setdefault(
-            name, AuditClusterOutcome("permission_denied" if name in resolution.denied else "unknown_cluster")
-        )
+    """Give the running call its per-cluster outcomes, those the caller was told (``fields`` go
+    to the debug line only and must hold no secret)."""
+    outcomes = {
+        name: AuditClusterOutcome("permission_denied") if name in resolution.denied else outcome
+        for name, outcome in clusters.items()
+    }
     call = current_call()
     if call is not None:
         call.clusters = outcomes

@@ -447,7 +447,8 @@ class MultiWatcher:
                         reconnects=leg.reconnects,
                     )
                     for leg in stream.legs.values()
-                },
+                }
+                | {name: AuditClusterOutcome("unknown_cluster") for name in resolution.unknown},
                 query=stream.query.describe(),
                 ended=ending,
                 seconds=round(time.monotonic() - started, 1),
