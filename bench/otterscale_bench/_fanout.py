@@ -20,7 +20,8 @@ plane's object is written ``r`` times a second to give each of its clusters ``r`
 second; the report says writes and events apart.
 
 On the stub fleet (``stub_clusters`` clusters, real chisel clients, one replaying stub agent):
-MultiList over all of them, cursor and resume token sizes, and the hub's memory with one
+MultiList over all of them, cursor and resume token sizes, what opening and sealing them again
+costs (the hub's token code and keys, run in this process), and the hub's memory with one
 MultiWatch leg per cluster. Labelled "stub agents" in the report: these rows measure the hub.
 """
 
@@ -41,6 +42,11 @@ from connectrpc.protocol import ProtocolType
 from google.protobuf.duration_pb2 import Duration
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
+from otterscale.common import load_config
+from otterscale.hub._fanout import token_keys
+from otterscale.hub._fanout.listing import cursor_binding, resume_binding
+from otterscale.hub._fanout.query import Query
+from otterscale.hub._fanout.tokens import CURSOR, RESUME, TokenSealer
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.multicluster_connect import MultiClusterServiceClient
 from otterscale.resource.v1.multicluster_pb2 import (
@@ -787,6 +793,10 @@ async def stub_rows(
             "cursor_bytes_max": max(len(p.next_cursor) for p in pages),
             "resume_bytes": len(pages[-1].resume),
         }
+        largest = max((p.next_cursor for p in pages), key=len)
+        result["token_costs"] = token_costs(
+            fleet.system.config_path, list_request(names, limit=sizes.page_limit), largest, pages[-1].resume
+        )
     except Exception as exc:
         failures.fail("stub MultiList", exc)
     # One MultiWatch with a leg per cluster: the hub's memory.
@@ -826,6 +836,34 @@ async def stub_rows(
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
+    return result
+
+
+def token_costs(
+    config_path: Path, request: MultiListRequest, cursor: str, resume: str, *, rounds: int = 200
+) -> dict[str, Any]:
+    """What the hub pays per page for its tokens: the traversal's largest cursor and its resume
+    token opened and sealed again ``rounds`` times, with the hub's own code and the keys it
+    derives from the shared configuration (ms per open + seal, in this process)."""
+    config = load_config(config_path)
+    sealer = TokenSealer(*token_keys(config))
+    subject = config.keycloak.subject_prefix + SUBJECT
+    query = Query.from_message(request.query)
+    order = request.order or MultiListRequest.ORDER_FAIR
+    tokens = (
+        ("cursor", CURSOR, cursor, cursor_binding(request.selection, query, order)),
+        ("resume", RESUME, resume, resume_binding(query)),
+    )
+    result: dict[str, Any] = {}
+    for name, kind, token, binding in tokens:
+        payload = sealer.open(kind, token, subject, binding)
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            sealer.open(kind, sealer.seal(kind, subject, binding, payload), subject, binding)
+            times.append((time.perf_counter() - started) * 1000)
+        costs = {k: round(v, 3) for k, v in summary(times).items()}
+        result[name] = {"bytes": len(token), "open_seal_ms": costs}
     return result
 
 

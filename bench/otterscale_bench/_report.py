@@ -285,6 +285,18 @@ def fanout_targets(fanout: dict[str, Any] | None, smoke: bool) -> list[dict[str,
             size <= 16384 if stub["clusters"] >= 1000 else None,
             label,
         )
+    costs = stub.get("token_costs")
+    if costs:
+        worst = max(costs["cursor"]["open_seal_ms"]["p50"], costs["resume"]["open_seal_ms"]["p50"])
+        row(
+            "cursor / resume token open + seal at 1,000 clusters, p50",
+            worst,
+            "<= 1 ms",
+            worst <= 1 if stub["clusters"] >= 1000 else None,
+            f"cursor {costs['cursor']['bytes']} B: {costs['cursor']['open_seal_ms']['p50']} ms, resume "
+            f"{costs['resume']['bytes']} B: {costs['resume']['open_seal_ms']['p50']} ms; hub code in the "
+            f"bench process; {label}",
+        )
     w = stub.get("watch")
     if w:
         rss_mb = round(w["rss_mib_peak"]["hub"] * 1.048576, 1)
@@ -295,6 +307,15 @@ def fanout_targets(fanout: dict[str, Any] | None, smoke: bool) -> list[dict[str,
             "<= 150 MB",
             rss_mb <= 150 if w["legs"] >= 1000 else None,
             f"{label}; hub + chisel server {tree} MB",
+        )
+        grown = round((w["rss_mib_peak"]["hub"] - w["rss_mib_before"]["hub"]) * 1.048576, 1)
+        allowed = round(5 + 0.1 * w["legs"], 1)
+        row(
+            "MultiWatch memory: hub RSS increase for its legs",
+            grown,
+            f"<= 5 MB + 0.1 MB a leg ({allowed} MB)",
+            grown <= allowed if w["legs"] >= 1000 else None,
+            f"{w['legs']} legs: {round(grown * 1000 / max(1, w['legs']), 1)} kB a leg; {label}",
         )
     return rows
 

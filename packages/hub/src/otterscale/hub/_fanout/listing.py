@@ -53,6 +53,7 @@ from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped
 from otterscale.common import AuditClusterOutcome, Identity
 from otterscale.resource.v1.multicluster_pb2 import (
     ClusterResourceVersion,
+    ClusterSelection,
     ClusterStatus,
     MultiListRequest,
     MultiListResponse,
@@ -235,13 +236,7 @@ class MultiLister:
         if order not in (MultiListRequest.ORDER_FAIR, MultiListRequest.ORDER_CLUSTER_MAJOR):
             raise InvalidFanoutRequestError(f"order {request.order} is not a known MultiListRequest.Order")
         resolution = self._directory.resolve(identity, request.selection)
-        binding = binding_digest(
-            "MultiList",
-            sorted(set(request.selection.clusters)),
-            request.selection.label_selector,
-            query.key(),
-            order,
-        )
+        binding = cursor_binding(request.selection, query, order)
         entries: dict[str, Entry] = {}
         returned = 0
         served_last = ""
@@ -588,6 +583,12 @@ class MultiLister:
                 final=final,
             )
         )
+
+
+def cursor_binding(selection: ClusterSelection, query: Query, order: int) -> bytes:
+    """What a cursor is bound to: the selection as the caller wrote it, the query and the order."""
+    names = sorted(set(selection.clusters))
+    return binding_digest("MultiList", names, selection.label_selector, query.key(), order)
 
 
 def resume_binding(query: Query) -> bytes:
