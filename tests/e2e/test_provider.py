@@ -1,4 +1,5 @@
-"""The ``--provider`` option and the kind provider, as far as a machine without Docker allows.
+"""The ``--provider`` option and the kind provider, as far as a machine without Docker allows
+(``--provider=node`` runs for real in ``nox -s e2e -- --provider=node``; here only its refusal).
 
 - Provider selection: ``local`` by default, ``kind`` on request, anything else refused.
 - ``--provider=kind`` without a Docker engine or ``kind``: the run stops before any test, non-zero,
@@ -97,6 +98,23 @@ def test_kind_without_docker_or_kind_stops_at_once_saying_why(tmp_path: Path, en
         assert "`docker` is not installed" in output
     assert not re.search(r"\d+ (passed|failed|error)", output), output  # no test ran
     assert time.monotonic() - started < 60
+
+
+def test_node_where_it_cannot_run_stops_at_once_saying_why(tmp_path: Path) -> None:
+    """No node tools and no images (an empty tools cache): exit 4 before any test, naming both."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["OTTERSCALE_TOOLS_DIR"] = str(tmp_path / "empty-cache")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/e2e", "--provider=node"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR, output
+    assert "--provider=node cannot run here" in output
+    assert "not built: etcd, kube-apiserver" in output
+    assert "nox -s tools -- etcd" in output
+    assert "images not built: otterscale-hub, otterscale-agent (nox -s images)" in output
+    assert not re.search(r"\d+ (passed|failed|error)", output), output
 
 
 def test_preflight_is_empty_where_everything_is_there() -> None:

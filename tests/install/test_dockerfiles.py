@@ -81,3 +81,22 @@ def test_image_installs_exactly_the_in_repo_distributions_it_needs(name: str) ->
     assert copied == needed
     ignore = (ROOT / "docker" / f"{name}.Dockerfile.dockerignore").read_text()
     assert {f"!packages/{p}/" for p in needed} <= set(ignore.split())
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_builds_from_local_bases_without_a_registry(name: str) -> None:
+    """`nox -s images` on a machine that can pull nothing passes a debootstrap Python base and an
+    image holding the tools cache's chisel: the Dockerfile must need nothing else from a registry."""
+    text = _dockerfile(name)
+    assert not re.search(r"^# *syntax=", text, re.MULTILINE), "a syntax directive pulls its frontend image"
+    args = _args(text)
+    assert args["CHISEL_IMAGE"] == "chisel-build"  # default: the Go stage, as before
+    assert "FROM ${GO_IMAGE} AS chisel-build" in text
+    assert "FROM ${CHISEL_IMAGE} AS chisel" in text
+    runtime = text.split("\nFROM ${PYTHON_IMAGE}\n", 1)[1]
+    # tini from apt only when the base lacks it; the copied chisel is the pinned version either way.
+    assert "if ! command -v tini >/dev/null; then" in runtime
+    assert 'test "$(chisel --version)" = "${CHISEL_VERSION#v}"' in runtime
+    # pip's CA bundle is a build secret (never a layer), optional.
+    assert "RUN --mount=type=secret,id=pip-ca" in text
+    assert "python3 -m venv /opt/otterscale" in text

@@ -20,43 +20,14 @@ from typing import Any
 import pytest
 
 from otterscale.testing import free_port, tool_path
+from otterscale.testing.images import SAMPLE_CONFIG
 
 pytestmark = pytest.mark.integration
 
-# The sample otterscale.yaml of the original service, verbatim but for the ports, which are
-# replaced by free ones so the test cannot collide with anything on the machine, and its example
-# secrets, which the services refuse (too short, and published): replaced by generated ones.
-SAMPLE_CONFIG = """\
-keycloak:
-  # OIDC issuer URL for your Keycloak realm, for example:
-  # https://keycloak.example.com/realms/<realm>
-  realm_url: "https://keycloak.example.com/realms/otterscale"
-  # OIDC client ID used to verify ID tokens.
-  client_id: "otterscale"
-
-tunnel:
-  server:
-    # Bind address for the embedded Chisel reverse-tunnel server.
-    host: "0.0.0.0"
-    port: "8300"
-    # Provide ONE of the following:
-    # key_file: "/path/to/chisel-ecdsa-privatekey.pem"
-    key_seed: "change-me"
-
-clusters:
-  dev:
-    agent:
-      # Basic auth used by the agent when connecting to the server tunnel.
-      auth:
-        user: "dev-agent"
-        pass: "dev-agent-password"
-      # Expected server tunnel fingerprint (agent-side). This is printed by the server on startup.
-      fingerprint: "SERVER_TUNNEL_FINGERPRINT"
-      # Reverse tunnel port opened on the SERVER loopback interface (127.0.0.1:<tunnel_port>).
-      tunnel_port: 51001
-      # Agent local API port that will be exposed through the tunnel.
-      api_port: 8299
-"""
+# The sample otterscale.yaml of the original service (SAMPLE_CONFIG, shared with the image check
+# of `nox -s images`), verbatim but for the ports, which are replaced by free ones so the test
+# cannot collide with anything on the machine, and its example secrets, which the services refuse
+# (too short, and published): replaced by generated ones.
 
 
 SEED = secrets.token_urlsafe(32)

@@ -25,6 +25,7 @@ from ._keycloak import (
     TokenRequestError,
     start_keycloak,
 )
+from ._node import Node, NodeError, NodeUnavailableError, start_node
 from ._process import ManagedProcess, free_port, holds_socket
 from ._relay import BlackHoleRelay
 from ._system import ClusterEntry, System, Timings, start_system
@@ -48,6 +49,9 @@ __all__ = [
     "LeaderRelay",
     "LocalIssuer",
     "ManagedProcess",
+    "Node",
+    "NodeError",
+    "NodeUnavailableError",
     "System",
     "Timings",
     "TokenRequestError",
@@ -63,6 +67,7 @@ __all__ = [
     "start_control_plane",
     "start_hub_replicas",
     "start_keycloak",
+    "start_node",
     "start_system",
     "tool_path",
 ]

@@ -28,10 +28,12 @@ KID = "local-rs256"
 
 
 class LocalIssuer:
-    """Serve an OIDC issuer on 127.0.0.1 until :meth:`stop`; sign tokens with :meth:`token`."""
+    """Serve an OIDC issuer on ``host`` (default 127.0.0.1) until :meth:`stop`; sign tokens with
+    :meth:`token`. The test node's Pods reach it when ``host`` is the node's ``host_ip``."""
 
-    def __init__(self, key: rsa.RSAPrivateKey | None = None) -> None:
+    def __init__(self, key: rsa.RSAPrivateKey | None = None, *, host: str = "127.0.0.1") -> None:
         self._key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._host = host
         self.url = ""
         self.requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,7 +123,7 @@ class LocalIssuer:
         runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, self._host, 0)
             await site.start()
             host, port = runner.addresses[0][:2]
             self.url = f"http://{host}:{port}{REALM_PATH}"

@@ -38,15 +38,13 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ._controlplane import ControlPlane, KubeAPIError
+from ._controlplane import ControlPlane
 from ._keycloak import (
     DEFAULT_USERS,
     REALM,
@@ -58,13 +56,13 @@ from ._keycloak import (
     find_java_home,
     realm_representation,
 )
+from ._pods import ROLLOUT_TIMEOUT, PodSystem, Workload, http_ok, wait
 from ._process import free_port
-from ._system import _TUNNEL_UP_RE, ClusterEntry, Timings
+from ._system import ClusterEntry
 from .tools import CHISEL_VERSION, keycloak_home
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = ("local", "kind")
 NAMESPACE = "otterscale"
 HUB_CLUSTER = "otterscale-hub"
 #: e2e cluster name -> kind cluster name (one agent cluster each).
@@ -74,9 +72,6 @@ OFFLINE_CLUSTERS = ("south",)
 HUB_URL = "http://127.0.0.1:30299"
 TUNNEL_URL = "http://127.0.0.1:30300"
 KIND_NETWORK = "kind"
-#: Seconds for a rollout (image already loaded) and for an agent to be reported connected.
-ROLLOUT_TIMEOUT = 300.0
-CONNECT_TIMEOUT = 120.0
 #: Images, like the charts: <repository>:<appVersion> (chart values' image.tag is empty).
 CHARTS = {"otterscale-hub": "docker/hub.Dockerfile", "otterscale-agent": "docker/agent.Dockerfile"}
 
@@ -338,6 +333,7 @@ class TcpRelay:
     """Forward every connection to ``listen`` on to ``target`` (one thread per direction)."""
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+        self.listen = listen
         self.target = target
         self._server = socket.create_server(listen)
         self._closed = False
@@ -415,135 +411,29 @@ def start_gateway_keycloak(
 # The running system
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
-            return bool(200 <= resp.status < 300)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"kind: {what} not reached within {timeout:.0f}s")
-        time.sleep(0.5)
-    return time.monotonic() - started
-
-
-class KindSystem:
+class KindSystem(PodSystem):
     """What the e2e tests use of :class:`~otterscale.testing.System`, backed by kind clusters."""
 
-    def __init__(self, plan: KindPlan, directory: Path, hub: ControlPlane) -> None:
+    def __init__(
+        self, plan: KindPlan, directory: Path, hub: ControlPlane, agents: dict[str, ControlPlane]
+    ) -> None:
+        clusters = plan.cluster_entries()
+        for name, admin in agents.items():
+            clusters[name].control_plane = admin
+        super().__init__(
+            directory,
+            hub_url=HUB_URL,
+            tunnel_url=TUNNEL_URL,
+            hub=Workload(hub, NAMESPACE, "otterscale-hub", "hub"),
+            agents={
+                name: Workload(admin, NAMESPACE, "otterscale-agent", name) for name, admin in agents.items()
+            },
+            clusters=clusters,
+            key_seed=plan.hub_values["secrets"]["tunnelKeySeed"],
+            fingerprint=plan.agent_values["config"]["agent"]["fingerprint"],
+        )
         self.plan = plan
-        self.directory = directory
         self.hub_cluster = hub
-        self.clusters = plan.cluster_entries()
-        self.key_seed: str = plan.hub_values["secrets"]["tunnelKeySeed"]
-        self.fingerprint: str = plan.agent_values["config"]["agent"]["fingerprint"]
-        self.timings = Timings()
-
-    hub_url = HUB_URL
-    tunnel_url = TUNNEL_URL
-
-    def _admin(self, name: str) -> ControlPlane:
-        cp = self.clusters[name].control_plane
-        if cp is None:
-            raise ValueError(f"cluster {name} has no kind cluster")
-        return cp
-
-    # --- the hub's view ------------------------------------------------------------------------------
-
-    def hub_metrics(self) -> str:
-        with urllib.request.urlopen(self.hub_url + "/metrics", timeout=5) as resp:  # noqa: S310
-            return str(resp.read().decode())
-
-    def connected(self) -> dict[str, bool]:
-        text = self.hub_metrics()
-        return {m["name"]: float(m["value"]) == 1.0 for m in _TUNNEL_UP_RE.finditer(text)}
-
-    def wait_connected(self, name: str, connected: bool = True, timeout: float = CONNECT_TIMEOUT) -> float:
-        what = f"the hub reporting cluster {name} {'connected' if connected else 'disconnected'}"
-
-        def check() -> bool:
-            try:
-                return self.connected().get(name) is connected
-            except (urllib.error.URLError, OSError):
-                return False
-
-        return _wait(check, timeout, what)
-
-    # --- agents: the Deployment scaled to 0 and back --------------------------------------------------
-
-    def _scale(self, name: str, replicas: int) -> None:
-        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/otterscale-agent/scale"
-        body = {"spec": {"replicas": replicas}}
-        self._admin(name).request("PATCH", path, body, content_type="application/merge-patch+json")
-
-    def _agent_pods(self, name: str) -> list[dict[str, Any]]:
-        found = self._admin(name).request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")
-        return [p for p in found["items"] if "agent" in p["metadata"]["name"]]
-
-    def stop_agent(self, name: str, *, grace_seconds: int | None = None) -> None:
-        self._scale(name, 0)
-        if grace_seconds is not None:
-            for pod in self._agent_pods(name):
-                path = f"/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}"
-                try:
-                    self._admin(name).request("DELETE", f"{path}?gracePeriodSeconds={grace_seconds}")
-                except KubeAPIError as exc:
-                    if exc.status != 404:
-                        raise
-        _wait(lambda: not self._agent_pods(name), ROLLOUT_TIMEOUT, f"the agent of {name} gone")
-
-    def kill_agent(self, name: str) -> None:
-        self.stop_agent(name, grace_seconds=0)
-
-    def start_agent(self, name: str, timeout: float = CONNECT_TIMEOUT) -> None:
-        started = time.monotonic()
-        self._scale(name, 1)
-        self.wait_connected(name, True, timeout)
-        self.timings.agent_connect.setdefault(name, []).append(time.monotonic() - started)
-
-    # --- logs -----------------------------------------------------------------------------------------
-
-    def logs(self) -> dict[str, str]:
-        """Every container's log in every cluster's ``otterscale`` namespace (also written to files)."""
-        found: dict[str, str] = {}
-        admins = {"hub": self.hub_cluster, **{n: self._admin(n) for n in AGENT_CLUSTERS}}
-        for cluster, cp in admins.items():
-            pods = cp.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"]
-            for pod in pods:
-                spec = pod["spec"]
-                for container in [*spec.get("initContainers", []), *spec["containers"]]:
-                    pod_name, container_name = pod["metadata"]["name"], container["name"]
-                    path = f"/api/v1/namespaces/{NAMESPACE}/pods/{pod_name}/log?container={container_name}"
-                    try:
-                        text = _raw_get(cp, path)
-                    except KubeAPIError as exc:
-                        text = f"(no log: {exc})"
-                    log_name = f"{cluster}-{pod_name}-{container_name}.log"
-                    (self.directory / log_name).write_text(text)
-                    found[log_name] = text
-        return found
-
-    def stop(self) -> None:
-        """Keep the logs next to the run's other files (the clusters are deleted by the provider)."""
-        try:
-            self.logs()
-        except (KubeAPIError, OSError):
-            logger.exception("collecting the pods' logs failed")
-
-
-def _raw_get(cp: ControlPlane, path: str) -> str:
-    """A plain-text GET (pod logs are not JSON)."""
-    req = urllib.request.Request(cp.server + path)  # noqa: S310
-    try:
-        with urllib.request.urlopen(req, context=cp.ssl_context, timeout=30) as resp:  # noqa: S310
-            return str(resp.read().decode(errors="replace"))
-    except urllib.error.HTTPError as exc:
-        raise KubeAPIError(exc.code, exc.read().decode(errors="replace")) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -599,13 +489,16 @@ def start_kind_system(root: Path, directory: Path, helm: str, realm_url: str) ->
     hub_admin = admin_access(
         HUB_CLUSTER, _run(["kind", "get", "kubeconfig", "--name", HUB_CLUSTER]), directory / "hub"
     )
-    system = KindSystem(plan, directory, hub_admin)
-    for name, kind_name in AGENT_CLUSTERS.items():
-        kubeconfig = _run(["kind", "get", "kubeconfig", "--name", kind_name])
-        system.clusters[name].control_plane = admin_access(kind_name, kubeconfig, directory / name)
+    agents = {
+        name: admin_access(
+            kind_name, _run(["kind", "get", "kubeconfig", "--name", kind_name]), directory / name
+        )
+        for name, kind_name in AGENT_CLUSTERS.items()
+    }
+    system = KindSystem(plan, directory, hub_admin, agents)
     started = time.monotonic()
     _run(plan.hub_release().install_argv(helm), cwd=root)
-    _wait(lambda: _http_ok(HUB_URL + "/readyz"), ROLLOUT_TIMEOUT, "the hub answering /readyz on the host")
+    wait(lambda: http_ok(HUB_URL + "/readyz"), ROLLOUT_TIMEOUT, "kind: the hub answering /readyz on the host")
     system.timings.hub_start.append(time.monotonic() - started)
     for name in AGENT_CLUSTERS:
         started = time.monotonic()

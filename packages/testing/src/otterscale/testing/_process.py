@@ -3,6 +3,13 @@
 Each process gets its own process group (so a stop reaches its children too), output to a log
 file (shown when something fails), the Linux parent-death signal (so even a SIGKILLed pytest
 leaves no orphan), and a stop that escalates from SIGTERM to SIGKILL with bounded waits.
+
+The process that starts them follows its own parent in turn (:func:`follow_parent`, armed by
+the first :class:`ManagedProcess`): when that parent dies, it gets SIGTERM. Without it, a test
+run or ``nox -s demo`` whose nox was stopped with SIGTERM (nox does not pass it on) lived on as
+an orphan with its control planes, Keycloak, hub and agents. With it, the orphan stops: by
+default Python dies at once and its children follow by their parent-death signal; the demo
+handles SIGTERM and tears everything down in order.
 """
 
 from __future__ import annotations
@@ -26,12 +33,30 @@ logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _live: set[ManagedProcess] = set()
+#: This process's parent when the module was imported (to notice one that died before we armed).
+_ORIGINAL_PARENT = os.getppid()
+_following = False
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def follow_parent(sig: int = signal.SIGTERM) -> None:
+    """Get ``sig`` when this process's parent dies (Linux; once per process; see the module docstring).
+
+    A parent that died before this call (we were re-parented already) counts as dying now.
+    """
+    global _following
+    if _following or not sys.platform.startswith("linux"):
+        return
+    _following = True
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, sig)
+    if os.getppid() != _ORIGINAL_PARENT:
+        os.kill(os.getpid(), sig)
 
 
 #: Lowest port :func:`free_port` hands out: below are well-known fixed ports (8080, 9090...).
@@ -139,6 +164,7 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
+        follow_parent()
         self.name = name
         self.argv = list(argv)
         self.log_file = log_file

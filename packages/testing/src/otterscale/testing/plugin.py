@@ -8,16 +8,26 @@
 - ``keycloak_factory``: ``factory(name, **options)`` starts (or returns) a separate Keycloak
   ``name`` (options as for ``start_keycloak``: ``users=``, ``access_token_lifespan=``...), for
   tests that must stop it or need another realm setup without disturbing the shared one.
+- ``node``: one real single-node cluster for the session (``_node``: kubelet, containerd,
+  kube-proxy, CoreDNS in a network namespace of its own), for tests that need running Pods:
+  ``node.control_plane`` is its admin client, ``node.image("python")`` imports an image of
+  ``nox -s images`` and returns its reference, ``node.run_pod(...)`` runs one. Needs root and the
+  node tools; where they are missing the test fails saying what to install or build.
 - ``otterscale_system``: the whole system for the session (``tests/e2e``): the shared Keycloak,
   two control planes ``east`` and ``west``, the hub and one agent per cluster, each a separate
   OS process started from the installed console scripts, connected by real chisel tunnels; plus
   a third configured cluster ``south`` that has no agent (it never connects).
   A test that stops the hub or an agent must start it again (``try/finally``).
 
-``--provider=local|kind`` (default ``local``) chooses how ``otterscale_system`` and ``keycloak``
-are provided: ``local`` as above; ``kind`` from kind clusters with the built images and the
-Helm charts, Keycloak on the host (see ``_kind``). With ``kind`` the session checks for a Docker
-engine and the ``kind`` binary first and exits non-zero, saying what is missing, before any test.
+``--provider=local|kind|node`` (default ``local``) chooses how ``otterscale_system`` and
+``keycloak`` are provided: ``local`` as above; ``kind`` from kind clusters with the built images
+and the Helm charts, Keycloak on the host (see ``_kind``); ``node`` with the same images and
+charts on the test node (``node``; see ``_nodesystem``): the hub and the agents of ``east`` and
+``west`` are Pods, ``east`` and ``west`` themselves are control planes as with ``local``, and
+Keycloak runs on the host with its issuer on the node's side of the veth. With ``kind`` or
+``node`` the session checks first what the provider needs (Docker and kind; root, the node
+tools, containerd and the images of ``nox -s images``) and exits non-zero, saying what is
+missing, before any test.
 
 A missing binary fails the test with the exact command that builds it; nothing is skipped.
 """
@@ -33,15 +43,18 @@ from typing import Any, Protocol
 
 import pytest
 
-from . import _kind
+from . import _kind, _nodesystem
 from ._controlplane import ControlPlane, start_control_plane
 from ._keycloak import Keycloak, KeycloakError, start_keycloak
+from ._node import Node, NodeError, NodeUnavailableError, start_node
 from ._system import System, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
 
 logger = logging.getLogger(__name__)
 
 ControlPlaneFactory = Callable[[str], ControlPlane]
+#: How ``otterscale_system`` runs (``--provider``).
+PROVIDERS = ("local", "kind", "node")
 
 
 class KeycloakFactory(Protocol):
@@ -60,25 +73,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--provider",
-        choices=_kind.PROVIDERS,
+        choices=PROVIDERS,
         default="local",
-        help="how otterscale_system runs: local OS processes (default) or kind clusters with the "
-        "images and Helm charts (needs Docker and kind; deploy/kind/README.md)",
+        help="how otterscale_system runs: local OS processes (default), kind clusters with the "
+        "images and Helm charts (needs Docker and kind; deploy/kind/README.md), or the images and "
+        "charts on the test node (needs root; deploy/node/README.md)",
     )
 
 
 def provider(config: pytest.Config) -> str:
-    """The ``--provider`` of this run (``local`` or ``kind``)."""
+    """The ``--provider`` of this run (``local``, ``kind`` or ``node``)."""
     return str(config.getoption("--provider"))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """``--provider=kind`` where Docker or kind is missing: stop now, non-zero, saying why."""
-    if provider(session.config) == "kind":
+    """``--provider=kind|node`` where it cannot run: stop now, non-zero, saying why."""
+    chosen = provider(session.config)
+    if chosen == "kind":
         problems = _kind.preflight()
         if problems:
             pytest.exit(_kind.unavailable_message(problems), returncode=pytest.ExitCode.USAGE_ERROR)
+    elif chosen == "node":
+        problems = _nodesystem.preflight()
+        if problems:
+            pytest.exit(_nodesystem.unavailable_message(problems), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")
@@ -141,9 +160,11 @@ def keycloak_factory(
 def keycloak(keycloak_factory: KeycloakFactory, request: pytest.FixtureRequest) -> Keycloak:
     """The session's shared Keycloak. A test that stops it must start it again (``try/finally``).
 
-    With ``--provider=kind`` its issuer is on the kind network's gateway (``kind_keycloak``)."""
-    if provider(request.config) == "kind":
-        found: Keycloak = request.getfixturevalue("kind_keycloak")
+    With ``--provider=kind`` its issuer is on the kind network's gateway (``kind_keycloak``), with
+    ``--provider=node`` on the node's side of the veth (``node_keycloak``)."""
+    chosen = provider(request.config)
+    if chosen in ("kind", "node"):
+        found: Keycloak = request.getfixturevalue(f"{chosen}_keycloak")
         return found
     return keycloak_factory("default")
 
@@ -164,10 +185,13 @@ def kind_clusters(request: pytest.FixtureRequest) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def kind_keycloak(kind_clusters: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
     """Keycloak on the host, issuer on the kind network's gateway (reachable from the hub Pod)."""
+    yield from _gateway_keycloak(tmp_path_factory.mktemp("keycloak-kind"), _kind.kind_gateway())
+
+
+def _gateway_keycloak(directory: Path, gateway: str) -> Iterator[Keycloak]:
+    """Keycloak on the host with its issuer on ``gateway`` (a relay there), stopped after."""
     try:
-        kc, relay = _kind.start_gateway_keycloak(
-            tmp_path_factory.mktemp("keycloak-kind"), _kind.kind_gateway()
-        )
+        kc, relay = _kind.start_gateway_keycloak(directory, gateway)
     except (ToolMissingError, KeycloakError) as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
@@ -175,6 +199,27 @@ def kind_keycloak(kind_clusters: Path, tmp_path_factory: pytest.TempPathFactory)
     finally:
         kc.stop()
         relay.close()
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Node]:
+    """The session's test node (see the module docstring); stopped at the end, leaving nothing."""
+    try:
+        started = start_node(tmp_path_factory.mktemp("node"))
+    except (NodeUnavailableError, NodeError, ToolMissingError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield started
+    finally:
+        errors = started.stop(keep=bool(request.config.getoption("--keep-cluster-dirs")))
+        if errors:
+            logger.error("the node left something behind: %s", errors)
+
+
+@pytest.fixture(scope="session")
+def node_keycloak(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
+    """Keycloak on the host, issuer on the host's end of the node's veth (reachable from Pods)."""
+    yield from _gateway_keycloak(tmp_path_factory.mktemp("keycloak-node"), node.host_ip)
 
 
 #: The clusters of ``otterscale_system`` with a control plane and an agent.
@@ -189,10 +234,13 @@ def otterscale_system(
     request: pytest.FixtureRequest,
     keycloak: Keycloak,
     control_plane_factory: ControlPlaneFactory,
-) -> Iterator[System | _kind.KindSystem]:
+) -> Iterator[System | _kind.KindSystem | _nodesystem.NodeSystem]:
     """Keycloak + control planes ``east`` and ``west`` + the hub + one agent each (see above)."""
     if provider(request.config) == "kind":
         yield from _kind_system(tmp_path_factory, request, keycloak)
+        return
+    if provider(request.config) == "node":
+        yield from _node_system(tmp_path_factory, request, keycloak, control_plane_factory)
         return
     clusters: dict[str, ControlPlane | None] = {name: control_plane_factory(name) for name in SYSTEM_CLUSTERS}
     clusters.update(dict.fromkeys(SYSTEM_OFFLINE_CLUSTERS))
@@ -228,3 +276,33 @@ def _kind_system(
         yield system
     finally:
         system.stop()
+
+
+def _node_system(
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+    keycloak: Keycloak,
+    control_plane_factory: ControlPlaneFactory,
+) -> Iterator[_nodesystem.NodeSystem]:
+    node: Node = request.getfixturevalue("node")
+    clusters: dict[str, ControlPlane | None] = {name: control_plane_factory(name) for name in SYSTEM_CLUSTERS}
+    started = time.monotonic()
+    try:
+        installation, system = _nodesystem.start_node_system(
+            node,
+            tmp_path_factory.mktemp("system-node"),
+            realm_url=keycloak.realm_url,
+            clusters=clusters,
+            offline=SYSTEM_OFFLINE_CLUSTERS,
+        )
+    except (ToolMissingError, NodeError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    logger.info("system up on the node in %.1fs: hub %s", time.monotonic() - started, system.hub_url)
+    try:
+        yield system
+    finally:
+        system.stop()
+        try:
+            installation.uninstall()
+        finally:
+            installation.close()

@@ -1,6 +1,10 @@
 """Build the pinned external tools (chisel, etcd, kube-apiserver, ...) from the Go module proxy,
 and fetch the pinned Keycloak distribution from Maven Central.
 
+The node tools (kubelet, kube-scheduler, kube-proxy, pause, coredns: :data:`NODE_TOOLS`) are built
+the same way, on request only (``nox -s tools -- node``): a real single-node cluster needs them
+(``otterscale.testing._node``), the control-plane fixtures do not.
+
 Everything lands in a cache outside the repository, one folder per tool and version
 (default ``~/.cache/otterscale/bin/<tool>-<version>/<tool>`` for Go binaries and
 ``~/.cache/otterscale/keycloak-<version>/`` for Keycloak, overridable with
@@ -38,6 +42,10 @@ HELM_VERSION = "v3.22.0"
 GRPCURL_VERSION = "v1.9.3"
 #: ``org.keycloak:keycloak-quarkus-dist``; 26.x runs on Java 17, 21 and 25.
 KEYCLOAK_VERSION = "26.7.3"
+#: Cluster DNS of the node (a minimal plugin set, :data:`_COREDNS_MAIN`).
+COREDNS_VERSION = "v1.15.0"
+#: The node's sandbox (pause) program, :data:`_PAUSE_MAIN`; bump it when that source changes.
+PAUSE_VERSION = "v1.0.0"
 
 GO_PROXY_DEFAULT = "https://proxy.golang.org"
 MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
@@ -76,6 +84,11 @@ TOOLS: dict[str, Tool] = {
         Tool("etcd", ETCD_VERSION),
         Tool("kube-apiserver", KUBERNETES_VERSION),
         Tool("kube-controller-manager", KUBERNETES_VERSION),
+        Tool("kubelet", KUBERNETES_VERSION),
+        Tool("kube-scheduler", KUBERNETES_VERSION),
+        Tool("kube-proxy", KUBERNETES_VERSION),
+        Tool("pause", PAUSE_VERSION),
+        Tool("coredns", COREDNS_VERSION),
         Tool("helm", HELM_VERSION),
         Tool("grpcurl", GRPCURL_VERSION),
         Tool(
@@ -94,6 +107,12 @@ DEFAULT_TOOLS = (
     "grpcurl",
     "keycloak",
 )
+
+#: What a real node needs on top of the control plane (``nox -s tools -- node`` builds them).
+NODE_TOOLS = ("kubelet", "kube-scheduler", "kube-proxy", "pause", "coredns")
+
+#: Names ``nox -s tools -- NAME`` accepts for a group of tools.
+GROUPS = {"node": NODE_TOOLS}
 
 
 class ToolMissingError(RuntimeError):
@@ -245,8 +264,14 @@ def _build_module_main(tool: Tool, module: str, package: str) -> None:
     src.mkdir(parents=True, exist_ok=True)
     go_mod = f"module otterscale.local/{tool.name}-tool\n\ngo 1.26.0\n\nrequire {module} {tool.version}\n"
     (src / "go.mod").write_text(go_mod)
+    (src / "go.sum").write_text(_module_go_sum(src, module, tool.version))
+    _build_in_wrapper(tool, go_mod, package, ldflags="-s -w")
+
+
+def _module_go_sum(src: Path, module: str, version: str) -> str:
+    """The go.sum ``module`` ships at ``version`` (downloaded and verified by ``go mod download``)."""
     info = subprocess.run(
-        ["go", "mod", "download", "-json", f"{module}@{tool.version}"],
+        ["go", "mod", "download", "-json", f"{module}@{version}"],
         cwd=src,
         env=_go_env(),
         check=True,
@@ -254,9 +279,90 @@ def _build_module_main(tool: Tool, module: str, package: str) -> None:
         text=True,
     )
     module_dir = Path(json.loads(info.stdout)["Dir"])
-    sums = (module_dir / "go.sum").read_text() if (module_dir / "go.sum").is_file() else ""
-    (src / "go.sum").write_text(sums)
-    _build_in_wrapper(tool, go_mod, package, ldflags="-s -w")
+    return (module_dir / "go.sum").read_text() if (module_dir / "go.sum").is_file() else ""
+
+
+#: PID 1 of every Pod sandbox: holds the Pod's namespaces, reaps zombies, exits on SIGINT/SIGTERM.
+#: The same job as Kubernetes' own pause (a C program there), which no registry here can provide.
+_PAUSE_MAIN = """\
+// pause: PID 1 of a Pod sandbox (built by otterscale.testing.tools).
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	if os.Getpid() != 1 {
+		os.Stderr.WriteString("pause: warning: not running as PID 1\\n")
+	}
+	signals := make(chan os.Signal, 8)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+	for sig := range signals {
+		if sig != syscall.SIGCHLD {
+			os.Exit(0)
+		}
+		for {
+			var status syscall.WaitStatus
+			pid, err := syscall.Wait4(-1, &status, syscall.WNOHANG, nil)
+			if pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+"""
+
+#: CoreDNS with only what cluster DNS needs (no forward plugin: no query ever leaves the node, and
+#: none of the cloud back-ends, so the download and the build stay small). The directive order is
+#: that of CoreDNS' plugin.cfg.
+_COREDNS_MAIN = """\
+// coredns: cluster DNS for the test node (built by otterscale.testing.tools).
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func init() {
+	dnsserver.Directives = []string{"ready", "health", "errors", "log", "loadbalance", "cache", "kubernetes"}
+}
+
+func main() { coremain.Run() }
+"""
+
+
+def _build_pause(tool: Tool) -> None:
+    src = cache_root() / "src" / f"{tool.name}-{tool.version}"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "main.go").write_text(_PAUSE_MAIN)
+    _build_in_wrapper(tool, "module otterscale.local/pause\n\ngo 1.26.0\n", ".", ldflags="-s -w")
+
+
+def _build_coredns(tool: Tool) -> None:
+    """CoreDNS' own main package would pull every plugin in; ours (:data:`_COREDNS_MAIN`) only a few.
+
+    The wrapper's go.sum is seeded with CoreDNS' own, as for :func:`_build_module_main`.
+    """
+    module = "github.com/coredns/coredns"
+    src = cache_root() / "src" / f"{tool.name}-{tool.version}"
+    src.mkdir(parents=True, exist_ok=True)
+    go_mod = f"module otterscale.local/coredns-tool\n\ngo 1.26.0\n\nrequire {module} {tool.version}\n"
+    (src / "go.mod").write_text(go_mod)
+    (src / "main.go").write_text(_COREDNS_MAIN)
+    (src / "go.sum").write_text(_module_go_sum(src, module, tool.version))
+    _build_in_wrapper(tool, go_mod, ".", ldflags="-s -w")
 
 
 def _maven_url(group: str, artifact: str, version: str, ext: str) -> str:
@@ -350,6 +456,11 @@ _BUILDERS: dict[str, Callable[[Tool], None]] = {
     "etcd": _build_etcd,
     "kube-apiserver": _build_kubernetes,
     "kube-controller-manager": _build_kubernetes,
+    "kubelet": _build_kubernetes,
+    "kube-scheduler": _build_kubernetes,
+    "kube-proxy": _build_kubernetes,
+    "pause": _build_pause,
+    "coredns": _build_coredns,
     "helm": lambda t: _build_module_main(t, "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm"),
     "grpcurl": lambda t: _build_module_main(
         t, "github.com/fullstorydev/grpcurl", "github.com/fullstorydev/grpcurl/cmd/grpcurl"
@@ -372,7 +483,7 @@ def build(names: list[str], force: bool = False) -> int:
             failures += 1
             _log(f"{prefix}: FAILED: `go` is not on PATH: install Go >= 1.26 first")
             continue
-        slow = " (a cold Kubernetes build takes 5-15 minutes on 2 cores)" if name.startswith("kube-") else ""
+        slow = " (a cold Kubernetes build takes 5-15 minutes on 2 cores)" if name.startswith("kube") else ""
         _log(f"{prefix}: {'building' if tool.go else 'fetching'}{slow}")
         started = time.monotonic()
         try:
@@ -396,11 +507,19 @@ def main(argv: list[str] | None = None) -> int:
             f"(now: {cache_root()}; set OTTERSCALE_TOOLS_DIR to move it). Cached tools are skipped."
         ),
     )
-    parser.add_argument("tools", nargs="*", metavar="TOOL", help=f"any of {', '.join(TOOLS)} (default: all)")
+    parser.add_argument(
+        "tools",
+        nargs="*",
+        metavar="TOOL",
+        help=f"any of {', '.join(TOOLS)}, or `node` for {', '.join(NODE_TOOLS)} "
+        f"(default: {', '.join(DEFAULT_TOOLS)})",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--print-paths", action="store_true", help="print each tool's path and exit")
     args = parser.parse_args(argv)
-    names = args.tools or list(DEFAULT_TOOLS)
+    names = list(dict.fromkeys(n for name in args.tools for n in GROUPS.get(name, (name,)))) or list(
+        DEFAULT_TOOLS
+    )
     unknown = sorted(set(names) - set(TOOLS))
     if unknown:
         parser.error(f"unknown tool(s) {', '.join(unknown)}; choose from {', '.join(TOOLS)}")
