@@ -95,7 +95,9 @@ FANOUT_FULL = FanoutSizes(
     stub_hold_seconds=20.0,
 )
 FANOUT_SMOKE = FanoutSizes(
-    planes=1,
+    # Two: the fairness row needs quiet clusters on a plane of their own (on one plane every
+    # cluster sees the hot writes and the quiet clusters have nothing to measure).
+    planes=2,
     fleet_clusters=4,
     list_clusters=3,
     list_items=30,

@@ -72,6 +72,10 @@ LABELS = {
     "g-hole": {"env": "dev"},
 }
 TOKEN_KEY = "fan-out test token key, 32 bytes or more: " + "k" * 8
+#: The key before TOKEN_KEY, still accepted (``fanout.previous_token_keys``): a rotation under way.
+PREVIOUS_TOKEN_KEY = "fan-out previous token key, 32 bytes or more: " + "p" * 8
+#: A key the hub no longer knows (rotated out, or another hub's).
+RETIRED_TOKEN_KEY = "fan-out retired token key, 32 bytes or more: " + "r" * 8
 TRANSPORTS: dict[str, tuple[ProtocolType, Any]] = {
     "connect-h1": (ProtocolType.CONNECT, HTTPVersion.HTTP1),
     "connect-h2c": (ProtocolType.CONNECT, HTTPVersion.HTTP2),
@@ -124,6 +128,7 @@ def fleet_overrides(**fanout: Any) -> dict[str, Any]:
         "access": access_config(),
         "fanout": {
             "token_key": TOKEN_KEY,
+            "previous_token_keys": [PREVIOUS_TOKEN_KEY],
             "max_inflight_per_cluster": 2,
             "max_clusters_per_call": 7,
             "max_legs_per_subject": 12,
@@ -311,7 +316,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, control_plane_factory: Any) 
         print(f"\n[fanout] fleet up in {time.monotonic() - started:.1f}s: hub {system.hub_url}")
         yield found
         logs = {**system.logs(), "audit trail": audit_log.read_text() if audit_log.exists() else ""}
-        secrets = {*found.tokens, system.key_seed, TOKEN_KEY, *(c.password for c in system.clusters.values())}
+        secrets = {
+            *found.tokens,
+            system.key_seed,
+            TOKEN_KEY,
+            PREVIOUS_TOKEN_KEY,
+            *(c.password for c in system.clusters.values()),
+        }
         leaked = [
             name
             for name, text in logs.items()

@@ -18,6 +18,9 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from google.protobuf.duration_pb2 import Duration
 
+from otterscale.hub._fanout.listing import cursor_binding
+from otterscale.hub._fanout.query import Query
+from otterscale.hub._fanout.tokens import CURSOR, TokenSealer, derive_token_key
 from otterscale.resource.v1.multicluster_connect import MultiClusterServiceClient
 from otterscale.resource.v1.multicluster_pb2 import (
     ClusterSelection,
@@ -28,7 +31,16 @@ from otterscale.resource.v1.multicluster_pb2 import (
     ResourceQuery,
 )
 
-from .conftest import LABELS, PER_NAMESPACE, Clients, Fleet, wait_connected
+from .conftest import (
+    LABELS,
+    PER_NAMESPACE,
+    PREVIOUS_TOKEN_KEY,
+    RETIRED_TOKEN_KEY,
+    TOKEN_KEY,
+    Clients,
+    Fleet,
+    wait_connected,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -454,6 +466,46 @@ async def test_cursors_are_bound_to_their_caller_and_query(fleet: Fleet, clients
     owner = request(["a-full"], limit=10)
     owner.cursor = cursor
     assert (await client.multi_list(owner, headers=fleet.auth("alice"))).lists
+
+
+@pytest.mark.security
+async def test_cursors_of_an_old_hub_key_work_only_while_the_key_is_accepted(
+    fleet: Fleet, clients: Clients
+) -> None:
+    """A cursor sealed with the previous key (``fanout.previous_token_keys``: a rotation under
+    way) continues the traversal exactly like the current key's; one sealed with a key the hub no
+    longer has is invalid_argument with the one message every refused cursor gets. The old hubs
+    are this process sealing the hub's real cursor content with the hub's token code and their key."""
+    client = clients.multi()
+    first_request = request(["a-full"], limit=10)
+    first = await client.multi_list(first_request, headers=fleet.auth("alice"))
+    binding = cursor_binding(
+        first_request.selection, Query.from_message(first_request.query), MultiListRequest.ORDER_FAIR
+    )
+    content = TokenSealer(derive_token_key(TOKEN_KEY.encode())).open(
+        CURSOR, first.next_cursor, "alice", binding
+    )
+
+    def sealed_with(secret: str) -> str:
+        return TokenSealer(derive_token_key(secret.encode())).seal(CURSOR, "alice", binding, content)
+
+    async def page(cursor: str) -> MultiListResponse:
+        message = request(["a-full"], limit=10)
+        message.cursor = cursor
+        return await client.multi_list(message, headers=fleet.auth("alice"))
+
+    current = await page(first.next_cursor)
+    previous = await page(sealed_with(PREVIOUS_TOKEN_KEY))
+    assert items([current]) == items([previous])
+    assert len(items([current])) == 10
+    assert not set(items([current])) & set(items([first]))
+    messages = set()
+    for cursor in (sealed_with(RETIRED_TOKEN_KEY), first.next_cursor[:-4] + "AAAA"):
+        with pytest.raises(ConnectError) as caught:
+            await page(cursor)
+        assert caught.value.code is Code.INVALID_ARGUMENT
+        messages.add(caught.value.message)
+    assert len(messages) == 1, messages
 
 
 @pytest.mark.security
