@@ -59,6 +59,10 @@ MAX_TOKEN_CHARS = 1024 * 1024
 #: but the bound holds even for a hub bug).
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 _HKDF_INFO = b"otterscale fan-out tokens v1"
+#: zlib level of token payloads. Measured on 1,000-cluster cursors and resume tokens: level 9
+#: spends 0.9-1.8 ms compressing (more than the whole 1 ms budget of fanout.md 4.3 for sealing
+#: and opening) for tokens 1 % smaller than level 5, which takes 0.16-0.55 ms.
+_ZLIB_LEVEL = 5
 
 
 def derive_token_key(secret: bytes) -> bytes:
@@ -92,7 +96,7 @@ class TokenSealer:
         """A token of ``kind`` for ``subject`` and ``binding`` carrying ``payload`` (JSON-able)."""
         body = dict(payload)
         body["@t"] = int(self._clock())
-        plain = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
+        plain = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), _ZLIB_LEVEL)
         nonce = os.urandom(_NONCE_BYTES)
         key = self._current
         sealed = key.aead.encrypt(nonce, plain, _aad(kind, subject, binding))
