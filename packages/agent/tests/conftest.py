@@ -1,31 +1,33 @@
-"""Fixtures of the agent's tests: one real agent (in a thread, on a loopback port) per session,
-in front of the session's real control plane, and real Connect clients that sign like the hub.
+"""Fixtures of the agent's tests: one real agent process per session, in front of the session's
+real control plane, and real Connect clients that sign like the hub.
 
-The agent runs on its own event loop in a background thread, so it outlives the per-test event
-loops of pytest-asyncio and is shared by every integration test (start-up costs ~1 s). Clients
-are per test (they belong to the test's loop) and are closed explicitly.
+The agent under test is an ``otterscale agent --no-tunnel`` OS process
+(:class:`~otterscale.testing.AgentProcess`) on a loopback port: tests reach it only at that port
+(and through its log), never through its objects, so they judge the agent and not the HTTP server
+it happens to run on. One agent is shared by every integration test (start-up costs a second or
+two); :func:`start_agent` starts another (its own settings, another cluster). Clients are per
+test (they belong to the test's loop) and are closed explicitly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+import yaml
 from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 from connectrpc.protocol import ProtocolType
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
-from otterscale.agent import Agent, AgentSettings
 from otterscale.common import Identity, derive_identity_key, sign_identity
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
-from otterscale.testing import ControlPlane, KubeAPIError
+from otterscale.testing import AgentProcess, ControlPlane, KubeAPIError
 
 CLUSTER = "test"
 AGENT_PASSWORD = "agent-password-for-tests-0123456789"
@@ -71,59 +73,47 @@ class HubSigner:
         return None
 
 
-class AgentThread:
-    """An :class:`Agent` running on its own loop in a daemon thread."""
+def write_agent_config(path: Path, *, password: str = AGENT_PASSWORD) -> Path:
+    """An ``otterscale.yaml`` with cluster ``test`` (what an agent with ``--no-tunnel`` reads)."""
+    document = {
+        "keycloak": {"realm_url": "https://keycloak.invalid/realms/unused", "client_id": "unused"},
+        "tunnel": {"server": {"host": "127.0.0.1", "port": 8300}},
+        "clusters": {
+            CLUSTER: {
+                "agent": {
+                    "auth": {"user": f"{CLUSTER}-agent", "pass": password},
+                    "tunnel_port": 51001,
+                    "api_port": 8299,
+                }
+            }
+        },
+    }
+    path.write_text(yaml.safe_dump(document))
+    path.chmod(0o600)
+    return path
 
-    def __init__(self, settings: AgentSettings) -> None:
-        self.settings = settings
-        self.url = ""
-        self.agent: Agent | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="otterscale-agent-under-test", daemon=True)
 
-    def __enter__(self) -> AgentThread:
-        self._thread.start()
-        if not self._ready.wait(60):
-            raise TimeoutError("agent did not start within 60s")
-        if self._error is not None:
-            raise RuntimeError("agent failed to start") from self._error
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        if self._thread.is_alive():
-            raise RuntimeError("agent thread did not stop within 30s")
-
-    def call(self, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` on the agent's loop (thread-safe)."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(fn)
-
-    def _run(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            async with Agent(self.settings) as agent:
-                self.agent = agent
-                self.url = agent.url
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            if not isinstance(exc, Exception):
-                raise
+@contextlib.contextmanager
+def start_agent(
+    cp: ControlPlane, directory: Path, *, discovery_ttl: float | None = None
+) -> Iterator[AgentProcess]:
+    """``otterscale agent --cluster test --no-tunnel`` in front of ``cp`` (serving when this
+    yields; stopped after). ``discovery_ttl``: its ``--discovery-ttl`` (default: the agent's)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    args = [f"--discovery-ttl={discovery_ttl:g}"] if discovery_ttl is not None else []
+    agent = AgentProcess(
+        CLUSTER,
+        write_agent_config(directory / "otterscale.yaml"),
+        cp.kubeconfig,
+        directory / f"agent-{uuid.uuid4().hex[:6]}.log",
+        tunnel=False,
+        args=args,
+    )
+    try:
+        agent.wait_serving()
+        yield agent
+    finally:
+        agent.stop()
 
 
 def _ensure_admin_binding(cp: ControlPlane) -> None:
@@ -141,26 +131,16 @@ def _ensure_admin_binding(cp: ControlPlane) -> None:
     )
 
 
-def agent_settings(cp: ControlPlane, **overrides: Any) -> AgentSettings:
-    values: dict[str, Any] = {
-        "cluster": CLUSTER,
-        "host": "127.0.0.1",
-        "port": 0,
-        "identity_key": IDENTITY_KEY,
-        "kubeconfig": str(cp.kubeconfig),
-    }
-    values.update(overrides)
-    return AgentSettings(**values)
-
-
 @pytest.fixture(scope="session")
-def agent_server(control_plane: ControlPlane, crds: dict[str, str]) -> Iterator[AgentThread]:
+def agent_server(
+    control_plane: ControlPlane, crds: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
     """The session's agent (default discovery TTL) in front of the session's control plane.
 
     The test CRDs exist before it starts, so its first discovery already has them.
     """
     _ensure_admin_binding(control_plane)
-    with AgentThread(agent_settings(control_plane)) as server:
+    with start_agent(control_plane, tmp_path_factory.mktemp("agent")) as server:
         yield server
 
 
@@ -168,7 +148,7 @@ ClientFactory = Callable[..., ResourceServiceClient]
 
 
 @pytest_asyncio.fixture
-async def make_client(agent_server: AgentThread) -> AsyncIterator[ClientFactory]:
+async def make_client(agent_server: AgentProcess) -> AsyncIterator[ClientFactory]:
     """``make_client(identity=ADMIN, transport="connect-h1", signer=None, json=False, url=None)``."""
     opened: list[tuple[ResourceServiceClient, HTTPTransport]] = []
 

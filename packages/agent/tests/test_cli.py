@@ -120,6 +120,19 @@ def test_port_zero_means_api_port(tmp_path: Path) -> None:
     assert settings.tunnel is None
 
 
+def test_discovery_ttl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--cluster", CLUSTER, "--config", str(write_config(tmp_path)), "--no-tunnel"]
+    settings, _, _ = settings_from_args(argv, {})
+    assert settings.discovery_ttl == 10.0
+    settings, _, _ = settings_from_args([*argv, "--discovery-ttl", "600"], {})
+    assert settings.discovery_ttl == 600.0
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SystemExit) as info:
+            settings_from_args([*argv, "--discovery-ttl", bad], {})
+        assert info.value.code == 2
+        assert "--discovery-ttl" in capsys.readouterr().err
+
+
 def test_container_mode_defaults(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         settings_from_args(["--cluster", CLUSTER], {"OTTERSCALE_CONTAINER": "true"})
@@ -307,36 +320,10 @@ def test_ping(agent_server: object) -> None:
         urllib.request.urlopen(request, timeout=5)  # noqa: S310
     info.value.close()
     assert info.value.code == 405
-    # Without a tunnel (the embedded Agent) the agent is ready while it serves.
+    # Without a tunnel (--no-tunnel) the agent is ready while it serves.
     assert _get(url + "/readyz") == (200, "ok\n")
     head = urllib.request.Request(url + "/readyz", method="HEAD")  # noqa: S310
     with urllib.request.urlopen(head, timeout=5) as resp:  # noqa: S310
         assert (resp.status, resp.read()) == (200, b"")
     post = urllib.request.Request(url + "/readyz", data=b"", method="POST")  # noqa: S310
     assert _get_request(post) == 405
-
-
-@pytest.mark.integration
-async def test_run_agent_stops_when_a_root_task_ends(
-    control_plane: ControlPlane, agent_server: object
-) -> None:
-    """The hook for tunnel supervision (issue 4): a root task ending stops the agent (status 1)."""
-    from otterscale.agent import Agent, run_agent
-
-    from .conftest import agent_settings
-
-    seen: list[str] = []
-
-    async def short_lived(agent: Agent) -> None:
-        seen.append(agent.url)
-
-    status = await asyncio.wait_for(
-        run_agent(agent_settings(control_plane), asyncio.Event(), root_tasks={"tunnel": short_lived}), 20
-    )
-    assert status == 1
-    assert seen
-    assert await asyncio.to_thread(_ping, seen[0]) is None  # the server is gone
-
-    stop = asyncio.Event()
-    stop.set()
-    assert await asyncio.wait_for(run_agent(agent_settings(control_plane), stop), 20) == 0

@@ -17,6 +17,7 @@ from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 
 from otterscale.agent import _events
+from otterscale.agent._discovery import APIResourceInfo
 from otterscale.common import Identity
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import ControlPlane, KubeAPIError
@@ -26,6 +27,7 @@ from .conftest import ADMIN, CLUSTER, ClientFactory, unique
 pytestmark = pytest.mark.integration
 
 RBAC = "rbac.authorization.k8s.io"
+CONFIGMAPS = APIResourceInfo(group="", version="v1", resource="configmaps", kind="ConfigMap", namespaced=True)
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 # Created in this (name) order, which is not their time order; `when` is what sorts them.
 TIMED_EVENTS: dict[str, dict[str, str]] = {
@@ -176,20 +178,36 @@ async def test_a_viewer_describes_an_object_with_its_events_sorted_and_cleaned(
 
 
 async def test_events_are_paged_through_and_the_scan_is_bounded(
-    make_client: ClientFactory, namespace: str, timed: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    control_plane: ControlPlane, namespace: str, timed: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """kube-apiserver lists in name order, not time order: every page is read (``continue``
-    followed) before the newest are chosen; past MAX_SCANNED events the answer says so."""
-    rpc = make_client()
-    monkeypatch.setattr(_events, "PAGE_SIZE", 2)  # six events: three pages
-    paged = await rpc.describe(describe_request(namespace, events_limit=3))
-    assert (event_names(paged), paged.events_error) == (TIME_ORDER[-3:], "")
+    followed) before the newest are chosen; past MAX_SCANNED events the answer says so.
 
-    monkeypatch.setattr(_events, "MAX_SCANNED", 4)  # stops after e-a..e-d (two pages)
-    bounded = await rpc.describe(describe_request(namespace))
-    assert event_names(bounded) == ["e-c", "e-b", "e-d", "e-a"]
-    assert bounded.events_error.startswith("more than 4 events match")
-    assert as_dict(bounded.resource.object)["metadata"]["name"] == "described"
+    Pages of 500 and a bound of 10,000 events would need thousands of events to show; so the
+    events scan runs here on its own (the agent's ``_events``, in the test's process) against the
+    real kube-apiserver, with pages of 2 and a bound of 4 for these six events. The agent process
+    answers Describe with it (the tests above)."""
+    from otterscale.agent import load_connection
+    from otterscale.agent._kube import KubeClient
+
+    client = await KubeClient.open(await load_connection(str(control_plane.kubeconfig), {}))
+    try:
+
+        async def scan(limit: int) -> _events.EventsResult:
+            return await _events.list_object_events(
+                client, CONFIGMAPS, timed, caller=ADMIN, limit=limit, time_limit=lambda: 30.0
+            )
+
+        monkeypatch.setattr(_events, "PAGE_SIZE", 2)  # six events: three pages
+        paged = await scan(3)
+        assert ([e["metadata"]["name"] for e in paged.events], paged.error) == (TIME_ORDER[-3:], "")
+
+        monkeypatch.setattr(_events, "MAX_SCANNED", 4)  # stops after e-a..e-d (two pages)
+        bounded = await scan(_events.DEFAULT_EVENTS_LIMIT)
+        assert [e["metadata"]["name"] for e in bounded.events] == ["e-c", "e-b", "e-d", "e-a"]
+        assert bounded.error.startswith("more than 4 events match")
+    finally:
+        await client.close()
 
 
 async def test_without_the_right_to_list_events_the_object_comes_with_events_error(

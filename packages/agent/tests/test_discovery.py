@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from connectrpc.errors import ConnectError
 
 from otterscale.agent import DISCOVERY_TTL
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ControlPlane
+from otterscale.testing import AgentProcess, ControlPlane
 
-from .conftest import CLUSTER, CRD_GROUP, AgentThread, ClientFactory, agent_settings, install_crd
+from .conftest import CLUSTER, CRD_GROUP, ClientFactory, install_crd, start_agent
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +31,9 @@ def test_documented_ttl() -> None:
 
 
 async def test_new_crd_in_discovery_within_ttl(
-    make_client: ClientFactory, agent_server: AgentThread, control_plane: ControlPlane
+    make_client: ClientFactory, agent_server: AgentProcess, control_plane: ControlPlane
 ) -> None:
-    assert agent_server.settings.discovery_ttl == DISCOVERY_TTL
+    assert not any(arg.startswith("--discovery-ttl") for arg in agent_server.argv)  # the default TTL
     rpc = make_client()
     await rpc.discovery(pb.DiscoveryRequest(cluster=CLUSTER))  # the cache is fresh now
     plural, kind = _new_kind()
@@ -138,7 +139,7 @@ def _legacy_entries(cp: ControlPlane) -> list[Entry]:
 
 
 async def test_discovery_matches_kube_apiserver_entry_by_entry(
-    make_client: ClientFactory, control_plane: ControlPlane
+    make_client: ClientFactory, control_plane: ControlPlane, tmp_path: Path
 ) -> None:
     """Every entry of kube-apiserver's discovery, resources and subresources (``pods/log``,
     ``pods/exec``, ``deployments/scale``, a CRD's ``/status`` and ``/scale``), in its order, with
@@ -161,7 +162,7 @@ async def test_discovery_matches_kube_apiserver_entry_by_entry(
     deadline = time.monotonic() + 60
     while True:
         before = _aggregated_entries(control_plane)
-        with AgentThread(agent_settings(control_plane)) as agent:
+        with start_agent(control_plane, tmp_path) as agent:
             response = await make_client(url=agent.url).discovery(pb.DiscoveryRequest(cluster=CLUSTER))
         if _aggregated_entries(control_plane) == before:
             break

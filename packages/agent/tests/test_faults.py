@@ -12,9 +12,9 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ControlPlane
+from otterscale.testing import AgentProcess, ControlPlane
 
-from .conftest import ADMIN, CLUSTER, AgentThread, ClientFactory, _ensure_admin_binding, agent_settings
+from .conftest import ADMIN, CLUSTER, ClientFactory, _ensure_admin_binding, start_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -27,13 +27,15 @@ def fault_cluster(control_plane_factory: object) -> ControlPlane:
 
 
 @pytest.fixture(scope="module")
-def fault_agent(fault_cluster: ControlPlane) -> Iterator[AgentThread]:
-    with AgentThread(agent_settings(fault_cluster)) as server:
+def fault_agent(
+    fault_cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
+    with start_agent(fault_cluster, tmp_path_factory.mktemp("fault-agent")) as server:
         yield server
 
 
 async def test_broken_apiservice_does_not_fail_discovery(
-    make_client: ClientFactory, fault_agent: AgentThread, fault_cluster: ControlPlane
+    make_client: ClientFactory, fault_agent: AgentProcess, fault_cluster: ControlPlane
 ) -> None:
     """An aggregated API whose backend does not exist: Discovery leaves it out, the rest works."""
     fault_cluster.apply(
@@ -65,7 +67,7 @@ async def test_broken_apiservice_does_not_fail_discovery(
 
 
 async def test_upstream_close_is_unavailable_then_resume(
-    make_client: ClientFactory, fault_agent: AgentThread, fault_cluster: ControlPlane
+    make_client: ClientFactory, fault_agent: AgentProcess, fault_cluster: ControlPlane
 ) -> None:
     rpc = make_client(ADMIN, url=fault_agent.url, transport="grpc-h2c")
     base = "/api/v1/namespaces/default/configmaps"

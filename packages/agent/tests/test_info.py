@@ -11,10 +11,10 @@ from otterscale.agent._info import agent_version
 from otterscale.cluster.v1 import cluster_pb2
 from otterscale.cluster.v1.cluster_connect import AgentServiceClient
 from otterscale.common import Identity
-from otterscale.testing import ControlPlane
+from otterscale.testing import AgentProcess, ControlPlane
 from otterscale.testing.tools import KUBERNETES_VERSION
 
-from .conftest import CLUSTER, AgentThread, HubSigner
+from .conftest import CLUSTER, HubSigner
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ async def _call(url: str, signer: HubSigner | None) -> cluster_pb2.GetAgentInfoR
         await transport.aclose()
 
 
-async def test_reports_versions_and_cluster(agent_server: AgentThread, control_plane: ControlPlane) -> None:
+async def test_reports_versions_and_cluster(agent_server: AgentProcess, control_plane: ControlPlane) -> None:
     info = await _call(agent_server.url, HubSigner(HUB))
     assert info.cluster == CLUSTER
     assert info.agent_version == agent_version() != ""
@@ -42,13 +42,13 @@ async def test_reports_versions_and_cluster(agent_server: AgentThread, control_p
     )
 
 
-async def test_unsigned_call_is_rejected(agent_server: AgentThread) -> None:
+async def test_unsigned_call_is_rejected(agent_server: AgentProcess) -> None:
     with pytest.raises(ConnectError) as err:
         await _call(agent_server.url, None)
     assert err.value.code == Code.UNAUTHENTICATED
 
 
-async def test_signature_for_another_method_is_rejected(agent_server: AgentThread) -> None:
+async def test_signature_for_another_method_is_rejected(agent_server: AgentProcess) -> None:
     signer = HubSigner(HUB, method_override="/otterscale.resource.v1.ResourceService/Get")
     with pytest.raises(ConnectError) as err:
         await _call(agent_server.url, signer)

@@ -15,9 +15,9 @@ from google.protobuf import json_format
 
 from otterscale.common import sign_identity
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ControlPlane
+from otterscale.testing import AgentProcess, ControlPlane
 
-from .conftest import ADMIN, CLUSTER, CRD_GROUP, IDENTITY_KEY, AgentThread, ClientFactory, unique
+from .conftest import ADMIN, CLUSTER, CRD_GROUP, IDENTITY_KEY, ClientFactory, unique
 
 pytestmark = pytest.mark.integration
 
@@ -342,10 +342,10 @@ async def test_json_codec(make_client: ClientFactory, namespace: str) -> None:
 
 @pytest.mark.parametrize("version", ["http1", "h2c"])
 async def test_a_unary_answer_declares_its_length(
-    agent_server: AgentThread, namespace: str, version: str
+    agent_server: AgentProcess, namespace: str, version: str
 ) -> None:
     """The hub checks an agent's answer against its size limit from Content-Length before
-    reading it, and then reads it natively (otterscale.common.serve adds the header)."""
+    reading it, and then reads it natively."""
     from pyqwest import Client, HTTPTransport, HTTPVersion
 
     # As the hub's: no compression (a client that inflates an answer drops its Content-Length).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -14,14 +15,7 @@ from google.protobuf import json_format
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import ControlPlane
 
-from .conftest import (
-    CLUSTER,
-    CRD_GROUP,
-    AgentThread,
-    ClientFactory,
-    agent_settings,
-    install_crd,
-)
+from .conftest import CLUSTER, CRD_GROUP, ClientFactory, install_crd, start_agent
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +96,7 @@ async def test_custom_resource_schema(
 
 
 async def test_schema_right_after_a_crd_changes(
-    make_client: ClientFactory, control_plane: ControlPlane
+    make_client: ClientFactory, control_plane: ControlPlane, tmp_path: Path
 ) -> None:
     """kube-apiserver answers an outdated ``/openapi/v3/...?hash=`` URL with HTTP 301. Once it
     has published a CRD change, the very next Schema call must describe it: not the document
@@ -114,7 +108,7 @@ async def test_schema_right_after_a_crd_changes(
     install_crd(control_plane, "gears", "Gear", "Namespaced", group=cached_group)
     install_crd(control_plane, "cogs", "Cog", "Namespaced", group=indexed_group)
 
-    with AgentThread(agent_settings(control_plane, discovery_ttl=600.0)) as agent:
+    with start_agent(control_plane, tmp_path, discovery_ttl=600.0) as agent:
         rpc = make_client(url=agent.url)
 
         async def spec_fields(group: str, kind: str) -> set[str]:

@@ -21,8 +21,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from otterscale.agent import AgentSettings, TunnelSettings, run_agent
+from otterscale.agent import TunnelSettings
 from otterscale.agent._cli import main, settings_from_args
 from otterscale.agent._tunnel import Tunnel, default_server_url, target_host
 from otterscale.common import (
@@ -47,9 +45,10 @@ from otterscale.common import (
     check_chisel,
 )
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ControlPlane, ManagedProcess, free_port, tool_path
+from otterscale.testing import AgentProcess as ServiceAgent
+from otterscale.testing import ControlPlane, free_port, http_get, tool_path
 
-from .conftest import AGENT_PASSWORD, CLUSTER, ClientFactory, agent_settings
+from .conftest import AGENT_PASSWORD, CLUSTER, ClientFactory
 
 USER = f"{CLUSTER}-agent"
 SEED = "otterscale-agent-tunnel-tests"
@@ -149,56 +148,31 @@ def write_config(
     return path
 
 
-class AgentProcess:
-    """``python -m otterscale.agent`` with a debug log file."""
+class AgentProcess(ServiceAgent):
+    """``otterscale agent`` with the tunnel, a debug log, and async waits that fail with its log."""
 
     def __init__(self, directory: Path, config: Path, cp: ControlPlane, *extra: str) -> None:
-        self.spawned = time.monotonic()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "OTTERSCALE_CONTAINER", "AUTH")}
-        self.process = ManagedProcess(
-            "agent",
-            [
-                sys.executable,
-                "-m",
-                "otterscale.agent",
-                f"--cluster={CLUSTER}",
-                f"--config={config}",
-                f"--address=127.0.0.1:{self.port}",
-                f"--kubeconfig={cp.kubeconfig}",
-                f"--chisel={tool_path('chisel')}",
-                "--log-level=debug",
-                *extra,
-            ],
-            directory / f"agent-{self.port}.log",
-            env=env,
+        port = free_port()
+        super().__init__(
+            CLUSTER,
+            config,
+            cp.kubeconfig,
+            directory / f"agent-{port}.log",
+            name="agent",
+            port=port,
+            chisel=tool_path("chisel"),
+            args=[arg for arg in extra if not arg.startswith("--tunnel-server-url=")],
+            tunnel_server_url=next(
+                (arg.split("=", 1)[1] for arg in extra if arg.startswith("--tunnel-server-url=")), None
+            ),
         )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.process.log_file.read_text(errors="replace")
-
-    def chisel_pids(self) -> list[int]:
-        """The agent's chisel children (the chisel client)."""
-        return [pid for pid, ppid, comm in _processes() if ppid == self.pid and comm == "chisel"]
 
     async def wait_for(self, check: Callable[[], bool | Awaitable[bool]], what: str, within: float) -> float:
         """Poll ``check``; return the seconds it took. Fails with the log tail if the agent dies."""
-        started = time.monotonic()
-        while True:
-            assert self.process.alive(), f"agent exited before {what}:\n{self.process.log_tail(60)}"
-            result = check()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return time.monotonic() - started
-            if time.monotonic() - started > within:
-                pytest.fail(f"agent: not {what} within {within:g}s; log:\n{self.process.log_tail(60)}")
-            await asyncio.sleep(0.05)
+        try:
+            return await self.until(check, within, what)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(str(exc))
 
     async def readyz(self) -> tuple[int, str] | None:
         return await asyncio.to_thread(http_get, self.url + "/readyz")
@@ -210,47 +184,21 @@ class AgentProcess:
         answer = await self.readyz()
         return answer is not None and answer[0] == 503
 
-    async def wait_serving(self) -> None:
+    async def wait_serving(self) -> None:  # type: ignore[override]  # awaited here
         await self.wait_for(lambda: self._status(self.url + "/ping", 204), "answering /ping", 60)
 
     async def _status(self, url: str, status: int) -> bool:
         answer = await asyncio.to_thread(http_get, url)
         return answer is not None and answer[0] == status
 
-    def stop(self) -> int | None:
-        return self.process.stop()
-
-
-def http_get(url: str) -> tuple[int, str] | None:
-    """(status, body), or None when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
-            return int(resp.status), resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def _processes() -> list[tuple[int, int, str]]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text[text.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            found.append((int(entry.name), int(fields[1]), comm))
-    return found
-
 
 def alive(pid: int) -> bool:
-    return any(p == pid for p, _, _ in _processes())
+    """Process ``pid`` exists and is not a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2] != "Z"
 
 
 async def through_tunnel(hub: HubTunnel) -> bool:
@@ -316,7 +264,7 @@ async def test_serves_through_the_tunnel_and_sigterm_stops_chisel(
 
     # SIGTERM to the agent alone (chisel has its own process group): the agent stops chisel.
     os.kill(agent.pid, signal.SIGTERM)
-    assert await asyncio.to_thread(agent.process.popen.wait, 10) == 0
+    assert await asyncio.to_thread(agent.popen.wait, 10) == 0
     deadline = time.monotonic() + 2
     while alive(pid):
         assert time.monotonic() < deadline, "chisel client outlived the agent"
@@ -494,42 +442,31 @@ async def test_missing_fingerprint_refuses_to_start(tmp_path: Path, hub: HubTunn
 
 
 # --------------------------------------------------------------------------------------------------
-# In-process: the watchdog ends the agent when chisel cannot be kept running
+# The watchdog ends the agent when chisel cannot be kept running
 
 
 @pytest.mark.integration
 async def test_agent_stops_when_chisel_cannot_be_restarted(
-    tmp_path: Path, hub: HubTunnel, control_plane: ControlPlane, chisel: ChiselBinary
+    tmp_path: Path, hub: HubTunnel, start_agent: Callable[..., AgentProcess], chisel: ChiselBinary
 ) -> None:
+    """chisel is killed and its binary is gone: the agent cannot respawn it, and once it has not
+    run for the watchdog's time (30 s) the agent exits with status 1, so Kubernetes restarts it
+    (and the hook that ends the agent when a root task ends is shown working)."""
     copy = tmp_path / "chisel"
     shutil.copy(chisel.path, copy)
     copy.chmod(copy.stat().st_mode | stat.S_IXUSR)
-    tunnel = TunnelSettings(
-        chisel=check_chisel(copy),
-        server_url=hub.url,
-        fingerprint=hub.fingerprint,
-        user=USER,
-        password=AGENT_PASSWORD,
-        tunnel_port=hub.tunnel_port,
-        dead_after=2.0,
-    )
-    settings: AgentSettings = agent_settings(control_plane, tunnel=tunnel)
-    ready = asyncio.Event()
-    agent_task = asyncio.create_task(run_agent(settings, asyncio.Event(), on_ready=lambda _: ready.set()))
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-        deadline = time.monotonic() + 15
-        while not await through_tunnel(hub):
-            assert time.monotonic() < deadline, "not connected"
-            await asyncio.sleep(0.05)
-        pids = [pid for pid, ppid, comm in _processes() if ppid == os.getpid() and comm == "chisel"]
-        client_pid = next(pid for pid in pids if b"client" in Path(f"/proc/{pid}/cmdline").read_bytes())
-        copy.unlink()  # the binary is gone: it cannot be respawned
-        os.kill(client_pid, signal.SIGKILL)
-        assert await asyncio.wait_for(agent_task, 15) == 1
-    finally:
-        if not agent_task.done():
-            agent_task.cancel()
+    config = write_config(tmp_path / "otterscale.yaml", hub, fingerprint=hub.fingerprint)
+    agent = start_agent(config, f"--chisel={copy}")
+    await agent.wait_serving()
+    await agent.wait_for(lambda: through_tunnel(hub), "reachable through the tunnel", 30)
+    (client_pid,) = agent.chisel_pids()
+    copy.unlink()  # the binary is gone: it cannot be respawned
+    os.kill(client_pid, signal.SIGKILL)
+    assert await asyncio.to_thread(agent.popen.wait, 90) == 1
+    log = agent.log()
+    assert "has not been running for 30s" in log
+    assert "Traceback" not in log
+    assert not agent.chisel_pids()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -685,7 +622,11 @@ async def test_readiness_and_logs_follow_the_states(caplog: pytest.LogCaptureFix
     caplog.clear()
     tunnel._on_state(ChiselClientState(connected=True))
     tunnel._on_state(ChiselClientState(connected=False))  # a clean close: no reason follows
-    await asyncio.sleep(0.7)
+    # The down line waits a moment for a reason that never comes, then is logged without one.
+    deadline = time.monotonic() + 10
+    while len(caplog.records) < 2:
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        await asyncio.sleep(0.02)
     (up, down) = caplog.records
     assert up.getMessage().startswith("tunnel up: reconnected to http://hub:8300 after")
     assert "(connection closed)" in down.getMessage()

@@ -91,7 +91,7 @@ async def test_order_and_exact_resume(
 
     stream = rpc.watch(_request(namespace, resource_version=rv))
     first = asyncio.create_task(_collect(stream, 3))
-    await asyncio.sleep(0.3)
+    # No wait for the Watch to open: from a listed resourceVersion it gets every later change.
     changes.create("one")
     changes.modify("one", "1")
     changes.create("two")
@@ -147,8 +147,7 @@ async def test_without_initial_events_only_changes_arrive(
     rv = await _list_rv(rpc, namespace)
     stream = rpc.watch(_request(namespace, resource_version=rv))
     task = asyncio.create_task(_collect(stream, 1))
-    await asyncio.sleep(0.3)
-    changes.create("after")
+    changes.create("after")  # after the listed resourceVersion: delivered whenever the Watch opens
     events = await asyncio.wait_for(task, 30)
     await stream.aclose()
     assert [_summary(e)[1] for e in events] == ["after"]
@@ -234,24 +233,30 @@ async def test_unparseable_resource_version_is_invalid_argument(
 
 
 async def test_client_cancel_ends_cleanly(
-    make_client: ClientFactory, namespace: str, agent_server: Any
+    make_client: ClientFactory, namespace: str, control_plane: ControlPlane
 ) -> None:
+    """A client that cancels its Watch: the agent ends its upstream watch (kube-apiserver stops
+    serving it) and keeps serving."""
     rpc = make_client(transport="connect-h1")
+    before = await asyncio.to_thread(control_plane.open_watches, "configmaps")
+
+    async def upstream(count: float) -> None:
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(control_plane.open_watches, "configmaps") != count:
+            assert time.monotonic() < deadline, f"kube-apiserver never served {count} namespaced watches"
+            await asyncio.sleep(0.05)
+
     stream = rpc.watch(_request(namespace))
     task = asyncio.create_task(_collect(stream, 1))
-    await asyncio.sleep(0.5)
+    await upstream(before + 1)  # the agent's watch is open at kube-apiserver
     task.cancel()
     # connectrpc's client reports its own cancellation as a CANCELED ConnectError.
     with pytest.raises((asyncio.CancelledError, ConnectError)):
         await task
     await stream.aclose()
-    # The agent keeps serving (and the upstream watch is gone: no leak of open watches).
+    await upstream(before)  # and gone: no leak of open watches
+    # The agent keeps serving.
     await _list_rv(rpc, namespace)
-    service = agent_server.agent._service
-    deadline = time.monotonic() + 10
-    while service._watches and time.monotonic() < deadline:  # noqa: ASYNC110 - agent internals have no event
-        await asyncio.sleep(0.05)
-    assert not service._watches
 
 
 @pytest.mark.slow

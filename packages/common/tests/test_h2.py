@@ -1,7 +1,14 @@
 """The hypercorn HTTP/2 changes (otterscale.common._h2): the round-robin scheduler keeps
 priority.PriorityTree's contract for the calls hypercorn makes, a
 real hypercorn server still serves many concurrent streams (small and flow-controlled big ones)
-correctly with it installed, and cached Huffman decoding gives hpack's answers."""
+correctly with it installed, and cached Huffman decoding gives hpack's answers.
+
+Tests of the hypercorn patches (marker ``hypercorn``): they stand or fall with
+``otterscale.common._h2`` and ``serve()`` on hypercorn, and are deleted with them when the hub and
+the agent leave hypercorn. What the patches are for is tested at the services' ports
+(``packages/hub/tests``: slow readers over h2 and HTTP/1.1, refusals before a body ended, 1000+
+calls on one connection, many Watches at once), and stays.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from pyqwest import Client, HTTPTransport, HTTPVersion
 
 from otterscale.common import create_listener, serve, tune_hypercorn
 from otterscale.common._h2 import RoundRobinScheduler, cached_huffman_decoder
+
+pytestmark = pytest.mark.hypercorn
 
 
 def _call(target: object, name: str, *args: int) -> object:

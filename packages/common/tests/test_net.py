@@ -1,5 +1,10 @@
 """Serving: a one-message answer carries its Content-Length, over HTTP/1.1 and h2c, through a real
-hypercorn (``otterscale.common.serve``); streams, trailers, HEAD and 204 go out as the app sent them."""
+hypercorn (``otterscale.common.serve``); streams, trailers, HEAD and 204 go out as the app sent them.
+
+Tests of ``serve()`` on hypercorn (marker ``hypercorn``): deleted with it when the hub and the
+agent leave hypercorn. The behaviour they stand for (a unary answer declares its length) is
+tested at the hub's and the agent's ports as well, and stays.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import pytest
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
 from otterscale.common import create_listener, drain_request, serve
+
+pytestmark = pytest.mark.hypercorn
 
 BODY = b"x" * 70_000  # bigger than one HTTP/2 frame and one socket write
 

@@ -1,7 +1,7 @@
 """The hub's audit trail: one event per audited RPC, however the call ends, keyed on the RPC.
 
-A hub in the test's process (real HTTP server, real chisel) with the fake agent of conftest.py,
-writing its audit trail to a file. The end-to-end test against a real kube-apiserver is
+A hub process (``otterscale server``, real chisel) with the fake agent of conftest.py, writing
+its audit trail to a file. The end-to-end test against a real kube-apiserver is
 tests/e2e/test_audit.py; here every way a call can end, both codecs, streams, and the read level;
 and that a service the hub has no code for is audited in every call shape from its descriptor
 alone, whether the agents serve it (the test-only EchoService behind real chisel tunnels, through
@@ -11,6 +11,7 @@ service).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import uuid
@@ -22,24 +23,30 @@ import pytest
 import pytest_asyncio
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from connectrpc.request import RequestContext
 from google.protobuf import json_format  # type: ignore[import-untyped]  # no stubs for protobuf 7
 
 from otterscale.cluster.v1 import cluster_pb2
-from otterscale.common import AuditTarget, ChiselBinary, OtterscaleError
-from otterscale.hub import Hub
+from otterscale.common import AuditTarget, ChiselBinary
 from otterscale.hub._audit import AuditedMethod, audited_methods
 from otterscale.hub._codec import CODEC_JSON, CODEC_PROTO, RawMessage
-from otterscale.hub._errors import to_connect_error
 from otterscale.hub._routes import cluster_routes, hub_routes
-from otterscale.hub._services import HUB_SERVICES, READ_METHODS, ROUTED_SERVICES, HubService, ServiceContext
+from otterscale.hub._services import HUB_SERVICES, READ_METHODS, ROUTED_SERVICES
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ECHO_SERVICE, free_port
+from otterscale.testing import ECHO_HUB_SERVICE, ECHO_SERVICE, ControlPlane
 from otterscale.testing.echo.v1 import echo_pb2 as echo
-from otterscale.testing.echo.v1.echo_connect import EchoServiceASGIApplication
 
-from .conftest import HubEnv, Issuer, hub_settings, make_specs, start_hub_env, write_config
-from .test_routing import EchoSystem, iter_of, start, start_echo_system, texts
+from .conftest import HubEnv, HubFactory, Issuer, start_world
+from .test_routing import (
+    FORWARDING_PROBE,
+    EchoSystem,
+    iter_of,
+    replicas_system,
+    start,
+    start_echo_hub,
+    start_echo_replicas,
+    stop_echo_hub,
+    texts,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -49,17 +56,12 @@ MANIFEST = b'{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}
 
 @pytest_asyncio.fixture(params=["off", "metadata"])
 async def audited(
-    request: pytest.FixtureRequest, tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary
-) -> AsyncIterator[tuple[HubEnv, Path, str]]:
+    request: pytest.FixtureRequest, tmp_path: Path, hub_env_factory: HubFactory
+) -> tuple[HubEnv, Path, str]:
     """A hub writing its audit trail to a file, reads audited or not (the parameter)."""
     log = tmp_path / "audit.log"
-    env = await start_hub_env(
-        tmp_path, issuer, chisel_binary, audit={"sink": "file", "file": str(log), "reads": request.param}
-    )
-    try:
-        yield env, log, request.param
-    finally:
-        await env.close()
+    env = await hub_env_factory(audit={"sink": "file", "file": str(log), "reads": request.param})
+    return env, log, request.param
 
 
 def events(log: Path, request_id: str) -> list[dict[str, Any]]:
@@ -263,7 +265,7 @@ def audit_section(log: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("through", ["alone", "follower"])
 async def test_a_routed_service_is_audited_in_every_call_shape(
-    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary, through: str
+    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary, through: str, request: pytest.FixtureRequest
 ) -> None:
     """EchoService, which the hub knows only by its descriptor, served by echo agents behind real
     chisel tunnels: each call gives exactly one event, with the cluster it named (a request
@@ -271,9 +273,23 @@ async def test_a_routed_service_is_audited_in_every_call_shape(
     it, naming the follower; the follower writes none (both write to the same file)."""
     log = tmp_path / "audit.log"
     replicas = through == "follower"
-    system: EchoSystem = await start_echo_system(
-        tmp_path, issuer, chisel_binary, replicas=replicas, audit=audit_section(log)
-    )
+    if replicas:
+        control_plane: ControlPlane = request.getfixturevalue("control_plane")
+        cluster = start_echo_replicas(
+            control_plane, issuer, chisel_binary, tmp_path, audit=audit_section(log)
+        )
+        system = await replicas_system(cluster)
+    else:
+        world, agents = start_echo_hub(tmp_path, issuer, chisel_binary, audit=audit_section(log))
+        system = EchoSystem(issuer, world.specs, {"a": world.hub}, agents)
+
+    async def stop() -> None:
+        await system.close()
+        if replicas:
+            await cluster.stop()
+        else:
+            await asyncio.to_thread(stop_echo_hub, world, agents)
+
     ids = {
         name: rid() for name in ("say", "count", "collect", "chat", "write", "denied", "unknown", "anonymous")
     }
@@ -306,7 +322,7 @@ async def test_a_routed_service_is_audited_in_every_call_shape(
             "anonymous": Code.UNAUTHENTICATED,
         }
     finally:
-        await system.close()
+        await stop()
     expected = {
         "say": ("Say", "beta", "ok", "alice"),
         "count": ("Count", "alpha", "ok", "alice"),
@@ -318,61 +334,12 @@ async def test_a_routed_service_is_audited_in_every_call_shape(
         "anonymous": ("Count", "alpha", "unauthenticated", ""),
     }
     trail = [json.loads(line) for line in log.read_text().splitlines()]
+    trail = [event for event in trail if event["request_id"] != FORWARDING_PROBE]
     assert sorted(event["request_id"] for event in trail) == sorted(ids.values())  # one each, no more
     for event in echo_events(log, ids, expected).values():
         assert event["replica"] == ("a" if replicas else socket.gethostname())
         assert event["forwarded_by"] == ("b" if replicas else "")
         assert event["source"].startswith("127.0.0.1:")
-
-
-class HubEcho:
-    """EchoService answered by the hub itself, as a hub-served service is (the coming fan-out
-    MultiClusterService): it authenticates each call and answers from the request alone."""
-
-    def __init__(self, context: ServiceContext) -> None:
-        self._auth = context.authenticator
-
-    async def _origin(self, cluster: str, ctx: RequestContext[Any, Any]) -> echo.Origin:
-        try:
-            identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
-        except OtterscaleError as exc:
-            raise to_connect_error(exc) from None
-        return echo.Origin(cluster=cluster, subject=identity.subject)
-
-    async def say(self, request: echo.SayRequest, ctx: RequestContext[Any, Any]) -> echo.SayResponse:
-        origin = await self._origin(request.cluster, ctx)
-        kind, _, argument = request.text.partition(":")
-        if kind == "fail":
-            raise ConnectError(Code(argument), f"asked to fail with {argument}")
-        return echo.SayResponse(text=request.text, origin=origin)
-
-    async def count(
-        self, request: echo.CountRequest, ctx: RequestContext[Any, Any]
-    ) -> AsyncIterator[echo.CountResponse]:
-        origin = await self._origin(request.cluster, ctx)
-        for index in range(request.count):
-            yield echo.CountResponse(index=index, origin=origin)
-
-    async def collect(
-        self, requests: AsyncIterator[echo.CollectRequest], ctx: RequestContext[Any, Any]
-    ) -> echo.CollectResponse:
-        origin = await self._origin("", ctx)
-        found = [request.text async for request in requests if request.WhichOneof("kind") == "text"]
-        return echo.CollectResponse(texts=found, origin=origin)
-
-    async def chat(
-        self, requests: AsyncIterator[echo.ChatRequest], ctx: RequestContext[Any, Any]
-    ) -> AsyncIterator[echo.ChatResponse]:
-        origin = await self._origin("", ctx)
-        async for request in requests:
-            yield echo.ChatResponse(text=request.text or "started", origin=origin)
-
-    async def write(self, request: echo.WriteRequest, ctx: RequestContext[Any, Any]) -> echo.WriteResponse:
-        return echo.WriteResponse(text=request.text, origin=await self._origin("", ctx))
-
-
-def hub_echo(context: ServiceContext) -> Any:
-    return EchoServiceASGIApplication(HubEcho(context), interceptors=context.interceptors)
 
 
 async def test_a_hub_served_service_is_audited_in_every_call_shape(
@@ -381,18 +348,10 @@ async def test_a_hub_served_service_is_audited_in_every_call_shape(
     """A service the hub answers itself gets the audit trail through the interceptors the registry
     hands its application (``ServiceContext.interceptors``), with no audit code of its own."""
     log = tmp_path / "audit.log"
-    config = write_config(
-        tmp_path / "otterscale.yaml",
-        issuer_url=issuer.url,
-        specs=make_specs(),
-        tunnel_port=free_port(),
-        audit=audit_section(log),
+    world = start_world(
+        tmp_path, issuer, chisel_binary, audit=audit_section(log), hub_services=(ECHO_HUB_SERVICE,)
     )
-    settings = hub_settings(
-        config, chisel_binary, hub_services=(*HUB_SERVICES, HubService(ECHO_SERVICE, hub_echo))
-    )
-    system = EchoSystem(issuer, {}, chisel_binary, 0, hubs={"a": Hub(settings)})
-    await system.hubs["a"].start()
+    system = EchoSystem(issuer, world.specs, {"a": world.hub}, {})
     ids = {name: rid() for name in ("say", "count", "collect", "chat", "write", "denied", "anonymous")}
 
     def headers(name: str, *, token: bool = True) -> dict[str, str]:
@@ -415,6 +374,7 @@ async def test_a_hub_served_service_is_audited_in_every_call_shape(
         assert await outcome(anonymous) is Code.UNAUTHENTICATED
     finally:
         await system.close()
+        await asyncio.to_thread(world.stop)
     expected = {
         "say": ("Say", "anywhere", "ok", "alice"),  # what the request names, as for any service
         "count": ("Count", "", "ok", "alice"),

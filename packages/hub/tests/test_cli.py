@@ -231,7 +231,7 @@ async def hub_process(
     agent = FakeAgent(specs["alpha"], chisel_binary)
     try:
         fingerprint = next(line["fingerprint"] for line in hub.lines() if "fingerprint" in line)
-        await agent.serve()
+        await agent.start()
         await agent.connect(f"http://127.0.0.1:{tunnel_port}", str(fingerprint))
         yield hub, {"tunnel_port": tunnel_port, "fingerprint": fingerprint}, agent
     finally:

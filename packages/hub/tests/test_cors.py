@@ -1,16 +1,15 @@
 """CORS on the hub: the matching rules (pure), the ASGI layer, followers, and a hub process.
 
 The rules and the layer are unit-tested with a stand-in inner application (the layer's own logic
-is all that runs). Then the real thing: two hubs in-process, one following the other (a follower
-answers preflights itself and a forwarded answer carries one set of CORS headers), and the
-``otterscale server`` process with a ``cors`` section, asked over HTTP/1.1 and h2c by a real
+is all that runs, no server). Then the real thing: two hub processes, one following the other (a
+follower answers preflights itself and a forwarded answer carries one set of CORS headers), and
+the ``otterscale server`` process with a ``cors`` section, asked over HTTP/1.1 and h2c by a real
 HTTP client: preflights, actual calls (authenticated and not) and disallowed origins, methods
 and headers.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import re
@@ -20,11 +19,9 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
 from pyqwest import Client, HTTPTransport, HTTPVersion, SyncClient, SyncHTTPTransport
 
 from otterscale.common import ChiselBinary, CorsConfig
-from otterscale.hub import Hub
 from otterscale.hub._cors import (
     ALLOWED_REQUEST_HEADERS,
     EXPOSED_HEADERS,
@@ -32,10 +29,9 @@ from otterscale.hub._cors import (
     CorsPolicy,
     with_cors,
 )
-from otterscale.hub._leader import LeaderInfo
-from otterscale.testing import System, free_port, start_system
+from otterscale.testing import ControlPlane, System, start_system
 
-from .conftest import AUDIENCE, Issuer, StaticLeadership, hub_settings, make_specs, wait_for, write_config
+from .conftest import AUDIENCE, Issuer, Replicas, ReplicasEnv
 
 DASHBOARD = "https://dashboard.example.com"
 LIST = "/otterscale.resource.v1.ResourceService/List"
@@ -290,60 +286,33 @@ async def test_two_origin_headers_get_no_cors_headers() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Followers answer preflights themselves (two hubs in-process, real HTTP)
-
-
-def add_cors(config_path: Path, cors: dict[str, Any]) -> Path:
-    document = yaml.safe_load(config_path.read_text())
-    document["cors"] = cors
-    config_path.write_text(yaml.safe_dump(document))
-    return config_path
+# Followers answer preflights themselves (a leader and a follower process, real HTTP)
 
 
 @pytest_asyncio.fixture
 async def leader_and_follower(
-    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary
-) -> AsyncIterator[tuple[Hub, Hub]]:
-    hubs: list[Hub] = []
+    control_plane: ControlPlane, issuer: Issuer, chisel_binary: ChiselBinary, tmp_path: Path
+) -> AsyncIterator[Replicas]:
+    """``a`` leads, ``b`` follows it; both with a ``cors`` section."""
+    replicas = Replicas(
+        control_plane, issuer, chisel_binary, tmp_path, extra={"cors": {"allowed_origins": [DASHBOARD]}}
+    )
     try:
-        for attempt in range(3):  # a tunnel port taken between choosing and binding: try fresh ports
-            config = write_config(
-                tmp_path / f"otterscale-{attempt}.yaml",
-                issuer_url=issuer.url,
-                specs=make_specs(),
-                tunnel_port=free_port(),
-            )
-            add_cors(config, {"allowed_origins": [DASHBOARD]})
-            controls = [StaticLeadership("a"), StaticLeadership("b")]
-            try:
-                for control in controls:
-                    hub = Hub(hub_settings(config, chisel_binary, port=free_port()), leadership=control)
-                    hubs.append(hub)
-                    await hub.start()
-                leader = LeaderInfo("a", f"127.0.0.1:{hubs[0].port}")
-                controls[0].set(leading=True, leader=leader)
-                controls[1].set(leading=False, leader=leader)
-                await wait_for(lambda: hubs[0].leading, 15, "a leads")
-                break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or attempt == 2:
-                    raise
-                for hub in hubs:
-                    await hub.stop()
-                hubs.clear()
-        yield hubs[0], hubs[1]
+        replicas.start_leader()
+        replicas.follow("a")
+        replicas.add_follower("b")
+        yield replicas
     finally:
-        for hub in hubs:
-            await hub.stop()
+        await replicas.stop()
 
 
 @pytest.mark.integration
 @pytest.mark.ha
 async def test_a_follower_answers_preflights_and_forwarded_answers_carry_one_origin(
-    leader_and_follower: tuple[Hub, Hub], issuer: Issuer
+    leader_and_follower: Replicas, issuer: Issuer
 ) -> None:
-    _, follower = leader_and_follower
-    assert follower.role == "follower"
+    follower = leader_and_follower.hubs["b"]
+    assert (await follower.ametrics()).value("otterscale_hub_leader") == 0
     transport = HTTPTransport(http_version=HTTPVersion.HTTP1)
     try:
         http = Client(transport)
@@ -353,6 +322,21 @@ async def test_a_follower_answers_preflights_and_forwarded_answers_carry_one_ori
         )
         assert preflight.status == 204
         assert preflight.headers.get("access-control-allow-origin") == DASHBOARD
+
+        async def forwarded() -> float:
+            return (await follower.ametrics()).get(
+                "otterscale_hub_forwarded_rpcs_total",
+                service="otterscale.cluster.v1.ClusterService",
+                method="ListClusters",
+                code="ok",
+            )
+
+        env = ReplicasEnv(leader_and_follower)
+        try:
+            await env.forwarding("b")  # b has seen its Lease name a
+        finally:
+            await env.close()
+        before = await forwarded()
         answer = await http.post(
             follower.url + LIST_CLUSTERS,
             {
@@ -366,13 +350,7 @@ async def test_a_follower_answers_preflights_and_forwarded_answers_carry_one_ori
         assert "clusters" in json.loads(answer.content)  # the leader answered, through the follower
         assert list(answer.headers.getall("access-control-allow-origin")) == [DASHBOARD]
         assert answer.headers.get("access-control-expose-headers") == EXPOSED
-        metrics = follower.metrics
-        assert metrics is not None
-        forwarded = metrics.registry.get_sample_value(
-            "otterscale_hub_forwarded_rpcs_total",
-            {"service": "otterscale.cluster.v1.ClusterService", "method": "ListClusters", "code": "ok"},
-        )
-        assert forwarded == 1
+        assert await forwarded() - before == 1
     finally:
         await transport.aclose()
 

@@ -1,13 +1,20 @@
 """The hub's limits against hostile or broken clients (issue 8), end to end.
 
-client -> hub (in-process, limits from ``otterscale.yaml``) -> real chisel tunnel -> the real
-agent (in-process) -> the session's real kube-apiserver. Every refusal is checked for its exact
-Connect code and message and for the refusal counter; every test fails if its limit is absent
-(the call would succeed, the memory would grow, or the stream would stay open).
+client -> hub process (limits from ``otterscale.yaml``) -> real chisel tunnel -> the real agent
+process -> the session's real kube-apiserver (``otterscale.testing.start_system``). Every refusal
+is checked for its exact Connect code and message and for the refusal counter (scraped from the
+hub's ``/metrics``); every test fails if its limit is absent (the call would succeed, the hub's
+memory would grow, or the stream would stay open). Memory is the hub process's RSS; open streams
+are the hub's ``otterscale_hub_watch_streams_active`` gauge and, behind the agent, the Watch
+requests kube-apiserver serves.
+
+Hubs with the same limits are shared by the tests of this module (each test has its own
+namespace, and reads the counters as differences from its start); a test that stops its hub
+gets one of its own.
 
 Raw clients are used where the library clients cannot misbehave: an HTTP/1.1 chunked body with
 no Content-Length, HTTP/2 DATA frames with no Content-Length, and an HTTP/2 Watch client with a
-tiny flow-control window that never reads (``h2``, hypercorn's dependency).
+tiny flow-control window that never reads (``h2``).
 """
 
 from __future__ import annotations
@@ -15,48 +22,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import resource
+import os
 import select
+import signal
 import socket
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.settings
 import pytest
 import pytest_asyncio
 import yaml
 from connectrpc.code import Code
 from connectrpc.compression.gzip import GzipCompression
 from connectrpc.errors import ConnectError
-from pyqwest import Client, Headers, HTTPTransport, Request, Response
+from pyqwest import Client, Headers, HTTPTransport, HTTPVersion, Request, Response
 
-from otterscale.agent import Agent, AgentSettings
-from otterscale.common import ChiselBinary, ChiselClient, ConfigError, parse_config
-from otterscale.common._h2 import CLOSE_TIMEOUT
-from otterscale.hub import Hub
+from otterscale.common import ChiselBinary, ConfigError, parse_config
 from otterscale.hub._errors import ResponseTooLargeError, WatchLimitError, to_connect_error
-from otterscale.hub._limits import (
-    DISCARD_BYTES,
-    BoundedTransport,
-    ClientLimits,
-    HubLimits,
-    WatchSlots,
-    size_text,
-)
+from otterscale.hub._limits import BoundedTransport, HubLimits, WatchSlots, size_text
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
-from otterscale.testing import ControlPlane, KubeAPIError, free_port, holds_socket
+from otterscale.testing import ControlPlane, HubProcess, KubeAPIError, System, holds_socket, start_system
 
-from .conftest import TRANSPORTS, HubEnv, Issuer, hub_settings, make_specs, wait_for, write_config
+from .conftest import (
+    AUDIENCE,
+    TRANSPORTS,
+    HubEnv,
+    HubWorld,
+    Issuer,
+    RawH2,
+    end_of_connect_stream,
+    eventually,
+    wait_for,
+)
 
 pytestmark = pytest.mark.security
 
@@ -65,6 +67,8 @@ SUBJECTS = ("alice", "bob")
 RESOURCE_SERVICE = "/otterscale.resource.v1.ResourceService"
 KIB = 1024
 MIB = 1024 * 1024
+WATCHES = "otterscale_hub_watch_streams_active"
+REFUSALS = "otterscale_hub_limit_refusals_total"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,30 +123,32 @@ def namespace(cluster_admins: ControlPlane) -> Iterator[str]:
         cluster_admins.request("DELETE", f"/api/v1/namespaces/{name}")
 
 
-@dataclass
 class LimitedHub:
-    """A hub with ``limits`` and the real agent of cluster ``alpha`` connected to it."""
+    """A hub process with ``limits`` and the real agent of cluster ``alpha`` connected to it, as
+    one test sees it: its namespace, and counters read as differences from the test's start."""
 
-    env: HubEnv
-    cp: ControlPlane
-    namespace: str
-    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    def __init__(
+        self, system: System, issuer: Issuer, cp: ControlPlane, namespace: str, binary: ChiselBinary
+    ) -> None:
+        assert system.hub is not None
+        self.system = system
+        self.cp = cp
+        self.namespace = namespace
+        world = HubWorld(system.hub, issuer, {}, binary, system.config_path, system.tunnel_port)
+        self.env = HubEnv(world)
+        self._start = system.hub.metrics()
 
     @property
-    def hub(self) -> Hub:
+    def hub(self) -> HubProcess:
         return self.env.hub
 
     def refusals(self, reason: str) -> float:
-        assert self.hub.metrics is not None
-        return float(self.hub.metrics.limit_refusals.labels(reason=reason)._value.get())
+        """Refusals for ``reason`` since the test started."""
+        return self.hub.metrics().get(REFUSALS, reason=reason) - self._start.get(REFUSALS, reason=reason)
 
     def watches_open(self) -> float:
-        assert self.hub.metrics is not None
-        return float(self.hub.metrics.watch_active.labels(cluster=CLUSTER)._value.get())
-
-    def slots(self) -> int:
-        assert self.hub._proxy is not None
-        return self.hub._proxy.watch_slots.total()
+        """Streams the hub holds open to the agent right now (its gauge)."""
+        return self.hub.metrics().get(WATCHES, cluster=CLUSTER)
 
     def configmap(self, name: str, size: int = 0) -> dict[str, Any]:
         return {
@@ -164,70 +170,57 @@ class LimitedHub:
 Start = Callable[..., Awaitable[LimitedHub]]
 
 
+@pytest.fixture(scope="module")
+def limited_systems() -> Iterator[dict[str, System]]:
+    """The module's running hubs (with their agents), by limits."""
+    running: dict[str, System] = {}
+    try:
+        yield running
+    finally:
+        for system in running.values():
+            system.stop()
+
+
 @pytest_asyncio.fixture
 async def limited_hub(
-    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary, cluster_admins: ControlPlane, namespace: str
+    tmp_path_factory: pytest.TempPathFactory,
+    module_issuer: Issuer,
+    chisel_binary: ChiselBinary,
+    cluster_admins: ControlPlane,
+    namespace: str,
+    limited_systems: dict[str, System],
 ) -> AsyncIterator[Start]:
-    started: list[LimitedHub] = []
+    """``await start(limits, own=False)``: a hub with ``limits`` (the module's, or with ``own`` one
+    for this test alone) and the real agent of alpha connected to it."""
+    views: list[LimitedHub] = []
+    owned: list[System] = []
 
-    async def start(limits: dict[str, Any] | None = None) -> LimitedHub:
-        specs = make_specs((CLUSTER,))
-        spec = specs[CLUSTER]
-        tunnel_port = free_port()
-        path = write_config(
-            tmp_path / "otterscale.yaml",
-            issuer_url=issuer.url,
-            specs=specs,
-            tunnel_port=tunnel_port,
-            limits=limits,
-        )
-        hub = Hub(hub_settings(path, chisel_binary))
-        env = HubEnv(
-            hub=hub,
-            issuer=issuer,
-            specs=specs,
-            binary=chisel_binary,
-            config_path=path,
-            tunnel_port=tunnel_port,
-        )
-        limited = LimitedHub(env=env, cp=cluster_admins, namespace=namespace)
-        started.append(limited)
-        await hub.start()
-        agent = Agent(
-            AgentSettings(
-                cluster=CLUSTER,
-                host="127.0.0.1",
-                port=spec.api_port,
-                identity_key=spec.key,
-                kubeconfig=str(cluster_admins.kubeconfig),
+    async def start(limits: dict[str, Any] | None = None, *, own: bool = False) -> LimitedHub:
+        key = json.dumps(limits, sort_keys=True)
+        system = None if own else limited_systems.get(key)
+        if system is None or system.hub is None or not system.hub.alive():
+            system = start_system(
+                tmp_path_factory.mktemp("limited"),
+                {CLUSTER: cluster_admins},
+                realm_url=module_issuer.url,
+                client_id=AUDIENCE,
+                extra_config={"limits": limits} if limits is not None else None,
             )
-        )
-        await limited.stack.enter_async_context(agent)
-        assert hub.fingerprint is not None
-        tunnel = ChiselClient(
-            chisel_binary,
-            server_url=env.tunnel_url,
-            fingerprint=hub.fingerprint,
-            user=spec.user,
-            password=spec.password,
-            tunnel_port=spec.tunnel_port,
-            api_port=spec.api_port,
-            max_retry_interval=1.0,
-        )
-        await tunnel.start()
-        limited.stack.push_async_callback(tunnel.stop)
-        assert await tunnel.wait_connected(15), tunnel.state
-        await wait_for(lambda: hub.tunnels is not None and hub.tunnels.get(CLUSTER).connected, 10, "agent up")  # type: ignore[union-attr]
-        return limited
+            if own:
+                owned.append(system)
+            else:
+                limited_systems[key] = system
+        view = LimitedHub(system, module_issuer, cluster_admins, namespace, chisel_binary)
+        views.append(view)
+        return view
 
     try:
         yield start
     finally:
-        for limited in started:
-            await limited.env.hub.stop()
-            await limited.stack.aclose()
-            for transport in limited.env._transports:
-                await transport.aclose()
+        for view in views:
+            await view.env.close()
+        for system in owned:
+            system.stop()
 
 
 def apply_request(namespace: str, name: str, size: int) -> pb.ApplyRequest:
@@ -277,7 +270,7 @@ def client_for(limited: LimitedHub, transport: str, *, compressed: bool) -> Reso
     """A client of the hub; connectrpc clients gzip requests unless told not to."""
     protocol, version = TRANSPORTS[transport]
     http = HTTPTransport(http_version=version)
-    limited.env._transports.append(http)
+    limited.env._transports.append(http)  # closed with the test's other clients
     return ResourceServiceClient(
         limited.hub.url,
         protocol=protocol,
@@ -330,7 +323,7 @@ async def test_default_request_limit_is_4_mib(limited_hub: Start) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("transport", ["connect-h2c", "grpc-h2c"])
 async def test_watch_request_over_the_limit_is_refused(limited_hub: Start, transport: str) -> None:
-    limited = await limited_hub({"max_request_bytes": 16 * KIB})
+    limited = await limited_hub({"max_request_bytes": 16 * KIB, "max_watches_per_subject": 1})
     client = client_for(limited, transport, compressed=False)
     request = watch_request(limited.namespace, label_selector="a=" + "b" * (17 * KIB))
     with pytest.raises(ConnectError) as caught:
@@ -338,7 +331,37 @@ async def test_watch_request_over_the_limit_is_refused(limited_hub: Start, trans
     assert caught.value.code is Code.RESOURCE_EXHAUSTED
     assert caught.value.message == request_refusal("16384 bytes (16 KiB)")
     assert limited.refusals("request_too_large") == 1
-    assert limited.slots() == 0
+    # The refused Watch kept no slot: the caller's only one is free for the next Watch.
+    for watch in await open_watches(limited, 1):
+        await watch.cancel()
+    await wait_for(lambda: limited.watches_open() == 0, 10, "the Watch closed")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("version", ["http1", "h2c"])
+async def test_a_message_announced_over_the_limit_is_refused_on_its_prefix(
+    limited_hub: Start, version: str
+) -> None:
+    """A streamed request whose envelope announces a message over the limit is refused on those
+    5 bytes, whatever follows (here: much less than announced, then the end of the body; read to
+    its end, it would be a truncated message, not a too-large one)."""
+    limited = await limited_hub({"max_request_bytes": 64 * KIB})
+    http = limited.env.http(HTTPVersion.HTTP1 if version == "http1" else HTTPVersion.HTTP2)
+    body = b"\x00" + (64 * KIB + 1).to_bytes(4, "big") + b"x" * KIB
+    response = await http.post(
+        f"{limited.hub.url}{RESOURCE_SERVICE}/Watch",
+        headers={
+            **limited.env.auth(),
+            "content-type": "application/connect+proto",
+            "connect-protocol-version": "1",
+        },
+        content=body,
+    )
+    assert response.status == 200
+    error = end_of_connect_stream(bytes(response.content))["error"]
+    assert error == {"code": "resource_exhausted", "message": request_refusal("65536 bytes (64 KiB)")}
+    assert limited.refusals("request_too_large") == 1
+    assert limited.watches_open() == 0
 
 
 def _chunked_post(port: int, token: str, method: str, content_type: str = "application/proto") -> bytes:
@@ -353,8 +376,11 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _exchange(port: int, head: bytes, chunk: bytes, *, chunks: int | None) -> tuple[int, bytes]:
-    """Send ``head`` then ``chunk`` ``chunks`` times (None: until answered), reading meanwhile.
+def _exchange(
+    port: int, head: bytes, chunk: bytes, *, chunks: int | None, terminate: bool = True
+) -> tuple[int, bytes]:
+    """Send ``head`` then ``chunk`` ``chunks`` times (None: until answered), reading meanwhile;
+    then, with ``terminate``, the chunked body's last chunk.
 
     A blocking socket in a thread, so an answer that arrives while the body is still being
     sent is read even if the server then resets the connection. Returns (bytes sent, received).
@@ -383,7 +409,7 @@ def _exchange(port: int, head: bytes, chunk: bytes, *, chunks: int | None) -> tu
             if writable:
                 if not pending:
                     if remaining == 0:
-                        pending = memoryview(b"0\r\n\r\n")
+                        pending = memoryview(b"0\r\n\r\n" if terminate else b"")
                         remaining = -1
                     elif remaining == -1:
                         continue
@@ -434,18 +460,45 @@ def _parse(response: bytes) -> tuple[str, dict[str, Any]]:
 
 
 @pytest.mark.integration
-async def test_chunked_http1_body_without_length_is_refused(limited_hub: Start) -> None:
-    """A 2 MiB chunked body, no Content-Length: read and dropped, never buffered, then refused."""
+async def test_declared_length_over_the_limit_is_refused_and_never_buffered(limited_hub: Start) -> None:
+    """A 16 MiB body that says so (``Content-Length``), over a 64 KiB limit: refused, and the hub
+    process does not grow by what it was sent."""
     limited = await limited_hub({"max_request_bytes": 64 * KIB})
-    assert limited.hub.port is not None
-    head = _chunked_post(limited.hub.port, limited.env.issuer.token(), "Apply")
+    token = limited.env.issuer.token()
+    size = 16 * MIB
+    head = (
+        f"POST {RESOURCE_SERVICE}/Apply HTTP/1.1\r\nHost: hub\r\nContent-Type: application/proto\r\n"
+        f"Connect-Protocol-Version: 1\r\nAuthorization: Bearer {token}\r\nContent-Length: {size}\r\n\r\n"
+    ).encode()
+    rss_before = limited.hub.rss()
     sent, received = await asyncio.to_thread(
-        _exchange, limited.hub.port, head, _chunk(b"\x0a" * (16 * KIB)), chunks=128
+        _exchange, limited.hub.port, head, b"\x0a" * (64 * KIB), chunks=size // (64 * KIB), terminate=False
     )
+    grown = limited.hub.rss() - rss_before
     status, error = _parse(received)
     assert status.split()[:2] == ["HTTP/1.1", "429"]
     assert error == {"code": "resource_exhausted", "message": request_refusal("65536 bytes (64 KiB)")}
-    assert sent >= 2 * MIB  # the whole body went in (read and dropped) before the answer
+    assert grown < 8 * MIB, f"the hub grew by {grown / MIB:.1f} MiB for a refused {size / MIB:.0f} MiB body"
+    assert limited.refusals("request_too_large") == 1
+    print(f"declared 16 MiB: answered after {sent / MIB:.1f} MiB sent; hub RSS +{grown / MIB:.1f} MiB")
+
+
+@pytest.mark.integration
+async def test_chunked_http1_body_without_length_is_refused(limited_hub: Start) -> None:
+    """A 2 MiB chunked body, no Content-Length: never buffered, refused, and the client, which
+    sends its whole body, gets the answer (whether the hub answers before the body is in or
+    reads and drops the rest first is the server's business)."""
+    limited = await limited_hub({"max_request_bytes": 64 * KIB})
+    head = _chunked_post(limited.hub.port, limited.env.issuer.token(), "Apply")
+    rss_before = limited.hub.rss()
+    sent, received = await asyncio.to_thread(
+        _exchange, limited.hub.port, head, _chunk(b"\x0a" * (16 * KIB)), chunks=128
+    )
+    grown = limited.hub.rss() - rss_before
+    status, error = _parse(received)
+    assert status.split()[:2] == ["HTTP/1.1", "429"]
+    assert error == {"code": "resource_exhausted", "message": request_refusal("65536 bytes (64 KiB)")}
+    assert grown < 2 * MIB, f"the hub grew by {grown / MIB:.1f} MiB ({sent / MIB:.1f} MiB sent)"
     assert limited.refusals("request_too_large") == 1
 
 
@@ -453,21 +506,20 @@ async def test_chunked_http1_body_without_length_is_refused(limited_hub: Start) 
 async def test_endless_http1_body_is_refused_within_bounds(limited_hub: Start) -> None:
     """A chunked body that never ends: answered once the hub has dropped a bounded amount."""
     limited = await limited_hub({"max_request_bytes": 64 * KIB})
-    assert limited.hub.port is not None
     head = _chunked_post(limited.hub.port, limited.env.issuer.token(), "Apply")
-    rss_before = _rss()
+    rss_before = limited.hub.rss()
     sent, received = await asyncio.to_thread(
         _exchange, limited.hub.port, head, _chunk(b"\x0a" * (16 * KIB)), chunks=None
     )
-    grown = _rss() - rss_before
+    grown = limited.hub.rss() - rss_before
     status, error = _parse(received)
-    print(
-        f"endless chunked body: answered after {sent / MIB:.1f} MiB sent; process RSS +{grown / MIB:.1f} MiB"
-    )
+    print(f"endless chunked body: answered after {sent / MIB:.1f} MiB sent; hub RSS +{grown / MIB:.1f} MiB")
     assert status.split()[:2] == ["HTTP/1.1", "429"]
     assert error == {"code": "resource_exhausted", "message": request_refusal("65536 bytes (64 KiB)")}
-    # Dropped at most DISCARD_BYTES after the limit (plus what sat in socket buffers), kept none.
-    assert sent < DISCARD_BYTES + 8 * MIB
+    # Answered after a bounded amount (today: at most 16 MiB read and dropped after the limit, plus
+    # what sits in socket buffers; a server that answers at once reads less), and none of it kept.
+    # Over loopback a client pushes hundreds of MiB in the seconds an unbounded read would take.
+    assert sent < 32 * MIB
     assert grown < 8 * MIB
     assert limited.refusals("request_too_large") == 1
 
@@ -495,9 +547,7 @@ async def test_response_over_the_limit_asks_to_page(limited_hub: Start) -> None:
     )
     assert limited.refusals("response_too_large") == 1
     # Not a tunnel failure: the cluster stays connected, and paging works.
-    status = limited.hub.tunnels.get(CLUSTER)  # type: ignore[union-attr]
-    assert status is not None
-    assert status.connected
+    assert limited.hub.connected(CLUSTER)
     names: list[str] = []
     page = pb.ListRequest(
         cluster=CLUSTER, version="v1", resource="configmaps", namespace=limited.namespace, limit=5
@@ -545,11 +595,36 @@ WATCH_LIMIT_2 = (
 
 
 async def open_watches(limited: LimitedHub, count: int, subject: str = "alice") -> list[WatchStream]:
+    """``count`` more Watches of ``subject``, open through the hub to the agent (its gauge grew by
+    ``count`` and none of them ended)."""
     client = limited.env.client("connect-h2c")
     headers = limited.env.auth(limited.env.issuer.token(subject))
+    before = await asyncio.to_thread(limited.watches_open)
     watches = [WatchStream(client, watch_request(limited.namespace), headers) for _ in range(count)]
-    await wait_for(lambda: limited.hub._proxy.watch_slots.held(subject) == count, 10, f"{count} watches open")  # type: ignore[union-attr]
+
+    async def open_now() -> bool:
+        ended = [watch.error for watch in watches if watch.ended.is_set()]
+        assert not ended, f"a Watch ended: {ended}"
+        return await asyncio.to_thread(limited.watches_open) == before + count
+
+    await eventually(open_now, 15, f"{count} watches open")
     return watches
+
+
+async def watches_closed(limited: LimitedHub, count: float = 0) -> None:
+    """Wait until the hub holds ``count`` streams open to the agent."""
+
+    async def closed() -> bool:
+        return await asyncio.to_thread(limited.watches_open) == count
+
+    await eventually(closed, 15, f"{count} watches open")
+
+
+async def quota_free(limited: LimitedHub, subject: str, count: int) -> None:
+    """``subject`` can open ``count`` Watches (every slot is free again); they are closed again."""
+    for watch in await open_watches(limited, count, subject):
+        await watch.cancel()
+    await watches_closed(limited)
 
 
 async def refused_watch(limited: LimitedHub, subject: str = "alice") -> ConnectError:
@@ -572,7 +647,7 @@ async def test_watches_per_subject_are_limited_and_freed_on_cancel(limited_hub: 
     others = await open_watches(limited, 2, subject="bob")
     # A client that cancels frees its slot: the next Watch is accepted and streams events.
     await watches[0].cancel()
-    await wait_for(lambda: limited.hub._proxy.watch_slots.held("alice") == 1, 10, "slot freed")  # type: ignore[union-attr]
+    await watches_closed(limited, 3)
     replacement = await open_watches(limited, 1)
     await asyncio.to_thread(limited.create_configmaps, 1, 10, prefix="after-cancel")
     await wait_for(
@@ -580,7 +655,9 @@ async def test_watches_per_subject_are_limited_and_freed_on_cancel(limited_hub: 
     )
     for watch in [*watches[1:], *others, *replacement]:
         await watch.cancel()
-    await wait_for(lambda: limited.slots() == 0 and limited.watches_open() == 0, 10, "every slot freed")
+    await watches_closed(limited)
+    for subject in SUBJECTS:
+        await quota_free(limited, subject, 2)
 
 
 @pytest.mark.integration
@@ -595,35 +672,49 @@ async def test_watch_slots_are_freed_when_the_agent_ends_the_stream(limited_hub:
             async for _ in client.watch(request, headers=auth):
                 pass
         assert caught.value.code is Code.NOT_FOUND
-    assert limited.slots() == 0
-    watches = await open_watches(limited, 2)
-    for watch in watches:
-        await watch.cancel()
+    # None of them kept its slot: both are free.
+    await quota_free(limited, "alice", 2)
 
 
 @pytest.mark.integration
-async def test_watch_slots_are_freed_on_hub_drain(limited_hub: Start) -> None:
-    limited = await limited_hub({"max_watches_per_subject": 2})
+async def test_open_watches_end_with_unavailable_on_hub_drain(limited_hub: Start) -> None:
+    """SIGTERM: every open Watch ends with unavailable, asking to resume from the last
+    resourceVersion, and the hub exits cleanly (what it held for them goes with it)."""
+    limited = await limited_hub({"max_watches_per_subject": 2}, own=True)
     watches = await open_watches(limited, 2)
     # Drain only once the agent's Kubernetes watches are up (each stream saw an event): cancelling
     # aiohttp in the middle of its TLS connect to kube-apiserver can leave a socket for the GC,
     # which this suite's warnings-as-errors then blames on whichever test runs next.
     await asyncio.to_thread(limited.create_configmaps, 1, 10, prefix="live")
     await wait_for(lambda: all(watch.events for watch in watches), 10, "both watches streaming")
-    await limited.hub.stop()
+    os.kill(limited.hub.pid, signal.SIGTERM)
     for watch in watches:
-        await asyncio.wait_for(watch.ended.wait(), 10)
+        await asyncio.wait_for(watch.ended.wait(), 30)
         assert isinstance(watch.error, ConnectError)
         assert watch.error.code is Code.UNAVAILABLE
         assert (
             watch.error.message == "the hub is shutting down; resume the Watch from the last resourceVersion"
         )
-    assert limited.slots() == 0
-    assert limited.watches_open() == 0
+    assert await limited.hub.exited() == 0
 
 
 # --------------------------------------------------------------------------------------------------
 # Slow readers
+
+
+#: The slow-reader tests' send timeout: long enough that "the hub kept answering other calls
+#: while the stalled stream waited for it" can be told apart from "the hub was stuck until the
+#: stream was dropped" with a generous margin (other calls take milliseconds, even on a loaded box).
+SEND_TIMEOUT = 6.0
+
+
+async def upstream_watches(limited: LimitedHub, count: float) -> None:
+    """Wait until kube-apiserver serves ``count`` namespaced ConfigMap watches (the agent's)."""
+
+    async def serving() -> bool:
+        return await asyncio.to_thread(limited.cp.open_watches, "configmaps") == count
+
+    await eventually(serving, 30, f"kube-apiserver serving {count} namespaced ConfigMap watches")
 
 
 @pytest.mark.integration
@@ -631,43 +722,48 @@ async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) ->
     """A Watch client with a 1 KiB window that never grants more, while the cluster churns.
 
     The hub's memory stays bounded (HTTP/2 flow control holds the rest in the agent and
-    kube-apiserver), the stream is reset within the send timeout plus slack, its slot, gauge and
-    agent stream are released, and the hub keeps answering other calls meanwhile.
+    kube-apiserver), the stream is reset once the send timeout has passed, its slot, gauge and
+    agent stream (the agent's watch at kube-apiserver) are released, and the hub keeps answering
+    other calls meanwhile.
     """
-    timeout = 3.0
-    limited = await limited_hub({"watch_send_timeout_seconds": timeout})
+    timeout = SEND_TIMEOUT
+    limited = await limited_hub({"watch_send_timeout_seconds": timeout, "max_watches_per_subject": 1})
     churn = Churn(limited)
-    async with RawH2(limited, window=KIB) as conn:
-        watch = conn.request("Watch", "application/connect+proto")
+    upstream = await asyncio.to_thread(limited.cp.open_watches, "configmaps")
+    async with RawH2(limited.hub.port, limited.env.issuer.token, window=KIB) as conn:
+        watch = conn.request(f"{RESOURCE_SERVICE}/Watch", "application/connect+proto")
         message = watch_request(limited.namespace).SerializeToString()
         await conn.send_data(watch, b"\x00" + len(message).to_bytes(4, "big") + message, end=True)
-        await conn.wait(lambda: conn.streams[watch].status is not None, 10)
+        await conn.wait(lambda: conn.streams[watch].status is not None, 30)
         assert conn.streams[watch].status == 200
         assert limited.watches_open() == 1
+        await upstream_watches(limited, upstream + 1)
         # The hub sends the headers with the first event (the ConfigMap as it is), whose body
         # no longer fits the window: from here on the client accepts nothing.
         started = conn.streams[watch].headers_at
         with churn:
-            await churn.meanwhile(lambda: conn.streams[watch].reset, within=timeout + 10)
+            await churn.meanwhile(lambda: conn.streams[watch].reset, within=timeout + 30)
             dropped_after = conn.streams[watch].reset_at - started
-        assert conn.streams[watch].reset_code == h2.errors.ErrorCodes.CANCEL
         received = len(conn.streams[watch].body)
+        code = conn.streams[watch].reset_code
     peak = churn.peak_growth
     print(
-        f"slow reader (h2c): dropped {dropped_after:.2f}s after the client stopped accepting "
+        f"slow reader (h2c): reset ({code}) {dropped_after:.2f}s after the client stopped accepting "
         f"(timeout {timeout:g}s); "
         f"{churn.written / MIB:.0f} MiB of events written meanwhile, {received} bytes reached the client; "
-        f"process RSS +{peak / MIB:.1f} MiB over {len(churn.rss_samples)} samples; "
+        f"hub RSS +{peak / MIB:.1f} MiB over {len(churn.rss_samples)} samples; "
         f"other Gets meanwhile: {len(churn.latencies)}, slowest {max(churn.latencies) * 1000:.0f} ms"
     )
-    assert timeout - 0.1 <= dropped_after < timeout + 3.0
+    # Not before its timeout; after it, as soon as the loaded box lets the hub notice (what the
+    # upper bound catches is a stream never dropped, which churn.meanwhile fails on anyway).
+    assert timeout - 0.1 <= dropped_after < timeout + 30
     assert received <= KIB  # the client never granted more than its first window
-    assert max(churn.latencies) < 1.0
+    churn.assert_served_meanwhile(timeout)
     assert peak < 24 * MIB
     assert limited.refusals("slow_watch_client") == 1
-    await wait_for(lambda: limited.watches_open() == 0 and limited.slots() == 0, 5, "watch released")
-    assert limited.hub._agents is not None
-    assert sum(limited.hub._agents._open_streams[CLUSTER]) == 0
+    await watches_closed(limited)
+    await upstream_watches(limited, upstream)
+    await quota_free(limited, "alice", 1)  # its slot too
 
 
 @pytest.mark.integration
@@ -676,11 +772,11 @@ async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Sta
     reads the response headers and then nothing. TCP fills up (the hub's send blocks), the call
     ends after the send timeout, and the hub closes its socket although unsent data is left in
     it, instead of waiting forever to flush it (a leaked connection per slow client)."""
-    timeout = 3.0
-    limited = await limited_hub({"watch_send_timeout_seconds": timeout})
+    timeout = SEND_TIMEOUT
+    limited = await limited_hub({"watch_send_timeout_seconds": timeout, "max_watches_per_subject": 1})
     port = limited.hub.port
-    assert port is not None
     churn = Churn(limited)
+    upstream = await asyncio.to_thread(limited.cp.open_watches, "configmaps")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)  # before connect: a small window
     sock.setblocking(False)
@@ -699,19 +795,21 @@ async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Sta
     )
     await writer.drain()
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         assert head.split()[1] == b"200", head
         assert limited.watches_open() == 1
+        await upstream_watches(limited, upstream + 1)
         started = time.monotonic()
         with churn:
-            await churn.meanwhile(lambda: limited.refusals("slow_watch_client") == 1, within=timeout + 20)
+            await churn.meanwhile(lambda: limited.refusals("slow_watch_client") == 1, within=timeout + 40)
             dropped_after = time.monotonic() - started
-        # The hub's end of the connection: its socket (found by the two ports) must be closed,
-        # with the client still reading nothing (after hypercorn's bounded close, CLOSE_TIMEOUT).
+        # The hub's end of the connection: its socket (found by the two ports among the hub
+        # process's fds) must be closed with the client still reading nothing: within seconds,
+        # not whenever the client would have read what is left (never).
         dropped = time.monotonic()
         await wait_for(
-            lambda: not holds_socket(local_port=port, remote_port=client_port),
-            CLOSE_TIMEOUT + 5,
+            lambda: not holds_socket(local_port=port, remote_port=client_port, pid=limited.hub.pid),
+            30,
             "the hub closing the stalled connection's socket",
         )
         closed_after = time.monotonic() - dropped
@@ -722,12 +820,15 @@ async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Sta
         f"slow reader (HTTP/1.1): dropped {dropped_after:.2f}s after the headers (timeout {timeout:g}s, "
         f"plus the time to fill TCP's buffers); {churn.written / MIB:.0f} MiB of events written "
         f"meanwhile; socket closed {closed_after:.2f}s later; "
-        f"process RSS +{peak / MIB:.1f} MiB over {len(churn.rss_samples)} samples; "
+        f"hub RSS +{peak / MIB:.1f} MiB over {len(churn.rss_samples)} samples; "
         f"other Gets meanwhile: {len(churn.latencies)}, slowest {max(churn.latencies) * 1000:.0f} ms"
     )
-    assert max(churn.latencies) < 1.0
+    assert dropped_after >= timeout - 0.1
+    churn.assert_served_meanwhile(timeout)
     assert peak < 24 * MIB
-    await wait_for(lambda: limited.watches_open() == 0 and limited.slots() == 0, 5, "watch released")
+    await watches_closed(limited)
+    await upstream_watches(limited, upstream)
+    await quota_free(limited, "alice", 1)
 
 
 class Churn:
@@ -747,8 +848,8 @@ class Churn:
             f"/api/v1/namespaces/{limited.namespace}/configmaps",
             limited.configmap("churn", self.SIZE),
         )
-        #: This process's RSS before the test's client starts, and while the churn goes on.
-        self.baseline = _rss()
+        #: The hub's RSS before the test's client starts, and while the churn goes on.
+        self.baseline = limited.hub.rss()
         self.rss_samples: list[int] = []
         #: Seconds each Get through the hub took meanwhile.
         self.latencies: list[float] = []
@@ -775,9 +876,16 @@ class Churn:
             self.written += self.SIZE
             self._started.set()
 
+    def assert_served_meanwhile(self, timeout: float) -> None:
+        """The hub kept answering other calls while the stalled stream waited: several Gets went
+        through, none anywhere near as long as ``timeout`` (a hub stuck on the stalled client
+        until it dropped it would have kept one waiting about that long)."""
+        assert len(self.latencies) >= 5, self.latencies
+        assert max(self.latencies) < timeout - 1, self.latencies
+
     async def meanwhile(self, done: Callable[[], bool], *, within: float) -> None:
-        """Until ``done()``: sample this process's RSS (:attr:`rss_samples`) and time a Get
-        through the hub (:attr:`latencies`), 5 a second; fail after ``within`` seconds."""
+        """Until ``done()``: sample the hub's RSS (:attr:`rss_samples`) and time a Get through
+        the hub (:attr:`latencies`), 5 a second; fail after ``within`` seconds."""
         await asyncio.to_thread(self._started.wait, 10)
         limited = self.limited
         other = limited.env.client("connect-h2c")
@@ -786,7 +894,7 @@ class Churn:
         )
         started = time.monotonic()
         while not done():
-            self.rss_samples.append(_rss())
+            self.rss_samples.append(limited.hub.rss())
             t0 = time.perf_counter()
             got = await other.get(get, headers=limited.env.auth())
             self.latencies.append(time.perf_counter() - t0)
@@ -794,154 +902,10 @@ class Churn:
             assert time.monotonic() - started < within, (
                 "the stalled Watch was never dropped",
                 f"refusals {limited.refusals('slow_watch_client')}, open {limited.watches_open()}",
-                f"RSS +{(_rss() - self.baseline) / MIB:.0f} MiB, {self.written / MIB:.0f} MiB written",
+                f"hub RSS +{(limited.hub.rss() - self.baseline) / MIB:.0f} MiB, "
+                f"{self.written / MIB:.0f} MiB written",
             )
             await asyncio.sleep(0.2)
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# --------------------------------------------------------------------------------------------------
-# A raw HTTP/2 client
-
-
-@dataclass
-class RawStream:
-    status: int | None = None
-    headers_at: float = 0.0
-    body: bytearray = field(default_factory=bytearray)
-    ended: bool = False
-    reset: bool = False
-    reset_at: float = 0.0
-    reset_code: int | None = None
-
-
-class RawH2:
-    """A minimal h2c client over a socket: it never grants flow-control window beyond ``window``."""
-
-    def __init__(self, limited: LimitedHub, *, window: int = 65535) -> None:
-        self._limited = limited
-        self._window = window
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-        )
-        self.streams: dict[int, RawStream] = {}
-        self._changed = asyncio.Event()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> RawH2:
-        port = self._limited.hub.port
-        assert port is not None
-        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", port)
-        sock = self._writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn.local_settings = h2.settings.Settings(
-            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._window}
-        )
-        self.conn.initiate_connection()
-        await self._flush()
-        self._task = asyncio.create_task(self._read(), name="raw-h2-reader")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._writer is not None
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
-
-    async def _flush(self) -> None:
-        assert self._writer is not None
-        data = self.conn.data_to_send()
-        if data:
-            self._writer.write(data)
-            await self._writer.drain()
-
-    async def _read(self) -> None:
-        assert self._reader is not None
-        while True:
-            data = await self._reader.read(65536)
-            if not data:
-                return
-            for event in self.conn.receive_data(data):
-                stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
-                if stream is None:
-                    continue
-                if isinstance(event, h2.events.ResponseReceived):
-                    headers: dict[Any, Any] = dict(event.headers or [])  # str: header_encoding is set
-                    stream.status = int(headers[":status"])
-                    stream.headers_at = time.monotonic()
-                elif isinstance(event, h2.events.DataReceived):
-                    stream.body += event.data
-                    if self._window >= 65535:  # a well-behaved reader gives the window back
-                        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded):
-                    stream.ended = True
-                elif isinstance(event, h2.events.StreamReset):
-                    stream.reset, stream.ended = True, True
-                    stream.reset_at = time.monotonic()
-                    stream.reset_code = event.error_code
-            await self._flush()
-            self._changed.set()
-
-    def request(self, method: str, content_type: str) -> int:
-        stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(
-            stream_id,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":authority", "hub"),
-                (":path", f"{RESOURCE_SERVICE}/{method}"),
-                ("content-type", content_type),
-                ("connect-protocol-version", "1"),
-                ("authorization", f"Bearer {self._limited.env.issuer.token()}"),
-            ],
-        )
-        self.streams[stream_id] = RawStream()
-        return stream_id
-
-    async def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
-        """Send ``data`` as the window allows; stop early if the stream ends meanwhile."""
-        view = memoryview(data)
-        while view or end:
-            if self.streams[stream_id].ended:
-                return
-            window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-            if window <= 0 and view:
-                await self.wait(
-                    lambda: self.conn.local_flow_control_window(stream_id) > 0
-                    or self.streams[stream_id].ended,
-                    10,
-                )
-                continue
-            chunk, view = view[:window], view[window:]
-            self.conn.send_data(stream_id, bytes(chunk), end_stream=end and not view)
-            await self._flush()
-            if end and not view:
-                return
-
-    async def wait(self, check: Callable[[], bool], within: float, *, quiet: bool = False) -> None:
-        deadline = asyncio.get_running_loop().time() + within
-        while not check():
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                if quiet:
-                    return
-                raise TimeoutError("raw HTTP/2 condition not met")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -963,7 +927,7 @@ def test_watch_slots_count_per_subject() -> None:
     for subject in ("alice", "alice", "bob"):
         slots.release(subject)
     assert slots.total() == 0
-    assert slots._held == {}  # no empty entries left behind for subjects that came and went
+    assert slots.subjects() == 0  # nothing kept for subjects that came and went
 
 
 def test_size_text_is_exact_and_readable() -> None:
@@ -1007,98 +971,6 @@ async def test_bounded_transport_refuses_a_declared_length_without_reading() -> 
     with pytest.raises(ResponseTooLargeError):
         await client.post("http://agent/otterscale.resource.v1.ResourceService/List", content=b"")
     assert inner.pulled == 0
-
-
-async def test_body_limit_refuses_a_declared_length_before_reading() -> None:
-    received: list[dict[str, Any]] = []
-    refused: list[str] = []
-
-    async def receive() -> dict[str, Any]:
-        message = {"type": "http.request", "body": b"x" * KIB, "more_body": True}
-        received.append(message)
-        return message
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await receive()
-
-    async def send(message: dict[str, Any]) -> None:
-        raise AssertionError("nothing is sent by the middleware itself")
-
-    limits = ClientLimits(app, HubLimits(max_request_bytes=64 * KIB), on_refused=refused.append)
-    scope = {
-        "type": "http",
-        "path": f"{RESOURCE_SERVICE}/Apply",
-        "headers": [(b"content-type", b"application/proto"), (b"content-length", b"%d" % (64 * KIB + 1))],
-    }
-    with pytest.raises(ConnectError) as caught:
-        await limits(scope, receive, send)
-    assert caught.value.code is Code.RESOURCE_EXHAUSTED
-    assert caught.value.message == request_refusal("65536 bytes (64 KiB)")
-    assert refused == ["request_too_large"]
-    assert received == []  # refused on the header alone
-
-
-async def test_body_limit_reads_an_envelope_prefix_before_the_message() -> None:
-    """A gRPC message that announces more than the limit is refused on its 5-byte prefix."""
-    refused: list[str] = []
-    chunks = [b"\x00" + (64 * KIB + 1).to_bytes(4, "big"), b"x" * KIB]
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if not message.get("more_body"):
-                raise AssertionError("the whole body was read")
-
-    limits = ClientLimits(app, HubLimits(max_request_bytes=64 * KIB), on_refused=refused.append)
-    scope = {
-        "type": "http",
-        "path": f"{RESOURCE_SERVICE}/Watch",
-        "headers": [(b"content-type", b"application/grpc")],
-    }
-    with pytest.raises(ConnectError) as caught:
-        await limits(scope, receive, None)  # type: ignore[arg-type]
-    assert caught.value.message == request_refusal("65536 bytes (64 KiB)")
-    assert refused == ["request_too_large"]
-
-
-async def test_watch_send_timeout_ends_the_call_and_later_sends_fail_at_once() -> None:
-    refused: list[str] = []
-    blocked = asyncio.Event()
-    attempts: list[str] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        attempts.append(message["type"])
-        if message["type"] == "http.response.body":
-            blocked.set()
-            await asyncio.Event().wait()  # a client that never accepts anything
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        with pytest.raises(ConnectError) as caught:
-            await send({"type": "http.response.body", "body": b"event", "more_body": True})
-        assert caught.value.code is Code.RESOURCE_EXHAUSTED
-        assert caught.value.message == (
-            "the client accepted no Watch event for 0.2s (limits.watch_send_timeout_seconds in "
-            "otterscale.yaml); resume from the last resourceVersion"
-        )
-        with pytest.raises(ConnectError):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        raise caught.value
-
-    limits = ClientLimits(app, HubLimits(watch_send_timeout=0.2), on_refused=refused.append)
-    scope = {"type": "http", "path": f"{RESOURCE_SERVICE}/Watch", "headers": []}
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    started = time.monotonic()
-    await limits(scope, receive, send)  # the stall is swallowed: the server resets the stream
-    assert 0.2 <= time.monotonic() - started < 2.0
-    assert refused == ["slow_watch_client"]
-    assert attempts == ["http.response.start", "http.response.body"]  # the end was never attempted
 
 
 def test_limits_come_from_the_config_with_defaults(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""Metrics, gRPC health and reflection (checked with the real grpcurl binary), ListClusters, logs."""
+"""Metrics, gRPC health and reflection (checked with the real grpcurl binary), ListClusters, logs.
+
+All against the ``otterscale server`` process: ``/metrics`` scraped, the access log read from
+its JSON log, the chisel server found among its children.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 from typing import Any
@@ -18,7 +21,7 @@ from otterscale.cluster.v1 import cluster_pb2
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import tool_path
 
-from .conftest import HubEnv, wait_for
+from .conftest import HubEnv, eventually, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +67,7 @@ async def metrics(hub_env: HubEnv) -> dict[tuple[str, tuple[tuple[str, str], ...
 
 
 async def test_metrics(hub_env: HubEnv) -> None:
+    """A fresh hub: every counter below starts at 0."""
     await hub_env.agent("alpha")
     client = hub_env.client()
     await client.get(pb.GetRequest(cluster="alpha", name="x"), headers=hub_env.auth())
@@ -87,14 +91,15 @@ async def test_metrics(hub_env: HubEnv) -> None:
     assert found[("otterscale_hub_chisel_restarts_total", ())] == 0
     roundtrip = "otterscale_hub_agent_roundtrip_seconds_count"
     assert found[(roundtrip, (("cluster", "alpha"), ("method", "Get")))] == 2
-    # The prober pings every second in tests.
-    await wait_for(lambda: hub_env.agents["alpha"].pings > 0, 5, "a probe")
+    # The prober pings every agent (at once when its tunnel opens, then every 5 s).
+    await wait_for(lambda: hub_env.agents["alpha"].pings > 0, 15, "a probe")
     found = await metrics(hub_env)
     assert found[(roundtrip, (("cluster", "alpha"), ("method", "ping")))] >= 1
     assert any(name == "otterscale_hub_info" for name, _ in found)
 
 
-async def test_health_and_readiness_endpoints(hub_env: HubEnv) -> None:
+async def test_health_and_readiness_endpoints(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     http = hub_env.http()
     assert (await http.get(hub_env.hub.url + "/healthz")).status == 200
     assert (await http.get(hub_env.hub.url + "/readyz")).status == 200
@@ -139,9 +144,8 @@ async def test_grpc_health_with_grpcurl(hub_env: HubEnv) -> None:
 
 
 async def test_grpc_health_reflects_the_tunnel_server(hub_env: HubEnv) -> None:
-    chisel = hub_env.hub.chisel
+    chisel = hub_env.hub.chisel_pid()
     assert chisel is not None
-    assert chisel.pid is not None
     # Stop chisel from coming back quickly: SIGSTOP would hang it; instead watch the status flip
     # while it restarts.
     seen: list[str] = []
@@ -175,12 +179,13 @@ async def test_grpc_health_reflects_the_tunnel_server(hub_env: HubEnv) -> None:
 
     task = asyncio.create_task(watch())
     await wait_for(lambda: seen == ["SERVING"], 10, "first status")
-    os.kill(chisel.pid, signal.SIGKILL)
+    os.kill(chisel, signal.SIGKILL)
     await asyncio.wait_for(task, 20)
     assert seen == ["SERVING", "NOT_SERVING", "SERVING"]
 
 
-async def test_grpc_reflection_with_grpcurl(hub_env: HubEnv) -> None:
+async def test_grpc_reflection_with_grpcurl(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     _, out, _ = await grpcurl(hub_env, "list")
     services = set(out.split())
     assert {
@@ -231,8 +236,11 @@ async def test_grpcurl_calls_through_the_hub_with_reflection(hub_env: HubEnv) ->
 
 async def test_list_clusters(hub_env: HubEnv) -> None:
     await hub_env.agent("alpha")
-    assert hub_env.hub.tunnels is not None
-    await wait_for(lambda: hub_env.hub.tunnels.get("alpha").agent_version != "", 5, "agent info")  # type: ignore[union-attr]
+
+    async def agent_info() -> bool:
+        return (await hub_env.clusters())["alpha"].agent_version != ""
+
+    await eventually(agent_info, 15, "agent info")  # asked for as soon as the tunnel opens
     client = hub_env.cluster_client()
     response = await client.list_clusters(cluster_pb2.ListClustersRequest(), headers=hub_env.auth())
     assert [c.name for c in response.clusters] == ["alpha", "beta"]
@@ -250,8 +258,7 @@ async def test_list_clusters(hub_env: HubEnv) -> None:
     assert not beta.HasField("last_seen")
     # Disconnect alpha: since moves, the last error says why.
     before = alpha.since.ToNanoseconds()
-    await hub_env.agents["alpha"].disconnect()
-    await wait_for(lambda: not hub_env.hub.tunnels.get("alpha").connected, 5, "alpha down")  # type: ignore[union-attr]
+    await hub_env.disconnect("alpha")
     response = await client.list_clusters(cluster_pb2.ListClustersRequest(), headers=hub_env.auth())
     alpha = response.clusters[0]
     assert not alpha.connected
@@ -261,64 +268,84 @@ async def test_list_clusters(hub_env: HubEnv) -> None:
     assert alpha.agent_address == ""
 
 
-async def test_list_clusters_needs_a_token(hub_env: HubEnv) -> None:
-    client = hub_env.cluster_client()
+async def test_list_clusters_needs_a_token(shared_hub_env: HubEnv) -> None:
+    client = shared_hub_env.cluster_client()
     with pytest.raises(ConnectError) as caught:
         await client.list_clusters(cluster_pb2.ListClustersRequest())
     assert caught.value.code is Code.UNAUTHENTICATED
 
 
-async def test_access_log_fields_and_no_token(hub_env: HubEnv, caplog: pytest.LogCaptureFixture) -> None:
+async def test_access_log_fields_and_no_token(shared_hub_env: HubEnv) -> None:
+    """The hub's access log (its JSON log lines of logger ``otterscale.hub.access``): one line per
+    call with its fields, and the caller's token nowhere in the whole log."""
+    hub_env = shared_hub_env
     await hub_env.agent("alpha")
     client = hub_env.client()
     token = hub_env.issuer.token("bob")
-    caplog.set_level(logging.INFO, logger="otterscale")
     await client.get(
         pb.GetRequest(cluster="alpha", name="x"), headers=hub_env.auth(token, **{"x-request-id": "req-1"})
     )
     with pytest.raises(ConnectError):
         await client.get(
-            pb.GetRequest(cluster="alpha", name="x"), headers={"authorization": f"Bearer {token}x"}
+            pb.GetRequest(cluster="alpha", name="x"),
+            headers={"authorization": f"Bearer {token}x", "x-request-id": "req-2"},
         )
-    records = [r for r in caplog.records if r.name == "otterscale.hub.access"]
-    ok: Any = next(r for r in records if getattr(r, "request_id", "") == "req-1")
-    assert ok.method == "/otterscale.resource.v1.ResourceService/Get"
-    assert ok.cluster == "alpha"
-    assert ok.subject == "bob"
-    assert ok.code == "ok"
-    assert ok.duration_ms > 0
-    failed: Any = records[-1]
-    assert failed.code == "unauthenticated"
-    for record in caplog.records:
-        text = record.getMessage() + " " + " ".join(str(v) for v in vars(record).values())
-        assert token not in text
-        assert token[:40] not in text
+
+    def access() -> list[dict[str, Any]]:
+        return [r for r in hub_env.hub.log_records() if r.get("logger") == "otterscale.hub.access"]
+
+    await wait_for(lambda: any(r.get("request_id") == "req-2" for r in access()), 10, "both calls logged")
+    records = access()
+    ok = next(r for r in records if r.get("request_id") == "req-1")
+    assert ok["method"] == "/otterscale.resource.v1.ResourceService/Get"
+    assert ok["cluster"] == "alpha"
+    assert ok["subject"] == "bob"
+    assert ok["code"] == "ok"
+    assert ok["duration_ms"] > 0
+    failed = next(r for r in records if r.get("request_id") == "req-2")
+    assert failed["code"] == "unauthenticated"
+    log = hub_env.hub.log()
+    assert token not in log
+    assert token[:40] not in log
 
 
-async def test_one_connection_serves_more_than_1000_calls(
-    hub_env: HubEnv, caplog: pytest.LogCaptureFixture
-) -> None:
-    """hypercorn's keep_alive_max_requests is raised: no GOAWAY or close after 1000 requests."""
+async def test_one_connection_serves_more_than_1000_calls(shared_hub_env: HubEnv) -> None:
+    """No GOAWAY or close after 1000 requests (hypercorn's default did that): 1100 calls on one
+    connection, over HTTP/2 and over HTTP/1.1 keep-alive.
+
+    Over HTTP/1.1 the test owns the socket, so a close or ``Connection: close`` would show. Over
+    HTTP/2 the client would silently open another connection after a GOAWAY, so the hub's access
+    log tells: every one of these calls came from the same peer address.
+    """
     from pyqwest import HTTPVersion
 
-    from otterscale.common import server_config
     from otterscale.hub._health import HealthCheckRequest, HealthCheckResponse
 
-    assert server_config(graceful_timeout=1).keep_alive_max_requests > 1_000_000
-    caplog.set_level(logging.DEBUG, logger="otterscale.hub.access")
+    hub_env = shared_hub_env
     body = HealthCheckRequest().SerializeToString()
     path = "/grpc.health.v1.Health/Check"
+    marker = "h2-1100"
 
     # HTTP/2 (h2c prior knowledge): pyqwest multiplexes everything on one connection.
     http = hub_env.http(HTTPVersion.HTTP2)
     for _ in range(1100):
         response = await http.post(
-            hub_env.hub.url + path, headers={"content-type": "application/proto"}, content=body
+            hub_env.hub.url + path,
+            headers={"content-type": "application/proto", "x-request-id": marker},
+            content=body,
         )
         assert response.status == 200
     assert HealthCheckResponse.FromString(response.content).status == 1
-    peers = {getattr(r, "peer", None) for r in caplog.records if r.name == "otterscale.hub.access"}
-    assert len(peers) == 1
+
+    def peers() -> list[Any]:
+        return [
+            r.get("peer")
+            for r in hub_env.hub.log_records()
+            if r.get("logger") == "otterscale.hub.access" and r.get("request_id") == marker
+        ]
+
+    await wait_for(lambda: len(peers()) == 1100, 30, "every call in the access log")
+    assert len(set(peers())) == 1, set(peers())
 
     # HTTP/1.1 keep-alive on one socket, request after request.
     host, port = hub_env.hub.url.removeprefix("http://").split(":")
@@ -349,3 +376,32 @@ async def test_one_connection_serves_more_than_1000_calls(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+@pytest.mark.parametrize("version", ["http1", "h2c"])
+async def test_a_unary_answer_declares_its_length(shared_hub_env: HubEnv, version: str) -> None:
+    """A one-message answer carries ``Content-Length`` (clients, and the hub reading an agent's
+    answer, know its size before reading it), over HTTP/1.1 and h2c alike."""
+    from pyqwest import Client, HTTPTransport, HTTPVersion
+
+    hub_env = shared_hub_env
+    await hub_env.agent("alpha")
+    # A client that takes the answer as it comes (no transparent decompression, which drops the
+    # length of what was on the wire).
+    transport = HTTPTransport(
+        http_version=HTTPVersion.HTTP1 if version == "http1" else HTTPVersion.HTTP2,
+        enable_gzip=False,
+        enable_brotli=False,
+        enable_zstd=False,
+    )
+    hub_env._transports.append(transport)  # closed with the test's other clients
+    http = Client(transport)
+    response = await http.post(
+        hub_env.hub.url + "/otterscale.resource.v1.ResourceService/Get",
+        headers=hub_env.auth(**{"content-type": "application/json"}),
+        content=b'{"cluster": "alpha", "version": "v1", "resource": "configmaps", "name": "sized"}',
+    )
+    assert response.status == 200
+    body = bytes(response.content)
+    assert json.loads(body)["object"]["metadata"]["name"] == "sized"
+    assert response.headers.get("content-length") == str(len(body))

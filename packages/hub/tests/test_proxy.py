@@ -1,12 +1,17 @@
-"""The ResourceService proxy end to end: client -> hub -> real chisel tunnel -> fake agent.
+"""The ResourceService proxy end to end: client -> hub process -> real chisel tunnel -> fake agent.
 
-The agent side is the test-only Connect server of conftest.py (a fake ResourceService behind a
-real ``chisel client``); the real agent is exercised by the end-to-end tests in tests/e2e.
+The hub is an ``otterscale server`` process; the agent side is the test-only Connect server of
+conftest.py (a fake ResourceService behind a real ``chisel client``), which records what reached
+it; the real agent is exercised by ``test_limits.py`` and the end-to-end tests in tests/e2e.
+Tests that leave the hub as they found it share one hub per module (``shared_hub_env``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 
 import pytest
@@ -17,7 +22,7 @@ from connectrpc.errors import ConnectError
 from otterscale.common import SUBJECT_HEADER, verify_identity
 from otterscale.resource.v1 import resource_pb2 as pb
 
-from .conftest import TRANSPORTS, HubEnv, wait_for
+from .conftest import TRANSPORTS, HubEnv, RawH2, end_of_connect_stream, envelope, eventually, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +31,17 @@ def get(name: str = "demo", cluster: str = "alpha") -> pb.GetRequest:
     return pb.GetRequest(cluster=cluster, version="v1", resource="configmaps", namespace="default", name=name)
 
 
+#: "At once" for a loaded 2-core CI box: far above any round trip there, far below the 10 s the
+#: fake agent takes to answer "slow" (what a deadline that did not reach the agent would wait).
+AT_ONCE = 5.0
+
+
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
 @pytest.mark.parametrize("json", [False, True], ids=["binary", "json"])
-async def test_get_through_every_protocol_and_codec(hub_env: HubEnv, transport: str, json: bool) -> None:
+async def test_get_through_every_protocol_and_codec(
+    shared_hub_env: HubEnv, transport: str, json: bool
+) -> None:
+    hub_env = shared_hub_env
     agent = await hub_env.agent("alpha")
     client = hub_env.client(transport, json=json)
     got = await client.get(get("demo"), headers=hub_env.auth())
@@ -37,12 +50,14 @@ async def test_get_through_every_protocol_and_codec(hub_env: HubEnv, transport: 
     seen = agent.resources.records[-1]
     assert seen.method == "/otterscale.resource.v1.ResourceService/Get"
     assert seen.subject == "alice"
-    # The codec the client chose is what the agent got (the hub forwards bytes, not objects).
+    # The codec the client chose is what the agent got (the hub forwards bytes, not objects),
+    # whatever protocol the hub speaks to the agent.
     content_type = seen.headers["content-type"][0]
     assert content_type.endswith("json" if json else "proto")
 
 
-async def test_routes_by_cluster(hub_env: HubEnv) -> None:
+async def test_routes_by_cluster(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     alpha = await hub_env.agent("alpha")
     beta = await hub_env.agent("beta")
     client = hub_env.client()
@@ -54,48 +69,52 @@ async def test_routes_by_cluster(hub_env: HubEnv) -> None:
     assert [r.request.name for r in beta.resources.records] == ["two"]
 
 
-async def test_unknown_cluster_is_not_found(hub_env: HubEnv) -> None:
-    client = hub_env.client()
+async def test_unknown_cluster_is_not_found(shared_hub_env: HubEnv) -> None:
+    client = shared_hub_env.client()
     with pytest.raises(ConnectError) as caught:
-        await client.get(get(cluster="gamma"), headers=hub_env.auth())
+        await client.get(get(cluster="gamma"), headers=shared_hub_env.auth())
     assert caught.value.code is Code.NOT_FOUND
     assert "'gamma' is not configured" in caught.value.message
 
 
-async def test_empty_cluster_is_invalid_argument(hub_env: HubEnv) -> None:
-    client = hub_env.client()
+async def test_empty_cluster_is_invalid_argument(shared_hub_env: HubEnv) -> None:
+    client = shared_hub_env.client()
     with pytest.raises(ConnectError) as caught:
-        await client.get(get(cluster=""), headers=hub_env.auth())
+        await client.get(get(cluster=""), headers=shared_hub_env.auth())
     assert caught.value.code is Code.INVALID_ARGUMENT
     assert "alpha, beta" in caught.value.message
 
 
-async def test_disconnected_cluster_is_unavailable_at_once(hub_env: HubEnv) -> None:
+async def test_disconnected_cluster_is_unavailable_at_once(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
+    await hub_env.disconnect("beta")
     client = hub_env.client()
     started = time.perf_counter()
     with pytest.raises(ConnectError) as caught:
         await client.get(get(cluster="beta"), headers=hub_env.auth())
     elapsed = time.perf_counter() - started
     assert caught.value.code is Code.UNAVAILABLE
+    # This message comes from the hub's own record of the tunnel: no connection was attempted
+    # (that would fail differently, after up to the 3 s connect timeout) and nothing waited for
+    # the agent to come back. The bound only catches a wait for it.
     assert "agent of cluster 'beta' is not connected" in caught.value.message
-    assert elapsed < 0.5, elapsed
+    assert elapsed < AT_ONCE, elapsed
 
 
-async def test_agent_disconnect_and_reconnect(hub_env: HubEnv) -> None:
-    agent = await hub_env.agent("alpha")
+async def test_agent_disconnect_and_reconnect(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
+    await hub_env.agent("alpha")
     client = hub_env.client("connect-h2c")
     await client.get(get("before"), headers=hub_env.auth())
-    await agent.disconnect()
-    assert hub_env.hub.tunnels is not None
-    await wait_for(lambda: not hub_env.hub.tunnels.get("alpha").connected, 5, "alpha disconnected")  # type: ignore[union-attr]
+    await hub_env.disconnect("alpha")
     started = time.perf_counter()
     with pytest.raises(ConnectError) as caught:
         await client.get(get("during"), headers=hub_env.auth())
     assert caught.value.code is Code.UNAVAILABLE
-    assert time.perf_counter() - started < 0.5
-    status = hub_env.hub.tunnels.get("alpha")
-    assert status is not None
-    assert "tunnel closed" in (status.last_error or "")
+    assert "agent of cluster 'alpha' is not connected" in caught.value.message  # the hub's record
+    assert time.perf_counter() - started < AT_ONCE
+    status = (await hub_env.clusters())["alpha"]
+    assert "tunnel closed" in status.last_error
     await hub_env.agent("alpha")  # reconnects the tunnel
     got = await client.get(get("after"), headers=hub_env.auth())
     assert got.object["metadata"]["name"] == "after"
@@ -111,10 +130,10 @@ async def test_agent_disconnect_and_reconnect(hub_env: HubEnv) -> None:
     ids=["no-token", "basic", "garbage"],
 )
 async def test_bad_credentials_are_unauthenticated(
-    hub_env: HubEnv, headers: dict[str, str], fragment: str
+    shared_hub_env: HubEnv, headers: dict[str, str], fragment: str
 ) -> None:
-    agent = await hub_env.agent("alpha")
-    client = hub_env.client()
+    agent = await shared_hub_env.agent("alpha")
+    client = shared_hub_env.client()
     with pytest.raises(ConnectError) as caught:
         await client.get(get(), headers=headers)
     assert caught.value.code is Code.UNAUTHENTICATED
@@ -122,10 +141,11 @@ async def test_bad_credentials_are_unauthenticated(
     assert agent.resources.records == []
 
 
-async def test_expired_foreign_and_wrong_audience_tokens(hub_env: HubEnv) -> None:
+async def test_expired_foreign_and_wrong_audience_tokens(shared_hub_env: HubEnv) -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    await hub_env.agent("alpha")
+    hub_env = shared_hub_env
+    agent = await hub_env.agent("alpha")
     client = hub_env.client()
     other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     cases = {
@@ -138,9 +158,11 @@ async def test_expired_foreign_and_wrong_audience_tokens(hub_env: HubEnv) -> Non
             await client.get(get(), headers=hub_env.auth(token))
         assert caught.value.code is Code.UNAUTHENTICATED, what
         assert token not in caught.value.message
+    assert agent.resources.records == []
 
 
-async def test_client_identity_headers_never_reach_the_agent(hub_env: HubEnv) -> None:
+async def test_client_identity_headers_never_reach_the_agent(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     agent = await hub_env.agent("alpha")
     client = hub_env.client()
     forged = {
@@ -172,7 +194,8 @@ async def test_client_identity_headers_never_reach_the_agent(hub_env: HubEnv) ->
     assert identity.groups == ("developers",)
 
 
-async def test_agent_codes_and_messages_pass_through(hub_env: HubEnv) -> None:
+async def test_agent_codes_and_messages_pass_through(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     await hub_env.agent("alpha")
     for transport in ("connect-h1", "grpc-h2c", "grpcweb-h1"):
         client = hub_env.client(transport)
@@ -194,7 +217,8 @@ async def test_agent_codes_and_messages_pass_through(hub_env: HubEnv) -> None:
         assert caught.value.message == 'kind "Nope" not found in /v1'
 
 
-async def test_deadline_propagates_to_the_agent(hub_env: HubEnv) -> None:
+async def test_deadline_propagates_to_the_agent(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     agent = await hub_env.agent("alpha")
     client = hub_env.client(timeout_ms=400)
     started = time.perf_counter()
@@ -202,15 +226,16 @@ async def test_deadline_propagates_to_the_agent(hub_env: HubEnv) -> None:
         await client.get(get("slow"), headers=hub_env.auth())
     elapsed = time.perf_counter() - started
     assert caught.value.code is Code.DEADLINE_EXCEEDED
-    assert elapsed < 2.0
+    assert elapsed < AT_ONCE  # ended by the 400 ms deadline, not by the agent's 10 s answer
     forwarded = int(agent.resources.records[-1].headers["connect-timeout-ms"][0])
     assert 0 < forwarded <= 400
 
 
-async def test_a_deadline_that_passes_in_the_hub_is_deadline_exceeded(hub_env: HubEnv) -> None:
+async def test_a_deadline_that_passes_in_the_hub_is_deadline_exceeded(shared_hub_env: HubEnv) -> None:
     # With a few milliseconds the hub's own timer fires while it waits for the agent: the
     # cancelled agent call must not come back as "canceled" (the fuzzer saw that).
     # A raw request: a connectrpc client would give up on its own timer and never show the answer.
+    hub_env = shared_hub_env
     await hub_env.agent("alpha")
     http = hub_env.http()
     url = hub_env.hub.url + "/otterscale.resource.v1.ResourceService/Get"
@@ -222,7 +247,8 @@ async def test_a_deadline_that_passes_in_the_hub_is_deadline_exceeded(hub_env: H
         assert answer["code"] == "deadline_exceeded", (timeout_ms, answer)
 
 
-async def test_request_id_is_returned_and_forwarded(hub_env: HubEnv) -> None:
+async def test_request_id_is_returned_and_forwarded(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     agent = await hub_env.agent("alpha")
     client = hub_env.client()
     with ResponseMetadata() as meta:
@@ -236,7 +262,8 @@ async def test_request_id_is_returned_and_forwarded(hub_env: HubEnv) -> None:
     assert agent.resources.records[-1].headers["x-request-id"] == [generated]
 
 
-async def test_every_rpc_is_forwarded(hub_env: HubEnv) -> None:
+async def test_every_rpc_is_forwarded(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     agent = await hub_env.agent("alpha")
     client = hub_env.client("connect-h2c")
     auth = hub_env.auth()
@@ -261,7 +288,8 @@ async def test_every_rpc_is_forwarded(hub_env: HubEnv) -> None:
     assert delete.grace_period_seconds == 0
 
 
-async def test_big_list_passes_through(hub_env: HubEnv) -> None:
+async def test_big_list_passes_through(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     await hub_env.agent("alpha")
     client = hub_env.client("connect-h2c")
     listed = await client.list(
@@ -273,27 +301,36 @@ async def test_big_list_passes_through(hub_env: HubEnv) -> None:
     assert listed.items[-1].object["metadata"]["name"] == "cm-4999"
 
 
-async def test_connections_to_the_agent_stay_warm(hub_env: HubEnv) -> None:
+async def test_connections_to_the_agent_stay_warm(shared_hub_env: HubEnv) -> None:
+    """Calls reuse the hub's connections to the agent instead of opening one each.
+
+    Counted where they arrive: the fake agent sees one peer per connection the hub opened through
+    the tunnel (one chisel channel each). How many the hub keeps (one today) is its business; what
+    matters is that 80 calls in two protocols need only a handful, and that calls made once the
+    connections are up open no new one.
+    """
+    hub_env = shared_hub_env
     agent = await hub_env.agent("alpha")
     for transport in ("connect-h1", "grpc-h2c"):
         client = hub_env.client(transport)
         await asyncio.gather(*(client.get(get(f"n{i}"), headers=hub_env.auth()) for i in range(20)))
+        warm = set(agent.peers)
+        before = len(agent.calls)
         for i in range(20):
             await client.get(get(f"s{i}"), headers=hub_env.auth())
-    # Every call (and the prober's pings) came over one connection through the tunnel: one TCP
-    # connection and one SSH channel, whatever the clients' protocols.
+        assert {call.peer for call in agent.calls[before:]} <= warm
     assert len(agent.resources.records) == 80
-    assert len(agent.peers) == 1, agent.peers
+    assert len(agent.peers) <= 4, agent.peers
 
 
 async def test_watches_never_block_unary_calls(hub_env: HubEnv) -> None:
     """Watches use their own HTTP/2 connections, spread by load; unary calls keep theirs.
 
     The agent here allows only 2 concurrent streams per connection (the real one: 1000): 8
-    Watches fit on the hub's 4 stream connections and a unary call still goes through at once.
+    Watches need at least 4 connections, and a unary call still goes through while they are all
+    open (on a connection full of Watches it would wait for one to end: forever).
     """
-    from otterscale.hub._upstream import STREAM_TRANSPORTS
-
+    watches_wanted = 8
     agent = await hub_env.agent("alpha", max_streams=2)
     client = hub_env.client("connect-h2c")
     request = pb.WatchRequest(cluster="alpha", version="v1", resource="configmaps", resource_version="1")
@@ -303,29 +340,32 @@ async def test_watches_never_block_unary_calls(hub_env: HubEnv) -> None:
         async for event in client.watch(request, headers=hub_env.auth()):
             first_events.append(event.resource_version)
 
-    watches = [asyncio.create_task(consume()) for _ in range(2 * STREAM_TRANSPORTS)]
+    watches = [asyncio.create_task(consume()) for _ in range(watches_wanted)]
     try:
-        await wait_for(lambda: len(first_events) == 2 * STREAM_TRANSPORTS, 10, "every watch started")
-        assert len(set(agent.stream_peers)) == STREAM_TRANSPORTS
-        started = time.perf_counter()
-        got = await client.get(get("while-watching"), headers=hub_env.auth())
+        await wait_for(lambda: len(first_events) == watches_wanted, 30, "every watch started")
+        assert len(set(agent.stream_peers)) >= watches_wanted // 2
+        got = await asyncio.wait_for(
+            client.get(get("while-watching"), headers=hub_env.auth()), 30
+        )  # generous for a loaded box; without a free connection it would never come
         assert got.object["metadata"]["name"] == "while-watching"
-        assert time.perf_counter() - started < 1.0
+        assert len(first_events) == watches_wanted  # every Watch still open meanwhile
+        assert all(not watch.done() for watch in watches)
     finally:
         for watch in watches:
             watch.cancel()
         await asyncio.gather(*watches, return_exceptions=True)
 
 
-async def test_watch_streams_events(hub_env: HubEnv) -> None:
+async def test_watch_streams_events(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     await hub_env.agent("alpha")
-    for transport, json in (
+    for transport, json_codec in (
         ("connect-h1", False),
         ("connect-h1", True),
         ("grpc-h2c", False),
         ("grpcweb-h1", False),
     ):
-        client = hub_env.client(transport, json=json)
+        client = hub_env.client(transport, json=json_codec)
         request = pb.WatchRequest(
             cluster="alpha", version="v1", resource="configmaps", resource_version="3", field_selector="ok"
         )
@@ -334,7 +374,8 @@ async def test_watch_streams_events(hub_env: HubEnv) -> None:
         assert events[0].type == pb.WatchEvent.TYPE_ADDED
 
 
-async def test_watch_end_with_error_passes_through(hub_env: HubEnv) -> None:
+async def test_watch_end_with_error_passes_through(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     await hub_env.agent("alpha")
     client = hub_env.client("grpc-h2c")
     request = pb.WatchRequest(
@@ -353,32 +394,39 @@ async def test_watch_end_with_error_passes_through(hub_env: HubEnv) -> None:
     assert caught.value.message == "the upstream watch closed; resume from 199"
 
 
+WATCHES = "otterscale_hub_watch_streams_active"
+
+
 @pytest.mark.parametrize("transport", ["connect-h1", "connect-h2c", "grpc-h2c"])
-async def test_client_cancel_closes_the_agent_watch(hub_env: HubEnv, transport: str) -> None:
+async def test_client_cancel_closes_the_agent_watch(shared_hub_env: HubEnv, transport: str) -> None:
+    hub_env = shared_hub_env
     agent = await hub_env.agent("alpha")
     client = hub_env.client(transport)
     request = pb.WatchRequest(cluster="alpha", version="v1", resource="configmaps", resource_version="1")
-    metrics = hub_env.hub.metrics
-    assert metrics is not None
+    await wait_for(lambda: agent.resources.open_watches == 0, 10, "earlier tests' watches closed")
+
+    async def counted(value: float) -> bool:
+        return (await hub_env.metrics()).get(WATCHES, cluster="alpha") == value
+
+    await eventually(lambda: counted(0), 10, "no watch counted")
 
     async def consume() -> None:
         async for _ in client.watch(request, headers=hub_env.auth()):
             pass
 
     task = asyncio.create_task(consume())
-    await asyncio.wait_for(agent.resources.watch_open.wait(), 5)
-    await wait_for(lambda: metrics.watch_active.labels(cluster="alpha")._value.get() == 1, 5, "watch counted")
+    await wait_for(agent.resources.watch_open.is_set, 10, "the agent's watch open")
+    await eventually(lambda: counted(1), 10, "watch counted")
     task.cancel()
     # connectrpc's client reports its own cancellation as ConnectError(canceled).
     with pytest.raises((asyncio.CancelledError, ConnectError)):
         await task
-    await asyncio.wait_for(agent.resources.watch_closed.wait(), 5)
-    await wait_for(
-        lambda: metrics.watch_active.labels(cluster="alpha")._value.get() == 0, 5, "watch uncounted"
-    )
+    await wait_for(lambda: agent.resources.open_watches == 0, 10, "the agent's watch closed")
+    await eventually(lambda: counted(0), 10, "watch uncounted")
 
 
-async def test_agent_death_ends_the_watch_with_unavailable(hub_env: HubEnv) -> None:
+async def test_agent_death_ends_the_watch_with_unavailable(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     agent = await hub_env.agent("alpha")
     client = hub_env.client("connect-h2c")
     request = pb.WatchRequest(cluster="alpha", version="v1", resource="configmaps", resource_version="1")
@@ -389,22 +437,73 @@ async def test_agent_death_ends_the_watch_with_unavailable(hub_env: HubEnv) -> N
             received.append(event.resource_version)
 
     task = asyncio.create_task(consume())
-    await wait_for(lambda: received == ["100"], 5, "first event")
+    await wait_for(lambda: received == ["100"], 10, "first event")
     await agent.disconnect()  # the tunnel goes away under the open stream
     with pytest.raises(ConnectError) as caught:
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 30)
     assert caught.value.code is Code.UNAVAILABLE
     assert received == ["100"]
 
 
 async def test_unary_and_watch_while_identity_provider_is_down(hub_env: HubEnv) -> None:
+    """A fresh hub has fetched no keys yet (it never contacts the identity provider at start-up);
+    with the issuer stopped, a call cannot be verified: unavailable, never a leaked token."""
     await hub_env.agent("alpha")
-    client = hub_env.client()
     token = hub_env.issuer.token()
-    # The verifier has not fetched keys yet; point it at a dead issuer by stopping the JWKS server.
-    verifier = hub_env.hub._auth._verifier  # type: ignore[union-attr]
-    verifier._discovery_url = "http://127.0.0.1:9/.well-known/openid-configuration"
+    hub_env.issuer.stop()
+    client = hub_env.client()
     with pytest.raises(ConnectError) as caught:
         await client.get(get(), headers=hub_env.auth(token))
     assert caught.value.code is Code.UNAVAILABLE
     assert token not in caught.value.message
+    request = pb.WatchRequest(cluster="alpha", version="v1", resource="configmaps", resource_version="1")
+    with pytest.raises(ConnectError) as caught:
+        async for _ in hub_env.client("connect-h2c").watch(request, headers=hub_env.auth(token)):
+            pass
+    assert caught.value.code is Code.UNAVAILABLE
+    assert token not in caught.value.message
+    assert hub_env.agents["alpha"].resources.records == []
+
+
+async def test_a_draining_hub_refuses_new_watches(hub_env: HubEnv) -> None:
+    """After SIGTERM the hub drains: a Watch that reaches it now is refused at once with
+    unavailable, telling the client to resume from its last resourceVersion, and never reaches
+    the agent (it would stream until the server stops, and then end without that advice).
+
+    The Watch's headers go out before the SIGTERM (a PING's answer shows the hub has them: HTTP/2
+    handles a connection's frames in order), its message after the hub has said it drains: a
+    gRPC health Watch on the same connection turns NOT_SERVING first thing on shutdown.
+    """
+    from otterscale.hub._health import HealthCheckRequest, HealthCheckResponse
+
+    agent = await hub_env.agent("alpha")
+    hub = hub_env.hub
+
+    def statuses(body: bytes) -> list[int]:
+        found = []
+        while len(body) >= 5:
+            size = int.from_bytes(body[1:5], "big")
+            found.append(HealthCheckResponse.FromString(body[5 : 5 + size]).status)
+            body = body[5 + size :]
+        return found
+
+    async with RawH2(hub.port, hub_env.issuer.token) as conn:
+        health = conn.request("/grpc.health.v1.Health/Watch", "application/grpc", te="trailers")
+        await conn.send_data(health, envelope(HealthCheckRequest().SerializeToString()), end=True)
+        await conn.wait(lambda: statuses(conn.streams[health].body) == [1], 30)  # SERVING
+        watch = conn.request("/otterscale.resource.v1.ResourceService/Watch", "application/connect+json")
+        await conn.ping()
+        os.kill(hub.pid, signal.SIGTERM)  # as Kubernetes does: to the hub alone
+        await conn.wait(lambda: 2 in statuses(conn.streams[health].body), 30)  # NOT_SERVING
+        request = {"cluster": "alpha", "version": "v1", "resource": "configmaps", "resourceVersion": "1"}
+        await conn.send_data(watch, envelope(json.dumps(request).encode()), end=True)
+        await conn.wait(lambda: conn.streams[watch].ended, 30)
+        answer = conn.streams[watch]
+    assert answer.status == 200
+    assert not answer.reset
+    assert answer.body[:1] == b"\x02", bytes(answer.body[:200])  # the end of the stream first: no event
+    error = end_of_connect_stream(bytes(answer.body))["error"]
+    assert error["code"] == "unavailable"
+    assert error["message"] == "the hub is shutting down; retry the Watch from the last resourceVersion"
+    assert not any(r.method.endswith("/Watch") for r in agent.resources.records)
+    assert await hub.exited() == 0

@@ -3,10 +3,12 @@
 The service is the test-only EchoService (``packages/testing/proto``): unary ``Say``,
 server-streaming ``Count``, client-streaming ``Collect`` and bidirectional ``Chat`` (both routed by
 their first message's ``start.cluster``), and ``Write``, routed by a self-routing session id. The
-hub is told only its descriptor (``HubSettings.routed_services``); each cluster's agent is an
-:class:`~otterscale.testing.EchoAgent` (connectrpc's generated application on
-``otterscale.common.serve``, checking the hub's signed identity) behind a real chisel tunnel to
-the hub's real chisel server. Clients are connectrpc's own (pyqwest), in every protocol.
+hub is an ``otterscale server`` process told only its descriptor (``otterscale.testing``'s
+launcher: ``HubProcess(routed_services=[ECHO_ROUTE])``); each cluster's agent is an
+:class:`~otterscale.testing.EchoAgent` (connectrpc's generated application, checking the hub's
+signed identity) behind a real chisel tunnel to the hub's real chisel server. Clients are
+connectrpc's own (pyqwest), in every protocol. A hub and its agents serve a whole module (each
+test starts with empty records); a test that stops its hub gets its own.
 
 Full duplex is shown by a bidirectional call whose client sends each message only after it has
 received the answer to the previous one: that can only finish if every hop (client -> hub ->
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,17 +34,21 @@ from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
-from otterscale.cluster.v1 import cluster_pb2
 from otterscale.common import ChiselBinary
-from otterscale.hub import Hub
-from otterscale.hub._leader import LeaderInfo
-from otterscale.hub._routes import RouteError
-from otterscale.hub._services import ROUTED_SERVICES
-from otterscale.testing import ECHO_SERVICE, EchoAgent, free_port
+from otterscale.testing import ECHO_ROUTE, ControlPlane, EchoAgent, HubProcess, Metrics, free_port
 from otterscale.testing.echo.v1 import echo_pb2 as pb
 from otterscale.testing.echo.v1.echo_connect import EchoServiceClient
 
-from .conftest import ClusterSpec, Issuer, StaticLeadership, hub_settings, make_specs, wait_for, write_config
+from .conftest import (
+    ClusterSpec,
+    Issuer,
+    Replicas,
+    eventually,
+    make_specs,
+    start_world,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -59,21 +67,23 @@ ANSWER_WAIT = 30.0
 #: The echo hubs' request limit: small, so a test can send a stream larger than it in total.
 MAX_REQUEST = 64 * 1024
 MAX_STREAMS = 3
+LIMITS = {"max_request_bytes": MAX_REQUEST, "max_watches_per_subject": MAX_STREAMS}
 SESSION_TAIL = "A" * 22
+STREAMS = "otterscale_hub_watch_streams_active"
+#: The request id of the calls that wait for a follower to forward (an audit trail may show them).
+FORWARDING_PROBE = "forwarding-probe"
 
 
 @dataclass
 class EchoSystem:
-    """Hubs that know EchoService only by its descriptor, and an echo agent per cluster."""
+    """Hub processes that know EchoService only by its descriptor, and an echo agent per cluster."""
 
     issuer: Issuer
     specs: dict[str, ClusterSpec]
-    binary: ChiselBinary
-    tunnel_port: int
-    hubs: dict[str, Hub] = field(default_factory=dict)
-    controls: dict[str, StaticLeadership] = field(default_factory=dict)
-    agents: dict[str, EchoAgent] = field(default_factory=dict)
+    hubs: dict[str, HubProcess]
+    agents: dict[str, EchoAgent]
     transports: list[HTTPTransport] = field(default_factory=list)
+    start: dict[str, Metrics] = field(default_factory=dict)
 
     def client(
         self,
@@ -102,90 +112,79 @@ class EchoSystem:
     def auth(self, subject: str = "alice") -> dict[str, str]:
         return {"authorization": f"Bearer {self.issuer.token(subject)}"}
 
-    def leader(self) -> Hub:
-        return next(hub for hub in self.hubs.values() if hub.leading)
+    async def mark(self) -> None:
+        """Counters from now on; the agents' records start empty."""
+        self.start = {name: await hub.ametrics() for name, hub in self.hubs.items()}
+        for agent in self.agents.values():
+            agent.service.events.clear()
 
-    async def connect(self, cluster: str) -> EchoAgent:
-        spec = self.specs[cluster]
-        agent = EchoAgent(cluster, key=spec.key, chisel=self.binary)
-        self.agents[cluster] = agent
-        await agent.start()
-        fingerprint = self.leader().fingerprint
-        assert fingerprint is not None
-        await agent.connect(
-            f"http://127.0.0.1:{self.tunnel_port}",
-            fingerprint,
-            user=spec.user,
-            password=spec.password,
-            tunnel_port=spec.tunnel_port,
-        )
+    async def forwarded(self, hub: str, method: str) -> float:
+        """``method`` calls ``hub`` forwarded to the leader (ok) since :meth:`mark`."""
+        labels = {"service": "otterscale.testing.echo.v1.EchoService", "method": method, "code": "ok"}
+        name = "otterscale_hub_forwarded_rpcs_total"
+        return (await self.hubs[hub].ametrics()).get(name, **labels) - self.start[hub].get(name, **labels)
 
-        def connected() -> bool:
-            tunnels = self.leader().tunnels
-            status = tunnels.get(cluster) if tunnels is not None else None
-            return status is not None and status.connected
-
-        await wait_for(connected, 15, f"{cluster}'s echo agent connected")
-        return agent
+    async def open_streams(self, hub: str = "a") -> float:
+        """Streams ``hub`` holds open to the agents right now (its gauge, every cluster)."""
+        return (await self.hubs[hub].ametrics()).total(STREAMS)
 
     async def close(self) -> None:
-        for agent in self.agents.values():
-            await agent.stop()
-        for hub in self.hubs.values():
-            await hub.stop()
         for transport in self.transports:
             await transport.aclose()
+        self.transports.clear()
 
 
-async def start_echo_system(
-    tmp_path: Path,
-    issuer: Issuer,
-    binary: ChiselBinary,
-    *,
-    replicas: bool,
-    audit: dict[str, Any] | None = None,
-) -> EchoSystem:
-    """One hub alone (``a``), or ``a`` leading with follower ``b``; echo agents of alpha and beta
-    (``audit``: the configuration's audit section)."""
-    specs = make_specs()
-    tunnel_port = free_port()
-    config = write_config(
-        tmp_path / "otterscale.yaml",
-        issuer_url=issuer.url,
-        specs=specs,
-        tunnel_port=tunnel_port,
-        limits={"max_request_bytes": MAX_REQUEST, "max_watches_per_subject": MAX_STREAMS},
-        audit=audit,
-    )
-    system = EchoSystem(issuer, specs, binary, tunnel_port)
+def start_echo_hub(
+    directory: Path, issuer: Issuer, binary: ChiselBinary, *, audit: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, EchoAgent]]:
+    """A hub alone that forwards EchoService, and echo agents of alpha and beta (blocking);
+    ``audit``: the configuration's audit section."""
+    world = start_world(directory, issuer, binary, limits=LIMITS, audit=audit, routed_services=(ECHO_ROUTE,))
+    agents: dict[str, EchoAgent] = {}
     try:
-        for name in ("a", "b") if replicas else ("a",):
-            control = StaticLeadership(name) if replicas else None
-            settings = hub_settings(
-                config, binary, port=free_port(), routed_services=(*ROUTED_SERVICES, ECHO_SERVICE)
+        for cluster in ("alpha", "beta"):
+            spec = world.specs[cluster]
+            agent = agents[cluster] = EchoAgent(cluster, key=spec.key, chisel=binary)
+            agent.serve()
+            agent.dial(
+                f"http://127.0.0.1:{world.tunnel_port}",
+                world.hub.fingerprint,
+                user=spec.user,
+                password=spec.password,
+                tunnel_port=spec.tunnel_port,
             )
-            hub = Hub(settings, leadership=control)
-            system.hubs[name] = hub
-            await hub.start()
-            if control is not None:
-                system.controls[name] = control
-        if replicas:
-            leader = LeaderInfo("a", f"127.0.0.1:{system.hubs['a'].port}")
-            for name, control in system.controls.items():
-                control.set(leading=name == "a", leader=leader)
-            await wait_for(lambda: system.hubs["a"].leading, 15, "a leads")
-        await system.connect("alpha")
-        await system.connect("beta")
+            world.hub.wait_until(lambda cluster=cluster: world.hub.connected(cluster), 30, f"{cluster} up")  # type: ignore[misc]
     except BaseException:
-        await system.close()
+        for agent in agents.values():
+            agent.shutdown()
+        world.hub.stop()
         raise
-    return system
+    return world, agents
+
+
+def stop_echo_hub(world: Any, agents: dict[str, EchoAgent]) -> None:
+    for agent in agents.values():
+        agent.shutdown()
+    world.hub.stop()
+
+
+@pytest.fixture(scope="module")
+def echo_hub(
+    tmp_path_factory: pytest.TempPathFactory, module_issuer: Issuer, chisel_binary: ChiselBinary
+) -> Iterator[tuple[Any, dict[str, EchoAgent]]]:
+    world, agents = start_echo_hub(tmp_path_factory.mktemp("echo"), module_issuer, chisel_binary)
+    try:
+        yield world, agents
+    finally:
+        stop_echo_hub(world, agents)
 
 
 @pytest_asyncio.fixture
-async def echo(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -> AsyncIterator[EchoSystem]:
-    """A hub alone that forwards EchoService; echo agents of alpha and beta."""
-    system = await start_echo_system(tmp_path, issuer, chisel_binary, replicas=False)
+async def echo(echo_hub: tuple[Any, dict[str, EchoAgent]]) -> AsyncIterator[EchoSystem]:
+    """The module's hub alone (``a``) that forwards EchoService; echo agents of alpha and beta."""
+    world, agents = echo_hub
+    system = EchoSystem(world.issuer, world.specs, {"a": world.hub}, agents)
+    await system.mark()
     try:
         yield system
     finally:
@@ -193,11 +192,76 @@ async def echo(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -> A
 
 
 @pytest_asyncio.fixture
-async def echo_replicas(
-    tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary
-) -> AsyncIterator[EchoSystem]:
+async def own_echo(tmp_path: Path, issuer: Issuer, chisel_binary: ChiselBinary) -> AsyncIterator[EchoSystem]:
+    """Like ``echo``, with a hub for this test alone."""
+    world, agents = start_echo_hub(tmp_path, issuer, chisel_binary)
+    system = EchoSystem(world.issuer, world.specs, {"a": world.hub}, agents)
+    await system.mark()
+    try:
+        yield system
+    finally:
+        await system.close()
+        await asyncio.to_thread(stop_echo_hub, world, agents)
+
+
+def start_echo_replicas(
+    cp: ControlPlane,
+    issuer: Issuer,
+    binary: ChiselBinary,
+    directory: Path,
+    *,
+    audit: dict[str, Any] | None = None,
+) -> Replicas:
     """Hub ``a`` leads (tunnels, agents), hub ``b`` follows (forwards every call to ``a``)."""
-    system = await start_echo_system(tmp_path, issuer, chisel_binary, replicas=True)
+    replicas = Replicas(
+        cp, issuer, binary, directory, limits=LIMITS, audit=audit, routed_services=(ECHO_ROUTE,)
+    )
+    agents = [EchoAgent(name, key=spec.key, chisel=binary) for name, spec in replicas.specs.items()]
+    return replicas.start_leader_and_follower(*agents)
+
+
+async def replicas_system(replicas: Replicas) -> EchoSystem:
+    agents = {name: agent for name, agent in replicas.agents.items() if isinstance(agent, EchoAgent)}
+    system = EchoSystem(replicas.issuer, replicas.specs, replicas.hubs, agents)
+    for cluster in agents:
+        await replicas.leader_sees(cluster)
+
+    async def forwarding() -> bool:
+        try:
+            await system.client("b").say(
+                pb.SayRequest(cluster="alpha", text="up?"),
+                headers={**system.auth(), "x-request-id": FORWARDING_PROBE},
+            )
+        except ConnectError:
+            return False
+        return True
+
+    await eventually(forwarding, 60, "b forwarding to a")
+    await system.mark()
+    return system
+
+
+@pytest.fixture(scope="module")
+def shared_echo_replicas(
+    control_plane: ControlPlane,
+    module_issuer: Issuer,
+    chisel_binary: ChiselBinary,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Replicas]:
+    replicas = start_echo_replicas(
+        control_plane, module_issuer, chisel_binary, tmp_path_factory.mktemp("echo-replicas")
+    )
+    try:
+        yield replicas
+    finally:
+        replicas.stop_blocking()
+
+
+@pytest_asyncio.fixture
+async def echo_replicas(shared_echo_replicas: Replicas) -> AsyncIterator[EchoSystem]:
+    """Hub ``a`` leads (tunnels, agents), hub ``b`` follows (forwards every call to ``a``)."""
+    shared_echo_replicas.follow("a")
+    system = await replicas_system(shared_echo_replicas)
     try:
         yield system
     finally:
@@ -511,11 +575,38 @@ async def test_every_kind_of_stream_takes_a_slot(echo: EchoSystem) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    hub = echo.hubs["a"]
-    await wait_for(lambda: hub._proxy is not None and hub._proxy.watch_slots.total() == 0, 10, "slots freed")
+
+    async def closed() -> bool:
+        return await echo.open_streams() == 0
+
+    await eventually(closed, 30, "the streams closed")
+    # Their slots were freed: the caller holds as many streams again.
+    again = asyncio.Event()
+    answered = 0
+
+    async def hold_chat() -> None:
+        nonlocal answered
+
+        async def requests() -> AsyncIterator[pb.ChatRequest]:
+            yield start()
+            await again.wait()
+
+        async for _answer in client.chat(requests(), headers=echo.auth()):
+            answered += 1
+
+    tasks = [asyncio.create_task(hold_chat()) for _ in range(MAX_STREAMS)]
+    try:
+        await wait_for(lambda: answered == MAX_STREAMS, ANSWER_WAIT, "every slot free again")
+    finally:
+        again.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await eventually(closed, 30, "the streams closed again")
 
 
-async def test_open_streams_end_with_unavailable_when_the_hub_stops(echo: EchoSystem) -> None:
+async def test_open_streams_end_with_unavailable_when_the_hub_stops(own_echo: EchoSystem) -> None:
+    echo = own_echo
     client = echo.client(transport="grpc-h2c")
     answered = asyncio.Event()
     release = asyncio.Event()
@@ -531,9 +622,10 @@ async def test_open_streams_end_with_unavailable_when_the_hub_stops(echo: EchoSy
     task = asyncio.create_task(chat())
     try:
         await asyncio.wait_for(answered.wait(), ANSWER_WAIT)
-        await echo.hubs["a"].stop()
+        os.kill(echo.hubs["a"].pid, signal.SIGTERM)
         with pytest.raises(ConnectError) as caught:
             await asyncio.wait_for(task, ANSWER_WAIT)
+        assert await echo.hubs["a"].exited() == 0
     finally:
         release.set()
         task.cancel()
@@ -563,14 +655,8 @@ async def test_a_follower_forwards_every_call_shape(echo_replicas: EchoSystem, t
     assert wrote.origin.cluster == "alpha"
     assert await full_duplex_chat(client, auth(), rounds=2) == EXPECTED_CHAT
     # The follower forwarded each call, the leader routed it.
-    metrics = echo_replicas.hubs["b"].metrics
-    assert metrics is not None
     for method in ("Say", "Count", "Collect", "Write", "Chat"):
-        forwarded = metrics.registry.get_sample_value(
-            "otterscale_hub_forwarded_rpcs_total",
-            {"service": "otterscale.testing.echo.v1.EchoService", "method": method, "code": "ok"},
-        )
-        assert forwarded == 1, method
+        assert await echo_replicas.forwarded("b", method) == 1, method
 
 
 @pytest.mark.ha
@@ -588,7 +674,13 @@ async def test_a_follower_passes_routing_errors_from_the_leader(echo_replicas: E
 
 
 @pytest.mark.ha
-async def test_streams_end_with_unavailable_when_the_leader_stops_leading(echo_replicas: EchoSystem) -> None:
+async def test_streams_end_with_unavailable_when_the_leader_stops_leading(
+    control_plane: ControlPlane, issuer: Issuer, chisel_binary: ChiselBinary, tmp_path: Path
+) -> None:
+    """a loses its Lease (another replica, z, is given it): the streams it serves end with
+    unavailable, directly and through b (whose own Lease still names a)."""
+    replicas = start_echo_replicas(control_plane, issuer, chisel_binary, tmp_path)
+    echo_replicas = await replicas_system(replicas)
     answered = {"a": asyncio.Event(), "b": asyncio.Event()}
     release = asyncio.Event()
 
@@ -604,7 +696,7 @@ async def test_streams_end_with_unavailable_when_the_leader_stops_leading(echo_r
     try:
         for event in answered.values():
             await asyncio.wait_for(event.wait(), ANSWER_WAIT)
-        echo_replicas.controls["a"].set(leading=False, leader=None)
+        await replicas.hand_over("z")
         errors = {}
         for hub, task in tasks.items():
             with pytest.raises(ConnectError) as caught:
@@ -615,6 +707,8 @@ async def test_streams_end_with_unavailable_when_the_leader_stops_leading(echo_r
         for task in tasks.values():
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await echo_replicas.close()
+        await replicas.stop()
     assert errors["a"].code is Code.UNAVAILABLE
     assert errors["a"].message == "this hub replica stopped leading; resume the Chat call"
     # b's call went through a's proxy: a ended it, and b passed that on.
@@ -631,16 +725,24 @@ async def test_a_service_without_a_route_stops_the_hub_at_start_up(
     config = write_config(
         tmp_path / "otterscale.yaml", issuer_url=issuer.url, specs=make_specs(), tunnel_port=free_port()
     )
-    agent_service = cluster_pb2.DESCRIPTOR.services_by_name["AgentService"]
-    hub = Hub(hub_settings(config, chisel_binary, routed_services=(*ROUTED_SERVICES, agent_service)))
-    with pytest.raises(RouteError) as caught:
-        await hub.start()
-    assert str(caught.value) == (
+    hub = HubProcess(
+        config,
+        tmp_path / "hub.log",
+        chisel=chisel_binary.path,
+        routed_services=("otterscale.cluster.v1.cluster_pb2:AgentService",),
+    )
+    try:
+        assert await hub.exited(60) == 1
+    finally:
+        hub.stop()
+    log = hub.log()
+    assert (
         "cannot route /otterscale.cluster.v1.AgentService/GetAgentInfo: "
         "otterscale.cluster.v1.GetAgentInfoRequest has no `string cluster = 1`; declare where the "
         "cluster is with the method option (otterscale.routing.v1.route)"
-    )
-    assert hub.chisel is None
+    ) in log
+    assert "Traceback" not in log
+    assert not hub.children()  # no tunnel server left behind
 
 
 async def test_a_registered_service_has_a_health_status(echo: EchoSystem) -> None:

@@ -1,7 +1,10 @@
 """The hub's chisel tunnel server with real chisel clients: authfile, environment, isolation, restarts.
 
-"Agents" here are real ``chisel client`` processes (through ``ChiselClient`` or raw argv); the
-API behind a tunnel is the test-only fake agent of conftest.py where one is needed.
+The hub is an ``otterscale server`` process; its chisel server is found among its children (argv,
+environment, authfile read through ``/proc``), and its view of each cluster is what it reports
+(``/metrics``, ListClusters). "Agents" here are real ``chisel client`` processes (through
+``ChiselClient`` or raw argv); the API behind a tunnel is the test-only fake agent of conftest.py
+where one is needed.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from otterscale.common import ChiselClient, ProcessSpec, Supervisor, parse_clien
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import free_port
 
-from .conftest import KEY_SEED, HubEnv, wait_for
+from .conftest import KEY_SEED, HubEnv, HubFactory, eventually, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -35,14 +38,25 @@ def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
-async def test_authfile_is_private_and_anchored(hub_env: HubEnv) -> None:
-    chisel = hub_env.hub.chisel
+def _authfile(pid: int) -> Path:
+    argv = _cmdline(pid)
+    return Path(argv[argv.index("--authfile") + 1])
+
+
+async def last_error(hub_env: HubEnv, cluster: str) -> str:
+    """The cluster's last tunnel error as the hub reports it (ListClusters)."""
+    return (await hub_env.clusters())[cluster].last_error
+
+
+async def test_authfile_is_private_and_anchored(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
+    chisel = hub_env.hub.chisel_pid()
     assert chisel is not None
-    assert chisel.authfile is not None
-    mode = stat.S_IMODE(chisel.authfile.stat().st_mode)
+    authfile = _authfile(chisel)
+    mode = stat.S_IMODE(authfile.stat().st_mode)
     assert mode == 0o600
-    assert stat.S_IMODE(chisel.authfile.parent.stat().st_mode) == 0o700
-    users = json.loads(chisel.authfile.read_text())
+    assert stat.S_IMODE(authfile.parent.stat().st_mode) == 0o700
+    users = json.loads(authfile.read_text())
     expected = {
         f"{spec.user}:{spec.password}": [f"^R:127\\.0\\.0\\.1:{spec.tunnel_port}$"]
         for spec in hub_env.specs.values()
@@ -50,14 +64,14 @@ async def test_authfile_is_private_and_anchored(hub_env: HubEnv) -> None:
     assert users == expected
 
 
-async def test_chisel_server_environment_is_clean(hub_env: HubEnv, monkeypatch: pytest.MonkeyPatch) -> None:
-    chisel = hub_env.hub.chisel
+async def test_chisel_server_environment_is_clean(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
+    chisel = hub_env.hub.chisel_pid()
     assert chisel is not None
-    assert chisel.pid is not None
-    environ = _environ(chisel.pid)
+    environ = _environ(chisel)
     # Only the key seed, deliberately (an environment is private; argv is not).
     assert environ == {"CHISEL_KEY": KEY_SEED}
-    argv = _cmdline(chisel.pid)
+    argv = _cmdline(chisel)
     assert KEY_SEED not in " ".join(argv)
     assert "--reverse" in argv
     assert "--authfile" in argv
@@ -65,30 +79,34 @@ async def test_chisel_server_environment_is_clean(hub_env: HubEnv, monkeypatch: 
         assert spec.password not in " ".join(argv)
 
 
-async def test_hub_logs_fingerprint_and_address(hub_env: HubEnv) -> None:
-    assert hub_env.hub.fingerprint is not None
+async def test_hub_logs_fingerprint_and_address(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     assert len(hub_env.hub.fingerprint) == 44
-    chisel = hub_env.hub.chisel
-    assert chisel is not None
-    assert chisel.url == f"http://127.0.0.1:{hub_env.tunnel_port}"
+    (listening,) = [r for r in hub_env.hub.log_records() if "tunnel_address" in r]
+    assert listening["tunnel_address"] == f"127.0.0.1:{hub_env.tunnel_port}"
+    assert listening["fingerprint"] == hub_env.hub.fingerprint
+    # and it listens there
+    _, writer = await asyncio.open_connection("127.0.0.1", hub_env.tunnel_port)
+    writer.close()
+    await writer.wait_closed()
 
 
-async def test_inherited_auth_host_port_do_not_reach_chisel(
-    hub_env: HubEnv, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A hub started with AUTH/HOST/PORT in its own environment must not pass them on: restart
-    # chisel (kill it; the supervisor starts a new one) with them set in this process.
-    monkeypatch.setenv("AUTH", "intruder:intruder")
-    monkeypatch.setenv("HOST", "192.0.2.1")
-    monkeypatch.setenv("PORT", "1")
-    chisel = hub_env.hub.chisel
-    assert chisel is not None
-    old = chisel.pid
+async def test_inherited_auth_host_port_do_not_reach_chisel(hub_env_factory: HubFactory) -> None:
+    """A hub started with AUTH/HOST/PORT in its own environment must not pass them on to chisel,
+    neither at start nor when its supervisor restarts chisel."""
+    from otterscale.testing import service_env
+
+    hub_env = await hub_env_factory(
+        env=service_env({"AUTH": "intruder:intruder", "HOST": "192.0.2.1", "PORT": "1"})
+    )
+    old = hub_env.hub.chisel_pid()
     assert old is not None
+    assert _environ(old) == {"CHISEL_KEY": KEY_SEED}
     os.kill(old, signal.SIGKILL)
-    await wait_for(lambda: chisel.pid not in (None, old) and chisel.running, 15, "chisel restarted")
-    assert chisel.pid is not None
-    assert _environ(chisel.pid) == {"CHISEL_KEY": KEY_SEED}
+    await wait_for(lambda: hub_env.hub.chisel_pid() not in (None, old), 15, "chisel restarted")
+    new = hub_env.hub.chisel_pid()
+    assert new is not None
+    assert _environ(new) == {"CHISEL_KEY": KEY_SEED}
     # The intruder's credentials are not accepted.
     intruder = ChiselClient(
         hub_env.binary,
@@ -102,7 +120,7 @@ async def test_inherited_auth_host_port_do_not_reach_chisel(
     )
     await intruder.start()
     try:
-        await wait_for(lambda: intruder.state.last_error is not None, 10, "intruder refused")
+        await wait_for(lambda: intruder.state.last_error is not None, 15, "intruder refused")
         assert "refused the agent's credentials" in (intruder.state.last_error or "")
         assert not intruder.connected
     finally:
@@ -111,7 +129,6 @@ async def test_inherited_auth_host_port_do_not_reach_chisel(
 
 async def test_agent_of_one_cluster_cannot_open_another_clusters_port(hub_env: HubEnv) -> None:
     alpha, beta = hub_env.specs["alpha"], hub_env.specs["beta"]
-    assert hub_env.hub.fingerprint is not None
     thief = ChiselClient(
         hub_env.binary,
         server_url=hub_env.tunnel_url,
@@ -127,13 +144,14 @@ async def test_agent_of_one_cluster_cannot_open_another_clusters_port(hub_env: H
         await wait_for(lambda: thief.state.last_error is not None, 10, "refused")
         assert "refused the reverse remote" in (thief.state.last_error or "")
         assert not thief.connected
-        tunnels = hub_env.hub.tunnels
-        assert tunnels is not None
-        await wait_for(lambda: tunnels.get("beta").last_error is not None, 5, "beta last_error")  # type: ignore[union-attr]
-        status = tunnels.get("beta")
-        assert status is not None
+
+        async def recorded() -> bool:
+            return bool(await last_error(hub_env, "beta"))
+
+        await eventually(recorded, 10, "beta's last error")
+        status = (await hub_env.clusters())["beta"]
         assert not status.connected
-        assert "another cluster's agent user" in (status.last_error or "")
+        assert "another cluster's agent user" in status.last_error
         # Nothing listens on beta's port.
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", beta.tunnel_port)
@@ -141,10 +159,10 @@ async def test_agent_of_one_cluster_cannot_open_another_clusters_port(hub_env: H
         await thief.stop()
 
 
-async def test_client_initiated_forward_tunnel_is_refused(hub_env: HubEnv, tmp_path: Path) -> None:
+async def test_client_initiated_forward_tunnel_is_refused(shared_hub_env: HubEnv) -> None:
     """An agent's credentials cannot be used to reach anything on the hub's side (forward remote)."""
+    hub_env = shared_hub_env
     alpha = hub_env.specs["alpha"]
-    assert hub_env.hub.fingerprint is not None
     errors: list[str] = []
 
     def on_line(line: str) -> None:
@@ -186,7 +204,6 @@ async def test_client_initiated_forward_tunnel_is_refused(hub_env: HubEnv, tmp_p
 
 async def test_wrong_password_is_recorded_for_the_cluster(hub_env: HubEnv) -> None:
     alpha = hub_env.specs["alpha"]
-    assert hub_env.hub.fingerprint is not None
     client = ChiselClient(
         hub_env.binary,
         server_url=hub_env.tunnel_url,
@@ -199,21 +216,23 @@ async def test_wrong_password_is_recorded_for_the_cluster(hub_env: HubEnv) -> No
     )
     await client.start()
     try:
-        tunnels = hub_env.hub.tunnels
-        assert tunnels is not None
-        await wait_for(lambda: tunnels.get("alpha").last_error is not None, 10, "login failure recorded")  # type: ignore[union-attr]
-        status = tunnels.get("alpha")
-        assert status is not None
-        assert "tunnel login refused" in (status.last_error or "")
-        assert "wrong-password" not in (status.last_error or "")
+
+        async def recorded() -> bool:
+            return bool(await last_error(hub_env, "alpha"))
+
+        await eventually(recorded, 15, "login failure recorded")
+        error = await last_error(hub_env, "alpha")
+        assert "tunnel login refused" in error
+        assert "wrong-password" not in error
+        assert "wrong-password" not in hub_env.hub.log()
     finally:
         await client.stop()
 
 
-async def test_second_agent_for_the_same_cluster_is_refused(hub_env: HubEnv) -> None:
+async def test_second_agent_for_the_same_cluster_is_refused(shared_hub_env: HubEnv) -> None:
+    hub_env = shared_hub_env
     await hub_env.agent("alpha")
     alpha = hub_env.specs["alpha"]
-    assert hub_env.hub.fingerprint is not None
     second = ChiselClient(
         hub_env.binary,
         server_url=hub_env.tunnel_url,
@@ -228,11 +247,9 @@ async def test_second_agent_for_the_same_cluster_is_refused(hub_env: HubEnv) -> 
     try:
         await wait_for(lambda: second.state.last_error is not None, 10, "second refused")
         assert "busy" in (second.state.last_error or "")
-        tunnels = hub_env.hub.tunnels
-        assert tunnels is not None
-        status = tunnels.get("alpha")
-        assert status is not None
-        assert status.connected  # the first agent keeps its tunnel
+        assert hub_env.hub.connected("alpha")  # the first agent keeps its tunnel
+        got = await hub_env.client().get(pb.GetRequest(cluster="alpha", name="still"), headers=hub_env.auth())
+        assert got.object["metadata"]["name"] == "still"
     finally:
         await second.stop()
 
@@ -240,26 +257,29 @@ async def test_second_agent_for_the_same_cluster_is_refused(hub_env: HubEnv) -> 
 async def test_chisel_restarts_after_kill_and_agents_come_back(hub_env: HubEnv) -> None:
     agent = await hub_env.agent("alpha")
     hub = hub_env.hub
-    assert hub.chisel is not None
-    assert hub.tunnels is not None
-    assert hub.metrics is not None
     client = hub_env.client()
     await client.get(pb.GetRequest(cluster="alpha", name="before"), headers=hub_env.auth())
-    old = hub.chisel.pid
+    old = hub.chisel_pid()
     assert old is not None
     os.kill(old, signal.SIGKILL)
-    await wait_for(lambda: not hub.tunnels.get("alpha").connected, 5, "alpha down after the kill")  # type: ignore[union-attr]
+    await hub.wait_connected("alpha", False, within=10)  # alpha down after the kill
     with pytest.raises(ConnectError) as caught:
         await client.get(pb.GetRequest(cluster="alpha", name="during"), headers=hub_env.auth())
     assert caught.value.code is Code.UNAVAILABLE
-    await wait_for(lambda: hub.chisel.restarts == 1 and hub.chisel.running, 15, "chisel restarted")  # type: ignore[union-attr]
-    assert hub.chisel.pid != old
-    assert hub.metrics.chisel_restarts._value.get() == 1
-    # The agent's chisel client reconnects on its own (retry interval 1 s).
-    assert agent.tunnel is not None
-    assert await agent.tunnel.wait_connected(15)
-    await wait_for(lambda: hub.tunnels.get("alpha").connected, 10, "alpha back")  # type: ignore[union-attr]
+
+    async def restarted() -> bool:
+        metrics = await hub_env.metrics()
+        return (
+            metrics.get("otterscale_hub_chisel_restarts_total") == 1
+            and metrics.get("otterscale_hub_chisel_up") == 1
+        )
+
+    await eventually(restarted, 15, "chisel restarted")
+    assert hub.chisel_pid() not in (None, old)
+    # The agent's chisel client reconnects on its own (retry interval 1 s). It insists on the
+    # fingerprint the hub logged at start-up (--fingerprint is exact): the restarted server has
+    # the same one (same key seed), so agents keep trusting it.
+    assert await agent.wait_connected(15)
+    await hub.wait_connected("alpha", True, within=15)
     got = await client.get(pb.GetRequest(cluster="alpha", name="after"), headers=hub_env.auth())
     assert got.object["metadata"]["name"] == "after"
-    # The same fingerprint after the restart (same key seed): agents keep trusting it.
-    assert hub.chisel.fingerprint == hub.fingerprint

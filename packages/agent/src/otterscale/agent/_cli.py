@@ -104,7 +104,8 @@ Security:
 Container mode ({CONTAINER_ENV}=true): --address defaults to {DEFAULT_ADDRESS} and --config to
 {CONTAINER_CONFIG}.
 
-Discovery and OpenAPI are cached for {DEFAULT_TTL:g}s: a new CRD shows up in Discovery within that.
+Discovery and the OpenAPI index are cached for --discovery-ttl seconds (default {DEFAULT_TTL:g}): a new
+CRD shows up in Discovery within that.
 SIGTERM or SIGINT stops gracefully (open Watch streams end with unavailable); a second one aborts.
 """
 
@@ -130,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, then in-cluster)",
     )
+    parser.add_argument(
+        "--discovery-ttl",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=DEFAULT_TTL,
+        help=f"how long Discovery and the OpenAPI index are cached (default {DEFAULT_TTL:g})",
+    )
     tunnel = parser.add_argument_group("tunnel")
     tunnel.add_argument(
         "--chisel",
@@ -150,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run without the tunnel (no chisel; /readyz is always 200): tests and local debugging",
     )
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
 
 
 def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[AgentSettings, str, str]:
@@ -188,6 +206,7 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
         identity_key=derive_identity_key(args.cluster, password),
         kubeconfig=args.kubeconfig,
         environ=dict(environ),
+        discovery_ttl=args.discovery_ttl,
         tunnel=tunnel,
     )
     return settings, options.log_level, options.log_format

@@ -35,6 +35,8 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 
+from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
+
 from otterscale.common import (
     ConfigError,
     OtterscaleError,
@@ -55,6 +57,7 @@ from ._election import (
 )
 from ._hub import HubSettings, hub_version, run_hub
 from ._kube import service_account_namespace
+from ._services import HUB_SERVICES, ROUTED_SERVICES, HubService
 from ._tunnel_server import tunnel_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -198,8 +201,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``otterscale server`` and ``otterscale-hub``; returns the exit status."""
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    extra_routed_services: Sequence[ServiceDescriptor] = (),
+    extra_hub_services: Sequence[HubService] = (),
+) -> int:
+    """Entry point of ``otterscale server`` and ``otterscale-hub``; returns the exit status.
+
+    ``extra_routed_services`` (forwarded to the agents by cluster) and ``extra_hub_services``
+    (answered by the hub) are served besides the registry's (``_services``): how tests run a hub
+    process that knows a test-only service (``otterscale.testing``'s launcher), exactly as a
+    build of the hub with more services would.
+    """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         options = resolve_defaults(args)
@@ -221,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             chisel=args.chisel,
             drain_timeout=args.drain_timeout,
             election=election,
+            routed_services=(*ROUTED_SERVICES, *extra_routed_services),
+            hub_services=(*HUB_SERVICES, *extra_hub_services),
         )
         return asyncio.run(_serve(settings))
     except UsageError as exc:

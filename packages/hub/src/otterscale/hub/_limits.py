@@ -159,6 +159,11 @@ class WatchSlots:
         """Slots held by every subject."""
         return sum(self._held.values())
 
+    def subjects(self) -> int:
+        """Subjects holding a slot now: what the hub keeps in memory for this limit (a subject
+        whose last stream ended is forgotten)."""
+        return len(self._held)
+
     def acquire(self, subject: str, method: str = "Watch") -> None:
         """Take a slot for ``subject``'s ``method`` stream; raise :class:`WatchLimitError` when it
         holds ``limit``."""

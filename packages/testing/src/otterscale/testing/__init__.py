@@ -5,16 +5,26 @@ point, so every package's tests and ``tests/e2e`` get its fixtures without a con
 """
 
 from ._controlplane import ControlPlane, KubeAPIError, object_path, start_control_plane
-from ._echo import ECHO_SERVICE, EchoAgent, EchoEvent, EchoService
+from ._doubles import AgentDouble, Call
+from ._echo import ECHO_HUB_SERVICE, ECHO_ROUTE, ECHO_SERVICE, EchoAgent, EchoEvent, EchoService
 from ._ha import (
     AgentCluster,
     HubReplicas,
     LeaderRelay,
+    StagedLease,
     caller_rbac,
+    chart_rbac,
     create_namespace,
+    election_args,
+    election_namespace,
+    follower_rbac,
+    replica_env,
     replica_ip,
     service_account_kubeconfig,
+    set_pod,
+    staged_lease,
     start_hub_replicas,
+    write_lease,
 )
 from ._issuer import LocalIssuer
 from ._keycloak import (
@@ -26,21 +36,38 @@ from ._keycloak import (
     start_keycloak,
 )
 from ._node import Node, NodeError, NodeUnavailableError, start_node
-from ._process import ManagedProcess, free_port, holds_socket
+from ._process import ManagedProcess, child_pids, free_port, holds_socket
 from ._relay import BlackHoleRelay
+from ._service import (
+    AgentProcess,
+    HubProcess,
+    Metrics,
+    ServiceProcess,
+    eventually,
+    http_get,
+    http_ok,
+    otterscale_command,
+    service_env,
+)
 from ._system import ClusterEntry, System, Timings, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
 
 __all__ = [
     "DEFAULT_USERS",
+    "ECHO_HUB_SERVICE",
+    "ECHO_ROUTE",
     "ECHO_SERVICE",
     "AgentCluster",
+    "AgentDouble",
+    "AgentProcess",
     "BlackHoleRelay",
+    "Call",
     "ClusterEntry",
     "ControlPlane",
     "EchoAgent",
     "EchoEvent",
     "EchoService",
+    "HubProcess",
     "HubReplicas",
     "Keycloak",
     "KeycloakError",
@@ -49,25 +76,42 @@ __all__ = [
     "LeaderRelay",
     "LocalIssuer",
     "ManagedProcess",
+    "Metrics",
     "Node",
     "NodeError",
     "NodeUnavailableError",
+    "ServiceProcess",
+    "StagedLease",
     "System",
     "Timings",
     "TokenRequestError",
     "ToolMissingError",
     "caller_rbac",
+    "chart_rbac",
+    "child_pids",
     "create_namespace",
+    "election_args",
+    "election_namespace",
+    "eventually",
+    "follower_rbac",
     "free_port",
     "holds_socket",
+    "http_get",
+    "http_ok",
     "keycloak_home",
     "object_path",
+    "otterscale_command",
+    "replica_env",
     "replica_ip",
     "service_account_kubeconfig",
+    "service_env",
+    "set_pod",
+    "staged_lease",
     "start_control_plane",
     "start_hub_replicas",
     "start_keycloak",
     "start_node",
     "start_system",
     "tool_path",
+    "write_lease",
 ]

@@ -22,6 +22,7 @@ import yaml
 
 from . import _pki
 from ._process import ManagedProcess, free_port
+from ._service import Metrics
 from .tools import tool_path
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,23 @@ class ControlPlane:
                 parsed = raw.decode(errors="replace")
             raise KubeAPIError(exc.code, parsed) from None
         return json.loads(raw) if raw else None
+
+    def metrics(self) -> Metrics:
+        """kube-apiserver's ``/metrics``, as cluster admin."""
+        req = urllib.request.Request(self.server + "/metrics")  # noqa: S310
+        with urllib.request.urlopen(req, context=self.ssl_context, timeout=30) as resp:  # noqa: S310
+            return Metrics(resp.read().decode())
+
+    def open_watches(self, resource: str, *, group: str = "", scope: str = "namespace") -> float:
+        """How many WATCH requests of ``resource`` kube-apiserver is serving right now
+        (``apiserver_longrunning_requests``; ``scope`` is ``namespace`` or ``cluster``).
+
+        What a test reads to see that a service's upstream watch opened or ended: the
+        controllers' own watches are cluster-wide, so namespaced ones are the tests'.
+        """
+        return self.metrics().total(
+            "apiserver_longrunning_requests", resource=resource, group=group, scope=scope, verb="WATCH"
+        )
 
     def apply(self, obj: dict[str, Any], field_manager: str = "otterscale-tests") -> Any:
         """Server-side apply an object as admin (creates or updates)."""

@@ -3,10 +3,10 @@
 EchoService (``packages/testing/proto``) has every call shape and every kind of route, so a hub
 that is told only its descriptor shows that it forwards any service without code of its own.
 :class:`EchoAgent` serves it the way the real agent serves its services: connectrpc's generated
-ASGI application on :func:`otterscale.common.serve` (the same tuned HTTP/1.1 + h2c server), every
-call checked against the hub's signed identity headers for its cluster and procedure (all four
-call shapes, not only the ones the real agent has today), ``GET /ping`` for the hub's prober, and
-a real ``chisel client`` dialling the hub's tunnel server.
+ASGI application (on the test doubles' own HTTP/1.1 + h2c server, :class:`~otterscale.testing.
+AgentDouble`), every call checked against the hub's signed identity headers for its cluster and
+procedure (all four call shapes, not only the ones the real agent has today), ``GET /ping`` for
+the hub's prober, and a real ``chisel client`` dialling the hub's tunnel server.
 
 :class:`EchoService` records what it saw, in order (:attr:`EchoService.events`), so a test can
 tell, for instance, that the agent answered a bidirectional stream's first message before the
@@ -16,9 +16,9 @@ second one arrived (full duplex end to end).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,24 +26,16 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from otterscale.common import (
-    ChiselBinary,
-    ChiselClient,
-    Identity,
-    IdentityHeaderError,
-    create_listener,
-    serve,
-    verify_identity,
-)
+from otterscale.common import ChiselBinary, Identity, IdentityHeaderError, verify_identity
 
+from ._doubles import AgentDouble
 from .echo.v1 import echo_pb2 as pb
 from .echo.v1.echo_connect import EchoServiceASGIApplication
 
 #: The EchoService descriptor: what a hub needs to forward it (``HubSettings.routed_services``).
 ECHO_SERVICE = pb.DESCRIPTOR.services_by_name["EchoService"]
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+#: The same for a hub process: ``HubProcess(..., routed_services=[ECHO_ROUTE])``.
+ECHO_ROUTE = f"{pb.__name__}:EchoService"
 
 
 @dataclass
@@ -66,8 +58,8 @@ class EchoService:
         self.events: list[EchoEvent] = []
         self.sessions: dict[str, str] = {}  # session id -> subject
         self.open_streams = 0
-        #: Set whenever a stream ends on the agent (however it ends).
-        self.stream_ended = asyncio.Event()
+        #: Set whenever a stream ends on the agent (however it ends); set in the agent's thread.
+        self.stream_ended = threading.Event()
 
     def _verify(self, ctx: RequestContext[Any, Any]) -> Identity:
         method = f"/{ctx.method.service_name}/{ctx.method.name}"
@@ -150,85 +142,73 @@ class EchoService:
         return pb.WriteResponse(text=request.text, origin=self._origin(identity))
 
 
-class EchoAgent:
+class EchoAgent(AgentDouble):
     """A test agent of one cluster: EchoService on loopback, reached through a real chisel tunnel.
 
-    ``async with EchoAgent(...)`` serves; :meth:`connect` dials the hub's tunnel server.
+    An :class:`~otterscale.testing.AgentDouble`: ``async with EchoAgent(...)`` (or ``await
+    start()``) serves; :meth:`connect` dials the hub's tunnel server; ``await stop()`` ends it.
     """
 
     def __init__(self, cluster: str, *, key: bytes, chisel: ChiselBinary) -> None:
         self.service = EchoService(cluster, key)
-        self._app = EchoServiceASGIApplication(self.service)
-        self._chisel = chisel
-        self._stop = asyncio.Event()
-        self._server: asyncio.Task[None] | None = None
-        self.tunnel: ChiselClient | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> EchoAgent:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        """Serve on a free loopback port (returns once the server runs)."""
-        sock = create_listener("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
-        started = asyncio.Event()
-
-        async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-            if scope["type"] == "lifespan":
-                while (message := await receive())["type"] != "lifespan.shutdown":
-                    if message["type"] == "lifespan.startup":
-                        await send({"type": "lifespan.startup.complete"})
-                        started.set()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-            if scope["path"] == "/ping":
-                await send({"type": "http.response.start", "status": 204, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
-                return
-            await self._app(scope, receive, send)
-
-        self._server = asyncio.create_task(
-            serve(app, sock, self._stop, graceful_timeout=2.0), name=f"echo-agent:{self.service.cluster}"
+        super().__init__(
+            cluster, EchoServiceASGIApplication(self.service), chisel=chisel, name=f"echo-agent:{cluster}"
         )
-        waiter = asyncio.ensure_future(started.wait())
+
+
+# --------------------------------------------------------------------------------------------------
+# EchoService answered by the hub itself
+
+
+class HubEcho:
+    """EchoService answered by the hub itself, as a hub-served service is (the shape of the coming
+    fan-out MultiClusterService): it authenticates each call with the hub's authenticator and
+    answers from the request alone. Served through :data:`ECHO_HUB_SERVICE`."""
+
+    def __init__(self, context: Any) -> None:
+        self._auth = context.authenticator
+
+    async def _origin(self, cluster: str, ctx: RequestContext[Any, Any]) -> Any:
+        from otterscale.common import OtterscaleError
+        from otterscale.hub._errors import to_connect_error  # the hub running this: its translation
+
         try:
-            await asyncio.wait({waiter, self._server}, timeout=15.0, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if not started.is_set():
-            raise RuntimeError("the echo agent's server did not start within 15s")
+            identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
+        except OtterscaleError as exc:
+            raise to_connect_error(exc) from None
+        return pb.Origin(cluster=cluster, subject=identity.subject)
 
-    async def connect(
-        self, server_url: str, fingerprint: str, *, user: str, password: str, tunnel_port: int
-    ) -> ChiselClient:
-        """Dial the hub's tunnel server; returns once the tunnel is up."""
-        self.tunnel = ChiselClient(
-            self._chisel,
-            server_url=server_url,
-            fingerprint=fingerprint,
-            user=user,
-            password=password,
-            tunnel_port=tunnel_port,
-            api_port=self.port,
-            max_retry_interval=1.0,
-        )
-        await self.tunnel.start()
-        if not await self.tunnel.wait_connected(30):
-            raise RuntimeError(f"the echo agent's tunnel did not connect: {self.tunnel.state}")
-        return self.tunnel
+    async def say(self, request: Any, ctx: RequestContext[Any, Any]) -> Any:
+        origin = await self._origin(request.cluster, ctx)
+        kind, _, argument = request.text.partition(":")
+        if kind == "fail":
+            raise ConnectError(Code(argument), f"asked to fail with {argument}")
+        return pb.SayResponse(text=request.text, origin=origin)
 
-    async def stop(self) -> None:
-        """Close the tunnel, then the server (idempotent)."""
-        if self.tunnel is not None:
-            await self.tunnel.stop()
-            self.tunnel = None
-        if self._server is not None:
-            self._stop.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server, 10)
-            self._server = None
+    async def count(self, request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
+        origin = await self._origin(request.cluster, ctx)
+        for index in range(request.count):
+            yield pb.CountResponse(index=index, origin=origin)
+
+    async def collect(self, requests: AsyncIterator[Any], ctx: RequestContext[Any, Any]) -> Any:
+        origin = await self._origin("", ctx)
+        found = [request.text async for request in requests if request.WhichOneof("kind") == "text"]
+        return pb.CollectResponse(texts=found, origin=origin)
+
+    async def chat(self, requests: AsyncIterator[Any], ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
+        origin = await self._origin("", ctx)
+        async for request in requests:
+            yield pb.ChatResponse(text=request.text or "started", origin=origin)
+
+    async def write(self, request: Any, ctx: RequestContext[Any, Any]) -> Any:
+        return pb.WriteResponse(text=request.text, origin=await self._origin("", ctx))
+
+
+def hub_served_echo(context: Any) -> Any:
+    """The application of the hub-served EchoService (a ``HubService`` factory: ``context`` is the
+    hub's ``ServiceContext``; its interceptors give it the access log, metrics and audit trail)."""
+    return EchoServiceASGIApplication(HubEcho(context), interceptors=context.interceptors)
+
+
+#: EchoService answered by a hub process itself: ``HubProcess(..., hub_services=[ECHO_HUB_SERVICE])``.
+ECHO_HUB_SERVICE = f"{ECHO_ROUTE}={__name__}:hub_served_echo"

@@ -33,21 +33,18 @@ import logging
 import os
 import secrets
 import signal
-import ssl
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ._controlplane import ControlPlane
+from ._controlplane import ControlPlane, KubeAPIError
 from ._process import ManagedProcess, free_port
+from ._service import AgentProcess, HubProcess, eventually, otterscale_command
 from .tools import tool_path
 
 logger = logging.getLogger(__name__)
@@ -63,22 +60,19 @@ def replica_ip(index: int) -> str:
     return f"127.0.0.{11 + index}"
 
 
-def _otterscale() -> str:
-    beside = Path(sys.executable).with_name("otterscale")
-    return str(beside) if beside.exists() else "otterscale"
+def election_args(kubeconfig: Path) -> list[str]:
+    """The flags of a hub replica that campaigns with ``kubeconfig``'s credentials."""
+    return [f"--kubeconfig={kubeconfig}", "--leader-elect"]
 
 
-async def eventually(
-    check: Callable[[], Awaitable[bool]], within: float, what: str, *, every: float = 0.1
-) -> float:
-    """Await ``check()`` until true; the seconds it took, or TimeoutError after ``within``."""
-    started = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - started
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"{what} not within {within}s")
-        await asyncio.sleep(every)
+def replica_env(pod: str, namespace: str, home: Path) -> dict[str, str]:
+    """A replica's environment, as the chart's downward API gives it: its Pod and namespace."""
+    return {
+        "POD_NAME": pod,
+        "POD_NAMESPACE": namespace,
+        "HOME": str(home),
+        "PATH": os.environ.get("PATH", ""),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,60 +207,46 @@ class HubReplicas:
     chisel: str
     relay: LeaderRelay
     clusters: dict[str, AgentCluster]
-    hubs: dict[int, ManagedProcess] = field(default_factory=dict)
-    agents: dict[str, ManagedProcess] = field(default_factory=dict)
+    #: More ``otterscale server`` flags of every replica (e.g. shorter Lease timings).
+    hub_args: Sequence[str] = ()
+    hubs: dict[int, HubProcess] = field(default_factory=dict)
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
     starts: int = 0
 
     def url(self, index: int) -> str:
         return f"http://{replica_ip(index)}:{self.port}"
 
-    def start_hub(self, index: int, *, log_level: str = "info") -> ManagedProcess:
+    def start_hub(self, index: int, *, log_level: str = "info") -> HubProcess:
         """Spawn replica ``index`` (does not wait; see :meth:`ready`)."""
         self.starts += 1
-        process = ManagedProcess(
-            f"hub-{index}",
-            [
-                _otterscale(),
-                "server",
-                f"--address={replica_ip(index)}:{self.port}",
-                f"--config={self.configs[index]}",
-                f"--chisel={self.chisel}",
-                f"--kubeconfig={self.kubeconfig}",
-                "--leader-elect",
-                "--log-format=json",
-                f"--log-level={log_level}",
-                "--drain-timeout=3",
-            ],
+        process = HubProcess(
+            self.configs[index],
             self.directory / f"hub-{index}.{self.starts}.log",
-            env={
-                "POD_NAME": f"hub-{index}",
-                "POD_NAMESPACE": self.namespace,
-                "HOME": str(self.directory),
-                "PATH": os.environ.get("PATH", ""),
-            },
+            name=f"hub-{index}",
+            host=replica_ip(index),
+            port=self.port,
+            chisel=self.chisel,
+            drain_timeout=3,
+            log_level=log_level,
+            args=[*election_args(self.kubeconfig), *self.hub_args],
+            env=replica_env(f"hub-{index}", self.namespace, self.directory),
         )
         self.hubs[index] = process
         return process
 
-    def start_agent(self, name: str, *, log_level: str = "info") -> ManagedProcess:
+    def start_agent(self, name: str, *, log_level: str = "info") -> AgentProcess:
         """Spawn the agent of cluster ``name``, dialling the relay (does not wait)."""
         cluster = self.clusters[name]
         self.starts += 1
-        process = ManagedProcess(
-            f"agent-{name}",
-            [
-                _otterscale(),
-                "agent",
-                f"--cluster={name}",
-                f"--config={self.configs[0]}",
-                f"--kubeconfig={cluster.kubeconfig}",
-                f"--chisel={self.chisel}",
-                f"--tunnel-server-url={self.relay.url}",
-                f"--address=127.0.0.1:{cluster.api_port}",
-                "--log-format=json",
-                f"--log-level={log_level}",
-            ],
+        process = AgentProcess(
+            name,
+            self.configs[0],
+            cluster.kubeconfig,
             self.directory / f"agent-{name}.{self.starts}.log",
+            port=cluster.api_port,
+            chisel=self.chisel,
+            tunnel_server_url=self.relay.url,
+            log_level=log_level,
             env={"HOME": str(self.directory), "PATH": os.environ.get("PATH", "")},
         )
         self.agents[name] = process
@@ -276,11 +256,11 @@ class HubReplicas:
 
     async def ready(self, index: int) -> bool:
         """Replica ``index`` answers ``/readyz`` with 200."""
-        return await asyncio.to_thread(_http_ok, self.url(index) + "/readyz")
+        return await self.hubs[index].ready()
 
     async def metrics(self, index: int) -> dict[str, float]:
-        """Replica ``index``'s ``/metrics`` samples (``name{labels}`` -> value)."""
-        text = await asyncio.to_thread(_http_text, self.url(index) + "/metrics")
+        """Replica ``index``'s ``/metrics`` samples (``name{labels}`` -> value, labels as printed)."""
+        text = (await self.hubs[index].ametrics()).text
         found: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -349,6 +329,17 @@ class HubReplicas:
                 return False
         return True
 
+    async def hand_over(self, index: int) -> None:
+        """Hand the Lease to replica ``index`` as an administrator would (:func:`write_lease`): it
+        renews it and leads; the former leader stops renewing and follows within its renew
+        deadline (both may serve the tunnels for that long, as after any expiry)."""
+        lease = await asyncio.to_thread(self.cp.request, "GET", self._lease_path())
+        duration = int(lease["spec"].get("leaseDurationSeconds") or 15)
+        await asyncio.to_thread(write_lease, self.cp, self.namespace, f"hub-{index}", duration=duration)
+
+    def _lease_path(self) -> str:
+        return f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases/{LEASE}"
+
     async def stop(self) -> None:
         """Stop the agents, then every replica at once, then the relay. Safe to call twice."""
         for agent in self.agents.values():
@@ -362,28 +353,12 @@ class HubReplicas:
         await self.relay.stop()
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310 - loopback test URL
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError, ssl.SSLError):
-        return False
-
-
-def _http_text(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310 - loopback test URL
-        return str(resp.read().decode())
-
-
 # --------------------------------------------------------------------------------------------------
 # Kubernetes objects
 
 
-def chart_rbac(
-    namespace: str, *, users: Sequence[str] = ("alice",), verbs: Sequence[str] = READ_CREATE
-) -> list[dict[str, Any]]:
-    """What charts/otterscale-hub's rbac.yaml and serviceaccount.yaml create, plus what
-    ``users`` may do with ConfigMaps in ``namespace`` (``verbs``)."""
+def _hub_account(namespace: str, role: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``otterscale-hub`` ServiceAccount of ``namespace``, bound to Role ``role`` of ``rules``."""
     return [
         {
             "apiVersion": "v1",
@@ -393,29 +368,36 @@ def chart_rbac(
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
-            "metadata": {"name": "otterscale-hub-leader-election", "namespace": namespace},
-            "rules": [
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-                {
-                    "apiGroups": ["coordination.k8s.io"],
-                    "resources": ["leases"],
-                    "resourceNames": [LEASE],
-                    "verbs": ["get", "list", "watch", "update", "patch"],
-                },
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
-            ],
+            "metadata": {"name": role, "namespace": namespace},
+            "rules": rules,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
-            "metadata": {"name": "otterscale-hub-leader-election", "namespace": namespace},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "otterscale-hub-leader-election",
-            },
+            "metadata": {"name": role, "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
             "subjects": [{"kind": "ServiceAccount", "name": "otterscale-hub", "namespace": namespace}],
         },
+    ]
+
+
+def chart_rbac(
+    namespace: str, *, users: Sequence[str] = ("alice",), verbs: Sequence[str] = READ_CREATE
+) -> list[dict[str, Any]]:
+    """What charts/otterscale-hub's rbac.yaml and serviceaccount.yaml create, plus what
+    ``users`` may do with ConfigMaps in ``namespace`` (``verbs``)."""
+    rules = [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [LEASE],
+            "verbs": ["get", "list", "watch", "update", "patch"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+    ]
+    return [
+        *_hub_account(namespace, "otterscale-hub-leader-election", rules),
         *caller_rbac(namespace, users=users, verbs=verbs),
     ]
 
@@ -483,9 +465,176 @@ def service_account_kubeconfig(
     return path
 
 
+def follower_rbac(namespace: str) -> list[dict[str, Any]]:
+    """The ``otterscale-hub`` ServiceAccount of ``namespace`` with read-only rights on its Leases
+    and Pods: a hub campaigning with it sees the Lease but can never take it (see
+    :class:`StagedLease`)."""
+    rules = [
+        {
+            "apiGroups": ["coordination.k8s.io", ""],
+            "resources": ["leases", "pods"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    return _hub_account(namespace, "otterscale-hub-follower", rules)
+
+
+def _micro_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def write_lease(
+    cp: ControlPlane,
+    namespace: str,
+    holder: str | None,
+    *,
+    name: str = LEASE,
+    duration: int = 3600,
+) -> dict[str, Any]:
+    """Write the Lease as an administrator would (created if missing): ``holder`` holds it from
+    now for ``duration`` seconds (None: nobody holds it). A change of holder counts a transition.
+
+    Hubs see it through their Lease watch at once: a candidate that is the new holder renews it
+    (it leads), the former holder stops renewing within its renew deadline (it follows)."""
+    path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    now = _micro_time(datetime.now(UTC))
+    for _ in range(10):  # a replica's renewal may come in between: read again and retry
+        try:
+            lease = cp.request("GET", f"{path}/{name}")
+        except KubeAPIError as exc:
+            if exc.status != 404:
+                raise
+            lease = None
+        spec: dict[str, Any] = dict((lease or {}).get("spec") or {})
+        if spec.get("holderIdentity") != holder:
+            spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (1 if lease else 0)
+            spec["acquireTime"] = now
+        spec.pop("holderIdentity", None)
+        if holder is not None:
+            spec["holderIdentity"] = holder
+        spec.update({"leaseDurationSeconds": duration, "renewTime": now})
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if lease is not None:
+            metadata["resourceVersion"] = lease["metadata"]["resourceVersion"]
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
+        try:
+            if lease is None:
+                written: dict[str, Any] = cp.request("POST", path, body)
+            else:
+                written = cp.request("PUT", f"{path}/{name}", body)
+        except KubeAPIError as exc:
+            if exc.status == 409:
+                continue
+            raise
+        return written
+    raise RuntimeError(f"Lease {namespace}/{name}: conflicts on every attempt to write it")
+
+
+def set_pod(
+    cp: ControlPlane, namespace: str, name: str, ip: str | None, *, labels: Mapping[str, str] | None = None
+) -> None:
+    """Create Pod ``name`` if it is missing (no kubelet runs it; ``labels``, by default the hub
+    chart's name label), and give it ``ip`` as its Pod IP."""
+    try:
+        cp.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+    except KubeAPIError as exc:
+        if exc.status != 404:
+            raise
+        cp.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "labels": dict(
+                        labels if labels is not None else {"app.kubernetes.io/name": "otterscale-hub"}
+                    ),
+                },
+                "spec": {"containers": [{"name": "hub", "image": "registry.example/otterscale-hub:test"}]},
+            },
+        )
+    if ip is not None:
+        cp.request(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+            {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}},
+            content_type="application/merge-patch+json",
+        )
+
+
+@dataclass
+class StagedLease:
+    """A Lease the test writes, in a namespace of its own, that hubs can only follow.
+
+    Hubs started with :meth:`args` and :meth:`env` campaign for it with the read-only rights of
+    :func:`follower_rbac`, so they never take it: each follows exactly the holder the test
+    stages (:meth:`stage`), at the Pod IP it gives, through the hub's real Lease watch and Pod
+    lookup. That is how a test makes a hub process follow a given leader, nobody, a leader whose
+    address is not known yet, or itself ("taking over"), and switch between them, while the
+    leader it names runs elsewhere (for instance alone, with its own Lease). Build it with
+    :func:`staged_lease`.
+    """
+
+    cp: ControlPlane
+    namespace: str
+    kubeconfig: Path
+    directory: Path
+
+    def stage(self, holder: str | None, ip: str | None = None) -> None:
+        """``holder`` leads (its Pod has ``ip``; None: no Pod IP yet); None: nobody leads."""
+        if holder is not None:
+            set_pod(self.cp, self.namespace, holder, ip)
+        write_lease(self.cp, self.namespace, holder)
+
+    def args(self) -> list[str]:
+        """The flags of a hub that follows this Lease."""
+        return election_args(self.kubeconfig)
+
+    def env(self, pod: str) -> dict[str, str]:
+        """The environment of the hub whose Pod is ``pod`` (its identity in the Lease)."""
+        return replica_env(pod, self.namespace, self.directory)
+
+
+def staged_lease(cp: ControlPlane, directory: Path) -> StagedLease:
+    """A fresh namespace ``lease-<random>`` with :func:`follower_rbac` (see :class:`StagedLease`);
+    nobody holds its Lease until :meth:`StagedLease.stage`."""
+    namespace = f"lease-{secrets.token_hex(3)}"
+    create_namespace(cp, namespace)
+    for obj in follower_rbac(namespace):
+        cp.apply(obj)
+    directory.mkdir(parents=True, exist_ok=True)
+    kubeconfig = service_account_kubeconfig(cp, namespace, directory / f"{namespace}.kubeconfig")
+    found = StagedLease(cp, namespace, kubeconfig, directory)
+    found.stage(None)
+    return found
+
+
+def election_namespace(
+    cp: ControlPlane,
+    directory: Path,
+    pods: Mapping[str, str],
+    *,
+    users: Sequence[str] = ("alice",),
+    verbs: Sequence[str] = READ_CREATE,
+) -> tuple[str, Path]:
+    """A fresh namespace ``ha-<random>`` for a Lease, with the chart's RBAC (:func:`chart_rbac`)
+    and one Pod per entry of ``pods`` (Pod name -> its IP); returns the namespace and a kubeconfig
+    of its ``otterscale-hub`` ServiceAccount (what the replicas campaign with)."""
+    namespace = f"ha-{secrets.token_hex(3)}"
+    create_namespace(cp, namespace)
+    for obj in chart_rbac(namespace, users=users, verbs=verbs):
+        cp.apply(obj)
+    for name, ip in pods.items():
+        set_pod(cp, namespace, name, ip)
+    directory.mkdir(parents=True, exist_ok=True)
+    return namespace, service_account_kubeconfig(cp, namespace, directory / f"{namespace}.kubeconfig")
+
+
 def _fingerprint(config: Path, chisel: str) -> str:
     done = subprocess.run(
-        [_otterscale(), "server", "--print-fingerprint", f"--config={config}", f"--chisel={chisel}"],
+        [*otterscale_command(), "server", "--print-fingerprint", f"--config={config}", f"--chisel={chisel}"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -509,6 +658,7 @@ async def start_hub_replicas(
     verbs: Sequence[str] = READ_CREATE,
     log_level: str = "info",
     within: float = 60.0,
+    hub_args: Sequence[str] = (),
 ) -> HubReplicas:
     """Start ``replicas`` hubs with leader election, and one agent per cluster of ``clusters``
     (name -> the kubeconfig its agent uses; default ``{"alpha": cp.kubeconfig}``).
@@ -516,33 +666,15 @@ async def start_hub_replicas(
     Creates a namespace ``ha-<random>`` for the Lease and the Pods (``users`` get ``verbs`` on its
     ConfigMaps); returns once every replica is ready, one leads and every agent is connected to
     it (each wait at most ``within`` seconds). On failure everything started is stopped again.
+    ``hub_args`` are more flags for every replica (``--leader-elect-lease-duration=8``...).
     """
-    namespace = f"ha-{secrets.token_hex(3)}"
-    create_namespace(cp, namespace)
-    for obj in chart_rbac(namespace, users=users, verbs=verbs):
-        cp.apply(obj)
-    for index in range(replicas):
-        name, ip = f"hub-{index}", replica_ip(index)
-        cp.request(
-            "POST",
-            f"/api/v1/namespaces/{namespace}/pods",
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "otterscale-hub"}},
-                "spec": {
-                    "serviceAccountName": "otterscale-hub",
-                    "containers": [{"name": "hub", "image": "registry.example/otterscale-hub:test"}],
-                },
-            },
-        )
-        cp.request(
-            "PATCH",
-            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
-            {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}},
-            content_type="application/merge-patch+json",
-        )
-
+    namespace, hub_kubeconfig = election_namespace(
+        cp,
+        directory,
+        {f"hub-{index}": replica_ip(index) for index in range(replicas)},
+        users=users,
+        verbs=verbs,
+    )
     chisel = str(tool_path("chisel"))
     port, tunnel_port = free_port(), free_port()
     kubeconfigs = dict(clusters) if clusters is not None else {"alpha": cp.kubeconfig}
@@ -598,10 +730,11 @@ async def start_hub_replicas(
         port=port,
         tunnel_port=tunnel_port,
         configs=configs,
-        kubeconfig=service_account_kubeconfig(cp, namespace, directory / "hub.kubeconfig"),
+        kubeconfig=hub_kubeconfig,
         chisel=chisel,
         relay=relay,
         clusters=agents,
+        hub_args=tuple(hub_args),
     )
     try:
         for index in range(replicas):

@@ -337,6 +337,10 @@ class Keycloak:
         return f"Keycloak(realm_url={self.realm_url!r}, {state})"
 
 
+#: Starts tried when the ports chosen for Keycloak were taken before it bound them.
+_BIND_ATTEMPTS = 3
+
+
 def start_keycloak(
     directory: Path,
     *,
@@ -370,11 +374,23 @@ def start_keycloak(
     _prepare_home(dist, kc.home, augmented if augmented.is_dir() else None, java)
     realm = realm_representation(user_list, access_token_lifespan=access_token_lifespan)
     (kc.home / "data" / "import" / f"{REALM}-realm.json").write_text(json.dumps(realm, indent=2))
-    try:
-        kc.start(timeout=timeout)
-    except BaseException:
-        kc.stop()
-        raise
+    for attempt in range(1, _BIND_ATTEMPTS + 1):
+        try:
+            kc.start(timeout=timeout)
+            break
+        except RuntimeError as exc:
+            kc.stop()
+            # Keycloak binds its ports ~40 s after free_port() chose them; on a machine where
+            # other test runs start servers meanwhile, one may have taken them. New ports, again.
+            if "Port already bound" not in str(exc) or attempt == _BIND_ATTEMPTS:
+                raise
+            logger.warning(
+                "Keycloak: port %d or %d was taken meanwhile; new ports", kc.port, kc.management_port
+            )
+            kc.port = kc.management_port = 0
+        except BaseException:
+            kc.stop()
+            raise
     if not augmented.is_dir():
         _save_augmentation(kc.home / "lib" / "quarkus", augmented)
     return kc

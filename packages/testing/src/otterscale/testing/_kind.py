@@ -56,8 +56,9 @@ from ._keycloak import (
     find_java_home,
     realm_representation,
 )
-from ._pods import ROLLOUT_TIMEOUT, PodSystem, Workload, http_ok, wait
+from ._pods import ROLLOUT_TIMEOUT, PodSystem, Workload, wait
 from ._process import free_port
+from ._service import http_ok
 from ._system import ClusterEntry
 from .tools import CHISEL_VERSION, keycloak_home
 

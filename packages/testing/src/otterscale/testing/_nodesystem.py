@@ -45,9 +45,10 @@ from . import _node
 from ._controlplane import ControlPlane
 from ._kind import TcpRelay
 from ._node import Node, NodeError
-from ._pods import PodSystem, Workload, http_ok, wait
+from ._pods import PodSystem, Workload, wait
 from ._process import free_port
-from ._system import ClusterEntry, _clean_env, _otterscale_command
+from ._service import http_ok, otterscale_command, service_env
+from ._system import ClusterEntry
 from .images import load_index
 from .tools import tool_path
 
@@ -194,7 +195,7 @@ class Installation:
         )
         done = subprocess.run(
             [
-                *_otterscale_command(),
+                *otterscale_command(),
                 "server",
                 f"--config={config}",
                 "--print-fingerprint",
@@ -202,7 +203,7 @@ class Installation:
             ],
             capture_output=True,
             text=True,
-            env=_clean_env(),
+            env=service_env(),
             timeout=60,
             check=False,
         )

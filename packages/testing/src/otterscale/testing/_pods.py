@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ._controlplane import ControlPlane, KubeAPIError
-from ._system import _TUNNEL_UP_RE, ClusterEntry, Timings
+from ._service import Metrics, http_ok
+from ._system import ClusterEntry, Timings
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +39,6 @@ class Workload:
     deployment: str
     #: A label of the log files (``<label>-<pod>-<container>.log``).
     label: str
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - a test URL
-            return bool(200 <= resp.status < 300)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def wait(check: Callable[[], bool], timeout: float, what: str) -> float:
@@ -111,7 +104,7 @@ class PodSystem:
 
     def connected(self) -> dict[str, bool]:
         text = self.hub_metrics()
-        return {m["name"]: float(m["value"]) == 1.0 for m in _TUNNEL_UP_RE.finditer(text)}
+        return Metrics(text).tunnels()
 
     def wait_connected(self, name: str, connected: bool = True, timeout: float = CONNECT_TIMEOUT) -> float:
         what = f"the hub reporting cluster {name} {'connected' if connected else 'disconnected'}"

@@ -91,15 +91,17 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def holds_socket(*, local_port: int, remote_port: int) -> bool:
-    """Whether this process has a file descriptor open on the TCP socket between the two ports.
+def holds_socket(*, local_port: int, remote_port: int, pid: int | None = None) -> bool:
+    """Whether process ``pid`` (default: this one) has a file descriptor open on the TCP socket
+    between the two ports.
 
-    For tests of a server in the test's own process: a socket the server closed is gone from its
+    For tests of a server process (a hub, an agent): a socket the server closed is gone from its
     fds even while the kernel still lingers over it (FIN_WAIT, TIME_WAIT).
     """
+    proc = Path("/proc") / (str(pid) if pid is not None else "self")
     inodes = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+    for table in ("net/tcp", "net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(proc / table) as lines:
             next(lines)  # the header
             for line in lines:
                 fields = line.split()
@@ -108,11 +110,30 @@ def holds_socket(*, local_port: int, remote_port: int) -> bool:
                     inodes.add(f"socket:[{fields[9]}]")
     if not inodes:
         return False
-    for fd in Path("/proc/self/fd").iterdir():
-        with contextlib.suppress(OSError):  # an fd closed while iterating
-            if os.readlink(fd) in inodes:
-                return True
+    with contextlib.suppress(FileNotFoundError):  # the process has exited: it holds nothing
+        for fd in (proc / "fd").iterdir():
+            with contextlib.suppress(OSError):  # an fd closed while iterating
+                if os.readlink(fd) in inodes:
+                    return True
     return False
+
+
+def child_pids(pid: int, command: str | None = None) -> list[int]:
+    """The live (not zombie) children of process ``pid``, optionally only those whose command
+    name (``/proc/<pid>/comm``, e.g. ``chisel``) is ``command``; sorted."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        state, parent = text[text.rindex(")") + 2 :].split()[:2]
+        if int(parent) == pid and state != "Z" and (command is None or comm == command):
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -168,6 +189,7 @@ class ManagedProcess:
         self.name = name
         self.argv = list(argv)
         self.log_file = log_file
+        self._terminated = False
         self._log = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             self.argv,
@@ -216,13 +238,18 @@ class ManagedProcess:
             delay = min(delay * 1.5, 0.5)
 
     def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process group."""
+        if sig == signal.SIGTERM:
+            self._terminated = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM the process group, wait, then SIGKILL; always reaps. Safe to call twice."""
+        """SIGTERM the process group (unless :meth:`signal` did already: a second SIGTERM cuts a
+        service's graceful shutdown short), wait, then SIGKILL; always reaps. Safe to call twice."""
         if self.alive():
-            self.signal(signal.SIGTERM)
+            if not self._terminated:
+                self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -13,9 +13,10 @@ hub's own view of each cluster (the ``otterscale_hub_tunnel_up`` gauge of its un
 fails with the tail of the process's log. Timings of every start are kept in
 :attr:`System.timings` (the e2e tests report them).
 
-Processes are spawned only from the main thread (:func:`_spawning_thread_check`): the children's
-parent-death signal (see ``_process``) fires when the *thread* that spawned them exits, so a hub
-started from ``asyncio.to_thread`` would be killed when the executor's worker thread goes away.
+Processes are :class:`~otterscale.testing.HubProcess` and :class:`~otterscale.testing.
+AgentProcess` (``_service``), spawned only from the main thread: the children's parent-death
+signal (see ``_process``) fires when the *thread* that spawned them exits, so a hub started from
+``asyncio.to_thread`` would be killed when the executor's worker thread goes away.
 
 Never logs a password, key seed or token; :meth:`System.secrets` lists the ones it generated so
 tests can assert that no process logged them either.
@@ -24,18 +25,11 @@ tests can assert that no process logged them either.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import re
 import secrets
-import shutil
 import signal
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +37,8 @@ from typing import Any
 import yaml
 
 from ._controlplane import ControlPlane
-from ._process import ManagedProcess, free_port
+from ._process import free_port
+from ._service import AgentProcess, HubProcess, http_ok
 from .tools import tool_path
 
 logger = logging.getLogger(__name__)
@@ -51,8 +46,6 @@ logger = logging.getLogger(__name__)
 #: Seconds a started hub has to answer ``/readyz``; an agent to be reported connected.
 HUB_START_TIMEOUT = 60.0
 AGENT_START_TIMEOUT = 60.0
-
-_TUNNEL_UP_RE = re.compile(r'^otterscale_hub_tunnel_up\{cluster="(?P<name>[^"]+)"\}\s+(?P<value>\S+)$', re.M)
 
 
 @dataclasses.dataclass
@@ -80,45 +73,6 @@ class Timings:
     hub_start: list[float] = dataclasses.field(default_factory=list)
     #: Agent process spawned -> the hub reports the cluster connected, per cluster.
     agent_connect: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-
-
-def _otterscale_command() -> list[str]:
-    """The installed ``otterscale`` console script next to this interpreter (or on PATH)."""
-    beside = Path(sys.executable).with_name("otterscale")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("otterscale")
-    if found is None:
-        raise RuntimeError("the `otterscale` command is not installed (pip install otterscale-hub)")
-    return [found]
-
-
-def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The services' environment: ours minus anything that would change their behaviour."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OTTERSCALE_", "KUBECONFIG", "POD_", "KUBERNETES_", "AUTH", "HOST", "PORT"))
-    }
-    env.update(extra or {})
-    return env
-
-
-def _spawning_thread_check() -> None:
-    """Refuse to spawn from a thread other than the main one (see the module docstring)."""
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError(
-            "start the hub and agents from the main thread: a child process gets SIGKILL when the "
-            "thread that spawned it exits (parent-death signal), e.g. an asyncio.to_thread worker"
-        )
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
-            return bool(200 <= resp.status < 300)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 class System:
@@ -157,8 +111,8 @@ class System:
         self.hub_port = free_port()
         self.clusters: dict[str, ClusterEntry] = {}
         self.fingerprint: str | None = None
-        self.hub: ManagedProcess | None = None
-        self.agents: dict[str, ManagedProcess] = {}
+        self.hub: HubProcess | None = None
+        self.agents: dict[str, AgentProcess] = {}
         self.chisel = str(tool_path("chisel"))
         self.timings = Timings()
 
@@ -229,33 +183,23 @@ class System:
 
     # --- the hub -------------------------------------------------------------------------------------
 
-    def start_hub(self, timeout: float = HUB_START_TIMEOUT) -> ManagedProcess:
+    def start_hub(self, timeout: float = HUB_START_TIMEOUT) -> HubProcess:
         """Start ``otterscale server``; wait for /readyz and read the tunnel fingerprint."""
         if self.hub is not None and self.hub.alive():
             raise RuntimeError("the hub is already running")
-        _spawning_thread_check()
         self.write_config()
         started = time.monotonic()
-        hub = ManagedProcess(
-            "hub",
-            [
-                *_otterscale_command(),
-                "server",
-                f"--address=127.0.0.1:{self.hub_port}",
-                f"--config={self.config_path}",
-                f"--chisel={self.chisel}",
-                "--log-format=json",
-                f"--log-level={self.log_level}",
-            ],
+        hub = HubProcess(
+            self.config_path,
             self.hub_log,
-            env=_clean_env(),
+            port=self.hub_port,
+            chisel=self.chisel,
+            log_level=self.log_level,
         )
         self.hub = hub
-        hub.wait_until(lambda: _http_ok(self.hub_url + "/readyz"), timeout=timeout, what="ready (/readyz)")
+        hub.wait_ready(timeout)
         self.timings.hub_start.append(time.monotonic() - started)
-        fingerprint = _fingerprint_from_log(self.hub_log)
-        if fingerprint is None:
-            raise RuntimeError(f"the hub logged no tunnel fingerprint; log {self.hub_log}:\n{hub.log_tail()}")
+        fingerprint = hub.fingerprint
         if self.fingerprint != fingerprint:
             if self.fingerprint is not None:
                 raise RuntimeError(f"the hub's fingerprint changed ({self.fingerprint} -> {fingerprint})")
@@ -271,13 +215,15 @@ class System:
 
     def hub_metrics(self) -> str:
         """The hub's ``/metrics`` text (unauthenticated)."""
-        with urllib.request.urlopen(self.hub_url + "/metrics", timeout=5) as resp:  # noqa: S310
-            return str(resp.read().decode())
+        if self.hub is None:
+            raise RuntimeError("the hub is not running")
+        return self.hub.metrics().text
 
     def connected(self) -> dict[str, bool]:
         """Each cluster's state as the hub reports it (its ``otterscale_hub_tunnel_up`` gauge)."""
-        text = self.hub_metrics()
-        return {m["name"]: float(m["value"]) == 1.0 for m in _TUNNEL_UP_RE.finditer(text)}
+        if self.hub is None:
+            raise RuntimeError("the hub is not running")
+        return self.hub.metrics().tunnels()
 
     def wait_connected(
         self, name: str, connected: bool = True, timeout: float = AGENT_START_TIMEOUT
@@ -300,7 +246,7 @@ class System:
         *,
         wait_connected: bool = True,
         tunnel_server_url: str | None = None,
-    ) -> ManagedProcess:
+    ) -> AgentProcess:
         """Start ``otterscale agent --cluster NAME``.
 
         Waits until it answers ``/ping`` and, with ``wait_connected`` (and a hub running), until
@@ -315,37 +261,25 @@ class System:
         running = self.agents.get(name)
         if running is not None and running.alive():
             raise RuntimeError(f"the agent of {name} is already running")
-        _spawning_thread_check()
         started = time.monotonic()
-        agent = ManagedProcess(
-            f"agent-{name}",
-            [
-                *_otterscale_command(),
-                "agent",
-                f"--cluster={name}",
-                f"--address=127.0.0.1:{entry.api_port}",
-                f"--config={self.config_path}",
-                f"--kubeconfig={entry.kubeconfig or entry.control_plane.kubeconfig}",
-                f"--chisel={self.chisel}",
-                f"--tunnel-server-url={tunnel_server_url or self.tunnel_url}",
-                "--log-format=json",
-                f"--log-level={self.log_level}",
-            ],
+        agent = AgentProcess(
+            name,
+            self.config_path,
+            entry.kubeconfig or entry.control_plane.kubeconfig,
             self.agent_log(name),
-            env=_clean_env(),
+            port=entry.api_port,
+            chisel=self.chisel,
+            tunnel_server_url=tunnel_server_url or self.tunnel_url,
+            log_level=self.log_level,
         )
         self.agents[name] = agent
-        agent.wait_until(
-            lambda: _http_ok(f"http://127.0.0.1:{entry.api_port}/ping"),
-            timeout=timeout,
-            what="answering /ping",
-        )
+        agent.wait_serving(timeout)
         if wait_connected and self.hub is not None:
             remaining = max(1.0, timeout - (time.monotonic() - started))
             # The agent's own view first (its /readyz turns 200 when chisel reports connected),
             # so a tunnel that never comes up fails with the agent's log, not the hub's.
             agent.wait_until(
-                lambda: _http_ok(f"http://127.0.0.1:{entry.api_port}/readyz"),
+                lambda: http_ok(f"{agent.url}/readyz"),
                 timeout=remaining,
                 what="connected to the hub (/readyz)",
             )
@@ -391,17 +325,6 @@ def _merged(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any
         else:
             result[key] = value
     return result
-
-
-def _fingerprint_from_log(log: Path) -> str | None:
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("fingerprint"):
-            return str(record["fingerprint"])
-    return None
 
 
 def start_system(
