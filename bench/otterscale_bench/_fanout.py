@@ -40,7 +40,7 @@ from typing import Any
 from connectrpc.compat import google_protobuf_binary_codec
 from connectrpc.protocol import ProtocolType
 from google.protobuf.duration_pb2 import Duration
-from pyqwest import Client, HTTPTransport, HTTPVersion
+from pyqwest import Client, HTTPTransport, HTTPVersion, ReadError, RemoteProtocolError, WriteError
 
 from otterscale.common import load_config
 from otterscale.hub._fanout import token_keys
@@ -445,8 +445,8 @@ async def _writer(
                 {"data": {"ts": str(stamp)}},
                 content_type="application/merge-patch+json",
             )
-        except KubeError:
-            return
+        except (KubeError, OSError, ReadError, WriteError, RemoteProtocolError):
+            return  # not written (refused, or the connection failed under load): nothing to expect
         writes.append((stamp, name))
         ACKS[stamp] = time.time_ns()
 
@@ -463,6 +463,10 @@ async def _writer(
         task.add_done_callback(pending.discard)
     if pending:
         await asyncio.wait(pending, timeout=30)
+    # Writes still unanswered then are abandoned (never counted), not left running after us.
+    for task in list(pending):
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     return skipped
 
 
