@@ -33,7 +33,7 @@ from typing import Any
 from otterscale.common import Identity, OtterscaleConfig, derive_identity_key
 from otterscale.testing import ControlPlane, LocalIssuer, System, start_control_plane
 
-from . import _report, _scenarios
+from . import _fanout, _report, _scenarios
 from ._kube import KubeDirect
 from ._paths import Endpoints
 from ._procs import ProcessSet, child_pid
@@ -44,7 +44,7 @@ logger = logging.getLogger("otterscale_bench")
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "otterscale"
 BENCH_IDENTITY = Identity("otterscale-bench", ("otterscale-bench",))
-SCENARIOS = ("idle", "latency", "throughput", "lists", "watch")
+SCENARIOS = ("idle", "latency", "throughput", "lists", "watch", "fanout")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -351,6 +351,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["timings"]["system_start"] = round(time.monotonic() - t, 2)
         failures = asyncio.run(_run_scenarios(system, cp, issuer, sizes, out, only, results))
+        if "fanout" in only:
+            # Its own fleets (and hubs): the single-cluster system is done, stop it first.
+            system.stop()
+            system = None
+            t = time.monotonic()
+            fanout_sizes = _fanout.FANOUT_SMOKE if args.smoke else _fanout.FANOUT_FULL
+            logger.info("fanout: %s", fanout_sizes)
+            results["fanout"] = {}
+            asyncio.run(
+                _fanout.run(
+                    work / "fanout",
+                    cp,
+                    issuer,
+                    fanout_sizes,
+                    args.service_log_level,
+                    failures,
+                    results["fanout"],
+                )
+            )
+            results["timings"]["fanout"] = round(time.monotonic() - t, 1)
     except BaseException as exc:
         failures.append(f"the benchmark itself failed: {type(exc).__name__}: {exc}")
         logger.error("benchmark failed:\n%s", traceback.format_exc())

@@ -10,8 +10,10 @@ hub does not allow.
 Against a real system (Keycloak token for alice, the hub and an agent as processes, a real
 control plane, real chisel), over the Connect transport (JSON and binary) and the gRPC-Web
 transport (binary and JSON), the page performs ListClusters, Discovery, List, Apply, Get, Watch
-(a change made after the Watch started arrives as MODIFIED), Describe, Delete, and a call
-without a token that must show ``unauthenticated``. From the disallowed origin the browser must
+(a change made after the Watch started arrives as MODIFIED), the fleet view (MultiList paged two
+items at a time and MultiWatch, over the live cluster and a configured one without an agent, each
+with its own outcome), Describe, Delete, and a call without a token that must show
+``unauthenticated``. From the disallowed origin the browser must
 block the answer: the page sees a network error, not a response.
 
 Describe comes with another part of issue 15 (resource.proto gains the RPC). The page looks it up
@@ -51,12 +53,27 @@ RESOURCE_PROTO = ROOT / "packages/proto/proto/otterscale/resource/v1/resource.pr
 #: Debian's package (`apt-get install -y chromium`); .ci/run installs it.
 CHROMIUM = Path("/usr/bin/chromium")
 TRANSPORTS = ("connect-json", "connect-binary", "grpc-web-binary", "grpc-web-json")
-RPCS = ("ListClusters", "Discovery", "List", "Apply", "Get", "Watch", "Describe", "Delete", "Unauthenticated")
+RPCS = (
+    "ListClusters",
+    "Discovery",
+    "List",
+    "Apply",
+    "Get",
+    "Watch",
+    "MultiList",
+    "MultiWatch",
+    "Describe",
+    "Delete",
+    "Unauthenticated",
+)
 CLUSTER = "browser"
+#: Configured, with no agent: the fleet-wide calls show its own outcome (UNAVAILABLE) beside the
+#: live cluster's.
+DOWN_CLUSTER = "browser-down"
 #: Per call, in the page. Generous: a loaded 2-core machine, and the first call also warms up the
 #: agent's discovery cache.
 CALL_TIMEOUT_MS = 60_000
-#: The whole browser run: 4 transports x 9 steps, each bounded above (a run takes about 10 s).
+#: The whole browser run: 4 transports x 11 steps, each bounded above (a run takes about 10 s).
 DRIVE_TIMEOUT_S = 600
 
 
@@ -137,7 +154,7 @@ def browser_system(
     cp: ControlPlane = control_plane_factory("east")
     system = start_system(
         tmp_path_factory.mktemp("browser-system"),
-        {CLUSTER: cp},
+        {CLUSTER: cp, DOWN_CLUSTER: None},
         realm_url=keycloak.realm_url,
         client_id=keycloak.client_id,
         extra_config={"cors": {"allowed_origins": [sites[0].origin]}},
@@ -228,6 +245,7 @@ def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
         "hubUrl": browser_system.hub_url,
         "tokenFile": str(token_file),
         "cluster": CLUSTER,
+        "downCluster": DOWN_CLUSTER,
         "namespace": namespace,
         "timeoutMs": CALL_TIMEOUT_MS,
         "transports": list(TRANSPORTS),
@@ -271,6 +289,8 @@ def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
             expected = describe_expected if rpc == "Describe" else "ok"
             assert step["outcome"] == expected, f"{transport} {rpc}: {step}"
         assert steps["Watch"]["detail"].startswith("MODIFIED at resourceVersion"), steps["Watch"]
+        assert steps["MultiList"]["detail"].endswith(f"{CLUSTER} OK, {DOWN_CLUSTER} UNAVAILABLE"), steps
+        assert steps["MultiWatch"]["detail"].startswith(f"MODIFIED from {CLUSTER}"), steps["MultiWatch"]
         assert steps["Unauthenticated"]["detail"].startswith("unauthenticated: "), steps["Unauthenticated"]
 
     # From the disallowed origin: a network error, not the hub's answer. connect-web reports a

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from otterscale.common import AuditConfig, AuditEvent, AuditLog, AuditTarget
+from otterscale.common import AuditClusterOutcome, AuditConfig, AuditEvent, AuditLog, AuditTarget
 
 
 def event(**changes: object) -> AuditEvent:
@@ -55,6 +55,19 @@ def test_an_event_is_one_json_object_with_every_field() -> None:
         "duration_ms": 12.5,
         "source": "10.0.0.7:51234",
         "forwarded_by": "",
+    }
+
+
+def test_a_multi_cluster_event_adds_each_clusters_outcome() -> None:
+    clusters = {
+        "east": AuditClusterOutcome("ok", items=120, duration_ms=41.0),
+        "west": AuditClusterOutcome("unavailable", reconnects=2),
+    }
+    document = json.loads(event(target=AuditTarget(resource="configmaps"), clusters=clusters).to_json())
+    assert document["cluster"] == ""
+    assert document["clusters"] == {
+        "east": {"outcome": "ok", "items": 120, "duration_ms": 41.0, "reconnects": 0},
+        "west": {"outcome": "unavailable", "items": 0, "duration_ms": 0.0, "reconnects": 2},
     }
 
 

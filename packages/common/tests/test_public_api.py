@@ -17,6 +17,11 @@ EXPECTED = {
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
+    "FanoutConfig",
+    "AccessConfig",
+    "AccessRule",
+    "LabelSelector",
+    "LabelSyntaxError",
     "CorsConfig",
     "KeycloakConfig",
     "TunnelConfig",
@@ -30,6 +35,7 @@ EXPECTED = {
     "MIN_SECRET_LENGTH",
     "AuditConfig",
     # audit trail
+    "AuditClusterOutcome",
     "AuditEvent",
     "AuditKind",
     "AuditLog",
