@@ -33,7 +33,7 @@ from typing import Any
 from otterscale.common import Identity, OtterscaleConfig, derive_identity_key
 from otterscale.testing import ControlPlane, LocalIssuer, System, start_control_plane
 
-from . import _report, _runtime, _scenarios
+from . import _fanout, _report, _runtime, _scenarios
 from ._kube import KubeDirect
 from ._paths import Endpoints
 from ._procs import ProcessSet, child_pid
@@ -44,7 +44,7 @@ logger = logging.getLogger("otterscale_bench")
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "otterscale"
 BENCH_IDENTITY = Identity("otterscale-bench", ("otterscale-bench",))
-SCENARIOS = ("idle", "latency", "throughput", "lists", "watch")
+SCENARIOS = ("idle", "latency", "throughput", "lists", "watch", "fanout")
 #: Opt-in (``--only runtime``): needs the real test node (root, the node tools, the python image
 #: of ``nox -s images``) and starts its own node, hub and agent (see ``_runtime``).
 RUNTIME = "runtime"
@@ -343,7 +343,22 @@ def _run_shared(
     )
     stoppers.append(system)
     results["timings"]["system_start"] = round(time.monotonic() - t, 2)
-    return asyncio.run(_run_scenarios(system, cp, issuer, sizes, out, only, results))
+    failures = asyncio.run(_run_scenarios(system, cp, issuer, sizes, out, only, results))
+    if "fanout" in only:
+        # Its own fleets (and hubs): the single-cluster system is done, stop it first.
+        stoppers.remove(system)
+        system.stop()
+        t = time.monotonic()
+        fanout_sizes = _fanout.FANOUT_SMOKE if args.smoke else _fanout.FANOUT_FULL
+        logger.info("fanout: %s", fanout_sizes)
+        results["fanout"] = {}
+        asyncio.run(
+            _fanout.run(
+                work / "fanout", cp, issuer, fanout_sizes, args.service_log_level, failures, results["fanout"]
+            )
+        )
+        results["timings"]["fanout"] = round(time.monotonic() - t, 1)
+    return failures
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,14 @@ hub does not allow.
 Against a real system (Keycloak token for alice, the hub and an agent as processes, a real
 control plane, real chisel), over the Connect transport (JSON and binary) and the gRPC-Web
 transport (binary and JSON), the page performs ListClusters, Discovery, List, Apply, Get, Watch
-(a change made after the Watch started arrives as MODIFIED), Describe, Delete, and a call
-without a token that must show ``unauthenticated``. On a second cluster, the real test node
-(``node`` fixture), it does what a dashboard's pod and workload views do: PodLog follow (new
-lines arrive), an exec of ``cat`` that echoes what the page wrote (two writes sent out of order,
-applied by offset, then stdin closed: exit code 0), Scale and Restart of a Deployment. From the
-disallowed origin the browser must block the answer: the page sees a network error, not a
-response.
+(a change made after the Watch started arrives as MODIFIED), the fleet view (MultiList paged two
+items at a time and MultiWatch, over the live cluster and a configured one without an agent, each
+with its own outcome), Describe, Delete, and a call without a token that must show
+``unauthenticated``. On a third cluster, the real test node (``node`` fixture), it does what a
+dashboard's pod and workload views do: PodLog follow (new lines arrive), an exec of ``cat`` that
+echoes what the page wrote (two writes sent out of order, applied by offset, then stdin closed:
+exit code 0), Scale and Restart of a Deployment. From the disallowed origin the browser must
+block the answer: the page sees a network error, not a response.
 
 Describe comes with another part of issue 15 (resource.proto gains the RPC). The page looks it up
 in the client generated from the .proto files; until it is there its row says "waiting" and this
@@ -62,6 +63,8 @@ RPCS = (
     "Apply",
     "Get",
     "Watch",
+    "MultiList",
+    "MultiWatch",
     "Describe",
     "Delete",
     "PodLog",
@@ -71,6 +74,9 @@ RPCS = (
     "Unauthenticated",
 )
 CLUSTER = "browser"
+#: Configured, with no agent: the fleet-wide calls show its own outcome (UNAVAILABLE) beside the
+#: live cluster's.
+DOWN_CLUSTER = "browser-down"
 #: The cluster of the runtime steps: the real test node (Pods run there).
 RUNTIME_CLUSTER = "browser-node"
 #: A container printing a line every 0.2 s, and one that idles (for `cat`).
@@ -79,7 +85,7 @@ SLEEPER = ["python3", "-c", "import time\nwhile True: time.sleep(3600)"]
 #: Per call, in the page. Generous: a loaded 2-core machine, and the first call also warms up the
 #: agent's discovery cache.
 CALL_TIMEOUT_MS = 60_000
-#: The whole browser run: 4 transports x 9 steps, each bounded above (a run takes about 10 s).
+#: The whole browser run: 4 transports x 11 steps, each bounded above (a run takes about 10 s).
 DRIVE_TIMEOUT_S = 600
 
 
@@ -161,7 +167,7 @@ def browser_system(
     cp: ControlPlane = control_plane_factory("east")
     system = start_system(
         tmp_path_factory.mktemp("browser-system"),
-        {CLUSTER: cp, RUNTIME_CLUSTER: node.control_plane},
+        {CLUSTER: cp, DOWN_CLUSTER: None, RUNTIME_CLUSTER: node.control_plane},
         realm_url=keycloak.realm_url,
         client_id=keycloak.client_id,
         extra_config={"cors": {"allowed_origins": [sites[0].origin]}},
@@ -316,6 +322,7 @@ def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
         "hubUrl": browser_system.hub_url,
         "tokenFile": str(token_file),
         "cluster": CLUSTER,
+        "downCluster": DOWN_CLUSTER,
         "namespace": namespace,
         "timeoutMs": CALL_TIMEOUT_MS,
         "transports": list(TRANSPORTS),
@@ -362,6 +369,8 @@ def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
         assert steps["Watch"]["detail"].startswith("MODIFIED at resourceVersion"), steps["Watch"]
         assert steps["PodLog"]["detail"].startswith("followed: tick "), steps["PodLog"]
         assert steps["Exec"]["detail"] == 'echoed "hello world", exit code 0', steps["Exec"]
+        assert steps["MultiList"]["detail"].endswith(f"{CLUSTER} OK, {DOWN_CLUSTER} UNAVAILABLE"), steps
+        assert steps["MultiWatch"]["detail"].startswith(f"MODIFIED from {CLUSTER}"), steps["MultiWatch"]
         assert steps["Unauthenticated"]["detail"].startswith("unauthenticated: "), steps["Unauthenticated"]
 
     # From the disallowed origin: a network error, not the hub's answer. connect-web reports a

@@ -194,6 +194,8 @@ def _manifests(namespace: str) -> st.SearchStrategy[str]:
 
 def steer(body: Any, operation: str, namespace: str, data: st.DataObject) -> Any:
     """Point a generated body (sometimes) at real clusters, resources and the scratch namespace."""
+    if isinstance(body, dict) and operation.startswith("MultiClusterService_"):
+        return _steer_fanout(body, namespace, data)
     if not isinstance(body, dict) or not operation.startswith("ResourceService_"):
         return body
     body = dict(body)
@@ -218,6 +220,21 @@ def steer(body: Any, operation: str, namespace: str, data: st.DataObject) -> Any
         st.booleans(), label="steer manifest"
     ):
         body["manifest"] = data.draw(_manifests(namespace), label="manifest")
+    return body
+
+
+def _steer_fanout(body: dict[str, Any], namespace: str, data: st.DataObject) -> dict[str, Any]:
+    """A fan-out body (sometimes) over real clusters (and an unknown one) and a real resource."""
+    body = dict(body)
+    if data.draw(st.integers(0, 9), label="steer selection") < 8:
+        names = data.draw(st.lists(st.sampled_from(["east", "west", OFFLINE_CLUSTER, "nope"]), max_size=4))
+        body["selection"] = {"clusters": names}
+    if data.draw(st.integers(0, 9), label="steer query") < 7:
+        group, version, resource, _ = data.draw(st.sampled_from(RESOURCES), label="resource")
+        query = {"group": group, "version": version, "resource": resource}
+        if data.draw(st.booleans(), label="steer namespace"):
+            query["namespace"] = namespace
+        body["query"] = query
     return body
 
 

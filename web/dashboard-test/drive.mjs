@@ -4,7 +4,8 @@
 //
 // CONFIG (written by tests/e2e/test_browser.py): chromium (executable), userDataDir (fresh),
 // allowedPage and blockedPage (the page on an origin the hub allows and on one it does not),
-// hubUrl, tokenFile (read here, so the token is never on a command line), cluster, namespace,
+// hubUrl, tokenFile (read here, so the token is never on a command line), cluster, downCluster
+// (configured, no agent), namespace,
 // timeoutMs, transports, artifacts (a directory), runtime (the Pods and Deployment of the runtime
 // steps, optional). Writes artifacts/results.json (the rows the page
 // returned per transport, the blocked page's rows, the browser's console lines and failed
@@ -58,6 +59,7 @@ try {
     hubUrl: config.hubUrl,
     token,
     cluster: config.cluster,
+    downCluster: config.downCluster,
     namespace: config.namespace,
     timeoutMs: config.timeoutMs,
     runtime: config.runtime,

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from otterscale.common import AuditConfig, AuditEvent, AuditLog, AuditSession, AuditTarget
+from otterscale.common import (
+    AuditClusterOutcome,
+    AuditConfig,
+    AuditEvent,
+    AuditLog,
+    AuditSession,
+    AuditTarget,
+)
 
 
 def event(**changes: object) -> AuditEvent:
@@ -87,6 +94,19 @@ def test_a_session_event_inlines_the_session() -> None:
         0,
     )
     assert "session" not in json.loads(event().to_json())  # a call's event has no session part
+
+
+def test_a_multi_cluster_event_adds_each_clusters_outcome() -> None:
+    clusters = {
+        "east": AuditClusterOutcome("ok", items=120, duration_ms=41.0),
+        "west": AuditClusterOutcome("unavailable", reconnects=2),
+    }
+    document = json.loads(event(target=AuditTarget(resource="configmaps"), clusters=clusters).to_json())
+    assert document["cluster"] == ""
+    assert document["clusters"] == {
+        "east": {"outcome": "ok", "items": 120, "duration_ms": 41.0, "reconnects": 0},
+        "west": {"outcome": "unavailable", "items": 0, "duration_ms": 0.0, "reconnects": 2},
+    }
 
 
 class _Records(logging.Handler):

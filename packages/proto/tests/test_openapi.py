@@ -44,10 +44,18 @@ def test_openapi_version(doc: dict[str, Any]) -> None:
 
 def test_one_path_per_rpc(doc: dict[str, Any]) -> None:
     assert [m.name for m in SERVICE.methods] == RPCS
-    resource_paths = {path for path in doc["paths"] if path.startswith("/otterscale.resource.v1.")}
+    resource_paths = {
+        path for path in doc["paths"] if path.startswith("/otterscale.resource.v1.ResourceService/")
+    }
     assert resource_paths == {f"/otterscale.resource.v1.ResourceService/{name}" for name in RPCS}
-    # Additions (otterscale.cluster.v1) are documented too.
+    # Additions (otterscale.cluster.v1, the fan-out service) are documented too.
     assert "/otterscale.cluster.v1.ClusterService/ListClusters" in doc["paths"]
+    assert {
+        path for path in doc["paths"] if path.startswith("/otterscale.resource.v1.MultiClusterService/")
+    } == {
+        "/otterscale.resource.v1.MultiClusterService/MultiList",
+        "/otterscale.resource.v1.MultiClusterService/MultiWatch",
+    }
 
 
 def test_runtime_service_paths(doc: dict[str, Any]) -> None:

@@ -13,6 +13,11 @@
 import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-web";
 import { ClusterService } from "./gen/otterscale/cluster/v1/cluster_pb";
+import {
+  ClusterStatus_Outcome,
+  MultiClusterService,
+  MultiWatchRequest_InitialEvents,
+} from "./gen/otterscale/resource/v1/multicluster_pb";
 import { ResourceService, WatchEvent_Type } from "./gen/otterscale/resource/v1/resource_pb";
 import { RuntimeService } from "./gen/otterscale/runtime/v1/runtime_pb";
 
@@ -25,6 +30,8 @@ export interface RunConfig {
   hubUrl: string;
   token: string;
   cluster: string;
+  /** A configured cluster whose agent never runs: the fan-out steps show its own outcome. */
+  downCluster: string;
   namespace: string;
   transport: TransportName;
   /** Per-call deadline; also sent to the hub (Connect-Timeout-Ms / Grpc-Timeout headers). */
@@ -137,6 +144,7 @@ export async function run(config: RunConfig): Promise<Step[]> {
   const base = transport(config.transport, config.hubUrl, config.token);
   const clusters = createClient(ClusterService, base);
   const resources = createClient(ResourceService, base);
+  const fleet = createClient(MultiClusterService, base);
   const options = { timeoutMs };
   const name = `browser-${config.transport}-${Date.now().toString(36)}`;
   const target = { cluster, group: "", version: "v1", resource: "configmaps", namespace };
@@ -198,6 +206,72 @@ export async function run(config: RunConfig): Promise<Step[]> {
         options,
       );
       return await seen;
+    } finally {
+      clearTimeout(timer);
+      abort.abort();
+    }
+  });
+  // The fleet view: one call over several clusters, each with its own outcome.
+  const selection = { clusters: [cluster, config.downCluster] };
+  await step("MultiList", steps, async () => {
+    const query = { version: "v1", resource: "configmaps", namespace };
+    const outcomes: Record<string, string> = {};
+    let cursor = "";
+    let pages = 0;
+    let items = 0;
+    let found = false;
+    do {
+      // Two items a page, so the cursor is followed across pages as a table's "next" button would.
+      const page = await fleet.multiList({ selection, query, limit: BigInt(2), cursor }, options);
+      pages += 1;
+      for (const part of page.lists) {
+        const listed = part.list?.items ?? [];
+        items += listed.length;
+        found ||= listed.some((item) => metadata(item.object)["name"] === name);
+      }
+      for (const status of page.statuses) outcomes[status.cluster] = ClusterStatus_Outcome[status.outcome];
+      cursor = page.nextCursor;
+    } while (cursor && pages < 1000);
+    check(found, `${name} is not in the fleet's list`);
+    check(outcomes[cluster] === "OK", `${cluster}: ${outcomes[cluster]}`);
+    check(outcomes[config.downCluster] === "UNAVAILABLE", `${config.downCluster}: ${outcomes[config.downCluster]}`);
+    return `${items} configmaps in ${pages} pages; ${cluster} OK, ${config.downCluster} UNAVAILABLE`;
+  });
+  await step("MultiWatch", steps, async () => {
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), timeoutMs);
+    try {
+      const stream = fleet.multiWatch(
+        {
+          selection,
+          query: { version: "v1", resource: "configmaps", namespace, fieldSelector: `metadata.name=${name}` },
+          initialEvents: MultiWatchRequest_InitialEvents.MISSING_ONLY,
+        },
+        { signal: abort.signal },
+      );
+      let changed = false;
+      let down = "";
+      for await (const message of stream) {
+        if (message.kind.case === "status") {
+          const status = message.kind.value;
+          if (status.cluster === config.downCluster) down = ClusterStatus_Outcome[status.outcome];
+          if (status.cluster === cluster && status.outcome === ClusterStatus_Outcome.SYNCED && !changed) {
+            changed = true; // live: now change the object, and wait for that change to arrive
+            await resources.apply(
+              { ...target, name, manifest: manifest(name, namespace, "three"), force: true, fieldManager: "otterscale-web-ui" },
+              options,
+            );
+          }
+        } else if (message.kind.case === "event") {
+          const { cluster: from, event } = message.kind.value;
+          const data = ((event?.resource?.object ?? {})["data"] ?? {}) as Json;
+          if (from === cluster && event?.type === WatchEvent_Type.MODIFIED && data["value"] === "three") {
+            check(down === "UNAVAILABLE", `${config.downCluster}: ${down || "no status"}`);
+            return `MODIFIED from ${cluster} at resourceVersion ${event.resourceVersion}; ${config.downCluster} ${down}`;
+          }
+        }
+      }
+      throw new Failed("the stream ended before the change arrived");
     } finally {
       clearTimeout(timer);
       abort.abort();

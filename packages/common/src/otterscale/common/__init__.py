@@ -1,8 +1,8 @@
 """otterscale-common: what the OtterScale hub and agent share.
 
-Configuration (``otterscale.yaml``), OIDC bearer-token verification, the verified caller
-(:class:`Identity`) and the one rule for its names, the signed hub-to-agent identity headers,
-the audit trail (:class:`AuditLog`), logging set-up, the ``otterscale``
+Configuration (``otterscale.yaml``, cluster label selectors), OIDC bearer-token verification,
+the verified caller (:class:`Identity`) and the one rule for its names, the signed hub-to-agent
+identity headers, the audit trail (:class:`AuditLog`), logging set-up, the ``otterscale``
 command and the flags both services take, supervision of external processes
 (:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`) and
 serving an ASGI application with a tuned hypercorn (:func:`serve`). Nothing here knows about a
@@ -11,7 +11,7 @@ particular service.
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
-from ._audit import AuditEvent, AuditKind, AuditLog, AuditSession, AuditTarget
+from ._audit import AuditClusterOutcome, AuditEvent, AuditKind, AuditLog, AuditSession, AuditTarget
 from ._chisel import (
     LOOPBACK,
     MIN_CHISEL_VERSION,
@@ -51,11 +51,14 @@ from ._cli import (
 from ._config import (
     MAX_CONFIG_BYTES,
     MIN_SECRET_LENGTH,
+    AccessConfig,
+    AccessRule,
     AgentAuth,
     AgentConfig,
     AuditConfig,
     ClusterConfig,
     CorsConfig,
+    FanoutConfig,
     HubLimitsConfig,
     KeycloakConfig,
     OtterscaleConfig,
@@ -76,6 +79,7 @@ from ._errors import (
 )
 from ._h2 import tune_hypercorn
 from ._identity import RESERVED_PREFIXES, Identity
+from ._labels import LabelSelector, LabelSyntaxError
 from ._logging import LogFormat, RedactingFilter, configure_logging, redact
 from ._net import ASGIApp, create_listener, drain_request, serve, server_config
 from ._oidc import ALLOWED_ALGORITHMS, OIDCVerifier, VerifiedToken
@@ -112,8 +116,11 @@ __all__ = [
     "SUBJECT_HEADER",
     "TIMESTAMP_HEADER",
     "ASGIApp",
+    "AccessConfig",
+    "AccessRule",
     "AgentAuth",
     "AgentConfig",
+    "AuditClusterOutcome",
     "AuditConfig",
     "AuditEvent",
     "AuditKind",
@@ -133,11 +140,14 @@ __all__ = [
     "CommonOptions",
     "ConfigError",
     "CorsConfig",
+    "FanoutConfig",
     "HubLimitsConfig",
     "Identity",
     "IdentityHeaderError",
     "IdentityProviderUnavailableError",
     "KeycloakConfig",
+    "LabelSelector",
+    "LabelSyntaxError",
     "LogFormat",
     "OIDCVerifier",
     "OtterscaleConfig",

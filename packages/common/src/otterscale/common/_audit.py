@@ -17,8 +17,12 @@ short hash, never the id), ``phase`` (``start`` or ``end``), ``kind``, ``contain
 ``tty``, ``port``, ``bytes_in``, ``bytes_out``, ``exit_code``); never stdin or output.
 
 ``code`` is ``ok`` or the Connect code the caller saw (``permission_denied``,
-``unauthenticated``...). An event never holds a manifest, a token, a signature, a password or an
-error message (which may quote what the caller sent): only names and outcomes.
+``unauthenticated``...). A call that reaches many clusters at once (the hub's MultiList and
+MultiWatch) adds ``"clusters"``: per cluster, how its leg ended (:class:`AuditClusterOutcome`), e.g.
+``{"east": {"outcome": "ok", "items": 120, "duration_ms": 41.0, "reconnects": 0}, "west":
+{"outcome": "unavailable", ...}}``; ``cluster`` is then empty. Other events have no such key.
+An event never holds a manifest, a token, a signature, a password or an error message (which may
+quote what the caller sent): only names and outcomes.
 
 Where: ``stdout`` (default), a stream of its own, since the services log to stderr; or a file,
 rotated by size. Writing goes through :mod:`logging`'s handlers (thread-safe, and the rotating
@@ -34,7 +38,8 @@ import json
 import logging
 import logging.handlers
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Literal
 
@@ -82,6 +87,20 @@ class AuditSession:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditClusterOutcome:
+    """How one cluster's part of a multi-cluster call ended."""
+
+    #: ``ok`` or what went wrong there, lower case (``unavailable``, ``timeout``,
+    #: ``permission_denied``, ``unknown_cluster``...): names, never a message.
+    outcome: str
+    #: Objects listed, or events delivered for a watch.
+    items: int = 0
+    duration_ms: float = 0.0
+    #: Times a watch leg had to be opened again.
+    reconnects: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One audited call (see the module docstring for the fields; ``target``'s are inlined)."""
 
@@ -100,6 +119,8 @@ class AuditEvent:
     forwarded_by: str = ""
     #: The session's part of an agent's session event; None for a call.
     session: AuditSession | None = None
+    #: Per cluster, for a call that reaches many (empty otherwise, and then left out of the line).
+    clusters: Mapping[str, AuditClusterOutcome] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The event as one line of JSON (no trailing newline), the target's (and a session's)
@@ -110,6 +131,8 @@ class AuditEvent:
         if session is not None:
             session["argv"] = list(session["argv"])
             document.update(session)
+        if not self.clusters:
+            del document["clusters"]
         document["time"] = _timestamp(self.time)
         document["groups"] = list(self.groups)
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))

@@ -35,7 +35,9 @@ from connectrpc.request import RequestContext
 from ._metrics import HubMetrics
 
 if TYPE_CHECKING:
-    from otterscale.common import AuditTarget
+    from collections.abc import Mapping
+
+    from otterscale.common import AuditClusterOutcome, AuditTarget
 
 logger = logging.getLogger("otterscale.hub.access")
 
@@ -71,6 +73,8 @@ class CallInfo:
     #: The caller's address: the TCP peer, or for a forwarded call the one the follower saw.
     source: str = ""
     target: AuditTarget | None = None
+    #: Per cluster, how a call that reaches many (fan-out) ended there; set by its handler.
+    clusters: Mapping[str, AuditClusterOutcome] | None = None
 
 
 _CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("otterscale_hub_call", default=None)
