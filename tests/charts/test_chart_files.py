@@ -29,6 +29,7 @@ from otterscale.common import (
     HubLimitsConfig,
     KeycloakConfig,
     OtterscaleConfig,
+    RuntimeConfig,
     TunnelServerConfig,
 )
 
@@ -62,8 +63,9 @@ def test_hub_schema_knows_exactly_the_configuration_keys() -> None:
     schema = json.loads((ROOT / "charts" / "otterscale-hub" / "values.schema.json").read_text())
     config = schema["properties"]["config"]
     props = config["properties"]
-    assert set(props) == _aliases(OtterscaleConfig)
-    optional = {"limits", "audit", "cors", "fanout", "access"}
+    # runtime is the agents' section: the hub ignores it, so its chart does not offer it.
+    assert set(props) == _aliases(OtterscaleConfig) - {"runtime"}
+    optional = {"limits", "audit", "cors", "fanout", "access", "runtime"}
     assert set(config["required"]) == _aliases(OtterscaleConfig) - optional
     assert set(props["limits"]["properties"]) == _aliases(HubLimitsConfig)
     assert set(props["audit"]["properties"]) == _aliases(AuditConfig)
@@ -89,6 +91,8 @@ def test_agent_schema_knows_exactly_the_agent_keys() -> None:
     assert set(props["agent"]["properties"]) == _aliases(AgentConfig)
     assert set(props["agent"]["properties"]["auth"]["properties"]) == _aliases(AgentAuth) - SECRET_KEYS
     assert set(props["keycloak"]["properties"]) == _aliases(KeycloakConfig)
+    assert set(props["runtime"]["properties"]) == _aliases(RuntimeConfig)
+    assert set(props["audit"]["properties"]) == _aliases(AuditConfig)
 
 
 @pytest.mark.parametrize("chart", CHARTS)

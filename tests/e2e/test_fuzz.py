@@ -56,6 +56,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.security]
 OPENAPI = Path(__file__).resolve().parents[2] / "api" / "openapi.yaml"
 SCHEMA = schemathesis.openapi.from_path(OPENAPI)
 OPERATIONS = {op.ok().definition.raw["operationId"]: op.ok() for op in SCHEMA.get_all_operations()}
+#: Server streams (Watch, PodLog, ExecuteTTY, PortForward): enveloped bodies, with a short deadline.
+STREAMS = {
+    name
+    for name, op in OPERATIONS.items()
+    if "application/connect+json" in op.definition.raw["requestBody"]["content"]
+}
 
 EXAMPLES = int(os.environ.get("OTTERSCALE_FUZZ_EXAMPLES", "30"))
 SEED = int(os.environ.get("OTTERSCALE_FUZZ_SEED", str(random.randrange(2**32))))
@@ -502,7 +508,7 @@ def _run_operation(
         }
         headers.update(caller.headers())
         headers.setdefault("Content-Type", case.media_type or "application/json")
-        if name in ("ResourceService_Watch", "MultiClusterService_MultiWatch"):
+        if name in STREAMS:
             send_watch(session, url, headers, body, findings, f"{name} {mode.value}")
         else:
             send_unary(session, url, headers, body, findings, f"{name} {mode.value}")

@@ -17,6 +17,7 @@ EXPECTED = {
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
+    "RuntimeConfig",
     "FanoutConfig",
     "AccessConfig",
     "AccessRule",
@@ -39,6 +40,7 @@ EXPECTED = {
     "AuditEvent",
     "AuditKind",
     "AuditLog",
+    "AuditSession",
     "AuditTarget",
     # errors
     "OtterscaleError",

@@ -3,7 +3,8 @@
 :class:`Agent` is the agent's HTTP side as an async context manager (used by the CLI and by
 tests): entering loads the Kubernetes credentials, opens the client, binds the socket and starts
 the HTTP server; leaving ends open Watch streams (unavailable), stops accepting, lets open
-requests finish for a few seconds, and closes the Kubernetes client. :func:`run_agent` runs the
+requests finish for a few seconds, and closes the Kubernetes client. Open exec and port-forward
+sessions and PodLog streams end with unavailable, like Watches. :func:`run_agent` runs the
 whole agent (with its tunnel, when ``settings.tunnel`` is set) until a stop is requested or a
 root task ends.
 
@@ -25,8 +26,9 @@ from types import TracebackType
 from typing import Any
 
 from otterscale.cluster.v1.cluster_connect import AgentServiceASGIApplication
-from otterscale.common import create_listener, serve
+from otterscale.common import AuditConfig, AuditLog, RuntimeConfig, create_listener, serve
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
+from otterscale.runtime.v1.runtime_connect import RuntimeServiceASGIApplication
 
 from ._auth import IdentityInterceptor
 from ._codecs import resource_codecs
@@ -34,6 +36,8 @@ from ._discovery import DEFAULT_TTL, DiscoveryCache
 from ._info import AgentInfoService
 from ._kube import KubeClient
 from ._kubeconfig import KubeConnection, load_connection
+from ._metrics import AgentMetrics
+from ._runtime import RuntimeServiceImpl
 from ._schema import SchemaCache
 from ._server import GRACEFUL_TIMEOUT, Readiness, make_asgi_app, mount
 from ._service import ErrorBoundary, ResourceServiceImpl
@@ -69,6 +73,10 @@ class AgentSettings:
     #: The tunnel to the hub that :func:`run_agent` keeps open; None runs the agent alone
     #: (``--no-tunnel``: tests, local debugging).
     tunnel: TunnelSettings | None = None
+    #: Limits and timeouts of exec and port-forward sessions (``runtime`` in otterscale.yaml).
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    #: Where the audit events of exec and port-forward sessions go (``audit`` in otterscale.yaml).
+    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
 
 
 class Agent:
@@ -91,6 +99,9 @@ class Agent:
         self._stopping = False
         self._client: KubeClient | None = None
         self._service: ResourceServiceImpl | None = None
+        self._runtime: RuntimeServiceImpl | None = None
+        self._audit: AuditLog | None = None
+        self.metrics = AgentMetrics()
         self._server_stop = asyncio.Event()
         self._server_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[Any]] = []
@@ -137,12 +148,23 @@ class Agent:
                 self._background.append(
                     start_task(connection.refresher(), name="kube-credentials-refresh", forever=False)
                 )
+            discovery = DiscoveryCache(self._client, ttl=settings.discovery_ttl)
             self._service = ResourceServiceImpl(
                 cluster=settings.cluster,
                 client=self._client,
-                discovery=DiscoveryCache(self._client, ttl=settings.discovery_ttl),
+                discovery=discovery,
                 schemas=SchemaCache(self._client, ttl=settings.discovery_ttl),
             )
+            self._audit = AuditLog.from_config(settings.audit)
+            self._runtime = RuntimeServiceImpl(
+                cluster=settings.cluster,
+                client=self._client,
+                discovery=discovery,
+                config=settings.runtime,
+                metrics=self.metrics,
+                audit=self._audit,
+            )
+            self._background.append(start_task(self._runtime.sessions.sweep(), name="runtime-session-sweep"))
             interceptors = [
                 # Outermost: an unsigned call never reaches a handler.
                 IdentityInterceptor(
@@ -159,6 +181,7 @@ class Agent:
                 AgentServiceASGIApplication(
                     AgentInfoService(cluster=settings.cluster, client=self._client), interceptors=interceptors
                 ),
+                RuntimeServiceASGIApplication(self._runtime, interceptors=interceptors),
             )
             sock = create_listener(settings.host, settings.port)
             bound = sock.getsockname()
@@ -166,7 +189,9 @@ class Agent:
             started = asyncio.Event()
             self._server_task = start_task(
                 serve(
-                    make_asgi_app(connect_app, on_startup=started.set, readiness=self.readiness),
+                    make_asgi_app(
+                        connect_app, on_startup=started.set, readiness=self.readiness, metrics=self.metrics
+                    ),
                     sock,
                     self._server_stop,
                     graceful_timeout=GRACEFUL_TIMEOUT,
@@ -184,6 +209,8 @@ class Agent:
         self._stopping = True
         if self._service is not None:
             self._service.shutdown()
+        if self._runtime is not None:
+            self._runtime.shutdown()
         self._server_stop.set()
         if self._server_task is not None and not self._server_task.done():
             try:
@@ -194,6 +221,8 @@ class Agent:
             except Exception:  # noqa: S110 - already logged by the task's done callback
                 pass
         await stop_tasks(self._background, grace=2.0)
+        if self._audit is not None:
+            self._audit.close()
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -70,7 +70,8 @@ class _EveryHeader(Mapping[str, str]):
 
 
 class IdentityInterceptor:
-    """Verifies the hub's signature on every call (connectrpc unary and server-stream interceptor).
+    """Verifies the hub's signature on every call (connectrpc interceptor of every call shape:
+    connectrpc skips an interceptor for a shape it does not implement, so each is here).
 
     Why not a metadata interceptor, which connectrpc would run before reading the body: answering
     an HTTP/2 request before its body has arrived makes hypercorn 0.18 fail on the DATA frames
@@ -114,6 +115,37 @@ class IdentityInterceptor:
         self,
         call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
         request: Any,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[Any]:
+        token = _IDENTITY.set(self._verify(ctx))
+        stream = call_next(request, ctx)
+        try:
+            async for message in stream:
+                yield message
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            _IDENTITY.reset(token)
+
+    async def intercept_client_stream(
+        self,
+        call_next: Callable[[AsyncIterator[Any], RequestContext[Any, Any]], Awaitable[Any]],
+        request: AsyncIterator[Any],
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> Any:
+        token = _IDENTITY.set(self._verify(ctx))
+        try:
+            return await call_next(request, ctx)
+        finally:
+            _IDENTITY.reset(token)
+
+    async def intercept_bidi_stream(
+        self,
+        call_next: Callable[[AsyncIterator[Any], RequestContext[Any, Any]], AsyncIterator[Any]],
+        request: AsyncIterator[Any],
         ctx: RequestContext[Any, Any],
         /,
     ) -> AsyncIterator[Any]:

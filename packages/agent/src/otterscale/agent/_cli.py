@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.sslproto
 import dataclasses
 import gc
 import logging
@@ -21,7 +22,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from otterscale.common import (
@@ -208,6 +209,8 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
         environ=dict(environ),
         discovery_ttl=args.discovery_ttl,
         tunnel=tunnel,
+        runtime=config.runtime,
+        audit=config.audit,
     )
     return settings, options.log_level, options.log_format
 
@@ -278,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level, fmt)
     try:
         _tune_gc()
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        _tune_tls_reads()
+        with asyncio.Runner() as runner:
             return runner.run(_serve(settings))
     except KubeConfigError as exc:
         logger.error("%s", exc)
@@ -298,21 +302,29 @@ def _tune_gc() -> None:
     gc.freeze()
 
 
-def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where installed (a dependency on CPython, not Windows), else asyncio's.
+#: asyncio's TLS read buffer per connection (CPython's default is 256 KiB).
+TLS_READ_BUFFER = 64 * 1024
 
-    Why: every Watch holds its own TLS connection to kube-apiserver, and asyncio's SSL transport
-    keeps a 256 KiB read buffer per connection (``asyncio.sslproto``): with 1,000 Watches the
-    agent's RSS was 416 MiB on asyncio's loop and 172 MiB on uvloop's (bench ``--only watch``).
-    CPU per Get did not change measurably either way, so the hub, which has no such connections,
-    keeps asyncio's loop. The agent behaves the same on both.
+
+def _tune_tls_reads() -> None:
+    """asyncio's event loop, with a 64 KiB TLS read buffer per connection instead of 256 KiB.
+
+    Every Watch and every exec, port-forward or log stream holds its own TLS connection to
+    kube-apiserver, and asyncio's SSL transport preallocates its read buffer per connection
+    (``asyncio.sslproto.SSLProtocol.max_size``): with 1,000 Watches that buffer alone was
+    250 MiB. 64 KiB still holds several of the API server's TLS records; the transport reads in
+    a loop, so throughput does not depend on it.
+
+    Why not uvloop (which the agent used before for the same memory reason): uvloop 0.21-0.23
+    discards the TLS data it holds for a connection whose reading is paused when the peer closes
+    TCP without a TLS close_notify (MagicStack/uvloop#385's shutdown; the fix, #661, is not
+    released). kube-apiserver ends exec, port-forward and log streams exactly that way, and
+    reading pauses whenever the client is slower than the pod: 64 MiB forwarded through the hub
+    arrived 30 to 190 KiB short in four runs of five on uvloop, complete every time on
+    asyncio's loop. Losing the end of a command's output or a download is not a trade-off.
     """
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    if hasattr(asyncio.sslproto.SSLProtocol, "max_size"):
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
 async def _serve(settings: AgentSettings) -> int:

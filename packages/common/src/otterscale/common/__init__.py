@@ -11,7 +11,7 @@ particular service.
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
-from ._audit import AuditClusterOutcome, AuditEvent, AuditKind, AuditLog, AuditTarget
+from ._audit import AuditClusterOutcome, AuditEvent, AuditKind, AuditLog, AuditSession, AuditTarget
 from ._chisel import (
     LOOPBACK,
     MIN_CHISEL_VERSION,
@@ -62,6 +62,7 @@ from ._config import (
     HubLimitsConfig,
     KeycloakConfig,
     OtterscaleConfig,
+    RuntimeConfig,
     TunnelConfig,
     TunnelServerConfig,
     load_config,
@@ -124,6 +125,7 @@ __all__ = [
     "AuditEvent",
     "AuditKind",
     "AuditLog",
+    "AuditSession",
     "AuditTarget",
     "AuthenticationError",
     "ChiselBinary",
@@ -153,6 +155,7 @@ __all__ = [
     "ProcessError",
     "ProcessSpec",
     "RedactingFilter",
+    "RuntimeConfig",
     "ServerEventKind",
     "Supervisor",
     "TunnelConfig",

@@ -11,6 +11,11 @@ An audit event answers "who did what, where, and how did it end", for calls that
      "name": "settings", "dry_run": false, "code": "ok", "duration_ms": 12.5,
      "source": "10.0.0.7:51234", "forwarded_by": ""}
 
+An agent writes one event when an exec or port-forward session starts and one when it ends
+(``component: agent``), with the session's part inlined (:class:`AuditSession`: ``session`` (a
+short hash, never the id), ``phase`` (``start`` or ``end``), ``kind``, ``container``, ``argv``,
+``tty``, ``port``, ``bytes_in``, ``bytes_out``, ``exit_code``); never stdin or output.
+
 ``code`` is ``ok`` or the Connect code the caller saw (``permission_denied``,
 ``unauthenticated``...). A call that reaches many clusters at once (the hub's MultiList and
 MultiWatch) adds ``"clusters"``: per cluster, how its leg ended (:class:`AuditClusterOutcome`), e.g.
@@ -61,6 +66,27 @@ class AuditTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSession:
+    """An exec or port-forward session's part of an event (written by the agent)."""
+
+    #: A short hash of the session id (the id itself is a capability and never written).
+    session: str
+    #: ``start`` or ``end``.
+    phase: Literal["start", "end"]
+    #: ``exec`` or ``port-forward``.
+    kind: str
+    container: str = ""
+    #: The command, as much as ``runtime.audit_argv`` allows.
+    argv: tuple[str, ...] = ()
+    tty: bool = False
+    port: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    #: The command's exit code, at the end of an exec that exited.
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AuditClusterOutcome:
     """How one cluster's part of a multi-cluster call ended."""
 
@@ -91,13 +117,20 @@ class AuditEvent:
     duration_ms: float
     source: str
     forwarded_by: str = ""
+    #: The session's part of an agent's session event; None for a call.
+    session: AuditSession | None = None
     #: Per cluster, for a call that reaches many (empty otherwise, and then left out of the line).
     clusters: Mapping[str, AuditClusterOutcome] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        """The event as one line of JSON (no trailing newline), the target's fields inlined."""
+        """The event as one line of JSON (no trailing newline), the target's (and a session's)
+        fields inlined."""
         document = asdict(self)
         document.update(document.pop("target"))
+        session = document.pop("session")
+        if session is not None:
+            session["argv"] = list(session["argv"])
+            document.update(session)
         if not self.clusters:
             del document["clusters"]
         document["time"] = _timestamp(self.time)

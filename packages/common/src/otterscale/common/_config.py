@@ -13,11 +13,12 @@ Ports may be integers or quoted strings (``"8300"``). New, optional keys (all un
 ``min_refresh_interval_seconds`` (30). The optional ``limits`` section bounds what the hub
 accepts from and holds for clients (:class:`HubLimitsConfig`; agents ignore it); the optional
 ``audit`` section says where audit events go (:class:`AuditConfig`); the optional ``cors``
-section lets browser pages of other origins call the hub (:class:`CorsConfig`; agents ignore it).
-Hub-only additions for fan-out calls: ``clusters.<name>.labels``, the ``fanout`` section
-(:class:`FanoutConfig`) and the ``access`` section (:class:`AccessConfig`, per-caller cluster
-allow-lists). Unknown keys are refused everywhere: a typo must not silently fall back to a
-default.
+section lets browser pages of other origins call the hub (:class:`CorsConfig`; agents ignore it);
+the optional ``runtime`` section bounds the agents' exec and port-forward sessions
+(:class:`RuntimeConfig`; the hub ignores it). Hub-only additions for fan-out calls:
+``clusters.<name>.labels``, the ``fanout`` section (:class:`FanoutConfig`) and the ``access``
+section (:class:`AccessConfig`, per-caller cluster allow-lists). Unknown keys are refused
+everywhere: a typo must not silently fall back to a default.
 
 Secrets (``tunnel.server.key_seed``, ``clusters.<name>.agent.auth.pass``) must be at least
 ``MIN_SECRET_LENGTH`` (32) characters and not one of the documentation's example values: the
@@ -446,6 +447,35 @@ class HubLimitsConfig(_Model):
     watch_send_timeout_seconds: float = Field(default=30.0, gt=0, le=86_400)
 
 
+class RuntimeConfig(_Model):
+    """The ``runtime`` section: the agents' exec and port-forward sessions (optional; the hub
+    ignores it).
+
+    A session belongs to the subject that started it; the per-subject and per-agent limits count
+    open sessions, so a refused start succeeds again once one ends. ``idle_timeout_seconds``
+    ends a session with no input, output or resize for that long; ``max_lifetime_seconds`` ends
+    any session that old. ``heartbeat_seconds`` is how often an idle PodLog, ExecuteTTY or
+    PortForward stream carries an empty message (so proxies in between keep it open).
+    ``max_write_bytes`` bounds one WriteTTY/WritePortForward payload, ``max_pending_bytes`` the
+    input one session holds (writes waiting for their turn or for a gap to fill), and
+    ``write_gap_timeout_seconds`` how long a write after a gap waits for the missing bytes.
+    ``audit_argv`` says how much of an exec command goes into the audit record: ``full``,
+    ``command`` (argv[0] only) or ``none``.
+    """
+
+    max_exec_sessions_per_subject: int = Field(default=10, ge=1, le=10_000, strict=True)
+    max_port_forward_sessions_per_subject: int = Field(default=10, ge=1, le=10_000, strict=True)
+    max_exec_sessions: int = Field(default=100, ge=1, le=100_000, strict=True)
+    max_port_forward_sessions: int = Field(default=100, ge=1, le=100_000, strict=True)
+    idle_timeout_seconds: float = Field(default=1800.0, gt=0, le=7 * 86_400)
+    max_lifetime_seconds: float = Field(default=8 * 3600.0, gt=0, le=30 * 86_400)
+    heartbeat_seconds: float = Field(default=30.0, gt=0, le=3600)
+    max_write_bytes: int = Field(default=64 * 1024, ge=1024, le=4 * _MIB, strict=True)
+    max_pending_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * _MIB, strict=True)
+    write_gap_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    audit_argv: typing.Literal["full", "command", "none"] = "full"
+
+
 class AuditConfig(_Model):
     """The ``audit`` section: where audit events go and which calls produce one (optional).
 
@@ -610,6 +640,7 @@ class OtterscaleConfig(_Model):
     cors: CorsConfig = CorsConfig()
     fanout: FanoutConfig = FanoutConfig()
     access: AccessConfig | None = None
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _unique_ports_and_users(self, info: ValidationInfo) -> Self:

@@ -42,6 +42,7 @@ from otterscale.cluster.v1.cluster_connect import ClusterServiceASGIApplication
 from otterscale.common import ASGIApp, OtterscaleConfig
 from otterscale.resource.v1 import multicluster_pb2, resource_pb2
 from otterscale.resource.v1.multicluster_connect import MultiClusterServiceASGIApplication
+from otterscale.runtime.v1 import runtime_pb2
 
 from ._access import AccessPolicy
 from ._auth import Authenticator
@@ -59,15 +60,27 @@ logger = logging.getLogger(__name__)
 #: Services served by the agents and forwarded by cluster (one entry per service).
 ROUTED_SERVICES: tuple[ServiceDescriptor, ...] = (
     resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
+    runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"],
 )
 
 #: Methods of the registered services that only read but whose .proto cannot say so
 #: (``idempotency_level = NO_SIDE_EFFECTS`` would also turn on Connect GET, which the API does not
 #: offer for them): audited only at ``audit.reads: metadata``. Every method not listed here and not
 #: marked NO_SIDE_EFFECTS is audited always (see the module docstring).
+#: The runtime's session traffic (WriteTTY, ResizeTTY, WritePortForward) is listed too, though
+#: it writes: one event per keystroke would bury the trail, and the session is audited already,
+#: by the hub at the end of its ExecuteTTY or PortForward call and by the agent at its start and end.
 READ_METHODS: frozenset[str] = frozenset(
-    f"/otterscale.resource.v1.ResourceService/{method}"
-    for method in ("Discovery", "Schema", "List", "Get", "Describe", "Watch")
+    [
+        *(
+            f"/otterscale.resource.v1.ResourceService/{method}"
+            for method in ("Discovery", "Schema", "List", "Get", "Describe", "Watch")
+        ),
+        *(
+            f"/otterscale.runtime.v1.RuntimeService/{method}"
+            for method in ("PodLog", "GetScale", "WriteTTY", "ResizeTTY", "WritePortForward")
+        ),
+    ]
 )
 
 
