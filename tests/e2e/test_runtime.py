@@ -42,7 +42,7 @@ from pyqwest import Client, HTTPTransport
 
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
-from otterscale.testing import LocalIssuer, Node, System, otterscale_command, start_system
+from otterscale.testing import LocalIssuer, Node, Outbox, System, otterscale_command, start_system
 
 from .conftest import TRANSPORTS, unique
 
@@ -769,23 +769,6 @@ async def test_hub_leader_change_ends_sessions_with_unavailable(
 
 
 # --- bidirectional streams through the hub (HTTP/2) ------------------------------------------------
-
-
-class Outbox:
-    """A request stream fed while it is being sent (full duplex)."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def put(self, message: Any) -> None:
-        self.queue.put_nowait(message)
-
-    def end(self) -> None:
-        self.queue.put_nowait(None)
-
-    async def __aiter__(self) -> Any:
-        while (message := await self.queue.get()) is not None:
-            yield message
 
 
 @pytest.mark.parametrize("transport", ["connect-h2c", "grpc-h2c"])

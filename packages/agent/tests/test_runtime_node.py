@@ -29,7 +29,7 @@ from connectrpc.errors import ConnectError
 from otterscale.common import AuditConfig, Identity, RuntimeConfig
 from otterscale.runtime.v1 import runtime_pb2 as pb
 from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
-from otterscale.testing import AgentProcess, Node, eventually
+from otterscale.testing import AgentProcess, Node, Outbox, eventually
 
 from .conftest import (
     ADMIN,
@@ -798,23 +798,6 @@ async def test_log_of_every_container(clients: ClientFactory, node: Node, cluste
 
 
 # --- bidirectional streams (HTTP/2 clients) ---------------------------------------------------------
-
-
-class Outbox:
-    """A request stream fed while it is being sent (full duplex)."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def put(self, message: Any) -> None:
-        self.queue.put_nowait(message)
-
-    def end(self) -> None:
-        self.queue.put_nowait(None)
-
-    async def __aiter__(self) -> Any:
-        while (message := await self.queue.get()) is not None:
-            yield message
 
 
 @pytest.mark.parametrize("transport", ["connect-h2c", "grpc-h2c"])
