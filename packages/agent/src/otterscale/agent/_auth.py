@@ -111,13 +111,14 @@ class IdentityInterceptor:
         finally:
             _IDENTITY.reset(token)
 
-    async def intercept_server_stream(
+    async def _streamed(
         self,
         call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
         request: Any,
         ctx: RequestContext[Any, Any],
-        /,
     ) -> AsyncIterator[Any]:
+        """A streamed answer with the verified identity set while the handler runs (server and
+        bidi streams alike: only the request's shape differs)."""
         token = _IDENTITY.set(self._verify(ctx))
         stream = call_next(request, ctx)
         try:
@@ -128,6 +129,16 @@ class IdentityInterceptor:
             if aclose is not None:
                 await aclose()
             _IDENTITY.reset(token)
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
+        request: Any,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[Any]:
+        async for message in self._streamed(call_next, request, ctx):
+            yield message
 
     async def intercept_client_stream(
         self,
@@ -149,13 +160,5 @@ class IdentityInterceptor:
         ctx: RequestContext[Any, Any],
         /,
     ) -> AsyncIterator[Any]:
-        token = _IDENTITY.set(self._verify(ctx))
-        stream = call_next(request, ctx)
-        try:
-            async for message in stream:
-                yield message
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            _IDENTITY.reset(token)
+        async for message in self._streamed(call_next, request, ctx):
+            yield message
