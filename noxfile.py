@@ -18,7 +18,7 @@ from pathlib import Path
 import nox
 
 ROOT = Path(__file__).parent
-PACKAGES = ["proto", "common", "hub", "agent"]  # dependency order: installs left to right
+PACKAGES = ["proto", "common", "hub", "agent", "cli"]  # dependency order: installs left to right
 PROTO_DIR = ROOT / "packages/proto/proto"
 PROTO_OUT = ROOT / "packages/proto/src"
 OPENAPI = ROOT / "api/openapi.yaml"
@@ -86,7 +86,9 @@ def lint(session: nox.Session) -> None:
     session.install(*LINT_DEPS, *TEST_DEPS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy", *(f"packages/{name}/src" for name in ["common", "hub", "agent", "testing"]), "tools")
+    session.run(
+        "mypy", *(f"packages/{name}/src" for name in ["common", "hub", "agent", "cli", "testing"]), "tools"
+    )
     session.run("lint-imports")
 
 
@@ -434,8 +436,9 @@ def soak(session: nox.Session) -> None:
 def ci(session: nox.Session) -> None:
     """Everything CI runs: tools, lint, buf, stale-code checks, tests (not `slow`; the chart, e2e,
     fault, security and demo-smoke tests included), build, wheels, hadolint, the fresh-venv install
-    tests, the images (built, run and saved), the test node with both charts on it and the
-    end-to-end resource tests with hub and agents as Pods, bench smoke and a one-minute soak.
+    tests, the images (built, run and saved), the test node with both charts on it, the other
+    tests that need the node, the end-to-end resource tests with hub and agents as Pods, bench
+    smoke (and its runtime scenario on the node) and a one-minute soak.
 
     Arguments after `--` replace the default pytest arguments of the `tests` step.
     """
@@ -453,7 +456,19 @@ def ci(session: nox.Session) -> None:
     session.run(*nox_cmd, "-s", "hadolint", "install")
     session.run(*nox_cmd, "-s", "images")  # built, run locked down (--help, hub /readyz), saved
     session.run(*nox_cmd, "-s", "node")  # the node; charts: 1 and 3 replicas, leader kill, upgrade
+    # The other tests on real Pods (pod logs, exec, port-forward; the browser's pod views).
+    session.run(
+        *nox_cmd,
+        "-s",
+        "tests",
+        "--",
+        "-m",
+        "node and not slow",
+        "--ignore=tests/node",
+        "--ignore=tests/install",
+    )
     # The same e2e bodies with hub and agents as Pods: every verb (Get, List, Watch...), every protocol.
     session.run(*nox_cmd, "-s", "e2e", "--", "--provider=node", *NODE_E2E)
     session.run(*nox_cmd, "-s", "bench", "--", "--smoke")  # so the benchmark cannot rot
+    session.run(*nox_cmd, "-s", "bench", "--", "--smoke", "--only", "runtime")  # exec, logs, port-forward
     session.run(*nox_cmd, "-s", "soak", "--", "--duration", "60")

@@ -262,6 +262,10 @@ def generated_file(file_proto: Any) -> Any:
     for extension in fresh.extension:  # of options' extensions too (otterscale.routing.v1.route)
         extension.ClearField("json_name")
     committed = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
+    # Parsed again now that the module (and any options extension it imports, such as
+    # otterscale.routing.v1.route) is loaded, so custom options compare as fields, not as the
+    # unknown bytes protoc's descriptor set left them as.
+    fresh = descriptor_pb2.FileDescriptorProto.FromString(fresh.SerializeToString())
     if committed != fresh:
         sys.exit(f"the generated code for {file_proto.name} is stale: run `nox -s proto` first")
     return module.DESCRIPTOR
@@ -340,10 +344,6 @@ def summary(doc: str) -> str:
 
 def operation(builder: Builder, service: Any, method: Any) -> Schema:
     """The OpenAPI operation for one RPC."""
-    if method.client_streaming:
-        sys.exit(
-            f"{method.full_name}: client and bidirectional streaming cannot be described over Connect JSON"
-        )
     doc = builder.docs.get(f"{service.full_name}.{method.name}", method.name)
     request, response = builder.message(method.input_type), builder.message(method.output_type)
     op: Schema = {
@@ -394,9 +394,21 @@ def build_document(proto_root: Path) -> Schema:
     tags = []
     for file_proto in files:
         for service in generated_file(file_proto).services_by_name.values():
-            tags.append({"name": service.full_name, "description": docs.get(service.full_name, "")})
+            description = docs.get(service.full_name, "")
+            # Client and bidirectional streams need HTTP/2 (gRPC, or Connect over HTTP/2) and
+            # cannot be described as Connect JSON requests: they are named, not described.
+            streaming = [m.name for m in service.methods if m.client_streaming]
+            if streaming:
+                description += (
+                    "\n\nNot described here (request streams, for HTTP/2 clients: gRPC, or Connect"
+                    f" over HTTP/2; see the .proto): {', '.join(streaming)}."
+                )
+            tags.append({"name": service.full_name, "description": description})
             for method in service.methods:
-                paths[f"/{service.full_name}/{method.name}"] = {"post": operation(builder, service, method)}
+                if not method.client_streaming:
+                    paths[f"/{service.full_name}/{method.name}"] = {
+                        "post": operation(builder, service, method)
+                    }
     version = tomllib.loads(PROTO_PYPROJECT.read_text())["project"]["version"]
     components = static_components()
     components["schemas"] = dict(sorted((builder.schemas | components["schemas"]).items()))

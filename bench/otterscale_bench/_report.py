@@ -1,9 +1,9 @@
 """Turn ``results.json`` into the targets verdict, a terminal summary, ``report.md`` and plots.
 
-Targets are those of issue 14 (loopback, this 2-core machine, every process on it). RSS targets
-in MB (10^6 bytes) are converted as the issue states them; the tables show MiB. A service's
-memory and CPU are its process tree: its command (the launcher), the Envoy process the service
-runs in, and the chisel process it supervises (they ship and scale together). With
+Targets are those of issues 7, 14 and 18 (loopback, this 2-core machine, every process on it).
+RSS targets in MB (10^6 bytes) are converted as the issue states them; the tables show MiB. A
+service's memory and CPU are its process tree: its command (the launcher), the Envoy process the
+service runs in, and the chisel process it supervises (they ship and scale together). With
 ``--baseline`` every scenario also ran against another tree (before/after table). A smoke run's
 numbers are not comparable with the targets and say so.
 """
@@ -180,6 +180,198 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         seconds = found["median_s"]
         note = f"median of {len(found['seconds'])} {smoke}".strip()
         rows.append(_row(name, seconds, "<= 0.4 s", seconds <= 0.4, note))
+    if "fanout" in results:
+        rows += fanout_targets(results["fanout"], bool(results.get("smoke")))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Fan-out targets (issue 18)
+
+
+def fanout_targets(fanout: dict[str, Any] | None, smoke: bool) -> list[dict[str, Any]]:
+    """Each fan-out target with its measured value and met / missed (None: not measured, or smoke)."""
+    rows: list[dict[str, Any]] = []
+    note_smoke = "smoke sizes: not comparable" if smoke else ""
+
+    def row(name: str, value: float | None, limit: str, met: bool | None, note: str = "") -> None:
+        rows.append(
+            {
+                "target": name,
+                "value": value,
+                "limit": limit,
+                "met": None if smoke or value is None else met,
+                "note": "; ".join(x for x in (note, note_smoke) if x),
+            }
+        )
+
+    fanout = fanout or {}
+    lists_ = fanout.get("lists") or {}
+    if "multilist_ms" in lists_:
+        m, b1, b2 = lists_["multilist_ms"], lists_["b1_concurrent_ms"], lists_["b2_sequential_ms"]
+        label = f"{lists_['items_per_cluster']} ConfigMaps x {lists_['clusters']} clusters"
+        r = round(m["p50"] / b1["p50"], 2)
+        row(
+            f"MultiList {label}: p50 vs the same Lists issued concurrently (B1)",
+            r,
+            "<= 1.15 x",
+            r <= 1.15,
+            f"{m['p50']:.0f} vs {b1['p50']:.0f} ms",
+        )
+        r = round(m["p99"] / b1["p99"], 2)
+        row("MultiList: p99 vs B1 p99", r, "<= 1.25 x", r <= 1.25, f"{m['p99']:.0f} vs {b1['p99']:.0f} ms")
+        r = round(m["p50"] / b2["p50"], 2)
+        row(
+            "MultiList: p50 vs the same Lists issued sequentially (B2)",
+            r,
+            "<= 0.3 x",
+            r <= 0.3,
+            f"{m['p50']:.0f} vs {b2['p50']:.0f} ms",
+        )
+        r = lists_["hub_rss_increase_over_response"]
+        row(
+            "MultiList: hub RSS increase / response bytes",
+            r,
+            "<= 2 x",
+            r <= 2.0,
+            f"{lists_['hub_rss_mib_peak'] - lists_['hub_rss_mib_baseline']:.1f} MiB for "
+            f"{lists_['response_bytes'] / 2**20:.1f} MiB; the same Lists through the hub (B1): "
+            f"{lists_.get('b1_hub_rss_increase_over_response', '?')} x",
+        )
+        r = lists_["hub_cpu_us_per_item"]
+        row(
+            "MultiList: hub CPU per item",
+            r,
+            "<= 10 us",
+            r <= 10.0,
+            f"B1 (the same Lists through the hub): {lists_.get('b1_hub_cpu_us_per_item', '?')} us",
+        )
+        for key, name, limit in (("paged_fair", "FAIR", 2.0), ("paged_cluster_major", "CLUSTER_MAJOR", 2.5)):
+            paged = lists_.get(key)
+            if paged:
+                row(
+                    f"MultiList paged limit {paged['limit']}, {name}: total vs unpaged",
+                    paged["x_unpaged"],
+                    f"<= {limit:g} x",
+                    paged["x_unpaged"] <= limit,
+                    f"{paged['pages']} pages, {paged['ms']:.0f} ms",
+                )
+        fair = lists_.get("paged_fair")
+        if fair:
+            size = fair["cursor_bytes_max"]
+            row(
+                f"cursor size at {lists_['clusters']} clusters (largest of the traversal)",
+                size,
+                "<= 2048 bytes",
+                size <= 2048 if lists_["clusters"] >= 20 else None,
+            )
+    else:
+        row("MultiList vs B1/B2", None, "<= 1.15 x / <= 0.3 x", None, "not measured")
+    hole = fanout.get("black_hole") or {}
+    if hole:
+        over = hole["over_timeout_ms"]
+        row(
+            f"one black-holed cluster of {hole['clusters']}: page time over its per-cluster timeout",
+            over,
+            "<= 100 ms",
+            over <= 100,
+            f"{hole['page_ms']:.0f} ms with a {hole['per_cluster_timeout_ms']:.0f} ms timeout (the other "
+            f"clusters' items moved and decoded after it); a page of 100 items a cluster: "
+            f"{hole.get('small_page_over_timeout_ms', '?')} ms over",
+        )
+    watch_ = fanout.get("watch") or {}
+    if "delivery_ms" in watch_ and "single_watch" in watch_:
+        d, s = watch_["delivery_ms"], watch_["single_watch"]["delivery_ms"]
+        note = (
+            f"{watch_['clusters']} clusters, {watch_['events_per_second']:.0f} events/s "
+            f"({watch_['writes_per_second']:.0f} writes/s on shared control planes)"
+        )
+        row("MultiWatch: write -> client p99", d["p99"], "<= 100 ms", d["p99"] <= 100, note)
+        r = round(d["p99"] / s["p99"], 2) if s["p99"] else None
+        separate = (watch_.get("separate_watches") or {}).get("delivery_ms") or {}
+        row(
+            "MultiWatch p99 vs single-cluster Watch p99 (same run)",
+            r,
+            "<= 2 x",
+            r is not None and r <= 2,
+            f"{d['p99']:.1f} vs {s['p99']:.1f} ms; the same clusters as one Watch each: "
+            f"{separate.get('p99', '?')} ms",
+        )
+        row("MultiWatch: write -> client p50", d["p50"], "<= 10 ms", d["p50"] <= 10, note)
+    else:
+        row("MultiWatch p99", None, "<= 100 ms", None, "not measured")
+    fair_ = fanout.get("fairness") or {}
+    if "quiet_delivery_ms" in fair_:
+        q = fair_["quiet_delivery_ms"]
+        row(
+            "fairness: quiet clusters' p99 while one cluster writes fast",
+            q["p99"],
+            "<= 150 ms",
+            q["p99"] <= 150,
+            f"hot cluster at {fair_['hot_writes_per_second_achieved']:.0f} writes/s achieved "
+            f"(asked {fair_['hot_rate']:.0f})",
+        )
+    stub = fanout.get("stub") or {}
+    label = f"{stub.get('clusters', '?')} clusters, stub agents behind real chisel tunnels"
+    if "multilist_ms" in stub:
+        v = stub["multilist_ms"]["p50"]
+        row(
+            "MultiList over 1,000 clusters x 10 items, p50",
+            v,
+            "<= 2000 ms",
+            v <= 2000 if stub["clusters"] >= 1000 else None,
+            label,
+        )
+    paged = stub.get("paged")
+    if paged:
+        size = paged["cursor_bytes_max"]
+        row(
+            "cursor size at 1,000 clusters (largest of the traversal)",
+            size,
+            "<= 16384 bytes",
+            size <= 16384 if stub["clusters"] >= 1000 else None,
+            label,
+        )
+        size = paged["resume_bytes"]
+        row(
+            "resume token size at 1,000 clusters",
+            size,
+            "<= 16384 bytes",
+            size <= 16384 if stub["clusters"] >= 1000 else None,
+            label,
+        )
+    costs = stub.get("token_costs")
+    if costs:
+        worst = max(costs["cursor"]["open_seal_ms"]["p50"], costs["resume"]["open_seal_ms"]["p50"])
+        row(
+            "cursor / resume token open + seal at 1,000 clusters, p50",
+            worst,
+            "<= 1 ms",
+            worst <= 1 if stub["clusters"] >= 1000 else None,
+            f"cursor {costs['cursor']['bytes']} B: {costs['cursor']['open_seal_ms']['p50']} ms, resume "
+            f"{costs['resume']['bytes']} B: {costs['resume']['open_seal_ms']['p50']} ms; hub code in the "
+            f"bench process; {label}",
+        )
+    w = stub.get("watch")
+    if w:
+        rss_mb = round(w["rss_mib_peak"]["hub"] * 1.048576, 1)
+        tree = round((w["rss_mib_peak"]["hub"] + w["rss_mib_peak"]["chisel-server"]) * 1.048576, 1)
+        row(
+            "hub RSS with a 1,000-leg MultiWatch (peak, hub process)",
+            rss_mb,
+            "<= 150 MB",
+            rss_mb <= 150 if w["legs"] >= 1000 else None,
+            f"{label}; hub + chisel server {tree} MB",
+        )
+        grown = round((w["rss_mib_peak"]["hub"] - w["rss_mib_before"]["hub"]) * 1.048576, 1)
+        allowed = round(5 + 0.1 * w["legs"], 1)
+        row(
+            "MultiWatch memory: hub RSS increase for its legs",
+            grown,
+            f"<= 5 MB + 0.1 MB a leg ({allowed} MB)",
+            grown <= allowed if w["legs"] >= 1000 else None,
+            f"{w['legs']} legs: {round(grown * 1000 / max(1, w['legs']), 1)} kB a leg; {label}",
+        )
     return rows
 
 
@@ -478,7 +670,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
         [t["target"], _f(t["value"]), t["limit"], _verdict(t["met"]), t["note"]]
         for t in results.get("targets", [])
     ]
-    out.append(("Targets (issue 14)", ["target", "measured", "limit", "verdict", "note"], rows))
+    out.append(("Targets (issues 7, 14 and 18)", ["target", "measured", "limit", "verdict", "note"], rows))
     return out
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from otterscale.common import Identity, OtterscaleConfig, derive_identity_key
 from otterscale.testing import ControlPlane, LocalIssuer, System, start_control_plane
 
-from . import _report, _scenarios
+from . import _fanout, _report, _runtime, _scenarios
 from ._kube import KubeDirect
 from ._paths import Endpoints
 from ._procs import ProcessSet, child_pid, envoy_of
@@ -44,7 +44,10 @@ logger = logging.getLogger("otterscale_bench")
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "otterscale"
 BENCH_IDENTITY = Identity("otterscale-bench", ("otterscale-bench",))
-SCENARIOS = ("startup", "idle", "latency", "throughput", "lists", "watch")
+SCENARIOS = ("startup", "idle", "latency", "throughput", "lists", "watch", "fanout")
+#: Opt-in (``--only runtime``): needs the real test node (root, the node tools, the python image
+#: of ``nox -s images``) and starts its own node, hub and agent (see ``_runtime``).
+RUNTIME = "runtime"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=ROOT / "results", help="results folder (default results/)"
     )
     parser.add_argument(
-        "--only", action="append", choices=SCENARIOS, help="run only these scenarios (repeatable)"
+        "--only",
+        action="append",
+        choices=(*SCENARIOS, RUNTIME),
+        help="run only these scenarios (repeatable); `runtime` (exec, logs, port-forward on the test "
+        "node: needs root) runs only when named",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument(
@@ -323,6 +330,75 @@ async def _run_scenarios(
     return b.failures
 
 
+def _run_shared(
+    args: argparse.Namespace,
+    sizes: Sizes,
+    only: set[str],
+    work: Path,
+    out: Path,
+    results: dict[str, Any],
+    stoppers: list[Any],
+) -> list[str]:
+    """The scenarios on the shared control plane, hub and agents (stopped by the caller)."""
+    # Services run at `info` as deployed: at debug the HTTP/2 libraries' frame logging would
+    # dominate their CPU (see the README's Performance section).
+    results["service_log_level"] = args.service_log_level
+    t = time.monotonic()
+    logger.info("starting a control plane (etcd, kube-apiserver, kube-controller-manager)")
+    cp = start_control_plane("bench", work / "cluster")
+    stoppers.append(cp)
+    results["timings"]["control_plane_start"] = round(time.monotonic() - t, 2)
+    issuer = LocalIssuer().start()
+    stoppers.append(issuer)
+    configured = sizes.idle_clusters if "idle" in only else 1
+    connected = sizes.idle_connected if "idle" in only else 1
+    clusters = {f"c{i:02d}": (cp if i < connected else None) for i in range(configured)}
+    runs: list[tuple[str, Path | None, dict[str, Any]]] = []
+    if args.baseline is not None:
+        baseline: dict[str, Any] = {"label": str(args.baseline), "timings": {}}
+        results["baseline"] = baseline
+        runs.append(("baseline", args.baseline, baseline))
+    runs.append(("this tree", None, results))
+    failures: list[str] = []
+    for label, command, target in runs:
+        t = time.monotonic()
+        logger.info(
+            "%s: starting the hub and %d agents (%d clusters configured)", label, connected, configured
+        )
+        system = _start_system(
+            work / ("system-baseline" if command else "system"),
+            clusters,
+            realm_url=issuer.url,
+            log_level=args.service_log_level,
+            max_watches=sizes.watch_streams + WATCH_LIMIT_MARGIN,
+            command=command,
+        )
+        stoppers.append(system)
+        target.setdefault("timings", {})["system_start"] = round(time.monotonic() - t, 2)
+        run_sizes = dataclasses.replace(sizes, profile=False) if command else sizes
+        try:
+            failures += asyncio.run(_run_scenarios(system, cp, issuer, run_sizes, out, only, target))
+        finally:
+            # Each tree's system is done before the next starts (and before fan-out's fleets).
+            stoppers.remove(system)
+            system.stop()
+    if "baseline" in results:
+        results["baseline"]["targets"] = _report.targets(results["baseline"])
+    if "fanout" in only:
+        # Its own fleets (and hubs).
+        t = time.monotonic()
+        fanout_sizes = _fanout.FANOUT_SMOKE if args.smoke else _fanout.FANOUT_FULL
+        logger.info("fanout: %s", fanout_sizes)
+        results["fanout"] = {}
+        asyncio.run(
+            _fanout.run(
+                work / "fanout", cp, issuer, fanout_sizes, args.service_log_level, failures, results["fanout"]
+            )
+        )
+        results["timings"]["fanout"] = round(time.monotonic() - t, 1)
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     sizes = _sizes(args)
@@ -346,61 +422,29 @@ def main(argv: list[str] | None = None) -> int:
         "timings": {},
     }
     failures: list[str] = []
-    cp: ControlPlane | None = None
-    issuer: LocalIssuer | None = None
-    system: System | None = None
+    stoppers: list[Any] = []  # system, issuer, control plane: stopped in reverse order of start
     try:
-        # Services run at `info` as deployed: at debug the HTTP/2 libraries' frame logging would
-        # dominate their CPU (see the README's Performance section).
-        results["service_log_level"] = args.service_log_level
-        t = time.monotonic()
-        logger.info("starting a control plane (etcd, kube-apiserver, kube-controller-manager)")
-        cp = start_control_plane("bench", work / "cluster")
-        results["timings"]["control_plane_start"] = round(time.monotonic() - t, 2)
-        issuer = LocalIssuer().start()
-        configured = sizes.idle_clusters if "idle" in only else 1
-        connected = sizes.idle_connected if "idle" in only else 1
-        clusters = {f"c{i:02d}": (cp if i < connected else None) for i in range(configured)}
-        runs: list[tuple[str, Path | None, dict[str, Any]]] = []
-        if args.baseline is not None:
-            baseline: dict[str, Any] = {"label": str(args.baseline), "timings": {}}
-            results["baseline"] = baseline
-            runs.append(("baseline", args.baseline, baseline))
-        runs.append(("this tree", None, results))
-        for label, command, target in runs:
+        if RUNTIME in only:
             t = time.monotonic()
-            logger.info(
-                "%s: starting the hub and %d agents (%d clusters configured)", label, connected, configured
-            )
-            system = _start_system(
-                work / ("system-baseline" if command else "system"),
-                clusters,
-                realm_url=issuer.url,
-                log_level=args.service_log_level,
-                max_watches=sizes.watch_streams + WATCH_LIMIT_MARGIN,
-                command=command,
-            )
-            target.setdefault("timings", {})["system_start"] = round(time.monotonic() - t, 2)
-            run_sizes = dataclasses.replace(sizes, profile=False) if command else sizes
-            try:
-                failures += asyncio.run(_run_scenarios(system, cp, issuer, run_sizes, out, only, target))
-            finally:
-                system.stop()
-                system = None
-        if "baseline" in results:
-            results["baseline"]["targets"] = _report.targets(results["baseline"])
+            logger.info("runtime scenario: starting the test node, a hub and an agent")
+            runtime_sizes = _runtime.SMOKE if args.smoke else _runtime.FULL
+            results["runtime"] = _runtime.run(work / "runtime", runtime_sizes)
+            results["runtime_targets"] = _runtime.targets(results["runtime"])
+            results["timings"]["runtime"] = round(time.monotonic() - t, 1)
+            only.discard(RUNTIME)
+        if only:
+            failures = _run_shared(args, sizes, only, work, out, results, stoppers)
     except BaseException as exc:
         failures.append(f"the benchmark itself failed: {type(exc).__name__}: {exc}")
         logger.error("benchmark failed:\n%s", traceback.format_exc())
         if isinstance(exc, KeyboardInterrupt):
             raise
     finally:
-        for closer in (system, issuer, cp):
-            if closer is not None:
-                try:
-                    closer.stop()
-                except Exception:
-                    logger.exception("stopping %r failed", closer)
+        for closer in reversed(stoppers):
+            try:
+                closer.stop()
+            except Exception:
+                logger.exception("stopping %r failed", closer)
         results["timings"]["total"] = round(time.monotonic() - started, 1)
         results["machine"]["loadavg_end"] = list(os.getloadavg())
         results["failures"] = failures
@@ -416,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(_report.summary_table(results), flush=True)
+    for target, met in results.get("runtime_targets", {}).items():
+        print(f"runtime: {target:<36} {'met' if met else 'MISSED'}", flush=True)
     print(f"\nresults: {out}/results.json\nreport:  {out}/report.md", flush=True)
     if failures:
         print("\nFUNCTIONAL FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr, flush=True)

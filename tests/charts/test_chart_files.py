@@ -18,13 +18,18 @@ import yaml
 from pydantic import BaseModel
 
 from otterscale.common import (
+    AccessConfig,
+    AccessRule,
     AgentAuth,
     AgentConfig,
     AuditConfig,
+    ClusterConfig,
     CorsConfig,
+    FanoutConfig,
     HubLimitsConfig,
     KeycloakConfig,
     OtterscaleConfig,
+    RuntimeConfig,
     TunnelServerConfig,
 )
 
@@ -58,11 +63,18 @@ def test_hub_schema_knows_exactly_the_configuration_keys() -> None:
     schema = json.loads((ROOT / "charts" / "otterscale-hub" / "values.schema.json").read_text())
     config = schema["properties"]["config"]
     props = config["properties"]
-    assert set(props) == _aliases(OtterscaleConfig)
-    assert set(config["required"]) == _aliases(OtterscaleConfig) - {"limits", "audit", "cors"}  # optional
+    # runtime is the agents' section: the hub ignores it, so its chart does not offer it.
+    assert set(props) == _aliases(OtterscaleConfig) - {"runtime"}
+    optional = {"limits", "audit", "cors", "fanout", "access", "runtime"}
+    assert set(config["required"]) == _aliases(OtterscaleConfig) - optional
     assert set(props["limits"]["properties"]) == _aliases(HubLimitsConfig)
     assert set(props["audit"]["properties"]) == _aliases(AuditConfig)
     assert set(props["cors"]["properties"]) == _aliases(CorsConfig)
+    # The token keys are secret: secrets.fanoutTokenKey / fanoutPreviousTokenKeys.
+    assert set(props["fanout"]["properties"]) == _aliases(FanoutConfig) - {"token_key", "previous_token_keys"}
+    assert set(props["access"]["properties"]) == _aliases(AccessConfig)
+    assert set(props["access"]["properties"]["rules"]["items"]["properties"]) == _aliases(AccessRule)
+    assert set(props["clusters"]["additionalProperties"]["properties"]) == _aliases(ClusterConfig)
     assert set(props["keycloak"]["properties"]) == _aliases(KeycloakConfig)
     assert (
         set(props["tunnel"]["properties"]["server"]["properties"])
@@ -79,6 +91,8 @@ def test_agent_schema_knows_exactly_the_agent_keys() -> None:
     assert set(props["agent"]["properties"]) == _aliases(AgentConfig)
     assert set(props["agent"]["properties"]["auth"]["properties"]) == _aliases(AgentAuth) - SECRET_KEYS
     assert set(props["keycloak"]["properties"]) == _aliases(KeycloakConfig)
+    assert set(props["runtime"]["properties"]) == _aliases(RuntimeConfig)
+    assert set(props["audit"]["properties"]) == _aliases(AuditConfig)
 
 
 @pytest.mark.parametrize("chart", CHARTS)

@@ -10,8 +10,13 @@ hub does not allow.
 Against a real system (Keycloak token for alice, the hub and an agent as processes, a real
 control plane, real chisel), over the Connect transport (JSON and binary) and the gRPC-Web
 transport (binary and JSON), the page performs ListClusters, Discovery, List, Apply, Get, Watch
-(a change made after the Watch started arrives as MODIFIED), Describe, Delete, and a call
-without a token that must show ``unauthenticated``. From the disallowed origin the browser must
+(a change made after the Watch started arrives as MODIFIED), the fleet view (MultiList paged two
+items at a time and MultiWatch, over the live cluster and a configured one without an agent, each
+with its own outcome), Describe, Delete, and a call without a token that must show
+``unauthenticated``. On a third cluster, the real test node (``node`` fixture), it does what a
+dashboard's pod and workload views do: PodLog follow (new lines arrive), an exec of ``cat`` that
+echoes what the page wrote (two writes sent out of order, applied by offset, then stdin closed:
+exit code 0), Scale and Restart of a Deployment. From the disallowed origin the browser must
 block the answer: the page sees a network error, not a response.
 
 Describe comes with another part of issue 15 (resource.proto gains the RPC). The page looks it up
@@ -39,11 +44,11 @@ from typing import Any
 
 import pytest
 
-from otterscale.testing import ControlPlane, Keycloak, System, start_system
+from otterscale.testing import ControlPlane, Keycloak, Node, System, start_system
 
 from .conftest import ISSUED_TOKENS, Measurements, secrets_in, subject_of, unique
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.node]
 
 ROOT = Path(__file__).resolve().parents[2]
 WEB = ROOT / "web" / "dashboard-test"
@@ -51,12 +56,36 @@ RESOURCE_PROTO = ROOT / "packages/proto/proto/otterscale/resource/v1/resource.pr
 #: Debian's package (`apt-get install -y chromium`); .ci/run installs it.
 CHROMIUM = Path("/usr/bin/chromium")
 TRANSPORTS = ("connect-json", "connect-binary", "grpc-web-binary", "grpc-web-json")
-RPCS = ("ListClusters", "Discovery", "List", "Apply", "Get", "Watch", "Describe", "Delete", "Unauthenticated")
+RPCS = (
+    "ListClusters",
+    "Discovery",
+    "List",
+    "Apply",
+    "Get",
+    "Watch",
+    "MultiList",
+    "MultiWatch",
+    "Describe",
+    "Delete",
+    "PodLog",
+    "Exec",
+    "Scale",
+    "Restart",
+    "Unauthenticated",
+)
 CLUSTER = "browser"
+#: Configured, with no agent: the fleet-wide calls show its own outcome (UNAVAILABLE) beside the
+#: live cluster's.
+DOWN_CLUSTER = "browser-down"
+#: The cluster of the runtime steps: the real test node (Pods run there).
+RUNTIME_CLUSTER = "browser-node"
+#: A container printing a line every 0.2 s, and one that idles (for `cat`).
+TICKER = ["python3", "-u", "-c", "import time\nn=0\nwhile True:\n print('tick', n); n+=1; time.sleep(0.2)"]
+SLEEPER = ["python3", "-c", "import time\nwhile True: time.sleep(3600)"]
 #: Per call, in the page. Generous: a loaded 2-core machine, and the first call also warms up the
 #: agent's discovery cache.
 CALL_TIMEOUT_MS = 60_000
-#: The whole browser run: 4 transports x 9 steps, each bounded above (a run takes about 10 s).
+#: The whole browser run: 4 transports x 11 steps, each bounded above (a run takes about 10 s).
 DRIVE_TIMEOUT_S = 600
 
 
@@ -126,6 +155,7 @@ def sites(dashboard_page: Path) -> Iterator[tuple[StaticSite, StaticSite]]:
 def browser_system(
     tmp_path_factory: pytest.TempPathFactory,
     control_plane_factory: Any,
+    node: Node,
     keycloak: Keycloak,
     sites: tuple[StaticSite, StaticSite],
 ) -> Iterator[System]:
@@ -137,7 +167,7 @@ def browser_system(
     cp: ControlPlane = control_plane_factory("east")
     system = start_system(
         tmp_path_factory.mktemp("browser-system"),
-        {CLUSTER: cp},
+        {CLUSTER: cp, DOWN_CLUSTER: None, RUNTIME_CLUSTER: node.control_plane},
         realm_url=keycloak.realm_url,
         client_id=keycloak.client_id,
         extra_config={"cors": {"allowed_origins": [sites[0].origin]}},
@@ -173,6 +203,67 @@ def _grant(cp: ControlPlane, namespace: str, subject: str) -> None:
     )
 
 
+def _runtime_targets(node: Node, namespace: str, subject: str) -> dict[str, str]:
+    """Pods and a Deployment on the node, and what a dashboard user may do with them there:
+    read logs, exec, scale and restart in one namespace."""
+    cp = node.control_plane
+    cp.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    cp.wait_for(
+        lambda: cp.request("GET", f"/api/v1/namespaces/{namespace}/serviceaccounts/default"), 60, "sa"
+    )
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "dashboard", "namespace": namespace},
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["get", "create"]},
+                {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "patch"]},
+                {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "update"]},
+            ],
+        }
+    )
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "dashboard", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dashboard"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": subject}],
+        }
+    )
+    image = node.image("python")
+    targets = {"logPod": unique("ticker"), "shellPod": unique("shell"), "deployment": unique("web")}
+    node.run_pod(targets["logPod"], image, TICKER, namespace=namespace, wait=False)
+    node.run_pod(targets["shellPod"], image, SLEEPER, namespace=namespace, wait=False)
+    labels = {"app": targets["deployment"]}
+    cp.request(
+        "POST",
+        f"/apis/apps/v1/namespaces/{namespace}/deployments",
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": targets["deployment"]},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "containers": [
+                            {"name": "app", "image": image, "imagePullPolicy": "Never", "command": SLEEPER}
+                        ]
+                    },
+                },
+            },
+        },
+    )
+    for pod in (targets["logPod"], targets["shellPod"]):
+        node.wait_pod_ready(namespace, pod)
+    return {"cluster": RUNTIME_CLUSTER, "namespace": namespace, **targets}
+
+
 def _describe_in_proto() -> bool:
     return re.search(r"^\s*rpc\s+Describe\s*\(", RESOURCE_PROTO.read_text(), re.M) is not None
 
@@ -198,12 +289,14 @@ def _table(runs: dict[str, list[dict[str, Any]]], blocked: dict[str, list[dict[s
 
 
 # Set-up included (pytest-timeout counts fixtures): alone, this test starts Keycloak, a control
-# plane, a hub and an agent and builds the page first; 300 s is too tight for that on 2 busy cores.
-@pytest.mark.timeout(DRIVE_TIMEOUT_S + 300)
+# plane, the test node (and Pods on it), a hub and two agents and builds the page first; 300 s is
+# too tight for that on 2 busy cores.
+@pytest.mark.timeout(DRIVE_TIMEOUT_S + 600)
 def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
     browser_system: System,
     sites: tuple[StaticSite, StaticSite],
     keycloak: Keycloak,
+    node: Node,
     measurements: Measurements,
     tmp_path: Path,
 ) -> None:
@@ -214,6 +307,7 @@ def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
     ISSUED_TOKENS.add(token)
     namespace = unique("browser")
     _grant(cp, namespace, subject_of(token))
+    runtime = _runtime_targets(node, namespace, subject_of(token))
 
     artifacts = ROOT / "results" / time.strftime("browser-%Y%m%d-%H%M%S")
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -228,9 +322,11 @@ def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
         "hubUrl": browser_system.hub_url,
         "tokenFile": str(token_file),
         "cluster": CLUSTER,
+        "downCluster": DOWN_CLUSTER,
         "namespace": namespace,
         "timeoutMs": CALL_TIMEOUT_MS,
         "transports": list(TRANSPORTS),
+        "runtime": runtime,
         "artifacts": str(artifacts),
     }
     config_file = tmp_path / "drive.json"
@@ -271,6 +367,10 @@ def test_a_dashboard_in_chromium_calls_the_hub_from_another_origin(
             expected = describe_expected if rpc == "Describe" else "ok"
             assert step["outcome"] == expected, f"{transport} {rpc}: {step}"
         assert steps["Watch"]["detail"].startswith("MODIFIED at resourceVersion"), steps["Watch"]
+        assert steps["PodLog"]["detail"].startswith("followed: tick "), steps["PodLog"]
+        assert steps["Exec"]["detail"] == 'echoed "hello world", exit code 0', steps["Exec"]
+        assert steps["MultiList"]["detail"].endswith(f"{CLUSTER} OK, {DOWN_CLUSTER} UNAVAILABLE"), steps
+        assert steps["MultiWatch"]["detail"].startswith(f"MODIFIED from {CLUSTER}"), steps["MultiWatch"]
         assert steps["Unauthenticated"]["detail"].startswith("unauthenticated: "), steps["Unauthenticated"]
 
     # From the disallowed origin: a network error, not the hub's answer. connect-web reports a

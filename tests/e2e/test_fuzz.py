@@ -56,6 +56,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.security]
 OPENAPI = Path(__file__).resolve().parents[2] / "api" / "openapi.yaml"
 SCHEMA = schemathesis.openapi.from_path(OPENAPI)
 OPERATIONS = {op.ok().definition.raw["operationId"]: op.ok() for op in SCHEMA.get_all_operations()}
+#: Server streams (Watch, PodLog, ExecuteTTY, PortForward): enveloped bodies, with a short deadline.
+STREAMS = {
+    name
+    for name, op in OPERATIONS.items()
+    if "application/connect+json" in op.definition.raw["requestBody"]["content"]
+}
 
 EXAMPLES = int(os.environ.get("OTTERSCALE_FUZZ_EXAMPLES", "30"))
 SEED = int(os.environ.get("OTTERSCALE_FUZZ_SEED", str(random.randrange(2**32))))
@@ -188,6 +194,8 @@ def _manifests(namespace: str) -> st.SearchStrategy[str]:
 
 def steer(body: Any, operation: str, namespace: str, data: st.DataObject) -> Any:
     """Point a generated body (sometimes) at real clusters, resources and the scratch namespace."""
+    if isinstance(body, dict) and operation.startswith("MultiClusterService_"):
+        return _steer_fanout(body, namespace, data)
     if not isinstance(body, dict) or not operation.startswith("ResourceService_"):
         return body
     body = dict(body)
@@ -212,6 +220,21 @@ def steer(body: Any, operation: str, namespace: str, data: st.DataObject) -> Any
         st.booleans(), label="steer manifest"
     ):
         body["manifest"] = data.draw(_manifests(namespace), label="manifest")
+    return body
+
+
+def _steer_fanout(body: dict[str, Any], namespace: str, data: st.DataObject) -> dict[str, Any]:
+    """A fan-out body (sometimes) over real clusters (and an unknown one) and a real resource."""
+    body = dict(body)
+    if data.draw(st.integers(0, 9), label="steer selection") < 8:
+        names = data.draw(st.lists(st.sampled_from(["east", "west", OFFLINE_CLUSTER, "nope"]), max_size=4))
+        body["selection"] = {"clusters": names}
+    if data.draw(st.integers(0, 9), label="steer query") < 7:
+        group, version, resource, _ = data.draw(st.sampled_from(RESOURCES), label="resource")
+        query = {"group": group, "version": version, "resource": resource}
+        if data.draw(st.booleans(), label="steer namespace"):
+            query["namespace"] = namespace
+        body["query"] = query
     return body
 
 
@@ -485,7 +508,7 @@ def _run_operation(
         }
         headers.update(caller.headers())
         headers.setdefault("Content-Type", case.media_type or "application/json")
-        if name == "ResourceService_Watch":
+        if name in STREAMS:
             send_watch(session, url, headers, body, findings, f"{name} {mode.value}")
         else:
             send_unary(session, url, headers, body, findings, f"{name} {mode.value}")

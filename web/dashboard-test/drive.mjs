@@ -4,8 +4,10 @@
 //
 // CONFIG (written by tests/e2e/test_browser.py): chromium (executable), userDataDir (fresh),
 // allowedPage and blockedPage (the page on an origin the hub allows and on one it does not),
-// hubUrl, tokenFile (read here, so the token is never on a command line), cluster, namespace,
-// timeoutMs, transports, artifacts (a directory). Writes artifacts/results.json (the rows the page
+// hubUrl, tokenFile (read here, so the token is never on a command line), cluster, downCluster
+// (configured, no agent), namespace,
+// timeoutMs, transports, artifacts (a directory), runtime (the Pods and Deployment of the runtime
+// steps, optional). Writes artifacts/results.json (the rows the page
 // returned per transport, the blocked page's rows, the browser's console lines and failed
 // requests) and a full-page screenshot of each page (allowed.png, blocked.png); prints their paths.
 // Exits non-zero only when the browser or the page could not be driven; judging the rows is the
@@ -53,7 +55,15 @@ try {
     return page;
   }
 
-  const common = { hubUrl: config.hubUrl, token, cluster: config.cluster, namespace: config.namespace, timeoutMs: config.timeoutMs };
+  const common = {
+    hubUrl: config.hubUrl,
+    token,
+    cluster: config.cluster,
+    downCluster: config.downCluster,
+    namespace: config.namespace,
+    timeoutMs: config.timeoutMs,
+    runtime: config.runtime,
+  };
   const allowed = await open(config.allowedPage);
   for (const transport of config.transports) {
     results.runs[transport] = await allowed.evaluate((c) => window.otterscale.run(c), { ...common, transport });

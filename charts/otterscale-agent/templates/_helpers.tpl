@@ -86,5 +86,11 @@ otterscale.io/cluster: {{ .Values.cluster | quote }}
 {{- fail "config.agent.fingerprint is required: the hub's tunnel fingerprint, which the hub logs at start-up (the agent refuses to connect without it)" }}
 {{- end }}
 {{- $config := dict "keycloak" .Values.config.keycloak "tunnel" .Values.config.tunnel "clusters" (dict $cluster (dict "agent" $agent)) }}
+{{- with .Values.config.runtime }}
+{{- $_ := set $config "runtime" . }}
+{{- end }}
+{{- with .Values.config.audit }}
+{{- $_ := set $config "audit" . }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}

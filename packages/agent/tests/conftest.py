@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,12 @@ class HubSigner:
         return None
 
 
-def write_agent_config(path: Path, *, password: str = AGENT_PASSWORD) -> Path:
-    """An ``otterscale.yaml`` with cluster ``test`` (what an agent with ``--no-tunnel`` reads)."""
-    document = {
+def write_agent_config(
+    path: Path, *, password: str = AGENT_PASSWORD, sections: Mapping[str, Any] | None = None
+) -> Path:
+    """An ``otterscale.yaml`` with cluster ``test`` (what an agent with ``--no-tunnel`` reads);
+    ``sections``: more top-level sections (``runtime``, ``audit``...)."""
+    document: dict[str, Any] = {
         "keycloak": {"realm_url": "https://keycloak.invalid/realms/unused", "client_id": "unused"},
         "tunnel": {"server": {"host": "127.0.0.1", "port": 8300}},
         "clusters": {
@@ -87,6 +90,7 @@ def write_agent_config(path: Path, *, password: str = AGENT_PASSWORD) -> Path:
                 }
             }
         },
+        **(sections or {}),
     }
     path.write_text(yaml.safe_dump(document))
     path.chmod(0o600)
@@ -95,15 +99,20 @@ def write_agent_config(path: Path, *, password: str = AGENT_PASSWORD) -> Path:
 
 @contextlib.contextmanager
 def start_agent(
-    cp: ControlPlane, directory: Path, *, discovery_ttl: float | None = None
+    cp: ControlPlane,
+    directory: Path,
+    *,
+    discovery_ttl: float | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> Iterator[AgentProcess]:
     """``otterscale agent --cluster test --no-tunnel`` in front of ``cp`` (serving when this
-    yields; stopped after). ``discovery_ttl``: its ``--discovery-ttl`` (default: the agent's)."""
+    yields; stopped after). ``discovery_ttl``: its ``--discovery-ttl`` (default: the agent's);
+    ``sections``: more sections of its config file (see :func:`write_agent_config`)."""
     directory.mkdir(parents=True, exist_ok=True)
     args = [f"--discovery-ttl={discovery_ttl:g}"] if discovery_ttl is not None else []
     agent = AgentProcess(
         CLUSTER,
-        write_agent_config(directory / "otterscale.yaml"),
+        write_agent_config(directory / "otterscale.yaml", sections=sections),
         cp.kubeconfig,
         directory / f"agent-{uuid.uuid4().hex[:6]}.log",
         tunnel=False,
@@ -144,13 +153,13 @@ def agent_server(
         yield server
 
 
-ClientFactory = Callable[..., ResourceServiceClient]
+ClientFactory = Callable[..., Any]
 
 
-@pytest_asyncio.fixture
-async def make_client(agent_server: AgentProcess) -> AsyncIterator[ClientFactory]:
-    """``make_client(identity=ADMIN, transport="connect-h1", signer=None, json=False, url=None)``."""
-    opened: list[tuple[ResourceServiceClient, HTTPTransport]] = []
+@contextlib.asynccontextmanager
+async def client_factory(default_url: str) -> AsyncIterator[ClientFactory]:
+    """A factory of signed clients of ``default_url`` (see :func:`make_client`); closes them all."""
+    opened: list[tuple[Any, HTTPTransport]] = []
 
     def factory(
         identity: Identity | None = ADMIN,
@@ -160,7 +169,8 @@ async def make_client(agent_server: AgentProcess) -> AsyncIterator[ClientFactory
         json: bool = False,
         url: str | None = None,
         timeout_ms: int | None = None,
-    ) -> ResourceServiceClient:
+        service: type[Any] = ResourceServiceClient,
+    ) -> Any:
         protocol, http_version = TRANSPORTS[transport]
         http_transport = HTTPTransport(http_version=http_version)
         interceptors = []
@@ -168,8 +178,8 @@ async def make_client(agent_server: AgentProcess) -> AsyncIterator[ClientFactory
             interceptors.append(signer)
         elif identity is not None:
             interceptors.append(HubSigner(identity))
-        client = ResourceServiceClient(
-            url or agent_server.url,
+        client = service(
+            url or default_url,
             protocol=protocol,
             http_client=Client(http_transport),
             interceptors=interceptors,
@@ -179,10 +189,20 @@ async def make_client(agent_server: AgentProcess) -> AsyncIterator[ClientFactory
         opened.append((client, http_transport))
         return client
 
-    yield factory
-    for client, http_transport in opened:
-        await client.close()
-        await http_transport.aclose()
+    try:
+        yield factory
+    finally:
+        for client, http_transport in opened:
+            await client.close()
+            await http_transport.aclose()
+
+
+@pytest_asyncio.fixture
+async def make_client(agent_server: AgentProcess) -> AsyncIterator[ClientFactory]:
+    """``make_client(identity=ADMIN, transport="connect-h1", signer=None, json=False, url=None,
+    service=ResourceServiceClient)``: a client of ``service`` (any generated Connect client)."""
+    async with client_factory(agent_server.url) as factory:
+        yield factory
 
 
 @pytest.fixture(params=list(TRANSPORTS))

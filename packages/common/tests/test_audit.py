@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from otterscale.common import AuditConfig, AuditEvent, AuditLog, AuditTarget
+from otterscale.common import (
+    AuditClusterOutcome,
+    AuditConfig,
+    AuditEvent,
+    AuditLog,
+    AuditSession,
+    AuditTarget,
+)
 
 
 def event(**changes: object) -> AuditEvent:
@@ -55,6 +62,50 @@ def test_an_event_is_one_json_object_with_every_field() -> None:
         "duration_ms": 12.5,
         "source": "10.0.0.7:51234",
         "forwarded_by": "",
+    }
+
+
+def test_a_session_event_inlines_the_session() -> None:
+    session = AuditSession(
+        session="3f2a9c1d0b7e",
+        phase="end",
+        kind="exec",
+        container="app",
+        argv=("sh", "-c", "id"),
+        tty=True,
+        bytes_in=12,
+        bytes_out=340,
+        exit_code=0,
+    )
+    document = json.loads(event(component="agent", verb="ExecuteTTY", session=session).to_json())
+    assert document["component"] == "agent"
+    assert {key: document[key] for key in ("session", "phase", "kind", "container", "argv", "tty")} == {
+        "session": "3f2a9c1d0b7e",
+        "phase": "end",
+        "kind": "exec",
+        "container": "app",
+        "argv": ["sh", "-c", "id"],
+        "tty": True,
+    }
+    assert (document["port"], document["bytes_in"], document["bytes_out"], document["exit_code"]) == (
+        0,
+        12,
+        340,
+        0,
+    )
+    assert "session" not in json.loads(event().to_json())  # a call's event has no session part
+
+
+def test_a_multi_cluster_event_adds_each_clusters_outcome() -> None:
+    clusters = {
+        "east": AuditClusterOutcome("ok", items=120, duration_ms=41.0),
+        "west": AuditClusterOutcome("unavailable", reconnects=2),
+    }
+    document = json.loads(event(target=AuditTarget(resource="configmaps"), clusters=clusters).to_json())
+    assert document["cluster"] == ""
+    assert document["clusters"] == {
+        "east": {"outcome": "ok", "items": 120, "duration_ms": 41.0, "reconnects": 0},
+        "west": {"outcome": "unavailable", "items": 0, "duration_ms": 0.0, "reconnects": 2},
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,8 +170,9 @@ def test_help_lists_installed_and_missing_commands() -> None:
     status, out, err = _run(["--help"], commands)
     assert status == 0
     assert not err
-    assert "server  Summary. (otterscale-hub 0.1.0)" in out
-    assert "agent   not installed: pip install otterscale-agent" in out
+    assert re.search(r"^  server +Summary\. \(otterscale-hub 0\.1\.0\)$", out, re.M)
+    assert re.search(r"^  agent +not installed: pip install otterscale-agent$", out, re.M)
+    assert re.search(r"^  port-forward +not installed: pip install otterscale-cli$", out, re.M)
     assert _run(["-h"], commands)[1] == out == _run(["help"], commands)[1]
 
 

@@ -803,3 +803,43 @@ def test_the_readme_sample_is_refused_only_for_its_example_secrets() -> None:
         "clusters.dev.agent.auth.pass",
     }
     assert all("example value" in reason for _, reason in caught.value.problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# The agents' runtime section
+
+
+def test_runtime_section_is_optional_with_documented_defaults() -> None:
+    runtime = parse_config(ORIGINAL, "x").runtime
+    assert (runtime.max_exec_sessions_per_subject, runtime.max_port_forward_sessions_per_subject) == (10, 10)
+    assert (runtime.max_exec_sessions, runtime.max_port_forward_sessions) == (100, 100)
+    assert (runtime.idle_timeout_seconds, runtime.max_lifetime_seconds) == (1800.0, 28800.0)
+    assert (runtime.max_write_bytes, runtime.max_pending_bytes) == (65536, 262144)
+    assert (runtime.heartbeat_seconds, runtime.write_gap_timeout_seconds) == (30.0, 5.0)
+    assert runtime.audit_argv == "full"
+
+
+def test_runtime_section_values() -> None:
+    data = document(
+        runtime={"max_exec_sessions_per_subject": 2, "idle_timeout_seconds": 60, "audit_argv": "none"}
+    )
+    runtime = parse_config(yaml.safe_dump(data), "x").runtime
+    assert runtime.max_exec_sessions_per_subject == 2
+    assert runtime.idle_timeout_seconds == 60.0
+    assert runtime.audit_argv == "none"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("max_exec_sessions", 0, "greater than or equal to 1"),
+        ("max_port_forward_sessions_per_subject", True, "must be an integer"),
+        ("idle_timeout_seconds", 0, "greater than 0"),
+        ("max_write_bytes", 10, "greater than or equal to 1024"),
+        ("audit_argv", "some", "'full', 'command' or 'none'"),
+        ("max_sessions", 3, "unknown key"),
+    ],
+)
+def test_runtime_section_bad_values_name_the_key(key: str, value: Any, fragment: str) -> None:
+    error = problems_of(document(runtime={key: value}))
+    assert_problem(error, f"runtime.{key}", fragment)

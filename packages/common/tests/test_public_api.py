@@ -30,6 +30,12 @@ EXPECTED = {
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
+    "RuntimeConfig",
+    "FanoutConfig",
+    "AccessConfig",
+    "AccessRule",
+    "LabelSelector",
+    "LabelSyntaxError",
     "CorsConfig",
     "KeycloakConfig",
     "TunnelConfig",
@@ -43,9 +49,11 @@ EXPECTED = {
     "MIN_SECRET_LENGTH",
     "AuditConfig",
     # audit trail
+    "AuditClusterOutcome",
     "AuditEvent",
     "AuditKind",
     "AuditLog",
+    "AuditSession",
     "AuditTarget",
     # errors
     "OtterscaleError",

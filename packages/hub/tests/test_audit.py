@@ -102,9 +102,19 @@ def test_the_audited_set_comes_from_the_registered_services_descriptors() -> Non
     # Not declared: its .proto says NO_SIDE_EFFECTS.
     assert "/otterscale.cluster.v1.ClusterService/ListClusters" not in READ_METHODS
     assert kinds.pop("/otterscale.cluster.v1.ClusterService/ListClusters") == "read"
-    # A service the hub has no code for (as RuntimeService's exec, port-forward, scale and restart
-    # will be): every method is audited always until it is declared a read. Health and reflection
-    # are no registered service, so nothing else is audited.
+    # Reads, yet audited always (not declared reads): one call reaches up to
+    # fanout.max_clusters_per_call clusters, and its event is the one record that joins them.
+    for method in ("MultiList", "MultiWatch"):
+        assert kinds.pop(f"/otterscale.resource.v1.MultiClusterService/{method}") == "write"
+    # RuntimeService: the session starts and the changes always; its reads and its session
+    # traffic (audited with the session) only at audit.reads: metadata.
+    runtime = "otterscale.runtime.v1.RuntimeService"
+    for method in ("ExecuteTTY", "Exec", "PortForward", "PortForwardStream", "Scale", "Restart"):
+        assert kinds.pop(f"/{runtime}/{method}") == "write"
+    for method in ("PodLog", "GetScale", "WriteTTY", "ResizeTTY", "WritePortForward"):
+        assert kinds.pop(f"/{runtime}/{method}") == "read"
+    # A service the hub has no code for: every method is audited always until it is declared a
+    # read. Health and reflection are no registered service, so nothing else is audited.
     assert kinds == {f"/{ECHO}/{method}": "write" for method in ECHO_METHODS}
 
 

@@ -19,6 +19,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from otterscale.resource.v1 import resource_pb2 as pb
+from otterscale.runtime.v1 import runtime_pb2 as runtime_pb
 
 OPENAPI = Path(__file__).resolve().parents[3] / "api" / "openapi.yaml"
 SERVICE = pb.DESCRIPTOR.services_by_name["ResourceService"]
@@ -43,10 +44,33 @@ def test_openapi_version(doc: dict[str, Any]) -> None:
 
 def test_one_path_per_rpc(doc: dict[str, Any]) -> None:
     assert [m.name for m in SERVICE.methods] == RPCS
-    resource_paths = {path for path in doc["paths"] if path.startswith("/otterscale.resource.v1.")}
+    resource_paths = {
+        path for path in doc["paths"] if path.startswith("/otterscale.resource.v1.ResourceService/")
+    }
     assert resource_paths == {f"/otterscale.resource.v1.ResourceService/{name}" for name in RPCS}
-    # Additions (otterscale.cluster.v1) are documented too.
+    # Additions (otterscale.cluster.v1, the fan-out service) are documented too.
     assert "/otterscale.cluster.v1.ClusterService/ListClusters" in doc["paths"]
+    assert {
+        path for path in doc["paths"] if path.startswith("/otterscale.resource.v1.MultiClusterService/")
+    } == {
+        "/otterscale.resource.v1.MultiClusterService/MultiList",
+        "/otterscale.resource.v1.MultiClusterService/MultiWatch",
+    }
+
+
+def test_runtime_service_paths(doc: dict[str, Any]) -> None:
+    service = runtime_pb.DESCRIPTOR.services_by_name["RuntimeService"]
+    runtime_paths = {path for path in doc["paths"] if path.startswith("/otterscale.runtime.v1.")}
+    # The request streams (Exec, PortForwardStream) need HTTP/2: named in the tag, not described.
+    described = [m for m in service.methods if not m.client_streaming]
+    assert runtime_paths == {f"/{service.full_name}/{m.name}" for m in described}
+    tag = next(t for t in doc["tags"] if t["name"] == service.full_name)
+    assert "Exec, PortForwardStream." in tag["description"]
+    for method in described:
+        op = doc["paths"][f"/{service.full_name}/{method.name}"]["post"]
+        content_type = "application/connect+json" if method.server_streaming else "application/json"
+        request = op["requestBody"]["content"][content_type]["schema"]
+        assert request == {"$ref": _schema_ref(method.input_type.full_name)}, method.name
 
 
 @pytest.mark.parametrize("name", RPCS)

@@ -3,8 +3,8 @@
 Existing clients of the original Go service (the web dashboard among them) speak this API, so the
 "compatible core" of api.md is transcribed here by hand, independently of the .proto file:
 
-* bytes are encoded from that table with a tiny protobuf wire encoder written in this file (no
-  protobuf library involved) and decoded with the generated classes, field by field;
+* bytes are encoded from that table with a tiny protobuf wire encoder (``_wire``, no protobuf
+  library involved) and decoded with the generated classes, field by field;
 * every field's name, number, type, cardinality, presence and JSON name is checked through the
   descriptors, and every RPC's request/response types;
 * proto3 JSON (what Connect's JSON codec speaks) uses api.md's lowerCamelCase names.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 from typing import Any
 
 import pytest
@@ -28,86 +27,13 @@ from google.protobuf.message import Message
 
 from otterscale.resource.v1 import resource_pb2 as pb
 
-# --- A tiny, independent protobuf wire encoder ----------------------------------------------------
-
-VARINT, I64, LEN = 0, 1, 2  # wire types
-
-
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int64: two's complement, ten bytes
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def tag(number: int, wire_type: int) -> bytes:
-    return varint((number << 3) | wire_type)
-
-
-def f_varint(number: int, value: int) -> bytes:
-    """int64, bool and enum fields."""
-    return tag(number, VARINT) + varint(value)
-
-
-def f_bytes(number: int, value: bytes) -> bytes:
-    """Length-delimited: bytes, embedded messages."""
-    return tag(number, LEN) + varint(len(value)) + value
-
-
-def f_str(number: int, value: str) -> bytes:
-    return f_bytes(number, value.encode())
-
-
-def f_double(number: int, value: float) -> bytes:
-    return tag(number, I64) + struct.pack("<d", value)
-
-
-# google.protobuf.Struct, by hand: Struct{map<string, Value> fields = 1}; a map entry is a message
-# {key = 1, value = 2}; Value is a oneof: null 1, number 2, string 3, bool 4, struct 5, list 6;
-# ListValue{repeated Value values = 1}.
-def enc_value(value: Any) -> bytes:
-    if value is None:
-        return f_varint(1, 0)
-    if isinstance(value, bool):
-        return f_varint(4, int(value))
-    if isinstance(value, int | float):
-        return f_double(2, float(value))
-    if isinstance(value, str):
-        return f_str(3, value)
-    if isinstance(value, dict):
-        return f_bytes(5, enc_struct(value))
-    if isinstance(value, list):
-        return f_bytes(6, b"".join(f_bytes(1, enc_value(v)) for v in value))
-    raise TypeError(value)
-
-
-def enc_struct(obj: dict[str, Any]) -> bytes:
-    return b"".join(f_bytes(1, f_str(1, key) + f_bytes(2, enc_value(val))) for key, val in obj.items())
-
+from ._wire import Row, check_rows, enc_struct, f_bytes, f_str, f_varint, populated
 
 # --- The compatible core, transcribed from api.md -------------------------------------------------
 
 S, B, I32T, I64T, BY, MSG, ENUM = "string", "bool", "int32", "int64", "bytes", "message", "enum"
-TYPES = {
-    S: FieldDescriptor.TYPE_STRING,
-    B: FieldDescriptor.TYPE_BOOL,
-    I32T: FieldDescriptor.TYPE_INT32,
-    I64T: FieldDescriptor.TYPE_INT64,
-    BY: FieldDescriptor.TYPE_BYTES,
-    MSG: FieldDescriptor.TYPE_MESSAGE,
-    ENUM: FieldDescriptor.TYPE_ENUM,
-}
 PKG = "otterscale.resource.v1"
 STRUCT, EMPTY = "google.protobuf.Struct", "google.protobuf.Empty"
-
-# message -> [(name, number, type, repeated, type name of message/enum fields, JSON name)]
-Row = tuple[str, int, str, bool, str | None, str]
 
 
 def _strings(*names: str) -> list[Row]:
@@ -233,20 +159,7 @@ def message_class(name: str) -> type[Message]:
 
 
 def _check_rows(name: str, rows: list[Row]) -> None:
-    desc = message_class(name).DESCRIPTOR
-    assert desc.full_name == f"{PKG}.{name}"
-    for field_name, number, kind, repeated, type_name, json_name in rows:
-        field = desc.fields_by_name.get(field_name)
-        assert field is not None, f"{name}.{field_name} missing"
-        where = f"{name}.{field_name}"
-        assert field.number == number, where
-        assert field.type == TYPES[kind], where
-        assert field.is_repeated == repeated, where
-        assert field.json_name == json_name, where
-        if kind == MSG:
-            assert field.message_type.full_name == type_name, where
-        if kind == ENUM:
-            assert field.enum_type.full_name == type_name, where
+    check_rows(message_class(name), PKG, rows)
 
 
 @pytest.mark.parametrize("name", sorted(FROZEN))
@@ -590,34 +503,10 @@ def test_old_client_bytes_leave_additions_at_defaults() -> None:
 # --- proto3 JSON (the Connect JSON codec) ---------------------------------------------------------
 
 
-def _populated(cls: type[Message]) -> Message:
-    """A message with every scalar and repeated field set to a non-default value."""
-    msg = cls()
-    for field in cls.DESCRIPTOR.fields:
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.is_repeated:
-                getattr(msg, field.name).add()
-            else:
-                getattr(msg, field.name).SetInParent()
-        elif field.is_repeated:
-            getattr(msg, field.name).append("x")
-        elif field.type == FieldDescriptor.TYPE_ENUM:
-            setattr(msg, field.name, 1)
-        elif field.type == FieldDescriptor.TYPE_BOOL:
-            setattr(msg, field.name, True)
-        elif field.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32):
-            setattr(msg, field.name, 42)
-        elif field.type == FieldDescriptor.TYPE_BYTES:
-            setattr(msg, field.name, b"x")
-        else:
-            setattr(msg, field.name, "x")
-    return msg
-
-
 @pytest.mark.parametrize("name", sorted(FROZEN))
 def test_json_names(name: str) -> None:
     cls = message_class(name)
-    got = json.loads(json_format.MessageToJson(_populated(cls)))
+    got = json.loads(json_format.MessageToJson(populated(cls)))
     expected = {row[5] for row in FROZEN[name] + ADDITIONS.get(name, [])}
     assert set(got) == expected
 

@@ -13,7 +13,13 @@
 import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-web";
 import { ClusterService } from "./gen/otterscale/cluster/v1/cluster_pb";
+import {
+  ClusterStatus_Outcome,
+  MultiClusterService,
+  MultiWatchRequest_InitialEvents,
+} from "./gen/otterscale/resource/v1/multicluster_pb";
 import { ResourceService, WatchEvent_Type } from "./gen/otterscale/resource/v1/resource_pb";
+import { RuntimeService } from "./gen/otterscale/runtime/v1/runtime_pb";
 
 /** The four ways a browser can speak to the hub. */
 export const TRANSPORTS = ["connect-json", "connect-binary", "grpc-web-binary", "grpc-web-json"] as const;
@@ -24,10 +30,26 @@ export interface RunConfig {
   hubUrl: string;
   token: string;
   cluster: string;
+  /** A configured cluster whose agent never runs: the fan-out steps show its own outcome. */
+  downCluster: string;
   namespace: string;
   transport: TransportName;
   /** Per-call deadline; also sent to the hub (Connect-Timeout-Ms / Grpc-Timeout headers). */
   timeoutMs: number;
+  /** Where the runtime steps run (Pods need a node): absent, they are not run. */
+  runtime?: RuntimeTargets;
+}
+
+/** The Pods and the Deployment the runtime steps use (a cluster with a real node). */
+export interface RuntimeTargets {
+  cluster: string;
+  namespace: string;
+  /** A Pod whose container prints a line every fraction of a second. */
+  logPod: string;
+  /** A Pod with `cat` (and `sh`). */
+  shellPod: string;
+  /** A Deployment the page may scale and restart. */
+  deployment: string;
 }
 
 /** One RPC's outcome: "ok", "failed", or "waiting" (the RPC is not in the .proto files yet). */
@@ -122,6 +144,7 @@ export async function run(config: RunConfig): Promise<Step[]> {
   const base = transport(config.transport, config.hubUrl, config.token);
   const clusters = createClient(ClusterService, base);
   const resources = createClient(ResourceService, base);
+  const fleet = createClient(MultiClusterService, base);
   const options = { timeoutMs };
   const name = `browser-${config.transport}-${Date.now().toString(36)}`;
   const target = { cluster, group: "", version: "v1", resource: "configmaps", namespace };
@@ -188,6 +211,72 @@ export async function run(config: RunConfig): Promise<Step[]> {
       abort.abort();
     }
   });
+  // The fleet view: one call over several clusters, each with its own outcome.
+  const selection = { clusters: [cluster, config.downCluster] };
+  await step("MultiList", steps, async () => {
+    const query = { version: "v1", resource: "configmaps", namespace };
+    const outcomes: Record<string, string> = {};
+    let cursor = "";
+    let pages = 0;
+    let items = 0;
+    let found = false;
+    do {
+      // Two items a page, so the cursor is followed across pages as a table's "next" button would.
+      const page = await fleet.multiList({ selection, query, limit: BigInt(2), cursor }, options);
+      pages += 1;
+      for (const part of page.lists) {
+        const listed = part.list?.items ?? [];
+        items += listed.length;
+        found ||= listed.some((item) => metadata(item.object)["name"] === name);
+      }
+      for (const status of page.statuses) outcomes[status.cluster] = ClusterStatus_Outcome[status.outcome];
+      cursor = page.nextCursor;
+    } while (cursor && pages < 1000);
+    check(found, `${name} is not in the fleet's list`);
+    check(outcomes[cluster] === "OK", `${cluster}: ${outcomes[cluster]}`);
+    check(outcomes[config.downCluster] === "UNAVAILABLE", `${config.downCluster}: ${outcomes[config.downCluster]}`);
+    return `${items} configmaps in ${pages} pages; ${cluster} OK, ${config.downCluster} UNAVAILABLE`;
+  });
+  await step("MultiWatch", steps, async () => {
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), timeoutMs);
+    try {
+      const stream = fleet.multiWatch(
+        {
+          selection,
+          query: { version: "v1", resource: "configmaps", namespace, fieldSelector: `metadata.name=${name}` },
+          initialEvents: MultiWatchRequest_InitialEvents.MISSING_ONLY,
+        },
+        { signal: abort.signal },
+      );
+      let changed = false;
+      let down = "";
+      for await (const message of stream) {
+        if (message.kind.case === "status") {
+          const status = message.kind.value;
+          if (status.cluster === config.downCluster) down = ClusterStatus_Outcome[status.outcome];
+          if (status.cluster === cluster && status.outcome === ClusterStatus_Outcome.SYNCED && !changed) {
+            changed = true; // live: now change the object, and wait for that change to arrive
+            await resources.apply(
+              { ...target, name, manifest: manifest(name, namespace, "three"), force: true, fieldManager: "otterscale-web-ui" },
+              options,
+            );
+          }
+        } else if (message.kind.case === "event") {
+          const { cluster: from, event } = message.kind.value;
+          const data = ((event?.resource?.object ?? {})["data"] ?? {}) as Json;
+          if (from === cluster && event?.type === WatchEvent_Type.MODIFIED && data["value"] === "three") {
+            check(down === "UNAVAILABLE", `${config.downCluster}: ${down || "no status"}`);
+            return `MODIFIED from ${cluster} at resourceVersion ${event.resourceVersion}; ${config.downCluster} ${down}`;
+          }
+        }
+      }
+      throw new Failed("the stream ended before the change arrived");
+    } finally {
+      clearTimeout(timer);
+      abort.abort();
+    }
+  });
   await step("Describe", steps, async () => {
     const describe = (ResourceService.method as Record<string, unknown>)["describe"];
     if (describe === undefined) {
@@ -212,6 +301,9 @@ export async function run(config: RunConfig): Promise<Step[]> {
     }
     throw new Failed("still there after Delete");
   });
+  if (config.runtime !== undefined) {
+    await runtimeSteps(config.runtime, base, timeoutMs, steps);
+  }
   await step("Unauthenticated", steps, async () => {
     // No token: the hub must answer (with CORS headers) so the page can tell "log in again"
     // from "hub down"; a blocked answer would be a network error (code unknown) instead.
@@ -226,6 +318,83 @@ export async function run(config: RunConfig): Promise<Step[]> {
   });
   show(config.transport, steps);
   return steps;
+}
+
+/**
+ * What a dashboard's pod and workload views do: follow a log, a terminal (a stream plus unary
+ * writes: a browser cannot stream a request body), scale, restart.
+ */
+async function runtimeSteps(target: RuntimeTargets, base: Transport, timeoutMs: number, steps: Step[]): Promise<void> {
+  const runtime = createClient(RuntimeService, base);
+  const options = { timeoutMs };
+  const pod = { cluster: target.cluster, namespace: target.namespace };
+  const workload = { ...pod, group: "apps", version: "v1", resource: "deployments", name: target.deployment };
+
+  await step("PodLog", steps, async () => {
+    // Follow from now on: what arrives was written after the call started, live.
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), timeoutMs);
+    try {
+      const lines: string[] = [];
+      const decoder = new TextDecoder();
+      for await (const chunk of runtime.podLog({ ...pod, name: target.logPod, follow: true, tailLines: 0n }, { signal: abort.signal })) {
+        lines.push(...decoder.decode(chunk.data).split("\n").filter((line) => line !== ""));
+        if (lines.length >= 2) return `followed: ${lines.slice(0, 2).join(" | ")}`;
+      }
+      throw new Failed("the log ended before two new lines arrived");
+    } finally {
+      clearTimeout(timer);
+      abort.abort();
+    }
+  });
+  await step("Exec", steps, async () => {
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), timeoutMs);
+    try {
+      const stream = runtime.executeTTY({ ...pod, name: target.shellPod, command: ["cat"] }, { signal: abort.signal });
+      const encoder = new TextEncoder();
+      let sessionId = "";
+      let echoed = "";
+      let closed = false;
+      for await (const message of stream) {
+        if (sessionId === "") {
+          sessionId = message.sessionId;
+          check(sessionId.startsWith(`${target.cluster}.`), "no session id in the first message");
+          // Out of order on purpose: the agent applies writes by offset.
+          const later = runtime.writeTTY({ sessionId, stdin: encoder.encode("world\n"), offset: 6n }, options);
+          await runtime.writeTTY({ sessionId, stdin: encoder.encode("hello "), offset: 0n }, options);
+          await later;
+          continue;
+        }
+        echoed += new TextDecoder().decode(message.stdout);
+        if (!closed && echoed === "hello world\n") {
+          // Once: the session ends when cat does, and a write after that is not_found.
+          closed = true;
+          await runtime.writeTTY({ sessionId, closeStdin: true, offset: 12n }, options);
+        }
+        if (message.exitCode !== undefined) {
+          check(echoed === "hello world\n", `echoed ${JSON.stringify(echoed)}`);
+          check(message.exitCode === 0, `exit code ${message.exitCode}`);
+          return `echoed "hello world", exit code 0`;
+        }
+      }
+      throw new Failed("the exec stream ended without an exit code");
+    } finally {
+      clearTimeout(timer);
+      abort.abort();
+    }
+  });
+  await step("Scale", steps, async () => {
+    const now = await runtime.getScale(workload, options);
+    const wanted = now.replicas === 0 ? 1 : 0;
+    const scaled = await runtime.scale({ ...workload, replicas: wanted, currentReplicas: now.replicas }, options);
+    check(scaled.previousReplicas === now.replicas && scaled.replicas === wanted, `scaled ${scaled.previousReplicas} -> ${scaled.replicas}`);
+    return `${now.replicas} -> ${wanted} replicas`;
+  });
+  await step("Restart", steps, async () => {
+    await runtime.restart(workload, options);
+    return `restarted ${target.deployment}`;
+  });
 }
 
 /** One call from a page whose origin the hub does not allow: the browser must block the answer. */

@@ -2,9 +2,10 @@
 
 :class:`Agent` is the agent's service side as an async context manager: entering loads the
 Kubernetes credentials, opens the client and builds :attr:`Agent.app` (ResourceService,
-AgentService, ``/ping``, ``/readyz``), which Envoy serves (``otterscale agent`` runs the agent
-inside Envoy, :mod:`._hosted`, with its tunnel); leaving ends open Watch streams (unavailable)
-and closes the Kubernetes client. ``GET /readyz`` follows the readiness it is given (the
+AgentService, RuntimeService, ``/ping``, ``/readyz``, ``/metrics``), which Envoy serves
+(``otterscale agent`` runs the agent inside Envoy, :mod:`._hosted`, with its tunnel); leaving
+ends open Watch streams, PodLog streams and exec and port-forward sessions (unavailable) and
+closes the Kubernetes client. ``GET /readyz`` follows the readiness it is given (the
 tunnel's) and says 503 once stopping.
 """
 
@@ -19,9 +20,11 @@ from typing import Any
 
 from otterscale.cluster.v1 import cluster_pb2
 from otterscale.cluster.v1.cluster_connect import AgentServiceASGIApplication
-from otterscale.common import ASGIApp
+from otterscale.common import ASGIApp, AuditConfig, AuditLog, RuntimeConfig
 from otterscale.resource.v1 import resource_pb2
 from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplication
+from otterscale.runtime.v1 import runtime_pb2
+from otterscale.runtime.v1.runtime_connect import RuntimeServiceASGIApplication
 
 from ._auth import EarlyIdentityInterceptor
 from ._codecs import resource_codecs
@@ -29,6 +32,8 @@ from ._discovery import DEFAULT_TTL, DiscoveryCache
 from ._info import AgentInfoService
 from ._kube import KubeClient
 from ._kubeconfig import KubeConnection, load_connection
+from ._metrics import AgentMetrics
+from ._runtime import RuntimeServiceImpl
 from ._schema import SchemaCache
 from ._server import Readiness, make_asgi_app, mount
 from ._service import ErrorBoundary, ResourceServiceImpl
@@ -39,11 +44,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Agent", "AgentSettings"]
 
-#: The services the agent serves (their streaming methods get heartbeats and Envoy's stalled-reader
-#: reset): add a service's descriptor here when mounting its application in :meth:`Agent.start`.
+#: The services the agent serves (a streamed request, such as Exec's, gets no body deadline; their
+#: streaming methods get heartbeats and Envoy's stalled-reader reset when the agent sets a send
+#: timeout): add a service's descriptor here when mounting its application in :meth:`Agent.start`.
 SERVICES = (
     resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
     cluster_pb2.DESCRIPTOR.services_by_name["AgentService"],
+    runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"],
 )
 
 
@@ -71,6 +78,10 @@ class AgentSettings:
     #: Seconds a request's whole body may take (``limits.request_timeout_seconds``; enforced by
     #: the serving layer inside Envoy).
     request_timeout: float = 10.0
+    #: Limits and timeouts of exec and port-forward sessions (``runtime`` in otterscale.yaml).
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    #: Where the audit events of exec and port-forward sessions go (``audit`` in otterscale.yaml).
+    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
 
 
 class Agent:
@@ -96,6 +107,9 @@ class Agent:
         self._stopping = False
         self._client: KubeClient | None = None
         self._service: ResourceServiceImpl | None = None
+        self._runtime: RuntimeServiceImpl | None = None
+        self._audit: AuditLog | None = None
+        self.metrics = AgentMetrics()
         self._background: list[asyncio.Task[Any]] = []
         self.host = ""
         self.port = 0
@@ -134,12 +148,23 @@ class Agent:
                 self._background.append(
                     start_task(connection.refresher(), name="kube-credentials-refresh", forever=False)
                 )
+            discovery = DiscoveryCache(self._client, ttl=settings.discovery_ttl)
             self._service = ResourceServiceImpl(
                 cluster=settings.cluster,
                 client=self._client,
-                discovery=DiscoveryCache(self._client, ttl=settings.discovery_ttl),
+                discovery=discovery,
                 schemas=SchemaCache(self._client, ttl=settings.discovery_ttl),
             )
+            self._audit = AuditLog.from_config(settings.audit)
+            self._runtime = RuntimeServiceImpl(
+                cluster=settings.cluster,
+                client=self._client,
+                discovery=discovery,
+                config=settings.runtime,
+                metrics=self.metrics,
+                audit=self._audit,
+            )
+            self._background.append(start_task(self._runtime.sessions.sweep(), name="runtime-session-sweep"))
             identity = EarlyIdentityInterceptor
             interceptors = [
                 # Outermost: an unsigned call never reaches a handler (inside Envoy, its body is
@@ -158,8 +183,9 @@ class Agent:
                 AgentServiceASGIApplication(
                     AgentInfoService(cluster=settings.cluster, client=self._client), interceptors=interceptors
                 ),
+                RuntimeServiceASGIApplication(self._runtime, interceptors=interceptors),
             )
-            self.app = make_asgi_app(connect_app, readiness=self.readiness)
+            self.app = make_asgi_app(connect_app, readiness=self.readiness, metrics=self.metrics)
             self.host, self.port = settings.host, settings.port
         except BaseException:
             await self.stop()
@@ -171,11 +197,15 @@ class Agent:
         self._stopping = True
         if self._service is not None:
             self._service.shutdown()
+        if self._runtime is not None:
+            self._runtime.shutdown()
 
     async def stop(self) -> None:
         """End Watches, stop accepting, drain (bounded), close the Kubernetes client. Idempotent."""
         self.drain()
         await stop_tasks(self._background, grace=2.0)
+        if self._audit is not None:
+            self._audit.close()
         if self._client is not None:
             await self._client.close()
             self._client = None

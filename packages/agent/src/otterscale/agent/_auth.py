@@ -70,7 +70,8 @@ class _EveryHeader(Mapping[str, str]):
 
 
 class IdentityInterceptor:
-    """Verifies the hub's signature on every call (connectrpc unary and server-stream interceptor).
+    """Verifies the hub's signature on every call (connectrpc interceptor of every call shape:
+    connectrpc skips an interceptor for a shape it does not implement, so each is here).
 
     This variant runs after connectrpc has read the body: a hypercorn-served agent (in a test's
     own process) cannot answer an HTTP/2 request before its body has arrived (``KeyError`` in
@@ -116,13 +117,14 @@ class IdentityInterceptor:
         finally:
             _IDENTITY.reset(token)
 
-    async def intercept_server_stream(
+    async def _streamed(
         self,
         call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
         request: Any,
         ctx: RequestContext[Any, Any],
-        /,
     ) -> AsyncIterator[Any]:
+        """A streamed answer with the verified identity set while the handler runs (server and
+        bidi streams alike: only the request's shape differs)."""
         token = _IDENTITY.set(self._verify(ctx))
         stream = call_next(request, ctx)
         try:
@@ -133,6 +135,39 @@ class IdentityInterceptor:
             if aclose is not None:
                 await aclose()
             _IDENTITY.reset(token)
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
+        request: Any,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[Any]:
+        async for message in self._streamed(call_next, request, ctx):
+            yield message
+
+    async def intercept_client_stream(
+        self,
+        call_next: Callable[[AsyncIterator[Any], RequestContext[Any, Any]], Awaitable[Any]],
+        request: AsyncIterator[Any],
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> Any:
+        token = _IDENTITY.set(self._verify(ctx))
+        try:
+            return await call_next(request, ctx)
+        finally:
+            _IDENTITY.reset(token)
+
+    async def intercept_bidi_stream(
+        self,
+        call_next: Callable[[AsyncIterator[Any], RequestContext[Any, Any]], AsyncIterator[Any]],
+        request: AsyncIterator[Any],
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[Any]:
+        async for message in self._streamed(call_next, request, ctx):
+            yield message
 
 
 class EarlyIdentityInterceptor(IdentityInterceptor):

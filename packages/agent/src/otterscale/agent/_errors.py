@@ -19,6 +19,14 @@ Tree::
     +-- KubernetesTimeoutError      deadline_exceeded: kube-apiserver did not answer in time
     +-- WatchClosedError            unavailable: the upstream watch ended; resume from last RV
     +-- ShuttingDownError           unavailable: the agent is stopping
+    +-- PermissionDeniedError       permission_denied: an access review said no (exec, port-forward)
+    +-- PreconditionError           failed_precondition: the object or session is not in a state
+    |                               that allows the call (paused Deployment, no TTY, stdin closed)
+    +-- SessionNotFoundError        not_found: unknown, ended or foreign session (one message for all)
+    +-- SessionLimitError           resource_exhausted: a session, write or pending-input limit
+    +-- SessionExpiredError         deadline_exceeded: a session's idle timeout or lifetime ran out
+    +-- InputGapError               aborted: a write after a gap whose bytes never came
+    +-- StreamUnavailableError      unavailable: an exec or port-forward stream could not be used
 
 Messages are written for the caller: they never contain a stack trace, a token or a password.
 """
@@ -36,12 +44,19 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AgentError",
+    "InputGapError",
     "InvalidRequestError",
     "KubernetesAPIError",
     "KubernetesTimeoutError",
     "KubernetesUnavailableError",
     "ManifestError",
+    "PermissionDeniedError",
+    "PreconditionError",
+    "SessionExpiredError",
+    "SessionLimitError",
+    "SessionNotFoundError",
     "ShuttingDownError",
+    "StreamUnavailableError",
     "UnauthenticatedError",
     "UnknownClusterError",
     "UnknownKindError",
@@ -116,6 +131,56 @@ class WatchClosedError(AgentError):
 
 class ShuttingDownError(AgentError):
     """The agent is stopping; the client retries (through another connection) later."""
+
+    code = Code.UNAVAILABLE
+
+
+class PermissionDeniedError(AgentError):
+    """Kubernetes said the caller may not do this (a SelfSubjectAccessReview was denied)."""
+
+    code = Code.PERMISSION_DENIED
+
+
+class PreconditionError(AgentError):
+    """The object or session is not in a state that allows the call."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class SessionNotFoundError(AgentError):
+    """No session with this id for this caller: unknown, ended, or someone else's (never says which).
+
+    The message is always the same and never contains the id (ids must not leak into logs or
+    screenshots of error messages).
+    """
+
+    code = Code.NOT_FOUND
+    MESSAGE = "session not found: it ended, or this caller did not start it in this cluster"
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
+
+class SessionLimitError(AgentError):
+    """A session limit (per subject or per agent), the write size or the pending input is exceeded."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class SessionExpiredError(AgentError):
+    """A session's idle timeout or maximum lifetime ran out (the message names the key)."""
+
+    code = Code.DEADLINE_EXCEEDED
+
+
+class InputGapError(AgentError):
+    """A write waited for missing earlier bytes that never arrived."""
+
+    code = Code.ABORTED
+
+
+class StreamUnavailableError(AgentError):
+    """An exec or port-forward stream could not be opened or broke (the message says why)."""
 
     code = Code.UNAVAILABLE
 
@@ -203,5 +268,5 @@ def to_connect_error(exc: BaseException) -> ConnectError:
         return exc
     if isinstance(exc, AgentError):
         return ConnectError(exc.code, exc.message)
-    logger.error("unexpected error in a ResourceService call", exc_info=exc)
+    logger.error("unexpected error in an agent call", exc_info=exc)
     return ConnectError(Code.INTERNAL, "internal error in the otterscale agent (details are in its log)")

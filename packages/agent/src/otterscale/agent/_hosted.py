@@ -22,7 +22,7 @@ from typing import Any
 from otterscale.common import Hosted, ListenerLimits, OtterscaleError, ServeSettings, host, streaming_methods
 
 from ._agent import SERVICES, Agent, AgentSettings
-from ._cli import settings_from_args, tune_gc
+from ._cli import settings_from_args, tune_gc, tune_tls_reads
 from ._kubeconfig import KubeConfigError
 from ._tasks import start_task, stop_tasks
 from ._tunnel import Tunnel
@@ -50,6 +50,8 @@ class HostedAgent:
 
     async def start(self) -> None:
         """Credentials, the Kubernetes client and the service; then the tunnel, in the background."""
+        # Before the first TLS connection to kube-apiserver (the loop is asyncio's: LOOP).
+        tune_tls_reads()
         try:
             await self.agent.start()
         except KubeConfigError as exc:

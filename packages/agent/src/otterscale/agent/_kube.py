@@ -41,6 +41,10 @@ DEFAULT_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 #: Largest single watch event line accepted (etcd's object limit is 1.5 MiB; JSON adds some).
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+#: How long the WebSocket upgrade of an exec or port-forward may take.
+UPGRADE_TIMEOUT = 30.0
+#: Largest WebSocket message accepted from kube-apiserver (its stream chunks are 32 KiB or less).
+MAX_WEBSOCKET_MESSAGE = 4 * 1024 * 1024
 
 
 def loads(data: bytes) -> Any:
@@ -242,13 +246,14 @@ class KubeClient:
         *,
         params: Mapping[str, str],
         caller: Caller | None = None,
+        accept: str = "application/json",
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """An open streaming response (status 200) with no total or read timeout.
 
         Raises KubernetesAPIError if kube-apiserver refuses the request. Leaving the context
-        closes the connection, which is how a watch is cancelled upstream.
+        closes the connection, which is how a watch (or a followed log) is cancelled upstream.
         """
-        headers = await self._headers(caller, "application/json", None)
+        headers = await self._headers(caller, accept, None)
         try:
             resp = await self._session.get(
                 self._conn.server + path,
@@ -273,6 +278,47 @@ class KubeClient:
         finally:
             # close(), not release(): a watch that is abandoned mid-stream must drop its connection.
             resp.close()
+
+    async def websocket(
+        self,
+        path: str,
+        *,
+        params: Sequence[tuple[str, str]],
+        protocols: Sequence[str],
+        caller: Caller | None = None,
+        max_message: int = MAX_WEBSOCKET_MESSAGE,
+    ) -> aiohttp.ClientWebSocketResponse:
+        """A WebSocket to kube-apiserver (exec, port-forward) speaking one of ``protocols``.
+
+        ``params`` is a sequence so a key may repeat (``command=sh&command=-c``). The handshake
+        must finish within :data:`UPGRADE_TIMEOUT`; after it nothing times out (sessions have
+        their own idle timeout). A refused upgrade raises KubernetesAPIError whose code follows
+        the HTTP status (aiohttp does not keep the refusal's body, so callers check what they
+        can before opening); an unreachable server raises KubernetesUnavailableError.
+        """
+        headers = await self._headers(caller, "*/*", None)
+        try:
+            async with asyncio.timeout(UPGRADE_TIMEOUT):
+                ws: aiohttp.ClientWebSocketResponse = await self._session.ws_connect(
+                    self._conn.server + path,
+                    params=list(params),
+                    headers=headers,
+                    protocols=tuple(protocols),
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                    autoping=True,
+                    max_msg_size=max_message,
+                    **self._request_kwargs(),
+                )
+                return ws
+        except aiohttp.WSServerHandshakeError as exc:
+            status = exc.status or 502
+            raise KubernetesAPIError(
+                status, None, f"kubernetes API refused to open the stream (HTTP {status} {exc.message})"
+            ) from exc
+        except TimeoutError as exc:
+            raise KubernetesTimeoutError(f"kubernetes API did not open the stream {path} in time") from exc
+        except aiohttp.ClientError as exc:
+            raise KubernetesUnavailableError(f"kubernetes API unreachable: {_describe(exc)}") from exc
 
 
 async def iter_lines(resp: aiohttp.ClientResponse, max_line: int = MAX_EVENT_BYTES) -> AsyncIterator[bytes]:

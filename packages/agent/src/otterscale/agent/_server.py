@@ -1,8 +1,10 @@
-"""The agent's HTTP server: hypercorn (asyncio) serving ResourceService and the probes.
+"""The agent's HTTP server: hypercorn (asyncio) serving the Connect services and the probes.
 
 Probes (no signature needed, GET or HEAD): ``/ping`` answers 204 while the process serves
 (liveness); ``/readyz`` answers 200 when the agent can be reached by the hub (its tunnel is up)
-and 503 with a one-line reason otherwise (readiness).
+and 503 with a one-line reason otherwise (readiness). ``/metrics`` (GET, no signature) is the
+Prometheus exposition of the agent's metrics: counts and durations only, no names of users,
+pods or sessions.
 
 Served by :func:`otterscale.common.serve` (hypercorn, HTTP/1.1 and h2c on one port, tuned for
 the hub's long-lived, multiplexed connection; O(1) HTTP/2 scheduling for many Watches).
@@ -15,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from otterscale.common import ASGIApp
+
+from ._metrics import CONTENT_TYPE, AgentMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +56,10 @@ def make_asgi_app(
     *,
     on_startup: Callable[[], None] | None = None,
     readiness: Readiness | None = None,
+    metrics: AgentMetrics | None = None,
 ) -> ASGIApp:
-    """Route ``/ping`` to a 204, ``/readyz`` to ``readiness``, everything else to Connect.
+    """Route ``/ping`` to a 204, ``/readyz`` to ``readiness``, ``/metrics`` to ``metrics``,
+    everything else to Connect.
 
     ``on_startup`` is called when the server starts the application (ASGI lifespan startup).
     ``readiness`` None means always ready.
@@ -81,6 +87,9 @@ def make_asgi_app(
         if kind == "http" and scope["path"] == "/readyz":
             await _readyz(scope, send, readiness)
             return
+        if kind == "http" and scope["path"] == "/metrics" and metrics is not None:
+            await _metrics(scope, send, metrics)
+            return
         await service_app(scope, receive, send)
 
     return app
@@ -102,6 +111,16 @@ async def _readyz(scope: dict[str, Any], send: Send, readiness: Readiness | None
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
     ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+async def _metrics(scope: dict[str, Any], send: Send, metrics: AgentMetrics) -> None:
+    if scope["method"] not in _PROBE_METHODS:
+        status, body, headers = 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")]
+    else:
+        status, body, headers = 200, metrics.render(), [(b"content-type", CONTENT_TYPE.encode())]
+    headers += [(b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 

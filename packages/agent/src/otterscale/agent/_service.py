@@ -454,7 +454,7 @@ def _watch_event(line: bytes, info: APIResourceInfo) -> pb.WatchEvent:
 
 
 class ErrorBoundary:
-    """The service's error boundary (connectrpc unary + server-stream interceptor).
+    """The service's error boundary (connectrpc interceptor of every call shape).
 
     Every exception leaving a handler is translated once by :func:`to_connect_error`; failures
     are logged with the procedure, caller and code (never the request contents).
@@ -501,6 +501,25 @@ class ErrorBoundary:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def intercept_client_stream(
+        self,
+        call_next: Callable[[AsyncIterator[Any], RequestContext[Any, Any]], Awaitable[Any]],
+        request: AsyncIterator[Any],
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> Any:
+        return await self.intercept_unary(call_next, request, ctx)
+
+    async def intercept_bidi_stream(
+        self,
+        call_next: Callable[[AsyncIterator[Any], RequestContext[Any, Any]], AsyncIterator[Any]],
+        request: AsyncIterator[Any],
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[Any]:
+        async for message in self.intercept_server_stream(call_next, request, ctx):
+            yield message
 
 
 def _log_failure(ctx: RequestContext[Any, Any], error: ConnectError, started: float) -> None:

@@ -1,8 +1,8 @@
 """otterscale-common: what the OtterScale hub and agent share.
 
-Configuration (``otterscale.yaml``), OIDC bearer-token verification, the verified caller
-(:class:`Identity`) and the one rule for its names, the signed hub-to-agent identity headers,
-the audit trail (:class:`AuditLog`), logging set-up, the ``otterscale``
+Configuration (``otterscale.yaml``, cluster label selectors), OIDC bearer-token verification,
+the verified caller (:class:`Identity`) and the one rule for its names, the signed hub-to-agent
+identity headers, the audit trail (:class:`AuditLog`), logging set-up, the ``otterscale``
 command and the flags both services take, supervision of external processes
 (:class:`Supervisor`), the chisel tunnel (:class:`ChiselServer`, :class:`ChiselClient`) and
 serving a service inside Envoy (:func:`serve`, :func:`host`). Nothing here knows about a
@@ -22,7 +22,7 @@ from ._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._asgi import ASGIApp, drain_request
-    from ._audit import AuditEvent, AuditKind, AuditLog, AuditTarget
+    from ._audit import AuditClusterOutcome, AuditEvent, AuditKind, AuditLog, AuditSession, AuditTarget
     from ._chisel import (
         LOOPBACK,
         MIN_CHISEL_VERSION,
@@ -62,14 +62,18 @@ if TYPE_CHECKING:
     from ._config import (
         MAX_CONFIG_BYTES,
         MIN_SECRET_LENGTH,
+        AccessConfig,
+        AccessRule,
         AgentAuth,
         AgentConfig,
         AuditConfig,
         ClusterConfig,
         CorsConfig,
+        FanoutConfig,
         HubLimitsConfig,
         KeycloakConfig,
         OtterscaleConfig,
+        RuntimeConfig,
         TunnelConfig,
         TunnelServerConfig,
         listener_limits,
@@ -88,6 +92,7 @@ if TYPE_CHECKING:
     )
     from ._hosting import ClientGone, Hosted, ServeSettings, host, streaming_methods
     from ._identity import RESERVED_PREFIXES, Identity
+    from ._labels import LabelSelector, LabelSyntaxError
     from ._launch import Launch, configured_limits, configured_value, serve
     from ._lazy import lazy_exports
     from ._logging import LogFormat, LogThrottle, RedactingFilter, configure_logging, redact
@@ -111,13 +116,17 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, str] = {
     "ALLOWED_ALGORITHMS": "._oidc",
     "ASGIApp": "._asgi",
+    "AccessConfig": "._config",
+    "AccessRule": "._config",
     "Address": "._envoy",
     "AgentAuth": "._config",
     "AgentConfig": "._config",
+    "AuditClusterOutcome": "._audit",
     "AuditConfig": "._config",
     "AuditEvent": "._audit",
     "AuditKind": "._audit",
     "AuditLog": "._audit",
+    "AuditSession": "._audit",
     "AuditTarget": "._audit",
     "AuthenticationError": "._errors",
     "CONTAINER_CONFIG": "._cli",
@@ -138,6 +147,7 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_ADDRESS": "._cli",
     "DEFAULT_CONFIG": "._cli",
     "ENTRY_POINT_GROUP": "._cli",
+    "FanoutConfig": "._config",
     "GROUPS_HEADER": "._signing",
     "Hosted": "._hosting",
     "HubLimitsConfig": "._config",
@@ -148,6 +158,8 @@ _EXPORTS: dict[str, str] = {
     "KeycloakConfig": "._config",
     "LIMIT_BOUNDS": "._envoy",
     "LOOPBACK": "._chisel",
+    "LabelSelector": "._labels",
+    "LabelSyntaxError": "._labels",
     "Launch": "._launch",
     "ListenerLimits": "._envoy",
     "LogFormat": "._logging",
@@ -162,6 +174,7 @@ _EXPORTS: dict[str, str] = {
     "ProcessSpec": "._supervisor",
     "RESERVED_PREFIXES": "._identity",
     "RedactingFilter": "._logging",
+    "RuntimeConfig": "._config",
     "SIGNATURE_HEADER": "._signing",
     "SUBJECT_HEADER": "._signing",
     "ServeSettings": "._hosting",
@@ -229,13 +242,17 @@ __all__ = [
     "SUBJECT_HEADER",
     "TIMESTAMP_HEADER",
     "ASGIApp",
+    "AccessConfig",
+    "AccessRule",
     "Address",
     "AgentAuth",
     "AgentConfig",
+    "AuditClusterOutcome",
     "AuditConfig",
     "AuditEvent",
     "AuditKind",
     "AuditLog",
+    "AuditSession",
     "AuditTarget",
     "AuthenticationError",
     "ChiselBinary",
@@ -251,12 +268,15 @@ __all__ = [
     "CommonOptions",
     "ConfigError",
     "CorsConfig",
+    "FanoutConfig",
     "Hosted",
     "HubLimitsConfig",
     "Identity",
     "IdentityHeaderError",
     "IdentityProviderUnavailableError",
     "KeycloakConfig",
+    "LabelSelector",
+    "LabelSyntaxError",
     "Launch",
     "ListenerLimits",
     "LogFormat",
@@ -267,6 +287,7 @@ __all__ = [
     "ProcessError",
     "ProcessSpec",
     "RedactingFilter",
+    "RuntimeConfig",
     "ServeSettings",
     "ServerEventKind",
     "Supervisor",

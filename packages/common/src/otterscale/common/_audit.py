@@ -11,9 +11,18 @@ An audit event answers "who did what, where, and how did it end", for calls that
      "name": "settings", "dry_run": false, "code": "ok", "duration_ms": 12.5,
      "source": "10.0.0.7:51234", "forwarded_by": ""}
 
+An agent writes one event when an exec or port-forward session starts and one when it ends
+(``component: agent``), with the session's part inlined (:class:`AuditSession`: ``session`` (a
+short hash, never the id), ``phase`` (``start`` or ``end``), ``kind``, ``container``, ``argv``,
+``tty``, ``port``, ``bytes_in``, ``bytes_out``, ``exit_code``); never stdin or output.
+
 ``code`` is ``ok`` or the Connect code the caller saw (``permission_denied``,
-``unauthenticated``...). An event never holds a manifest, a token, a signature, a password or an
-error message (which may quote what the caller sent): only names and outcomes.
+``unauthenticated``...). A call that reaches many clusters at once (the hub's MultiList and
+MultiWatch) adds ``"clusters"``: per cluster, how its leg ended (:class:`AuditClusterOutcome`), e.g.
+``{"east": {"outcome": "ok", "items": 120, "duration_ms": 41.0, "reconnects": 0}, "west":
+{"outcome": "unavailable", ...}}``; ``cluster`` is then empty. Other events have no such key.
+An event never holds a manifest, a token, a signature, a password or an error message (which may
+quote what the caller sent): only names and outcomes.
 
 Where: ``stdout`` (default), a stream of its own, since the services log to stderr; or a file,
 rotated by size. Writing goes through :mod:`logging`'s handlers (thread-safe, and the rotating
@@ -29,7 +38,8 @@ import json
 import logging
 import logging.handlers
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Literal
 
@@ -56,6 +66,41 @@ class AuditTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSession:
+    """An exec or port-forward session's part of an event (written by the agent)."""
+
+    #: A short hash of the session id (the id itself is a capability and never written).
+    session: str
+    #: ``start`` or ``end``.
+    phase: Literal["start", "end"]
+    #: ``exec`` or ``port-forward``.
+    kind: str
+    container: str = ""
+    #: The command, as much as ``runtime.audit_argv`` allows.
+    argv: tuple[str, ...] = ()
+    tty: bool = False
+    port: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    #: The command's exit code, at the end of an exec that exited.
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditClusterOutcome:
+    """How one cluster's part of a multi-cluster call ended."""
+
+    #: ``ok`` or what went wrong there, lower case (``unavailable``, ``timeout``,
+    #: ``permission_denied``, ``unknown_cluster``...): names, never a message.
+    outcome: str
+    #: Objects listed, or events delivered for a watch.
+    items: int = 0
+    duration_ms: float = 0.0
+    #: Times a watch leg had to be opened again.
+    reconnects: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One audited call (see the module docstring for the fields; ``target``'s are inlined)."""
 
@@ -72,11 +117,22 @@ class AuditEvent:
     duration_ms: float
     source: str
     forwarded_by: str = ""
+    #: The session's part of an agent's session event; None for a call.
+    session: AuditSession | None = None
+    #: Per cluster, for a call that reaches many (empty otherwise, and then left out of the line).
+    clusters: Mapping[str, AuditClusterOutcome] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        """The event as one line of JSON (no trailing newline), the target's fields inlined."""
+        """The event as one line of JSON (no trailing newline), the target's (and a session's)
+        fields inlined."""
         document = asdict(self)
         document.update(document.pop("target"))
+        session = document.pop("session")
+        if session is not None:
+            session["argv"] = list(session["argv"])
+            document.update(session)
+        if not self.clusters:
+            del document["clusters"]
         document["time"] = _timestamp(self.time)
         document["groups"] = list(self.groups)
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))

@@ -42,7 +42,11 @@ DEFAULT_CONFIG = "otterscale.yaml"
 CONTAINER_CONFIG = "/etc/app/otterscale.yaml"
 
 #: Commands the project ships, and the distribution that provides each.
-KNOWN_COMMANDS: Mapping[str, str] = {"server": "otterscale-hub", "agent": "otterscale-agent"}
+KNOWN_COMMANDS: Mapping[str, str] = {
+    "server": "otterscale-hub",
+    "agent": "otterscale-agent",
+    **dict.fromkeys(("logs", "exec", "port-forward", "scale", "restart"), "otterscale-cli"),
+}
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"", "false", "0", "no", "off"})

@@ -13,8 +13,12 @@ Ports may be integers or quoted strings (``"8300"``). New, optional keys (all un
 ``min_refresh_interval_seconds`` (30). The optional ``limits`` section bounds what the hub
 accepts from and holds for clients (:class:`HubLimitsConfig`; agents ignore it); the optional
 ``audit`` section says where audit events go (:class:`AuditConfig`); the optional ``cors``
-section lets browser pages of other origins call the hub (:class:`CorsConfig`; agents ignore it).
-Unknown keys are refused everywhere: a typo must not silently fall back to a default.
+section lets browser pages of other origins call the hub (:class:`CorsConfig`; agents ignore it);
+the optional ``runtime`` section bounds the agents' exec and port-forward sessions
+(:class:`RuntimeConfig`; the hub ignores it). Hub-only additions for fan-out calls:
+``clusters.<name>.labels``, the ``fanout`` section (:class:`FanoutConfig`) and the ``access``
+section (:class:`AccessConfig`, per-caller cluster allow-lists). Unknown keys are refused
+everywhere: a typo must not silently fall back to a default.
 
 Secrets (``tunnel.server.key_seed``, ``clusters.<name>.agent.auth.pass``) must be at least
 ``MIN_SECRET_LENGTH`` (32) characters and not one of the documentation's example values: the
@@ -64,6 +68,7 @@ from pydantic_core import PydanticCustomError
 from ._envoy import LIMIT_BOUNDS, ListenerLimits
 from ._errors import ConfigError
 from ._identity import identity_name_problem
+from ._labels import LabelSelector, LabelSyntaxError, label_key_problem, label_value_problem
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +94,7 @@ EXAMPLE_SECRETS = frozenset(
 
 _CLUSTER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _PORT_TEXT_RE = re.compile(r"[0-9]{1,5}")
-_SECRET_KEYS = frozenset({"pass", "password", "key_seed"})
+_SECRET_KEYS = frozenset({"pass", "password", "key_seed", "token_key", "previous_token_keys"})
 # parse_config runs the cross-field checks on the raw document (so they are reported together with
 # every other problem) and tells the models, through the validation context, not to repeat them.
 _CHECKED_CONTEXT_KEY = "otterscale.cross_checked"
@@ -170,7 +175,7 @@ def _name_prefix(value: str) -> str:
 
 
 def _strong_secret(value: SecretStr) -> SecretStr:
-    """``key_seed`` and ``pass``: long enough to resist guessing, and not a documented example."""
+    """``key_seed``, ``pass``, ``token_key``: long enough to resist guessing, not a documented example."""
     secret = value.get_secret_value()
     if not secret:
         raise PydanticCustomError("otterscale_empty", "must not be empty")
@@ -370,10 +375,44 @@ class AgentConfig(_Model):
     api_port: Port
 
 
+def _label_key(value: str) -> str:
+    problem = label_key_problem(value)
+    if problem:
+        raise PydanticCustomError("otterscale_label_key", problem)
+    return value
+
+
+def _label_value(value: str) -> str:
+    problem = label_value_problem(value)
+    if problem:
+        raise PydanticCustomError("otterscale_label_value", problem)
+    return value
+
+
+def _selector(value: str) -> str:
+    try:
+        LabelSelector.parse(value)
+    except LabelSyntaxError as exc:
+        raise PydanticCustomError(
+            "otterscale_selector", "not a label selector: {reason}", {"reason": str(exc)}
+        ) from None
+    return value
+
+
+LabelKey = Annotated[str, AfterValidator(_label_key)]
+LabelValue = Annotated[str, Field(strict=True), AfterValidator(_label_value)]
+Selector = Annotated[str, AfterValidator(_selector)]
+
+
 class ClusterConfig(_Model):
-    """One entry of ``clusters``."""
+    """One entry of ``clusters``.
+
+    ``labels`` (optional, a hub-only addition) are Kubernetes-style labels of the cluster, for
+    fan-out calls and ``access`` rules that select clusters by label (``env: prod``).
+    """
 
     agent: AgentConfig
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
 
 
 _MIB = 1024 * 1024
@@ -455,6 +494,35 @@ def listener_limits(limits: HubLimitsConfig, *, hub: bool) -> ListenerLimits:
     )
 
 
+class RuntimeConfig(_Model):
+    """The ``runtime`` section: the agents' exec and port-forward sessions (optional; the hub
+    ignores it).
+
+    A session belongs to the subject that started it; the per-subject and per-agent limits count
+    open sessions, so a refused start succeeds again once one ends. ``idle_timeout_seconds``
+    ends a session with no input, output or resize for that long; ``max_lifetime_seconds`` ends
+    any session that old. ``heartbeat_seconds`` is how often an idle PodLog, ExecuteTTY or
+    PortForward stream carries an empty message (so proxies in between keep it open).
+    ``max_write_bytes`` bounds one WriteTTY/WritePortForward payload, ``max_pending_bytes`` the
+    input one session holds (writes waiting for their turn or for a gap to fill), and
+    ``write_gap_timeout_seconds`` how long a write after a gap waits for the missing bytes.
+    ``audit_argv`` says how much of an exec command goes into the audit record: ``full``,
+    ``command`` (argv[0] only) or ``none``.
+    """
+
+    max_exec_sessions_per_subject: int = Field(default=10, ge=1, le=10_000, strict=True)
+    max_port_forward_sessions_per_subject: int = Field(default=10, ge=1, le=10_000, strict=True)
+    max_exec_sessions: int = Field(default=100, ge=1, le=100_000, strict=True)
+    max_port_forward_sessions: int = Field(default=100, ge=1, le=100_000, strict=True)
+    idle_timeout_seconds: float = Field(default=1800.0, gt=0, le=7 * 86_400)
+    max_lifetime_seconds: float = Field(default=8 * 3600.0, gt=0, le=30 * 86_400)
+    heartbeat_seconds: float = Field(default=30.0, gt=0, le=3600)
+    max_write_bytes: int = Field(default=64 * 1024, ge=1024, le=4 * _MIB, strict=True)
+    max_pending_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * _MIB, strict=True)
+    write_gap_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    audit_argv: typing.Literal["full", "command", "none"] = "full"
+
+
 class AuditConfig(_Model):
     """The ``audit`` section: where audit events go and which calls produce one (optional).
 
@@ -512,6 +580,102 @@ class CorsConfig(_Model):
         return self
 
 
+#: A fan-out token key: as strong as every other secret in the file.
+TokenKey = Annotated[SecretStr, AfterValidator(_strong_secret)]
+
+
+class FanoutConfig(_Model):
+    """The ``fanout`` section: MultiClusterService (MultiList, MultiWatch) limits and keys (optional).
+
+    ``token_key``: the secret that encrypts and authenticates MultiList cursors and MultiWatch
+    resume tokens. Every hub replica must have the same one (a cursor issued by one leader is
+    used on the next); absent, it is derived from the tunnel server's key (seed or key file), which
+    replicas already share. ``previous_token_keys``: keys still accepted (never used for new
+    tokens) while a new ``token_key`` rolls out.
+
+    Limits (each refusal is resource_exhausted naming its key): ``max_clusters_per_call`` (a
+    selection resolving to more is invalid_argument), ``max_legs_per_subject`` (List legs in flight
+    plus open Watch legs of one authenticated subject), ``max_inflight_per_cluster`` (List legs in
+    flight to one cluster, all callers together; more wait their turn, served round-robin by
+    subject), ``max_inflight_legs`` (List legs in flight in this hub, all callers together; more
+    wait), ``max_concurrency`` (the most a caller may ask for in ``max_concurrency``),
+    ``max_watch_legs`` (Watch legs open in this hub, all callers together).
+
+    Defaults of calls: ``per_cluster_timeout_seconds`` (a leg's timeout when the call names none),
+    ``default_page_items`` / ``max_page_items`` (MultiList page sizes), ``cursor_ttl_seconds``
+    (how long a MultiList cursor is accepted; Kubernetes continue tokens expire too).
+    """
+
+    token_key: TokenKey | None = None
+    previous_token_keys: list[TokenKey] = Field(default_factory=list, max_length=4)
+    max_clusters_per_call: int = Field(default=1000, ge=1, le=100_000, strict=True)
+    max_legs_per_subject: int = Field(default=2000, ge=1, le=1_000_000, strict=True)
+    max_inflight_per_cluster: int = Field(default=8, ge=1, le=10_000, strict=True)
+    max_inflight_legs: int = Field(default=256, ge=1, le=1_000_000, strict=True)
+    max_concurrency: int = Field(default=128, ge=1, le=10_000, strict=True)
+    max_watch_legs: int = Field(default=20_000, ge=1, le=10_000_000, strict=True)
+    per_cluster_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    default_page_items: int = Field(default=500, ge=1, le=1_000_000, strict=True)
+    max_page_items: int = Field(default=100_000, ge=1, le=10_000_000, strict=True)
+    cursor_ttl_seconds: float = Field(default=600.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _page_sizes(self) -> Self:
+        if self.default_page_items > self.max_page_items:
+            raise PydanticCustomError(
+                "otterscale_page_items", "default_page_items must not be larger than max_page_items"
+            )
+        return self
+
+
+def _glob(value: str) -> str:
+    if not value or not re.fullmatch(r"[a-z0-9*?\[\]!-]{1,63}", value):
+        raise PydanticCustomError(
+            "otterscale_cluster_glob",
+            "must be a cluster name or a glob of one (lower-case letters, digits, '-', and * ? [...])",
+        )
+    return value
+
+
+ClusterGlob = Annotated[str, AfterValidator(_glob)]
+
+
+class AccessRule(_Model):
+    """One ``access.rules`` entry: callers (``groups`` or ``subjects``) and the clusters they may use
+    (``clusters``: names or globs such as ``dev-*``; ``cluster_labels``: a label selector over
+    ``clusters.<name>.labels``; a cluster matching either is allowed)."""
+
+    groups: list[NonEmptyStr] = Field(default_factory=list, max_length=1000)
+    subjects: list[NonEmptyStr] = Field(default_factory=list, max_length=1000)
+    clusters: list[ClusterGlob] = Field(default_factory=list, max_length=10_000)
+    cluster_labels: Selector | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if not self.groups and not self.subjects:
+            raise PydanticCustomError("otterscale_access_rule", "a rule needs groups or subjects (who)")
+        if not self.clusters and self.cluster_labels is None:
+            raise PydanticCustomError(
+                "otterscale_access_rule", "a rule needs clusters or cluster_labels (which clusters)"
+            )
+        return self
+
+
+class AccessConfig(_Model):
+    """The ``access`` section: which clusters each caller may use through the hub (optional).
+
+    Allow-lists restrict, they never grant: a caller allowed on a cluster still needs that
+    cluster's RBAC. A caller matched by one or more ``rules`` (by subject, or by one of its groups
+    as the token carries them, after ``keycloak.groups_prefix``) may use the clusters of those
+    rules; a caller matched by none may use every cluster when ``default`` is ``all`` (the
+    default) and none when it is ``none``. A cluster a caller may not use looks exactly like one
+    that does not exist.
+    """
+
+    default: typing.Literal["all", "none"] = "all"
+    rules: list[AccessRule] = Field(default_factory=list, max_length=10_000)
+
+
 class OtterscaleConfig(_Model):
     """The whole ``otterscale.yaml``. Build it with :func:`load_config` (or :func:`parse_config`)."""
 
@@ -521,6 +685,9 @@ class OtterscaleConfig(_Model):
     limits: HubLimitsConfig = HubLimitsConfig()
     audit: AuditConfig = AuditConfig()
     cors: CorsConfig = CorsConfig()
+    fanout: FanoutConfig = FanoutConfig()
+    access: AccessConfig | None = None
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _unique_ports_and_users(self, info: ValidationInfo) -> Self:
@@ -648,6 +815,23 @@ def _cross_checks(document: Mapping[Any, Any], *, require_tunnel_key: bool) -> l
             user = _get(cluster, "agent", "auth", "user")
             entries.append((str(name), port, user if isinstance(user, str) else None))
         problems.extend(_cluster_clashes(entries, server_port))
+        problems.extend(_access_clusters(document.get("access"), {str(name) for name in clusters}))
+    return problems
+
+
+def _access_clusters(access: object, names: set[str]) -> list[tuple[str, str]]:
+    """A rule naming (without a glob) a cluster that is not configured is a typo, not a policy."""
+    problems: list[tuple[str, str]] = []
+    rules = _get(access, "rules")
+    if not isinstance(rules, list):
+        return problems
+    for i, rule in enumerate(rules):
+        listed = _get(rule, "clusters")
+        if not isinstance(listed, list):
+            continue
+        for j, name in enumerate(listed):
+            if isinstance(name, str) and not any(c in name for c in "*?[") and name not in names:
+                problems.append((f"access.rules.{i}.clusters.{j}", f"cluster {name!r} is not configured"))
     return problems
 
 

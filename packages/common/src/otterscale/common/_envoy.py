@@ -230,10 +230,12 @@ def bootstrap(
     limits: ListenerLimits,
     admin_socket: Path,
     routes_file: Path,
+    loop: str = "uvloop",
 ) -> dict[str, Any]:
     """Envoy's configuration: one listener on ``api`` (and ``management``) serving ``app``.
 
-    ``app`` is ``module:attribute`` of the ASGI application (imported inside Envoy). The admin
+    ``app`` is ``module:attribute`` of the ASGI application (imported inside Envoy), run on the
+    event loop ``loop`` (pyvoy's name: ``uvloop``, ``asyncio``). The admin
     interface listens only on ``admin_socket`` (a Unix socket of mode 0600): it can drain and stop
     Envoy, so nothing else in a Pod, which shares the loopback interface, may reach it.
     """
@@ -244,7 +246,7 @@ def bootstrap(
         # One thread: one event loop and one instance of the application (two would start the
         # service's background work twice).
         "worker_threads": 1,
-        "loop": "uvloop",
+        "loop": loop,
         "lifespan": True,
     }
     filters: list[dict[str, Any]] = []

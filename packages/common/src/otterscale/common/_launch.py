@@ -96,6 +96,9 @@ class Launch:
     stop_timeout: float = 15.0
     log_level: str = "info"
     log_format: str = "text"
+    #: The event loop the application runs on inside Envoy (pyvoy's ``loop``: ``uvloop`` or
+    #: ``asyncio``).
+    loop: str = "uvloop"
 
 
 def serve(launch: Launch) -> int:
@@ -147,6 +150,7 @@ class _Run:
                 api=launch.api,
                 management=launch.management,
                 limits=launch.limits,
+                loop=launch.loop,
                 admin_socket=self.admin_socket,
                 routes_file=self.routes_file,
             ),

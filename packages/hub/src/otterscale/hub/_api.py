@@ -43,6 +43,7 @@ from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-
 
 from otterscale.common import ASGIApp, AuditLog, OIDCVerifier, OtterscaleConfig, streaming_methods
 
+from ._access import AccessPolicy
 from ._audit import AuditTrail, audited_methods
 from ._auth import Authenticator, AuthInterceptor
 from ._cors import with_cors
@@ -112,6 +113,8 @@ class Api:
             replica=leadership.identity if leadership is not None else socket.gethostname(),
         )
         self.authenticator = Authenticator(OIDCVerifier.from_config(config.keycloak))
+        #: Which clusters each caller may use, for every service (``access`` in otterscale.yaml).
+        self.access = AccessPolicy(config.access, {name: c.labels for name, c in config.clusters.items()})
         self.proxy = ClusterProxy(
             authenticator=self.authenticator,
             tunnels=tunnels,
@@ -120,6 +123,7 @@ class Api:
             metrics=metrics,
             limits=limits,
             on_unreachable=on_unreachable,
+            access=self.access,
         )
 
         def health(clusters: bool) -> HealthService:
@@ -165,7 +169,13 @@ class Api:
             metrics=metrics,
             limits=limits,
             interceptors=self._serving,
+            config=config,
+            watch_slots=self.proxy.watch_slots,
+            on_unreachable=on_unreachable,
+            compressions=(self._gzip,),
+            access=self.access,
         )
+        self._stream_owners = context.stream_owners
         services: dict[str, ASGIApp] = {}
         for descriptor, routes in routed:
             local = self._pass_through(descriptor, routes, self.proxy, self._serving)
@@ -207,8 +217,16 @@ class Api:
         self.health.close()
         self.management_health.close()
         self.proxy.drain()
+        for owner in self._stream_owners:
+            owner.drain()
         if self.forwarder is not None:
             self.forwarder.drain()
+
+    def end_streams(self) -> None:
+        """This replica stopped leading: end the streams it served (the agents go with the tunnels)."""
+        self.proxy.end_streams()
+        for owner in self._stream_owners:
+            owner.end_streams()
 
     def leader_changed(self) -> None:
         """The known leader changed: end the calls forwarded to a former one."""

@@ -28,6 +28,10 @@ serves it writes the one event):
   is not parsed here: when the answer carries the object (a ``google.protobuf.Struct object``
   field, as ``Resource`` does), its name (and a namespace the request left empty) is read from it.
 
+A call that reaches many clusters (MultiList, MultiWatch) names its resource in a nested
+``query`` and its clusters by selection: its handler records the target and, per cluster, how
+that cluster's part ended (``CallInfo.clusters``) before the call ends, and the event carries them.
+
 Who: the subject and groups the authenticator verified (:func:`._observe.current_call`), the
 source address (a follower's signed ``X-Otterscale-Forwarded-For`` for forwarded calls) and this
 replica's name. Never the manifest, the token, a header value or an error message.
@@ -206,6 +210,7 @@ class AuditInterceptor:
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 source=(call.source if call is not None else "") or ctx.client_address or "",
                 forwarded_by=call.forwarded_by if call is not None else "",
+                clusters=(call.clusters if call is not None else None) or {},
             )
         )
 

@@ -65,7 +65,7 @@ class Authenticator:
         self._cache_seconds = cache_seconds
         self._cache_size = cache_size
         self._clock = clock
-        self._cache: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[Identity, float, float]] = OrderedDict()
 
     async def authenticate(self, authorization: Sequence[str]) -> Identity:
         """Verify the one ``Authorization: Bearer <token>`` value among ``authorization``.
@@ -73,6 +73,11 @@ class Authenticator:
         Raises :class:`AuthenticationError` (unauthenticated) or
         ``IdentityProviderUnavailableError`` (unavailable).
         """
+        return (await self.authenticate_until(authorization))[0]
+
+    async def authenticate_until(self, authorization: Sequence[str]) -> tuple[Identity, float]:
+        """:meth:`authenticate`, with the token's ``exp`` (seconds since the epoch): a
+        long-lived stream opens no new upstream call on the caller's behalf after it."""
         if not authorization:
             raise AuthenticationError("missing credentials: send Authorization: Bearer <OIDC token>")
         if len(authorization) > 1:
@@ -83,12 +88,12 @@ class Authenticator:
         token = token.strip()
         if not token:
             raise AuthenticationError("the Authorization header has an empty bearer token")
-        identity = await self._verified(token)
+        identity, expires_at = await self._verified(token)
         call = current_call()
         if call is not None:
             call.subject, call.groups = identity.subject, identity.groups
             call.identity = identity
-        return identity
+        return identity, expires_at
 
     async def caller(self, ctx: RequestContext[Any, Any]) -> Identity:
         """The verified caller of the running call, authenticated once per call (by
@@ -98,25 +103,26 @@ class Authenticator:
             return call.identity
         return await self.authenticate(ctx.request_headers.getall("authorization"))
 
-    async def _verified(self, token: str) -> Identity:
+    async def _verified(self, token: str) -> tuple[Identity, float]:
         if self._cache_seconds <= 0:
-            return (await self._verifier.verify_token(token)).identity
+            verified = await self._verifier.verify_token(token)
+            return verified.identity, verified.expires_at
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         now = self._clock()
         cached = self._cache.get(digest)
         if cached is not None:
-            identity, until = cached
+            identity, until, expires_at = cached
             if now < until:
                 self._cache.move_to_end(digest)
-                return identity
+                return identity, expires_at
             del self._cache[digest]
         verified = await self._verifier.verify_token(token)
         until = min(now + self._cache_seconds, verified.expires_at)
         if until > now:
-            self._cache[digest] = (verified.identity, until)
+            self._cache[digest] = (verified.identity, until, verified.expires_at)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return verified.identity
+        return verified.identity, verified.expires_at
 
     async def aclose(self) -> None:
         """Close the verifier's HTTP session and forget every cached token."""

@@ -1,7 +1,8 @@
 """ClusterService: every configured cluster and the state of its agent, for UIs and operators.
 
-Any authenticated user may list clusters: the answer holds names, connection state, versions,
-ports and the last problem seen, never anything from inside a cluster.
+Any authenticated user may list the clusters it may use (``access`` in otterscale.yaml; without
+it, every cluster): the answer holds names, connection state, versions, ports and the last problem
+seen, never anything from inside a cluster.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp  # type: ignore[import-untyp
 from otterscale.cluster.v1.cluster_pb2 import Cluster, ListClustersRequest, ListClustersResponse
 from otterscale.common import OtterscaleError
 
+from ._access import AccessPolicy
 from ._auth import Authenticator
 from ._errors import to_connect_error
 from ._tunnels import ClusterStatus, Tunnels
@@ -26,19 +28,26 @@ logger = logging.getLogger(__name__)
 class ClusterServiceImpl:
     """``otterscale.cluster.v1.ClusterService`` over the hub's tunnel state."""
 
-    def __init__(self, *, authenticator: Authenticator, tunnels: Tunnels) -> None:
+    def __init__(
+        self, *, authenticator: Authenticator, tunnels: Tunnels, access: AccessPolicy | None = None
+    ) -> None:
         self._auth = authenticator
         self._tunnels = tunnels
+        self._access = access
 
     async def list_clusters(
         self, request: ListClustersRequest, ctx: RequestContext[Any, Any]
     ) -> ListClustersResponse:
-        """Every configured cluster, sorted by name (authenticated)."""
+        """Every configured cluster the caller may use, sorted by name (authenticated)."""
         try:
-            await self._auth.caller(ctx)
+            identity = await self._auth.caller(ctx)
         except OtterscaleError as exc:
             raise to_connect_error(exc) from None
-        return ListClustersResponse(clusters=[cluster_message(status) for status in self._tunnels.snapshot()])
+        statuses = self._tunnels.snapshot()
+        if self._access is not None:
+            allowed = self._access.allowed(identity)
+            statuses = [status for status in statuses if status.name in allowed]
+        return ListClustersResponse(clusters=[cluster_message(status) for status in statuses])
 
 
 def cluster_message(status: ClusterStatus) -> Cluster:

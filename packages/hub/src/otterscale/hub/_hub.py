@@ -321,8 +321,8 @@ class Hub:
 
     def _end_streams(self) -> None:
         """This replica stopped leading: end the streams it served to the agents."""
-        if self._proxy is not None:
-            self._proxy.end_streams()
+        if self._api is not None:
+            self._api.end_streams()
 
     async def stop(self) -> None:
         """Shut down gracefully (see the module docstring); idempotent and bounded."""

@@ -38,6 +38,7 @@ Nothing here logs or echoes a header value: no token.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -392,12 +393,20 @@ def _header(scope: Scope, name: bytes) -> str | None:
 # Responses: a pyqwest transport that stops reading an answer at the limit
 
 
+#: A smaller bound than the transport's for the calls made in this context (a fan-out leg gets
+#: its share of the page's bytes, see ``_fanout``); None: the transport's own limit.
+CALL_RESPONSE_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "otterscale_hub_call_response_limit", default=None
+)
+
+
 class BoundedTransport:
     """A pyqwest transport whose responses end with :class:`ResponseTooLargeError` past ``limit``.
 
     Wraps the transport of unary calls to agents: connectrpc's client buffers a whole unary
     answer before its own ``read_max_bytes`` check, so the bound has to be applied while the
     body is read. A ``Content-Length`` over the limit is refused before reading anything.
+    :data:`CALL_RESPONSE_LIMIT` lowers the limit for the calls of one context.
     """
 
     def __init__(self, inner: Transport, limit: int) -> None:
@@ -406,12 +415,16 @@ class BoundedTransport:
 
     async def execute(self, request: Request) -> Response:
         """Execute ``request`` on the inner transport; bound the body of its response."""
+        limit = self.limit
+        lower = CALL_RESPONSE_LIMIT.get()
+        if lower is not None and lower < limit:
+            limit = lower
         response = await self._inner.execute(request)
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit():
-            if int(declared) > self.limit:
+            if int(declared) > limit:
                 await response.aclose()
-                raise ResponseTooLargeError(f"the answer is larger than {size_text(self.limit)}")
+                raise ResponseTooLargeError(f"the answer is larger than {size_text(limit)}")
             # The HTTP stack refuses a body longer than its Content-Length, so the body is bounded
             # already: hand it on untouched (re-chunking 5 MB through Python cost a List ~50 ms).
             return response
@@ -419,17 +432,17 @@ class BoundedTransport:
             status=response.status,
             http_version=response.http_version,
             headers=response.headers,
-            content=self._bounded(response),
+            content=self._bounded(response, limit),
             trailers=response.trailers,
         )
 
-    async def _bounded(self, response: Response) -> AsyncIterator[bytes]:
+    async def _bounded(self, response: Response, limit: int) -> AsyncIterator[bytes]:
         received = 0
         try:
             async for chunk in response.content:
                 received += len(chunk)
-                if received > self.limit:
-                    raise ResponseTooLargeError(f"the answer is larger than {size_text(self.limit)}")
+                if received > limit:
+                    raise ResponseTooLargeError(f"the answer is larger than {size_text(limit)}")
                 yield bytes(chunk)
         finally:
             await response.aclose()

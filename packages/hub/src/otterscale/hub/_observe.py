@@ -37,7 +37,9 @@ from otterscale.common import Identity
 from ._metrics import HubMetrics
 
 if TYPE_CHECKING:
-    from otterscale.common import AuditTarget
+    from collections.abc import Mapping
+
+    from otterscale.common import AuditClusterOutcome, AuditTarget
 
 logger = logging.getLogger("otterscale.hub.access")
 
@@ -75,6 +77,8 @@ class CallInfo:
     target: AuditTarget | None = None
     #: The verified caller, once authenticated (before the request body is read, see ``_auth``).
     identity: Identity | None = None
+    #: Per cluster, how a call that reaches many (fan-out) ended there; set by its handler.
+    clusters: Mapping[str, AuditClusterOutcome] | None = None
 
 
 _CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("otterscale_hub_call", default=None)

@@ -47,6 +47,7 @@ from prometheus_client import Gauge
 
 from otterscale.common import Identity, OtterscaleError, echo, sign_identity
 
+from ._access import AccessPolicy
 from ._auth import Authenticator
 from ._codec import RawMessage
 from ._errors import (
@@ -116,8 +117,11 @@ class ClusterProxy:
         metrics: HubMetrics,
         limits: HubLimits | None = None,
         on_unreachable: Callable[[str], None] | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         self._auth = authenticator
+        #: Which clusters each caller may use (``access``); None: everyone, every cluster.
+        self._access = access
         self._limits = limits or HubLimits()
         #: Streams open per subject (``limits.max_watches_per_subject`` counts every stream).
         self.watch_slots = WatchSlots(self._limits.max_watches_per_subject)
@@ -249,7 +253,7 @@ class ClusterProxy:
         self, route: Route, request: RawMessage, identity: Identity, ctx: Context, *, stream: bool
     ) -> _Forward:
         cluster = route.cluster(request)
-        self._route(route, cluster)
+        self._route(route, cluster, identity)
         call = current_call()
         if call is not None:
             call.cluster = cluster
@@ -259,14 +263,16 @@ class ClusterProxy:
         timeout_ms = next_hop_timeout_ms(ctx, "the agent")
         return _Forward(cluster, request.codec, with_request_id(headers), timeout_ms)
 
-    def _route(self, route: Route, cluster: str) -> ClusterStatus:
+    def _route(self, route: Route, cluster: str, identity: Identity) -> ClusterStatus:
+        allowed = self._access.allowed(identity) if self._access is not None else None
         if not cluster:
-            configured = ", ".join(self._tunnels.names())
+            names = [name for name in self._tunnels.names() if allowed is None or name in allowed]
             raise MissingClusterError(
-                f"the request's {route.field} field is empty; configured clusters: {configured}"
+                f"the request's {route.field} field is empty; configured clusters: {', '.join(names)}"
             )
         status = self._tunnels.get(cluster)
-        if status is None:
+        # A cluster the caller may not use is answered exactly like one that does not exist.
+        if status is None or (allowed is not None and cluster not in allowed):
             raise UnknownClusterError(f"cluster {echo(cluster)} is not configured in this hub")
         if not status.connected:
             detail = f"; last error: {status.last_error}" if status.last_error else ""

@@ -50,6 +50,7 @@ from ._service import (
     otterscale_command,
     service_env,
 )
+from ._streams import Outbox
 from ._system import ClusterEntry, System, Timings, start_system
 from .tools import ToolMissingError, keycloak_home, tool_path
 
@@ -81,6 +82,7 @@ __all__ = [
     "Node",
     "NodeError",
     "NodeUnavailableError",
+    "Outbox",
     "RawH1",
     "RawH2",
     "ServiceProcess",

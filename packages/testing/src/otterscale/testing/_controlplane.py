@@ -67,6 +67,8 @@ class ControlPlane:
         self.startup_seconds = 0.0
         self._ssl: ssl.SSLContext | None = None
         self._etcd: ManagedProcess | None = None
+        #: etcd's client URL (its JSON gateway serves /v3/...; see :meth:`compact`).
+        self.etcd_url = ""
         self._apiserver_argv: list[str] = []
 
     # --- admin access (a small stdlib client so fixtures need no Kubernetes library) -------------
@@ -136,6 +138,21 @@ class ControlPlane:
             obj,
             content_type="application/apply-patch+yaml",
         )
+
+    def compact(self) -> int:
+        """Compact etcd's history up to its current revision (returned), as kube-apiserver does every
+        few minutes: continue tokens and resourceVersions older than that expire (HTTP 410)."""
+
+        def call(path: str, body: dict[str, Any]) -> Any:
+            req = urllib.request.Request(  # noqa: S310 - loopback etcd of this test cluster
+                self.etcd_url + path, data=json.dumps(body).encode(), method="POST"
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+                return json.loads(resp.read())
+
+        revision = int(call("/v3/kv/range", {"key": "L29ic2VydmU="})["header"]["revision"])
+        call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
 
     def wait_for(self, check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
         """Poll ``check()`` until it returns a truthy value (returned); TimeoutError otherwise."""
@@ -302,6 +319,7 @@ def _start(
     sa_key, sa_pub = _pki.write_service_account_keys(pki_dir)
 
     etcd_client, etcd_peer = free_port(), free_port()
+    cp.etcd_url = f"http://127.0.0.1:{etcd_client}"
     etcd = ManagedProcess(
         f"{cp.name}/etcd",
         [

@@ -16,6 +16,10 @@ the tests run. The difference: a frozen relay stops *reading*, so the sender's k
 and its TCP window closes (no retransmission timeouts) instead of packets vanishing; to
 application-level keepalives (chisel's SSH pings), the two look the same: no answer.
 
+``latency`` (seconds) makes it a slow link instead: every chunk is delivered that long after it
+arrived, in order, in both directions (pipelined, so throughput is not cut, only delay added),
+for the "slow cluster" tests.
+
 Plain threads, not asyncio: the relay outlives any one event loop and must keep copying while a
 test blocks its loop (starting a process, say). Never logs the bytes it copies.
 """
@@ -24,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import selectors
 import socket
 import threading
+import time
 from types import TracebackType
 from typing import Self
 
@@ -40,10 +46,13 @@ _CHUNK = 64 * 1024
 class _Link:
     """One relayed connection: the accepted socket, the one to the target, two copying threads."""
 
-    def __init__(self, number: int, downstream: socket.socket, upstream: socket.socket) -> None:
+    def __init__(
+        self, number: int, downstream: socket.socket, upstream: socket.socket, latency: float = 0.0
+    ) -> None:
         self.number = number
         self.downstream = downstream
         self.upstream = upstream
+        self.latency = latency
         #: Set while bytes may flow; cleared by a freeze.
         self.flowing = threading.Event()
         self.flowing.set()
@@ -62,6 +71,35 @@ class _Link:
             thread.start()
 
     def _copy(self, source: socket.socket, target: socket.socket) -> None:
+        if self.latency <= 0:
+            self._copy_now(source, target)
+            return
+        # A slow link: a writer thread sends each chunk `latency` after it was read.
+        pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
+        writer = threading.Thread(
+            target=self._deliver, args=(pending, target), name=f"relay-{self.number}-late", daemon=True
+        )
+        writer.start()
+        self._copy_now(source, _Delayed(pending, self.latency))  # type: ignore[arg-type]
+        pending.put((0.0, b""))  # the reader stopped, for whatever reason: so does the writer
+        writer.join(timeout=self.latency + 5)
+
+    def _deliver(self, pending: queue.Queue[tuple[float, bytes]], target: socket.socket) -> None:
+        try:
+            while True:
+                due, data = pending.get()
+                if not data:
+                    with contextlib.suppress(OSError):
+                        target.shutdown(socket.SHUT_WR)
+                    return
+                wait = due - time.monotonic()
+                if wait > 0 and self.closed.wait(wait):
+                    return
+                target.sendall(data)
+        except (OSError, ValueError):
+            pass
+
+    def _copy_now(self, source: socket.socket, target: socket.socket) -> None:
         with selectors.DefaultSelector() as selector:
             selector.register(source, selectors.EVENT_READ)
             try:
@@ -95,6 +133,20 @@ class _Link:
                 sock.close()
 
 
+class _Delayed:
+    """Stands in for the target socket of a slow link: queues what would be sent, with its due time."""
+
+    def __init__(self, pending: queue.Queue[tuple[float, bytes]], latency: float) -> None:
+        self._pending = pending
+        self._latency = latency
+
+    def sendall(self, data: bytes) -> None:
+        self._pending.put((time.monotonic() + self._latency, bytes(data)))
+
+    def shutdown(self, how: int) -> None:
+        self._pending.put((time.monotonic() + self._latency, b""))
+
+
 class BlackHoleRelay:
     """A loopback TCP relay to ``target`` whose connections can be frozen (module docstring).
 
@@ -106,9 +158,11 @@ class BlackHoleRelay:
 
     """
 
-    def __init__(self, target: tuple[str, int], *, host: str = "127.0.0.1") -> None:
+    def __init__(self, target: tuple[str, int], *, host: str = "127.0.0.1", latency: float = 0.0) -> None:
         self.target = target
         self.host = host
+        #: Seconds every chunk is held back, both ways (0: deliver at once).
+        self.latency = latency
         self.port = 0
         #: Connections accepted so far (a reconnect after a freeze makes this grow).
         self.accepted = 0
@@ -155,7 +209,7 @@ class BlackHoleRelay:
             with self._lock:
                 self.accepted += 1
                 self._links = [link for link in self._links if not link.closed.is_set()]
-                self._links.append(_Link(self.accepted, downstream, upstream))
+                self._links.append(_Link(self.accepted, downstream, upstream, self.latency))
 
     @property
     def open_connections(self) -> int:

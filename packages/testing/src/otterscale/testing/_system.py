@@ -103,7 +103,8 @@ class System:
         self.client_id = client_id
         self.audience = audience
         self.keycloak_options = dict(keycloak_options or {})
-        #: More top-level sections of ``otterscale.yaml`` (e.g. ``{"cors": {...}}``, ``{"audit": ...}``).
+        #: Merged into the generated ``otterscale.yaml``, key by key and recursively: more
+        #: top-level sections (``{"cors": {...}}``, ``{"audit": ...}``), cluster labels, ``fanout``...
         self.extra_config = dict(extra_config or {})
         self.key_seed = secrets.token_urlsafe(32)  # 43 characters: the services refuse fewer than 32
         self.tunnel_port = free_port()
@@ -177,12 +178,12 @@ class System:
             if self.fingerprint:
                 agent["fingerprint"] = self.fingerprint
             clusters[c.name] = {"agent": agent}
-        return {
+        document = {
             "keycloak": keycloak,
             "tunnel": {"server": {"host": "127.0.0.1", "port": self.tunnel_port, "key_seed": self.key_seed}},
             "clusters": clusters,
-            **self.extra_config,
         }
+        return _merged(document, self.extra_config)
 
     def write_config(self) -> None:
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -333,6 +334,16 @@ class System:
         self.stop_hub()
 
 
+def _merged(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), dict):
+            result[key] = _merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
 def start_system(
     directory: Path,
     clusters: Mapping[str, ControlPlane | None],
@@ -350,9 +361,9 @@ def start_system(
 
     ``keycloak_options`` adds keys to the configuration's ``keycloak`` section (for example
     ``{"leeway_seconds": 0}`` for token-expiry tests); ``log_level`` is the services'
-    ``--log-level``; ``extra_config`` adds top-level sections (``{"cors": {...}}``);
-    ``kubeconfigs`` gives an agent another kubeconfig than the control plane's admin one. Returns
-    once the hub reports every started agent connected.
+    ``--log-level``; ``extra_config`` is merged into the configuration (see
+    :attr:`System.extra_config`); ``kubeconfigs`` gives an agent another kubeconfig than the
+    control plane's admin one. Returns once the hub reports every started agent connected.
     """
     directory.mkdir(parents=True, exist_ok=True)
     system = System(

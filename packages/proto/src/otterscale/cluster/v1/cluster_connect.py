@@ -42,10 +42,12 @@ class ClusterService(Protocol):
     ClusterService reports every cluster configured in the hub and the state of its agent's tunnel.
     Calls need a valid bearer token (any authenticated user may call it: it reveals cluster names
     and connection health, never cluster content); a missing or invalid token is unauthenticated.
+    With per-caller allow-lists (`access` in the hub's configuration) a caller sees only the
+    clusters it may use.
     """
     async def list_clusters(self, request: ListClustersRequest, ctx: RequestContext[ListClustersRequest, ListClustersResponse], /) -> ListClustersResponse:
         """
-        ListClusters returns every configured cluster, sorted by name.
+        ListClusters returns every configured cluster the caller may use, sorted by name.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -92,6 +94,8 @@ class ClusterServiceClient(ConnectClient):
     ClusterService reports every cluster configured in the hub and the state of its agent's tunnel.
     Calls need a valid bearer token (any authenticated user may call it: it reveals cluster names
     and connection health, never cluster content); a missing or invalid token is unauthenticated.
+    With per-caller allow-lists (`access` in the hub's configuration) a caller sees only the
+    clusters it may use.
     """
     def __init__(
         self,
@@ -126,7 +130,7 @@ class ClusterServiceClient(ConnectClient):
         use_get: bool = False,
     ) -> ListClustersResponse:
         """
-        ListClusters returns every configured cluster, sorted by name.
+        ListClusters returns every configured cluster the caller may use, sorted by name.
         """
         return await self.execute_unary(
             request=request,
@@ -148,10 +152,12 @@ class ClusterServiceSync(Protocol):
     ClusterService reports every cluster configured in the hub and the state of its agent's tunnel.
     Calls need a valid bearer token (any authenticated user may call it: it reveals cluster names
     and connection health, never cluster content); a missing or invalid token is unauthenticated.
+    With per-caller allow-lists (`access` in the hub's configuration) a caller sees only the
+    clusters it may use.
     """
     def list_clusters(self, request: ListClustersRequest, ctx: RequestContext[ListClustersRequest, ListClustersResponse], /) -> ListClustersResponse:
         """
-        ListClusters returns every configured cluster, sorted by name.
+        ListClusters returns every configured cluster the caller may use, sorted by name.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -196,6 +202,8 @@ class ClusterServiceClientSync(ConnectClientSync):
     ClusterService reports every cluster configured in the hub and the state of its agent's tunnel.
     Calls need a valid bearer token (any authenticated user may call it: it reveals cluster names
     and connection health, never cluster content); a missing or invalid token is unauthenticated.
+    With per-caller allow-lists (`access` in the hub's configuration) a caller sees only the
+    clusters it may use.
     """
     def __init__(
         self,
@@ -230,7 +238,7 @@ class ClusterServiceClientSync(ConnectClientSync):
         use_get: bool = False,
     ) -> ListClustersResponse:
         """
-        ListClusters returns every configured cluster, sorted by name.
+        ListClusters returns every configured cluster the caller may use, sorted by name.
         """
         return self.execute_unary(
             request=request,
