@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -128,7 +128,7 @@ class _Lines:
         assert pipe is not None
         self.seen: list[str] = []
         self._pipe = pipe
-        self._queue: queue.Queue[str] = queue.Queue()
+        self._queue: queue.Queue[str | None] = queue.Queue()  # None: the pipe ended
         self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True, name="cli-pipe-reader")
         self._thread.start()
 
@@ -140,17 +140,22 @@ class _Lines:
     def _read(self, pipe: IO[str]) -> None:
         for line in pipe:
             self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
 
-    def wait_for(self, predicate: object, what: str) -> str:
+    def wait_for(self, predicate: Callable[[str], bool], what: str) -> str:
         deadline = time.monotonic() + WAIT
         while True:
             for line in self.seen:
-                if predicate(line):  # type: ignore[operator]
+                if predicate(line):
                     return line
             try:
-                self.seen.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                got = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"no {what} within {WAIT:g}s; seen: {self.seen[-20:]}") from None
+            if got is None:  # the process ended: what was not written will not come
+                self._queue.put(None)
+                raise AssertionError(f"no {what} before the output ended; seen: {self.seen[-20:]}")
+            self.seen.append(got)
 
 
 @dataclass
