@@ -22,9 +22,10 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from connectrpc.client import ConnectClient
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from pyqwest import Client, HTTPTransport, HTTPVersion
@@ -34,14 +35,28 @@ from otterscale.runtime.v1.runtime_connect import RuntimeServiceClient
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientOptions", "add_client_arguments", "client_options", "open_client", "run_command"]
+__all__ = [
+    "ClientOptions",
+    "add_client_arguments",
+    "client_options",
+    "open_client",
+    "open_service",
+    "run_command",
+]
+
+
+#: A generated client class of one of the hub's services.
+_C = TypeVar("_C", bound=ConnectClient)
 
 _PROTOCOLS = {"connect": ProtocolType.CONNECT, "grpc": ProtocolType.GRPC, "grpc-web": ProtocolType.GRPC_WEB}
 
 
 @dataclasses.dataclass(frozen=True)
 class ClientOptions:
-    """Where and as whom a command calls (tokens are read when a call is made)."""
+    """Where and as whom a command calls (tokens are read when a call is made).
+
+    ``cluster`` is empty for the fleet commands, whose cluster selection is their own.
+    """
 
     hub: str
     cluster: str
@@ -68,13 +83,20 @@ class ClientOptions:
         return self.token
 
 
-def add_client_arguments(parser: argparse.ArgumentParser, *, namespaced: bool = True) -> None:
-    """``--hub``, ``--token-file``, ``--cluster``, ``-n``, ``--protocol``, ``--http2``, ``--ca-file``."""
+def add_client_arguments(
+    parser: argparse.ArgumentParser, *, namespaced: bool = True, one_cluster: bool = True
+) -> None:
+    """``--hub``, ``--token-file``, ``--cluster``, ``-n``, ``--protocol``, ``--http2``, ``--ca-file``.
+
+    Without ``one_cluster`` there is no ``--cluster`` here: the command selects clusters itself
+    (and ``OTTERSCALE_CLUSTER`` is not read).
+    """
     group = parser.add_argument_group("connection")
     group.add_argument(
         "--hub", metavar="URL", help="the hub, e.g. https://otterscale.example.com ($OTTERSCALE_HUB)"
     )
-    group.add_argument("--cluster", metavar="NAME", help="the cluster ($OTTERSCALE_CLUSTER)")
+    if one_cluster:
+        group.add_argument("--cluster", metavar="NAME", help="the cluster ($OTTERSCALE_CLUSTER)")
     if namespaced:
         group.add_argument("-n", "--namespace", default="default", help="the namespace (default: default)")
     group.add_argument(
@@ -105,9 +127,11 @@ def client_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Clie
     parts = urlsplit(hub)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--hub must be an http(s) URL, e.g. https://otterscale.example.com, not {hub!r}")
-    cluster = args.cluster or environ.get("OTTERSCALE_CLUSTER", "")
-    if not cluster:
-        raise UsageError("no cluster: pass --cluster NAME or set OTTERSCALE_CLUSTER")
+    cluster = ""
+    if hasattr(args, "cluster"):  # a one-cluster command (see add_client_arguments)
+        cluster = args.cluster or environ.get("OTTERSCALE_CLUSTER", "")
+        if not cluster:
+            raise UsageError("no cluster: pass --cluster NAME or set OTTERSCALE_CLUSTER")
     token_file = args.token_file or environ.get("OTTERSCALE_TOKEN_FILE")
     token = None if token_file else (environ.get("OTTERSCALE_TOKEN") or None)
     if not token_file and not token:
@@ -138,9 +162,15 @@ class _Bearer:
         return None
 
 
-@contextlib.asynccontextmanager
-async def open_client(options: ClientOptions) -> AsyncIterator[RuntimeServiceClient]:
+def open_client(options: ClientOptions) -> contextlib.AbstractAsyncContextManager[RuntimeServiceClient]:
     """A RuntimeService client of the hub; closed (with its HTTP transport) on exit."""
+    return open_service(options, RuntimeServiceClient)
+
+
+@contextlib.asynccontextmanager
+async def open_service(options: ClientOptions, service: type[_C]) -> AsyncIterator[_C]:
+    """A client of the hub's ``service`` (a generated client class); closed (with its HTTP
+    transport) on exit."""
     ca = options.ca_file.read_bytes() if options.ca_file is not None else None
     transport = HTTPTransport(
         http_version=HTTPVersion.HTTP2 if options.http2 else None,
@@ -148,12 +178,12 @@ async def open_client(options: ClientOptions) -> AsyncIterator[RuntimeServiceCli
         tls_include_system_certs=ca is None,
         read_timeout=None,
     )
-    client = RuntimeServiceClient(
+    client = service(
         options.hub,
         protocol=_PROTOCOLS[options.protocol],
         http_client=Client(transport),
         interceptors=[_Bearer(options)],
-        send_compression=None,  # keystrokes and port-forward bytes: small or already compressed
+        send_compression=None,  # keystrokes, port-forward bytes, small fan-out requests
     )
     try:
         yield client

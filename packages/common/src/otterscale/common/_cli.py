@@ -45,7 +45,7 @@ CONTAINER_CONFIG = "/etc/app/otterscale.yaml"
 KNOWN_COMMANDS: Mapping[str, str] = {
     "server": "otterscale-hub",
     "agent": "otterscale-agent",
-    **dict.fromkeys(("logs", "exec", "port-forward", "scale", "restart"), "otterscale-cli"),
+    **dict.fromkeys(("logs", "exec", "port-forward", "scale", "restart", "fleet"), "otterscale-cli"),
 }
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
