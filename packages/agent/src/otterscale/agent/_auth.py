@@ -73,9 +73,7 @@ class IdentityInterceptor:
     """Verifies the hub's signature on every call (connectrpc interceptor of every call shape:
     connectrpc skips an interceptor for a shape it does not implement, so each is here).
 
-    This variant runs after connectrpc has read the body: a hypercorn-served agent (in a test's
-    own process) cannot answer an HTTP/2 request before its body has arrived (``KeyError`` in
-    ``H2Protocol._handle_events`` tears down the whole connection). Inside Envoy the agent uses
+    This variant runs after connectrpc has read the body; the agent serves with its subclass
     :class:`EarlyIdentityInterceptor`, which refuses an unsigned call before its body is read.
     """
 

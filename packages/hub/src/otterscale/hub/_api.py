@@ -27,9 +27,6 @@ interceptor, so a refused call is still audited); the handlers take that identit
 
 The management router (``/metrics``, per-cluster health) is its own application, served on the
 management address only.
-
-Authentication happens in the handlers (the proxy, the forwarder's leader, the hub-served
-services), after routing by path but before anything is passed on.
 """
 
 from __future__ import annotations
