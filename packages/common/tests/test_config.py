@@ -25,45 +25,14 @@ from otterscale.common import (
     load_config,
     parse_config,
 )
-
-# The minimal configuration from the original service's README, comments and all.
-ORIGINAL = """\
-keycloak:
-  # OIDC issuer URL for your Keycloak realm, for example:
-  # https://keycloak.example.com/realms/<realm>
-  realm_url: "https://keycloak.example.com/realms/otterscale"
-  # OIDC client ID used to verify ID tokens.
-  client_id: "otterscale"
-
-tunnel:
-  server:
-    # Bind address for the embedded Chisel reverse-tunnel server.
-    host: "0.0.0.0"
-    port: "8300"
-    # Provide ONE of the following:
-    # key_file: "/path/to/chisel-ecdsa-privatekey.pem"
-    key_seed: "change-me"
-
-clusters:
-  dev:
-    agent:
-      # Basic auth used by the agent when connecting to the server tunnel.
-      auth:
-        user: "dev-agent"
-        pass: "dev-agent-password"
-      # Expected server tunnel fingerprint (agent-side). This is printed by the server on startup.
-      fingerprint: "SERVER_TUNNEL_FINGERPRINT"
-      # Reverse tunnel port opened on the SERVER loopback interface (127.0.0.1:<tunnel_port>).
-      tunnel_port: 51001
-      # Agent local API port that will be exposed through the tunnel.
-      api_port: 8299
-"""
+from otterscale.testing.images import SAMPLE_CONFIG
 
 # The original's example secrets are refused now (too short, and published); the tests use these.
 DEV_PASSWORD = "dev-agent-password-5d0b9f1c2e7a4b3d"
 SEED = "tunnel-key-seed-8c1f0e9d7b6a5c4d3e2f"
 PROD_PASSWORD = "prod-password-3e5a7c9b1d2f4a6c8e0b"
-GO_EXAMPLE = ORIGINAL
+# The minimal configuration from the original service's README, comments and all.
+GO_EXAMPLE = SAMPLE_CONFIG
 ORIGINAL = GO_EXAMPLE.replace('"change-me"', f'"{SEED}"').replace('"dev-agent-password"', f'"{DEV_PASSWORD}"')
 
 SECRETS = (DEV_PASSWORD, SEED, PROD_PASSWORD, "s3cr3t-seed")

@@ -204,12 +204,18 @@ def test_fleet_watch_tags_events_and_prints_the_resume_token(fleet: Fleet, watch
             lambda line, c=cluster: line == f"otterscale fleet watch: {c}: synced", f"{cluster} synced"
         )
     name = f"cli-{uuid.uuid4().hex[:8]}"
-    fleet.plane("f-nocrd").request(
+    plane = fleet.plane("f-nocrd")
+    path = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
+    plane.request(
         "POST",
-        f"/api/v1/namespaces/{NAMESPACE}/configmaps",
+        path,
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": NAMESPACE}},
     )
-    line = out.wait_for(lambda line: f"{NAMESPACE}/{name}" in line, "the new ConfigMap's event")
+    try:
+        line = out.wait_for(lambda line: f"{NAMESPACE}/{name}" in line, "the new ConfigMap's event")
+    finally:
+        # The fleet is shared by the module's tests, which count the team namespaces' items.
+        plane.request("DELETE", f"{path}/{name}")
     assert line.split()[:3] == ["f-nocrd", "ADDED", f"{NAMESPACE}/{name}"]
     watch.process.send_signal(signal.SIGINT)
     assert watch.process.wait(timeout=WAIT) == 0, err.seen

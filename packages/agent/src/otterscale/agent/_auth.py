@@ -115,14 +115,13 @@ class IdentityInterceptor:
         finally:
             _IDENTITY.reset(token)
 
-    async def _streamed(
+    async def intercept_server_stream(
         self,
         call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
         request: Any,
         ctx: RequestContext[Any, Any],
+        /,
     ) -> AsyncIterator[Any]:
-        """A streamed answer with the verified identity set while the handler runs (server and
-        bidi streams alike: only the request's shape differs)."""
         token = _IDENTITY.set(self._verify(ctx))
         stream = call_next(request, ctx)
         try:
@@ -134,16 +133,6 @@ class IdentityInterceptor:
                 await aclose()
             _IDENTITY.reset(token)
 
-    async def intercept_server_stream(
-        self,
-        call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
-        request: Any,
-        ctx: RequestContext[Any, Any],
-        /,
-    ) -> AsyncIterator[Any]:
-        async for message in self._streamed(call_next, request, ctx):
-            yield message
-
     async def intercept_client_stream(
         self,
         call_next: Callable[[AsyncIterator[Any], RequestContext[Any, Any]], Awaitable[Any]],
@@ -151,11 +140,8 @@ class IdentityInterceptor:
         ctx: RequestContext[Any, Any],
         /,
     ) -> Any:
-        token = _IDENTITY.set(self._verify(ctx))
-        try:
-            return await call_next(request, ctx)
-        finally:
-            _IDENTITY.reset(token)
+        # Only the request's shape differs from a unary call (as in _service's ErrorBoundary).
+        return await self.intercept_unary(call_next, request, ctx)
 
     async def intercept_bidi_stream(
         self,
@@ -164,7 +150,7 @@ class IdentityInterceptor:
         ctx: RequestContext[Any, Any],
         /,
     ) -> AsyncIterator[Any]:
-        async for message in self._streamed(call_next, request, ctx):
+        async for message in self.intercept_server_stream(call_next, request, ctx):
             yield message
 
 

@@ -531,7 +531,8 @@ _LOCKED_DOWN = (
 )
 
 #: The original service's sample otterscale.yaml, verbatim (tests/install starts the installed
-#: hub with it too). Its example secrets are refused by the hub: every user replaces them.
+#: hub with it too; otterscale-common's config tests parse it). Its example secrets are refused
+#: by the hub: every user replaces them.
 SAMPLE_CONFIG = """\
 keycloak:
   # OIDC issuer URL for your Keycloak realm, for example:
