@@ -90,7 +90,7 @@ if TYPE_CHECKING:
         UsageError,
         echo,
     )
-    from ._hosting import ClientGone, Hosted, ServeSettings, host, streaming_methods
+    from ._hosting import ClientGone, Hosted, ServeSettings, host, refusal, streaming_methods
     from ._identity import RESERVED_PREFIXES, Identity
     from ._labels import LabelSelector, LabelSyntaxError
     from ._launch import Launch, configured_limits, configured_value, serve
@@ -201,6 +201,7 @@ _EXPORTS: dict[str, str] = {
     "echo": "._errors",
     "find_chisel": "._chisel",
     "host": "._hosting",
+    "refusal": "._hosting",
     "lazy_exports": "._lazy",
     "listener_limits": "._config",
     "load_config": "._config",
@@ -321,6 +322,7 @@ __all__ = [
     "parse_config",
     "parse_server_line",
     "redact",
+    "refusal",
     "resolve_defaults",
     "reverse_remote_pattern",
     "serve",

@@ -446,6 +446,11 @@ class HubLimitsConfig(_Model):
     4096) open connections at most; ``max_streams_per_connection`` (default 1000) concurrent
     HTTP/2 streams; ``peer_requests_per_second`` (default 0, no limit) new requests per second per
     peer address, bursts of twice that.
+
+    Enforced by the hub in front of authentication: ``max_requests_per_peer`` (default 2000, 0 for
+    no limit) calls one caller address may have in progress on the hub at once, unary calls and
+    open streams alike (Envoy has no per-address bound; this bounds what one address can make the
+    hub hold).
     """
 
     # Strict: YAML's true/false or 1.5 must not quietly become a byte count.
@@ -477,6 +482,7 @@ class HubLimitsConfig(_Model):
         le=LIMIT_BOUNDS["peer_requests_per_second"][1],
         strict=True,
     )
+    max_requests_per_peer: int = Field(default=2000, ge=0, le=1_000_000, strict=True)
 
 
 def listener_limits(limits: HubLimitsConfig, *, hub: bool) -> ListenerLimits:

@@ -19,7 +19,8 @@
   ``/readyz``, all answered by this replica itself (:class:`~._server.Router`).
 - in front of everything, the CORS layer for browser pages of other origins (:mod:`._cors`),
   then the guard that keeps the forwarding headers only when another replica signed them
-  (:mod:`._replicas`), before anything reads a header.
+  (:mod:`._replicas`), before anything reads a header, then the bound on calls in progress per
+  caller address (:class:`~._limits.PeerLimit`).
 
 Authentication: :class:`~._auth.AuthInterceptor` verifies the caller of every API service from
 the headers before the request body is read, on followers too (after the audit trail's metadata
@@ -48,7 +49,7 @@ from ._errors import HubError
 from ._forward import LeaderForwarder
 from ._health import HEALTH_SERVICE, HealthASGIApplication, HealthService, health_file
 from ._leader import Leadership
-from ._limits import BoundedGzipCompression, ClientLimits, HubLimits
+from ._limits import BoundedGzipCompression, ClientLimits, HubLimits, PeerLimit
 from ._metrics import HubMetrics
 from ._observe import ObservingInterceptor
 from ._passthrough import PassThroughApplication, Relay
@@ -203,7 +204,14 @@ class Api:
         #: The hub's ASGI application. CORS outermost: preflights before auth, on followers too;
         #: then the forwarding headers are trusted only when another replica signed them, before
         #: anything reads them.
-        self.router: ASGIApp = with_cors(ReplicaHeaderGuard(router, self.replicas), config.cors)
+        #: Then the per-address bound (after the guard: it counts a forwarded call for its caller).
+        self.router: ASGIApp = with_cors(
+            ReplicaHeaderGuard(
+                PeerLimit(router, self._limits.max_requests_per_peer, on_refused=self._refused),
+                self.replicas,
+            ),
+            config.cors,
+        )
         #: ``/metrics``, readiness and the per-cluster health (the management address).
         self.management: ASGIApp = Router(
             management_services, metrics=metrics.render, ready=ready, read_body=False
