@@ -33,7 +33,7 @@ from typing import Any
 from otterscale.common import Identity, OtterscaleConfig, derive_identity_key
 from otterscale.testing import ControlPlane, LocalIssuer, System, start_control_plane
 
-from . import _fanout, _report, _runtime, _scenarios
+from . import _fanout, _kubeclient, _report, _runtime, _scenarios
 from ._kube import KubeDirect
 from ._paths import Endpoints
 from ._procs import ProcessSet, child_pid, envoy_of
@@ -44,7 +44,9 @@ logger = logging.getLogger("otterscale_bench")
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "otterscale"
 BENCH_IDENTITY = Identity("otterscale-bench", ("otterscale-bench",))
-SCENARIOS = ("startup", "idle", "latency", "throughput", "lists", "watch", "fanout")
+SCENARIOS = ("startup", "idle", "latency", "throughput", "lists", "watch", "kubeclient", "fanout")
+#: Scenarios that measure the hub and agents (the others start what they need themselves).
+ON_SYSTEM = {"startup", "idle", "latency", "throughput", "lists", "watch"}
 #: Opt-in (``--only runtime``): needs the real test node (root, the node tools, the python image
 #: of ``nox -s images``) and starts its own node, hub and agent (see ``_runtime``).
 RUNTIME = "runtime"
@@ -360,7 +362,7 @@ def _run_shared(
         runs.append(("baseline", args.baseline, baseline))
     runs.append(("this tree", None, results))
     failures: list[str] = []
-    for label, command, target in runs:
+    for label, command, target in runs if only & ON_SYSTEM else ():
         t = time.monotonic()
         logger.info(
             "%s: starting the hub and %d agents (%d clusters configured)", label, connected, configured
@@ -384,6 +386,15 @@ def _run_shared(
             system.stop()
     if "baseline" in results:
         results["baseline"]["targets"] = _report.targets(results["baseline"])
+    if "kubeclient" in only:
+        # The agent's HTTP client alone against kube-apiserver (no hub, no agent running).
+        t = time.monotonic()
+        kubeclient_sizes = _kubeclient.SMOKE if args.smoke else _kubeclient.FULL
+        logger.info("kubeclient: %s", kubeclient_sizes)
+        results["kubeclient"] = asyncio.run(
+            _kubeclient.run(work / "kubeclient", cp, BENCH_IDENTITY, kubeclient_sizes, failures)
+        )
+        results["timings"]["kubeclient"] = round(time.monotonic() - t, 1)
     if "fanout" in only:
         # Its own fleets (and hubs).
         t = time.monotonic()
