@@ -4,11 +4,16 @@ Order matters: the idle cost is measured first, on a fresh hub with ``idle_clust
 configured and ``idle_connected`` agents (all agents share the one control plane); then every
 agent but the first is stopped and the load scenarios run against that one (latency,
 throughput, lists, Watch last since 1,000 streams leave the most behind). Profiles (py-spy) are
-taken in extra runs after each measured one, never during it.
+taken in extra runs after each measured one, never during it. Once the hub and agents are
+stopped, ``kubeclient`` measures the agent's HTTP client alone against the same control plane
+(``_kubeclient``), and ``fanout`` starts its own fleets.
 
 Every process is started through ``otterscale.testing`` (``ManagedProcess``: own process group,
 parent-death signal, escalating stop) and stopped in ``finally``. The working directory (cluster
-data, every process's log) is deleted after a clean run and kept after a failure.
+data, every process's log) is deleted after a clean run and kept after a failure. The
+``kubeclient`` workers are the exception: they are spoken to over their stdin and stdout, run in
+their own process group, end when their stdin closes (so with the benchmark) and are killed
+with their group if they do not exit when asked.
 """
 
 from __future__ import annotations
