@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pyqwest
 
@@ -73,6 +73,9 @@ PYQWEST_VERSIONS = {
 }
 USER_AGENT = "otterscale-agent"
 MIB = 1024 * 1024
+#: What pyqwest raises when kube-apiserver cannot be reached or the exchange breaks (the agent's
+#: KubernetesUnavailableError; a TimeoutError is KubernetesTimeoutError).
+TRANSPORT_ERRORS = (ConnectionError, pyqwest.ReadError, pyqwest.WriteError, pyqwest.RemoteProtocolError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ class PyqwestKubeClient:
                 )
         except TimeoutError as exc:
             raise KubernetesTimeoutError(f"kubernetes API did not answer {method} {path} in time") from exc
-        except (ConnectionError, pyqwest.ReadError, pyqwest.WriteError, pyqwest.RemoteProtocolError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise KubernetesUnavailableError(f"kubernetes API unreachable: {_describe(exc)}") from exc
         answer = Answer(
             resp.status, resp.content, resp.headers.get("content-type", ""), resp.headers.get("location", "")
@@ -171,7 +174,7 @@ class PyqwestKubeClient:
                                 chunks += chunk
                     raise Answer(resp.status, bytes(chunks), resp.headers.get("content-type", "")).error()
                 yield resp
-        except (ConnectionError, pyqwest.ReadError, pyqwest.WriteError, pyqwest.RemoteProtocolError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise KubernetesUnavailableError(f"kubernetes API unreachable: {_describe(exc)}") from exc
 
 
@@ -204,26 +207,14 @@ async def body_lines(chunks: AsyncIterator[bytes | memoryview | bytearray]) -> A
 # The calls the benchmark makes, the same for both clients
 
 
-class Calls(Protocol):
-    http_version: str
+class Calls:
+    """What the benchmark does through either client: a Get (body read whole) and a Watch (its
+    lines); aiohttp's streamed body is split by the agent's own ``iter_lines``."""
 
-    async def get(self, path: str) -> bytes: ...
-
-    def watch(
-        self, path: str, params: Mapping[str, str]
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
-
-    async def close(self) -> None: ...
-
-
-class AiohttpCalls:
-    """Through the agent's own ``KubeClient`` and ``iter_lines``."""
-
-    http_version = "HTTP/1.1"
-
-    def __init__(self, client: KubeClient, caller: Identity) -> None:
+    def __init__(self, client: KubeClient | PyqwestKubeClient, caller: Identity) -> None:
         self._client = client
         self._caller = caller
+        self.http_version = "?"
 
     async def get(self, path: str) -> bytes:
         body, _ = await self._client.request("GET", path, caller=self._caller)
@@ -232,32 +223,12 @@ class AiohttpCalls:
     @contextlib.asynccontextmanager
     async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[AsyncIterator[bytes]]:
         async with self._client.stream(path, params=params, caller=self._caller) as resp:
-            if resp.version is not None:
-                self.http_version = f"HTTP/{resp.version.major}.{resp.version.minor}"
-            yield iter_lines(resp)
-
-    async def close(self) -> None:
-        await self._client.close()
-
-
-class PyqwestCalls:
-    """Through :class:`PyqwestKubeClient`."""
-
-    http_version = "?"
-
-    def __init__(self, client: PyqwestKubeClient, caller: Identity) -> None:
-        self._client = client
-        self._caller = caller
-
-    async def get(self, path: str) -> bytes:
-        body, _ = await self._client.request("GET", path, caller=self._caller)
-        return body
-
-    @contextlib.asynccontextmanager
-    async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[AsyncIterator[bytes]]:
-        async with self._client.stream(path, params=params, caller=self._caller) as resp:
-            self.http_version = _version(resp.http_version)
-            yield body_lines(resp.content)
+            if isinstance(resp, pyqwest.Response):
+                self.http_version = _version(resp.http_version)
+                yield body_lines(resp.content)
+            else:
+                self.http_version = f"HTTP/{resp.version.major}.{resp.version.minor}" if resp.version else "?"
+                yield iter_lines(resp)
 
     async def close(self) -> None:
         await self._client.close()
@@ -498,13 +469,13 @@ async def _open(args: argparse.Namespace) -> Calls:
     connection = await load_connection(args.kubeconfig, {})
     caller = Identity(args.subject, tuple(args.group))
     if args.client == "aiohttp":
-        return AiohttpCalls(await KubeClient.open(connection, user_agent=USER_AGENT), caller)
+        return Calls(await KubeClient.open(connection, user_agent=USER_AGENT), caller)
     pem = {
         name: Path(value).read_bytes() if value else None
         for name, value in (("ca", args.ca), ("cert", args.cert), ("key", args.key))
     }
     client = PyqwestKubeClient.open(connection, **pem, http_version=PYQWEST_VERSIONS[args.client])
-    return PyqwestCalls(client, caller)
+    return Calls(client, caller)
 
 
 async def _serve(args: argparse.Namespace) -> None:
