@@ -630,6 +630,10 @@ def tables(results: dict[str, Any]) -> list[Table]:
         ]
         out.append(("Watch through the hub (one object per stream, steady change rate)", ["", "value"], rows))
 
+    kubeclient = results.get("kubeclient")
+    if kubeclient and "watch" in kubeclient:
+        out.append(kubeclient_table(kubeclient))
+
     idle = results.get("idle")
     if idle:
         rss, cpu = idle["rss_mib"], idle["cpu_percent_of_core"]
@@ -672,6 +676,110 @@ def tables(results: dict[str, Any]) -> list[Table]:
     ]
     out.append(("Targets (issues 7, 14 and 18)", ["target", "measured", "limit", "verdict", "note"], rows))
     return out
+
+
+def kubeclient_table(k: dict[str, Any]) -> Table:
+    """The ``kubeclient`` scenario: the agent's client to kube-apiserver, aiohttp vs pyqwest."""
+    get, conc, listed, watch = k["get"], k["get_concurrent"], k["list"], k["watch"]
+    names = list(get)
+    first = names[0]
+    items, streams = listed[first]["items"], watch[first]["streams"]
+
+    def row(label: str, cell: Any, ratio: Any = None) -> list[str]:
+        """``cell(name)`` per client, and pyqwest / aiohttp of ``ratio(name)`` (a number)."""
+        share = ""
+        if ratio is not None and "pyqwest" in names and "aiohttp" in names:
+            a, b = ratio("aiohttp"), ratio("pyqwest")
+            share = _f(b / a) if a else ""
+        return [label, *(cell(n) for n in names), share]
+
+    def pair(values: dict[str, Any], *keys: str, digits: int = 2) -> Any:
+        return lambda n: _slash(*(_f(values[n][key], digits) for key in keys))
+
+    def quantiles(values: dict[str, Any], key: str) -> Any:
+        return lambda n: _slash(_f(values[n][key]["p50"]), _f(values[n][key]["p99"]))
+
+    rows = [
+        row("HTTP version", lambda n: watch[n]["http_version"]),
+        row(
+            f"Get p50 / p99 (ms), {get[first]['requests']:,} sequential",
+            pair(get, "p50", "p99"),
+            lambda n: get[n]["p50"],
+        ),
+        row(
+            "client CPU s per 1,000 Gets",
+            pair(get, "cpu_seconds_per_1000", digits=3),
+            lambda n: get[n]["cpu_seconds_per_1000"],
+        ),
+        row(
+            "kube-apiserver CPU s per 1,000 Gets",
+            pair(get, "apiserver_cpu_seconds_per_1000", digits=3),
+            lambda n: get[n]["apiserver_cpu_seconds_per_1000"],
+        ),
+        row(
+            f"Get at concurrency {conc[first]['concurrency']}: req/s, p50 / p99 (ms)",
+            lambda n: f"{_f(conc[n]['rps'], 0)}, {_slash(_f(conc[n]['p50']), _f(conc[n]['p99']))}",
+            lambda n: conc[n]["rps"],
+        ),
+        row(
+            f"  client / kube-apiserver CPU s per 1,000 Gets at concurrency {conc[first]['concurrency']}",
+            pair(conc, "cpu_seconds_per_1000", "apiserver_cpu_seconds_per_1000", digits=3),
+            lambda n: conc[n]["cpu_seconds_per_1000"],
+        ),
+        row(
+            f"List {items:,}: median / min (ms), {listed[first]['repeats']} runs",
+            pair(listed, "ms_median", "ms_min", digits=1),
+            lambda n: listed[n]["ms_median"],
+        ),
+        row(
+            f"List {items:,}: client / kube-apiserver CPU s per List",
+            pair(listed, "cpu_seconds_median", "apiserver_cpu_seconds_median", digits=3),
+            lambda n: listed[n]["cpu_seconds_median"],
+        ),
+        row(f"List {items:,}: client peak RSS (MiB)", pair(listed, "peak_rss_mib", digits=1)),
+        row(
+            f"{streams:,} Watches: open all (s) / client CPU (s)",
+            pair(watch, "open_seconds", "open_cpu_seconds"),
+            lambda n: watch[n]["open_seconds"],
+        ),
+        row("  first event of a Watch p50 / p99 (ms)", quantiles(watch, "first_event_ms")),
+        row("  TCP connections to kube-apiserver", lambda n: str(watch[n]["connections"])),
+        row(
+            "  open and quiet: client / kube-apiserver CPU (% of a core)",
+            pair(watch, "quiet_cpu_percent", "quiet_apiserver_cpu_percent"),
+        ),
+        row(
+            "  changes written / per s, missing",
+            lambda n: f"{watch[n]['writes']:,} / {_f(watch[n]['writes_per_second'], 1)}, "
+            f"{watch[n]['missing']}",
+        ),
+        row(
+            "  delivery p50 / p99 (ms)",
+            quantiles(watch, "delivery_ms"),
+            lambda n: watch[n]["delivery_ms"]["p99"],
+        ),
+        row(
+            "  changes: client / kube-apiserver CPU (% of a core)",
+            pair(watch, "cpu_percent", "apiserver_cpu_percent"),
+            lambda n: watch[n]["cpu_percent"],
+        ),
+        row(
+            "  client RSS MiB: fresh process / Watches open / peak",
+            pair(watch, "rss_mib_rest", "rss_mib_open", "peak_rss_mib", digits=1),
+            lambda n: watch[n]["rss_mib_open"] - watch[n]["rss_mib_rest"],
+        ),
+        row(
+            "other cores busy: Get / List / Watch",
+            lambda n: _slash(*(_f(x[n]["other_cores"]) for x in (get, listed, watch))),
+        ),
+    ]
+    load = _slash(*(_f((k.get(key) or [math.nan])[0]) for key in ("loadavg_start", "loadavg_end")))
+    return (
+        "The agent's client to kube-apiserver over TLS: one process per client, turns alternating "
+        f"(load average at start / end {load}); the RSS ratio is of the growth with the Watches open",
+        ["figure", *(f"{n} (ships)" if n == "aiohttp" else n for n in names), "pyqwest / aiohttp"],
+        rows,
+    )
 
 
 def _text(table: Table) -> str:

@@ -4,11 +4,16 @@ Order matters: the idle cost is measured first, on a fresh hub with ``idle_clust
 configured and ``idle_connected`` agents (all agents share the one control plane); then every
 agent but the first is stopped and the load scenarios run against that one (latency,
 throughput, lists, Watch last since 1,000 streams leave the most behind). Profiles (py-spy) are
-taken in extra runs after each measured one, never during it.
+taken in extra runs after each measured one, never during it. Once the hub and agents are
+stopped, ``kubeclient`` measures the agent's HTTP client alone against the same control plane
+(``_kubeclient``), and ``fanout`` starts its own fleets.
 
 Every process is started through ``otterscale.testing`` (``ManagedProcess``: own process group,
 parent-death signal, escalating stop) and stopped in ``finally``. The working directory (cluster
-data, every process's log) is deleted after a clean run and kept after a failure.
+data, every process's log) is deleted after a clean run and kept after a failure. The
+``kubeclient`` workers are the exception: they are spoken to over their stdin and stdout, run in
+their own process group, end when their stdin closes (so with the benchmark) and are killed
+with their group if they do not exit when asked.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 from otterscale.common import Identity, OtterscaleConfig, derive_identity_key
 from otterscale.testing import ControlPlane, LocalIssuer, System, start_control_plane
 
-from . import _fanout, _report, _runtime, _scenarios
+from . import _fanout, _kubeclient, _report, _runtime, _scenarios
 from ._kube import KubeDirect
 from ._paths import Endpoints
 from ._procs import ProcessSet, child_pid, envoy_of
@@ -44,7 +49,9 @@ logger = logging.getLogger("otterscale_bench")
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "otterscale"
 BENCH_IDENTITY = Identity("otterscale-bench", ("otterscale-bench",))
-SCENARIOS = ("startup", "idle", "latency", "throughput", "lists", "watch", "fanout")
+SCENARIOS = ("startup", "idle", "latency", "throughput", "lists", "watch", "kubeclient", "fanout")
+#: Scenarios that measure the hub and agents (the others start what they need themselves).
+ON_SYSTEM = {"startup", "idle", "latency", "throughput", "lists", "watch"}
 #: Opt-in (``--only runtime``): needs the real test node (root, the node tools, the python image
 #: of ``nox -s images``) and starts its own node, hub and agent (see ``_runtime``).
 RUNTIME = "runtime"
@@ -360,7 +367,7 @@ def _run_shared(
         runs.append(("baseline", args.baseline, baseline))
     runs.append(("this tree", None, results))
     failures: list[str] = []
-    for label, command, target in runs:
+    for label, command, target in runs if only & ON_SYSTEM else ():
         t = time.monotonic()
         logger.info(
             "%s: starting the hub and %d agents (%d clusters configured)", label, connected, configured
@@ -384,6 +391,15 @@ def _run_shared(
             system.stop()
     if "baseline" in results:
         results["baseline"]["targets"] = _report.targets(results["baseline"])
+    if "kubeclient" in only:
+        # The agent's HTTP client alone against kube-apiserver (no hub, no agent running).
+        t = time.monotonic()
+        kubeclient_sizes = _kubeclient.SMOKE if args.smoke else _kubeclient.FULL
+        logger.info("kubeclient: %s", kubeclient_sizes)
+        results["kubeclient"] = asyncio.run(
+            _kubeclient.run(work / "kubeclient", cp, BENCH_IDENTITY, kubeclient_sizes, failures)
+        )
+        results["timings"]["kubeclient"] = round(time.monotonic() - t, 1)
     if "fanout" in only:
         # Its own fleets (and hubs).
         t = time.monotonic()

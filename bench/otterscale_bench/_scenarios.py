@@ -24,7 +24,7 @@ from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import ControlPlane, System
 
 from . import _profile
-from ._kube import KubeError
+from ._kube import KubeDirect, KubeError
 from ._paths import WATCH_METHOD, Call, Endpoints, RawList, Variant, make_get, rpc_client, timed
 from ._procs import CPUSnapshot, ProcessSet, RSSSampler
 from ._stats import median, summary
@@ -156,7 +156,15 @@ def cpu_report(procs: ProcessSet, before: CPUSnapshot, after: CPUSnapshot) -> di
 
 async def prepare(b: Bench) -> None:
     """RBAC for the benchmark user, the namespaces and the small object every Get reads."""
-    b.cp.apply(
+    await prepare_cluster(b.cp, b.ep.kube, b.ep.identity.subject, b.ep.impersonation())
+
+
+async def prepare_cluster(
+    cp: ControlPlane, kube: KubeDirect, subject: str, impersonation: list[tuple[str, str]]
+) -> None:
+    """:func:`prepare` on a control plane alone: cluster-admin for ``subject``, the namespace and
+    the small object, and wait until a read with the ``impersonation`` headers works."""
+    cp.apply(
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
@@ -166,12 +174,9 @@ async def prepare(b: Bench) -> None:
                 "kind": "ClusterRole",
                 "name": "cluster-admin",
             },
-            "subjects": [
-                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": b.ep.identity.subject}
-            ],
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": subject}],
         }
     )
-    kube = b.ep.kube
     await kube.ensure_namespace(NAMESPACE)
     await kube.create_configmaps(NAMESPACE, [SMALL_OBJECT], lambda _: {"greeting": "hello"})
     # The binding is in effect once an impersonated read works (RBAC is cached for a moment).
@@ -179,7 +184,7 @@ async def prepare(b: Bench) -> None:
     path = f"/api/v1/namespaces/{NAMESPACE}/configmaps/{SMALL_OBJECT}"
     while True:
         try:
-            await kube.request("GET", path, headers=b.ep.impersonation())
+            await kube.request("GET", path, headers=impersonation)
             break
         except KubeError:
             if time.monotonic() > deadline:
@@ -452,17 +457,20 @@ def list_namespace(size: int) -> str:
 
 async def prepare_lists(b: Bench) -> dict[str, float]:
     """Create the ConfigMaps of every list size (once; a rerun on the same cluster reuses them)."""
-    seconds = {}
-    for size in b.sizes.list_sizes:
-        started = time.monotonic()
-        namespace = list_namespace(size)
-        await b.ep.kube.ensure_namespace(namespace)
-        await b.ep.kube.create_configmaps(namespace, [f"cm-{i:05d}" for i in range(size)], kib_payload)
-        count = await b.ep.kube.count(f"/api/v1/namespaces/{namespace}/configmaps")
-        if count != size:
-            raise RuntimeError(f"namespace {namespace} has {count} ConfigMaps, expected {size}")
-        seconds[str(size)] = round(time.monotonic() - started, 2)
-        logger.info("created %d ConfigMaps in %.1fs", size, seconds[str(size)])
+    return {str(size): await ensure_list_objects(b.ep.kube, size) for size in b.sizes.list_sizes}
+
+
+async def ensure_list_objects(kube: KubeDirect, size: int) -> float:
+    """The ``size`` ConfigMaps of :func:`list_namespace` (existing ones are kept); seconds taken."""
+    started = time.monotonic()
+    namespace = list_namespace(size)
+    await kube.ensure_namespace(namespace)
+    await kube.create_configmaps(namespace, [f"cm-{i:05d}" for i in range(size)], kib_payload)
+    count = await kube.count(f"/api/v1/namespaces/{namespace}/configmaps")
+    if count != size:
+        raise RuntimeError(f"namespace {namespace} has {count} ConfigMaps, expected {size}")
+    seconds = round(time.monotonic() - started, 2)
+    logger.info("created %d ConfigMaps in %.1fs", size, seconds)
     return seconds
 
 
@@ -536,6 +544,69 @@ async def profile_list(b: Bench) -> list[dict[str, Any]]:
 # Watch
 
 
+def watch_object(index: int) -> str:
+    """The name of the ConfigMap the ``index``-th Watch follows."""
+    return f"w-{index:04d}"
+
+
+async def ensure_watch_objects(kube: KubeDirect, n: int) -> list[str]:
+    """The ConfigMaps of ``n`` Watches in WATCH_NAMESPACE (existing ones are kept); their names."""
+    names = [watch_object(i) for i in range(n)]
+    await kube.ensure_namespace(WATCH_NAMESPACE)
+    await kube.create_configmaps(WATCH_NAMESPACE, names, lambda _: {"ts": "0"})
+    return names
+
+
+@dataclass
+class ChangeWriter:
+    """Changes the ConfigMaps of :func:`ensure_watch_objects` round-robin at a steady ``rate``,
+    each change stamped with its write time (``data.ts``, ns since the epoch) so a Watch client
+    on this machine can tell how long it took to arrive."""
+
+    kube: KubeDirect
+    objects: int
+    rate: float
+    writes: list[tuple[int, float]] = field(default_factory=list)  # (ts ns, ack ms)
+    errors: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    async def _write(self, index: int) -> None:
+        stamp = time.time_ns()
+        try:
+            await self.kube.request(
+                "PATCH",
+                f"/api/v1/namespaces/{WATCH_NAMESPACE}/configmaps/{watch_object(index % self.objects)}",
+                {"data": {"ts": str(stamp)}},
+                content_type="application/merge-patch+json",
+            )
+        except Exception as exc:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        self.writes.append((stamp, (time.time_ns() - stamp) / 1e6))
+
+    async def run(self, seconds: float) -> None:
+        """Write for ``seconds``, then wait (bounded) for the writes still in flight."""
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+        start = loop.time()
+        for k in range(int(seconds * self.rate)):
+            delay = start + k / self.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(pending) >= 256:  # kube-apiserver cannot keep up: count, do not queue forever
+                self.skipped += 1
+                continue
+            task = asyncio.create_task(self._write(k), name=f"bench-change-{k}")
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending, timeout=30)
+
+    def stamps(self, since_ns: int, until_ns: int) -> set[int]:
+        """The stamps of the acknowledged writes made in [since_ns, until_ns]."""
+        return {ts for ts, _ in self.writes if since_ns <= ts <= until_ns}
+
+
 @dataclass
 class _WatchState:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -558,8 +629,7 @@ async def watch(b: Bench) -> dict[str, Any]:
     sizes = b.sizes
     n = sizes.watch_streams
     kube = b.ep.kube
-    await kube.ensure_namespace(WATCH_NAMESPACE)
-    await kube.create_configmaps(WATCH_NAMESPACE, [f"w-{i:04d}" for i in range(n)], lambda _: {"ts": "0"})
+    await ensure_watch_objects(kube, n)
     watched = [*HUB_SIDE, *AGENT_SIDE, *CLUSTER_SIDE]
     # The hub serves up to 1,000 streams per HTTP/2 connection; the agent gets them over the hub's
     # own few stream connections whatever the clients do.
@@ -582,7 +652,7 @@ async def watch(b: Bench) -> dict[str, Any]:
             version="v1",
             resource="configmaps",
             namespace=WATCH_NAMESPACE,
-            field_selector=f"metadata.name=w-{i:04d}",
+            field_selector=f"metadata.name={watch_object(i)}",
         )
         counted = False
         try:
@@ -616,42 +686,7 @@ async def watch(b: Bench) -> dict[str, Any]:
             if not counted:
                 state.mark_ready()  # a failed stream must not hold the ramp up
 
-    writes: list[tuple[int, float]] = []  # (ts ns, ack ms)
-    write_errors: list[str] = []
-    skipped = 0
-
-    async def write(index: int) -> None:
-        stamp = time.time_ns()
-        try:
-            await kube.request(
-                "PATCH",
-                f"/api/v1/namespaces/{WATCH_NAMESPACE}/configmaps/w-{index % n:04d}",
-                {"data": {"ts": str(stamp)}},
-                content_type="application/merge-patch+json",
-            )
-        except Exception as exc:
-            write_errors.append(f"{type(exc).__name__}: {exc}")
-            return
-        writes.append((stamp, (time.time_ns() - stamp) / 1e6))
-
-    async def writer(seconds: float) -> None:
-        nonlocal skipped
-        loop = asyncio.get_running_loop()
-        pending: set[asyncio.Task[None]] = set()
-        start = loop.time()
-        total = int(seconds * sizes.watch_rate)
-        for k in range(total):
-            delay = start + k / sizes.watch_rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if len(pending) >= 256:  # kube-apiserver cannot keep up: count, do not queue forever
-                skipped += 1
-                continue
-            task = asyncio.create_task(write(k))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        if pending:
-            await asyncio.wait(pending, timeout=30)
+    writer = ChangeWriter(kube, n, sizes.watch_rate)
 
     sampler = RSSSampler(b.procs, watched, interval=0.5)
     try:
@@ -695,7 +730,7 @@ async def watch(b: Bench) -> dict[str, Any]:
         window_start_ns = time.time_ns()
         cpu_before = b.procs.cpu()
         marks["writes_start"] = time.monotonic() - t0
-        await writer(sizes.watch_seconds)
+        await writer.run(sizes.watch_seconds)
         cpu_after = b.procs.cpu()
         marks["writes_end"] = time.monotonic() - t0
         window_end_ns = time.time_ns()
@@ -703,10 +738,12 @@ async def watch(b: Bench) -> dict[str, Any]:
 
         if sizes.profile:
             # Keep the same write rate while py-spy samples; these events are not counted.
-            result["profiles"] = await _profiled(b, f"watch-{n}", lambda: writer(sizes.profile_seconds + 1))
+            result["profiles"] = await _profiled(
+                b, f"watch-{n}", lambda: writer.run(sizes.profile_seconds + 1)
+            )
 
         # Let the tail of the window's events arrive (bounded).
-        expected = {ts for ts, _ in writes if window_start_ns <= ts <= window_end_ns}
+        expected = writer.stamps(window_start_ns, window_end_ns)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             got = sum(1 for ts, _ in state.received if ts in expected)
@@ -727,7 +764,7 @@ async def watch(b: Bench) -> dict[str, Any]:
     delivered = [(recv - ts) / 1e6 for ts, recv in state.received if ts in expected]
     # The same events measured from the moment kube-apiserver acknowledged the write: this takes
     # the API server's own write latency (which grows when the machine is saturated) out.
-    acked = dict(writes)
+    acked = dict(writer.writes)
     after_ack = [(recv - ts) / 1e6 - acked[ts] for ts, recv in state.received if ts in expected]
     missing = len(expected) - len(delivered)
     cpu = cpu_report(b.procs, cpu_before, cpu_after)
@@ -738,10 +775,10 @@ async def watch(b: Bench) -> dict[str, Any]:
             "window_seconds": wall,
             "writes": len(expected),
             "writes_per_second": round(len(expected) / wall, 1) if wall else math.nan,
-            "writes_skipped": skipped,
-            "write_errors": len(write_errors),
+            "writes_skipped": writer.skipped,
+            "write_errors": len(writer.errors),
             "write_ack_ms": {
-                k: round(v, 3) for k, v in summary([ms for ts, ms in writes if ts in expected]).items()
+                k: round(v, 3) for k, v in summary([ms for ts, ms in writer.writes if ts in expected]).items()
             },
             "delivered": len(delivered),
             "missing": missing,
@@ -763,8 +800,8 @@ async def watch(b: Bench) -> dict[str, Any]:
             "marks": {k: round(v, 2) for k, v in marks.items()},
         }
     )
-    if write_errors:
-        b.fail("watch writes", f"{len(write_errors)} failed, first: {write_errors[0]}")
+    if writer.errors:
+        b.fail("watch writes", f"{len(writer.errors)} failed, first: {writer.errors[0]}")
     if state.failures:
         b.fail("watch streams", f"{len(state.failures)} failed, first: {state.failures[0]}")
     if missing > max(0, len(expected) // 100):
