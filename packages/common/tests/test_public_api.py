@@ -25,6 +25,7 @@ EXPECTED = {
     "ServeSettings",
     "ClientGone",
     "streaming_methods",
+    "refusal",
     "lazy_exports",
     "LogThrottle",
     # configuration

@@ -753,19 +753,6 @@ async def upstream_watches(limited: LimitedHub, count: float) -> None:
     await eventually(serving, 30, f"kube-apiserver serving {count} namespaced ConfigMap watches")
 
 
-async def settled_upstream_watches(limited: LimitedHub) -> float:
-    """The namespaced ConfigMap watches kube-apiserver serves once those of earlier tests have
-    ended (an agent ends its watch a moment after the hub's stream ends, later on a loaded box;
-    one ending while this test's opens would hide the new one), or after 30 s, what is left."""
-
-    async def none_left() -> bool:
-        return await asyncio.to_thread(limited.cp.open_watches, "configmaps") == 0
-
-    with contextlib.suppress(TimeoutError):
-        await eventually(none_left, 30, "earlier tests' watches ended")
-    return await asyncio.to_thread(limited.cp.open_watches, "configmaps")
-
-
 @pytest.mark.integration
 async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) -> None:
     """A Watch client with a 1 KiB window that never grants more, while the cluster churns.
@@ -778,7 +765,7 @@ async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) ->
     timeout = SEND_TIMEOUT
     limited = await limited_hub({"watch_send_timeout_seconds": timeout, "max_watches_per_subject": 1})
     churn = Churn(limited)
-    upstream = await settled_upstream_watches(limited)
+    upstream = await asyncio.to_thread(limited.cp.settled_open_watches, "configmaps")
     async with RawH2(limited.hub.port, limited.env.issuer.token, window=KIB) as conn:
         watch = conn.request(f"{RESOURCE_SERVICE}/Watch", "application/connect+proto")
         message = watch_request(limited.namespace).SerializeToString()
@@ -825,7 +812,7 @@ async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Sta
     limited = await limited_hub({"watch_send_timeout_seconds": timeout, "max_watches_per_subject": 1})
     port = limited.hub.port
     churn = Churn(limited)
-    upstream = await settled_upstream_watches(limited)
+    upstream = await asyncio.to_thread(limited.cp.settled_open_watches, "configmaps")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)  # before connect: a small window
     sock.setblocking(False)
