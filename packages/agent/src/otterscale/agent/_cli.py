@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio.sslproto
 import dataclasses
-import gc
 import logging
 import os
 import sys
@@ -324,17 +323,6 @@ def main(argv: list[str] | None = None) -> int:
         return serve(launch)
     except KeyboardInterrupt:
         return 130
-
-
-def tune_gc() -> None:
-    """Keep what start-up imported out of the cyclic collector's passes (``gc.freeze()``).
-
-    A larger first-generation threshold was measured too (5,000-ConfigMap List pipeline, CPU,
-    median of 7: 79 ms default, 71 ms with 50,000) and withdrawn: cyclic garbage then outlives
-    busy periods, and with it whatever it holds (buffers, the socket of a request cancelled
-    mid-connect), which is not worth ~10 % of a big List.
-    """
-    gc.freeze()
 
 
 #: The agent's event loop inside Envoy (pyvoy's ``loop``; why not uvloop: :func:`tune_tls_reads`).
