@@ -22,7 +22,7 @@ from pyqwest import Client, HTTPTransport
 from otterscale.common import ChiselBinary
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
-from otterscale.testing import free_port
+from otterscale.testing import free_port, modules_loaded_by
 
 from .conftest import FakeAgent, Issuer, make_specs, wait_for, write_config
 
@@ -49,6 +49,17 @@ def test_help() -> None:
     assert code == 0
     assert "server" in out
     assert "otterscale-hub" in out
+
+
+def test_launcher_and_hub_load_only_what_start_up_uses() -> None:
+    # `otterscale server` only starts Envoy, where the hub runs: it loads none of the hub's modules.
+    launcher = modules_loaded_by("from otterscale.hub._cli import build_parser\nbuild_parser()")
+    assert not {"otterscale.hub._hub", "connectrpc", "pydantic", "kubernetes", "aiohttp"} & launcher
+    # Inside Envoy, without --leader-elect: no Kubernetes client; aiohttp comes with the first
+    # token to verify (it fetches the issuer's keys).
+    hub = modules_loaded_by("import otterscale.hub._hosted")
+    assert "otterscale.hub._hub" in hub
+    assert not {"kubernetes", "aiohttp"} & hub
 
 
 def test_missing_config(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from otterscale.common import lazy_exports
 if TYPE_CHECKING:
     from ._agent import Agent, AgentSettings
     from ._cli import build_parser, main
-    from ._discovery import DEFAULT_TTL as DISCOVERY_TTL
+    from ._defaults import DISCOVERY_TTL
     from ._errors import AgentError
     from ._kubeconfig import KubeConfigError, KubeConnection, load_connection
     from ._service import DEFAULT_FIELD_MANAGER
@@ -28,7 +28,7 @@ __getattr__, __dir__ = lazy_exports(
         "AgentSettings": "._agent",
         "build_parser": "._cli",
         "main": "._cli",
-        "DISCOVERY_TTL": "._discovery:DEFAULT_TTL",
+        "DISCOVERY_TTL": "._defaults",
         "AgentError": "._errors",
         "KubeConfigError": "._kubeconfig",
         "KubeConnection": "._kubeconfig",

@@ -11,6 +11,10 @@ The only module of the agent that reads the process environment (``OTTERSCALE_CO
 common's ``resolve_defaults``, ``PATH`` to find chisel, ``KUBECONFIG`` and the in-cluster service
 variables), which it passes down explicitly. The first SIGTERM or SIGINT stops gracefully (open
 Watch streams end with unavailable, calls in flight finish); a second one stops at once.
+
+The launcher imports only what :func:`main` needs (the flags and the few values Envoy is started
+with), as the hub's does: the agent's own modules (the Kubernetes client, the configuration model,
+the services) are imported inside Envoy, once, by :func:`settings_from_args` and ``_hosted``.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio.sslproto
 import dataclasses
-import gc
 import logging
 import os
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from otterscale.common import (
     CONTAINER_CONFIG,
@@ -33,10 +37,8 @@ from otterscale.common import (
     MIN_CHISEL_VERSION,
     Address,
     ChiselBinary,
-    ClusterConfig,
     ConfigError,
     Launch,
-    OtterscaleConfig,
     TunnelError,
     UsageError,
     add_common_arguments,
@@ -44,15 +46,11 @@ from otterscale.common import (
     configure_logging,
     configured_limits,
     configured_value,
-    derive_identity_key,
-    load_config,
     resolve_defaults,
     serve,
 )
 
-from ._agent import AgentSettings
-from ._discovery import DEFAULT_TTL
-from ._server import GRACEFUL_TIMEOUT
+from ._defaults import DISCOVERY_TTL
 from ._tunnel import (
     DEFAULT_KEEPALIVE,
     DEFAULT_MAX_RETRY_INTERVAL,
@@ -61,12 +59,19 @@ from ._tunnel import (
     default_server_url,
 )
 
+if TYPE_CHECKING:
+    from otterscale.common import ClusterConfig, OtterscaleConfig
+
+    from ._agent import AgentSettings
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_parser", "main"]
 
 #: The agent inside Envoy.
 APP = "otterscale.agent._hosted:app"
+#: Seconds calls in flight may take to finish once a stop starts (Watches end at once).
+GRACEFUL_TIMEOUT = 5.0
 #: Seconds the agent's own shutdown may take once calls in flight are done (chisel, client).
 STOP_TIMEOUT = 10.0
 
@@ -116,7 +121,7 @@ Security:
 Container mode ({CONTAINER_ENV}=true): --address defaults to {DEFAULT_ADDRESS} and --config to
 {CONTAINER_CONFIG}.
 
-Discovery and the OpenAPI index are cached for --discovery-ttl seconds (default {DEFAULT_TTL:g}): a new
+Discovery and the OpenAPI index are cached for --discovery-ttl seconds (default {DISCOVERY_TTL:g}): a new
 CRD shows up in Discovery within that.
 SIGTERM or SIGINT stops gracefully (open Watch streams end with unavailable); a second one aborts.
 """
@@ -147,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--discovery-ttl",
         metavar="SECONDS",
         type=_positive_seconds,
-        default=DEFAULT_TTL,
-        help=f"how long Discovery and the OpenAPI index are cached (default {DEFAULT_TTL:g})",
+        default=DISCOVERY_TTL,
+        help=f"how long Discovery and the OpenAPI index are cached (default {DISCOVERY_TTL:g})",
     )
     tunnel = parser.add_argument_group("tunnel")
     tunnel.add_argument(
@@ -186,8 +191,13 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
     """Parse flags and the configuration into settings; also returns log level and format.
 
     Raises UsageError, ConfigError or TunnelError (chisel missing or too old, bad tunnel
-    settings) with a message for the operator.
+    settings) with a message for the operator. Called inside Envoy (``_hosted``), where the agent
+    runs: the configuration model and the agent's modules are imported here, not by the launcher.
     """
+    from otterscale.common import derive_identity_key, load_config  # pydantic, cryptography
+
+    from ._agent import AgentSettings  # the whole agent: the Kubernetes client, the services
+
     args = build_parser().parse_args(list(argv))
     options = resolve_defaults(args, environ)
     config = load_config(options.config, require_tunnel_key=False)
@@ -313,17 +323,6 @@ def main(argv: list[str] | None = None) -> int:
         return serve(launch)
     except KeyboardInterrupt:
         return 130
-
-
-def tune_gc() -> None:
-    """Keep what start-up imported out of the cyclic collector's passes (``gc.freeze()``).
-
-    A larger first-generation threshold was measured too (5,000-ConfigMap List pipeline, CPU,
-    median of 7: 79 ms default, 71 ms with 50,000) and withdrawn: cyclic garbage then outlives
-    busy periods, and with it whatever it holds (buffers, the socket of a request cancelled
-    mid-connect), which is not worth ~10 % of a big List.
-    """
-    gc.freeze()
 
 
 #: The agent's event loop inside Envoy (pyvoy's ``loop``; why not uvloop: :func:`tune_tls_reads`).

@@ -22,7 +22,7 @@ from typing import Any
 from otterscale.common import Hosted, ListenerLimits, OtterscaleError, ServeSettings, host, streaming_methods
 
 from ._agent import SERVICES, Agent, AgentSettings
-from ._cli import settings_from_args, tune_gc, tune_tls_reads
+from ._cli import settings_from_args, tune_tls_reads
 from ._kubeconfig import KubeConfigError
 from ._tasks import start_task, stop_tasks
 from ._tunnel import Tunnel
@@ -60,7 +60,6 @@ class HostedAgent:
             logger.warning("--no-tunnel: the hub cannot reach this agent (/readyz answers 200 regardless)")
         elif self._tunnel is not None:
             self._tunnel_task = start_task(self._dial(self._tunnel), name="tunnel")
-        tune_gc()
 
     async def _dial(self, tunnel: Tunnel) -> None:
         await _listening(self.agent.port, LISTEN_WAIT)

@@ -22,13 +22,10 @@ from ._metrics import CONTENT_TYPE, AgentMetrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRACEFUL_TIMEOUT", "Readiness", "make_asgi_app", "mount"]
+__all__ = ["Readiness", "make_asgi_app", "mount"]
 
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
-
-#: How long open requests may take to finish after shutdown starts (Watches end at once).
-GRACEFUL_TIMEOUT = 5.0
 
 
 def mount(default: Any, *others: Any) -> ASGIApp:

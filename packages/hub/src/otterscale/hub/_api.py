@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from connectrpc.interceptor import Interceptor, MetadataInterceptor
 from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
@@ -48,7 +49,6 @@ from ._cors import with_cors
 from ._errors import HubError
 from ._forward import LeaderForwarder
 from ._health import HEALTH_SERVICE, HealthASGIApplication, HealthService, health_file
-from ._leader import Leadership
 from ._limits import BoundedGzipCompression, ClientLimits, HubLimits, PeerLimit
 from ._metrics import HubMetrics
 from ._observe import ObservingInterceptor
@@ -61,6 +61,10 @@ from ._server import Router, Switch
 from ._services import READ_METHODS, HubService, ServiceContext
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
+
+if TYPE_CHECKING:
+    # Types only: the Kubernetes client it uses is loaded only for --leader-elect (start-up time).
+    from ._leader import Leadership
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
 
@@ -48,7 +48,6 @@ from ._api import Api, streaming_procedures
 from ._auth import Authenticator
 from ._cli import hub_version
 from ._errors import HubError
-from ._leader import Leadership
 from ._lease import ElectionSettings
 from ._limits import HubLimits
 from ._metrics import HubMetrics
@@ -59,6 +58,10 @@ from ._services import HUB_SERVICES, ROUTED_SERVICES, HubService
 from ._tunnel_server import TunnelServer
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
+
+if TYPE_CHECKING:
+    # Types only: the Kubernetes client it uses is loaded only for --leader-elect (start-up time).
+    from ._leader import Leadership
 
 logger = logging.getLogger(__name__)
 

@@ -153,6 +153,19 @@ def child_pids(pid: int, command: str | None = None) -> list[int]:
     )
 
 
+def modules_loaded_by(code: str) -> frozenset[str]:
+    """The modules a fresh interpreter (this one's, with the installed packages) has loaded once it
+    has run ``code``: how a test checks what a command's start-up imports, without timing it."""
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
+    # Generous: an interpreter loading a service on a loaded 2-core machine takes seconds.
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"{code!r} failed: {result.stderr[-2000:]}")
+    return frozenset(result.stdout.split())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port for a test server to listen on, chosen so nothing else takes it first.
 
