@@ -13,7 +13,7 @@ per group plus ``system:authenticated``) and the same error mapping:
 
 - ``aiohttp``: what ships. The agent's own ``KubeClient`` (``otterscale.agent._kube``), built by
   its own ``KubeClient.open`` from the connection its ``load_connection`` reads out of the
-  kubeconfig, in a process tuned as the agent's is (``tune_tls_reads``, ``tune_gc``; asyncio's
+  kubeconfig, in a process tuned as the agent's is (``tune_tls_reads``, start-up's objects frozen; asyncio's
   event loop, the agent's ``LOOP``). HTTP/1.1: one TCP+TLS connection per request in flight and
   per Watch.
 - ``pyqwest``: :class:`PyqwestKubeClient`, the same ``request``/``stream`` surface over pyqwest
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from typing import Any
 import pyqwest
 
 from otterscale.agent import KubeConnection, load_connection
-from otterscale.agent._cli import tune_gc, tune_tls_reads
+from otterscale.agent._cli import tune_tls_reads
 from otterscale.agent._errors import KubernetesTimeoutError, KubernetesUnavailableError
 from otterscale.agent._kube import (
     CONNECT_TIMEOUT,
@@ -479,11 +480,11 @@ async def _open(args: argparse.Namespace) -> Calls:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    # The agent's process tuning, as HostedAgent.start applies it: asyncio's TLS read buffer at
-    # 64 KiB per connection (aiohttp's Watches each hold one), then gc.freeze() after start-up.
+    # The agent's process tuning: asyncio's TLS read buffer at 64 KiB per connection (aiohttp's
+    # Watches each hold one), then what start-up made frozen, as otterscale.common's host does.
     tune_tls_reads()
     calls = await _open(args)
-    tune_gc()
+    gc.freeze()
     worker = Worker(args.client, calls)
     commands: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
         "get": worker.get,
