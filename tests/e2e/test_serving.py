@@ -294,6 +294,34 @@ async def _close_all(bodies: list[RawH1], slow: list[RawH1], connections: list[R
         await connection.aclose()
 
 
+async def _measured_flood(
+    system: System,
+    pid: int,
+    port: int,
+    headers: list[tuple[str, str]],
+    get_client: ResourceServiceClient,
+    issuer: LocalIssuer,
+    *,
+    linger: float = 0.0,
+) -> dict[str, Any]:
+    """Flood ``port`` (the process tree of ``pid`` serves it) while authenticated Gets go through
+    the hub, wait until every request is closed (plus ``linger`` seconds of Gets), close the
+    client side: what :func:`_closed` and the watchdog saw, and the tree's RSS before and during."""
+    rss_before = _tree_rss(pid)
+    async with Watchdog(system, get_client, _token(issuer)) as watchdog:
+        flood = await _flood("127.0.0.1", port, headers)
+        rss_during = _tree_rss(pid)
+        result = await _closed(*flood, within=REQUEST_TIMEOUT + CLOSE_MARGIN)
+        await asyncio.sleep(linger)
+    await _close_all(*flood)
+    return {
+        **result,
+        **watchdog.check(),
+        "rss_before_mib": round(rss_before / 2**20, 1),
+        "rss_during_mib": round(rss_during / 2**20, 1),
+    }
+
+
 async def test_a_flood_without_a_token_is_closed_at_once_and_the_hub_keeps_serving(
     flood_system: System,
     issuer: LocalIssuer,
@@ -302,29 +330,20 @@ async def test_a_flood_without_a_token_is_closed_at_once_and_the_hub_keeps_servi
 ) -> None:
     system = flood_system
     assert system.hub is not None
-    rss_before = _tree_rss(system.hub.pid)
-    async with Watchdog(system, get_client, _token(issuer)) as watchdog:
-        flood = await _flood("127.0.0.1", system.hub_port, [])
-        rss_during = _tree_rss(system.hub.pid)
-        result = await _closed(*flood, within=REQUEST_TIMEOUT + CLOSE_MARGIN)
-        await asyncio.sleep(1.0)  # a few more Gets after the flood
-    await _close_all(*flood)
+    # A few more Gets after the flood, then the RSS once it is over.
+    result = await _measured_flood(
+        system, system.hub.pid, system.hub_port, [], get_client, issuer, linger=1.0
+    )
     rss_after = _tree_rss(system.hub.pid)
-    figures = {
-        **result,
-        **watchdog.check(),
-        "rss_before_mib": round(rss_before / 2**20, 1),
-        "rss_during_mib": round(rss_during / 2**20, 1),
-        "rss_after_mib": round(rss_after / 2**20, 1),
-    }
-    measurements.record("flood_hub_without_token", figures)
+    result["rss_after_mib"] = round(rss_after / 2**20, 1)
+    measurements.record("flood_hub_without_token", result)
     assert result["still_open_h1"] == 0
     assert result["still_open_h2"] == 0
     # Unfinished bodies without a token: unauthenticated, from the headers alone.
     assert result["statuses_h1"] == [401]
     assert result["h2_status_or_reset"] == ["16"]
-    assert rss_during - rss_before < RSS_BOUND
-    assert rss_after - rss_before < RSS_BOUND
+    assert result["rss_during_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
+    assert result["rss_after_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
 
 
 async def test_an_unfinished_body_with_a_token_is_refused_at_the_deadline(
@@ -338,23 +357,13 @@ async def test_an_unfinished_body_with_a_token_is_refused_at_the_deadline(
     token = _token(issuer)
     refused_before = _metric(system, REFUSED)
     log_lines_before = system.hub_log.read_text().count("did not arrive")
-    rss_before = _tree_rss(system.hub.pid)
-    async with Watchdog(system, get_client, token) as watchdog:
-        flood = await _flood("127.0.0.1", system.hub_port, [("authorization", f"Bearer {token}")])
-        rss_during = _tree_rss(system.hub.pid)
-        result = await _closed(*flood, within=REQUEST_TIMEOUT + CLOSE_MARGIN)
-    await _close_all(*flood)
+    headers = [("authorization", f"Bearer {token}")]
+    result = await _measured_flood(system, system.hub.pid, system.hub_port, headers, get_client, issuer)
     refused = (
         _metric(system, 'otterscale_hub_limit_refusals_total{reason="request_timeout"}') - refused_before
     )
-    figures = {
-        **result,
-        **watchdog.check(),
-        "refused_request_timeout": refused,
-        "rss_before_mib": round(rss_before / 2**20, 1),
-        "rss_during_mib": round(rss_during / 2**20, 1),
-    }
-    measurements.record("flood_hub_with_token", figures)
+    result["refused_request_timeout"] = refused
+    measurements.record("flood_hub_with_token", result)
     assert result["still_open_h1"] == 0
     assert result["still_open_h2"] == 0
     # Nothing closed before the deadline (the requests are valid so far), all soon after it.
@@ -366,7 +375,7 @@ async def test_an_unfinished_body_with_a_token_is_refused_at_the_deadline(
     assert refused >= H1_CONNECTIONS + H2_CONNECTIONS * H2_STREAMS
     # A summary at most, never a line per request.
     assert system.hub_log.read_text().count("did not arrive") - log_lines_before <= 2
-    assert rss_during - rss_before < RSS_BOUND
+    assert result["rss_during_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
 
 
 async def test_a_flood_without_a_signature_is_closed_at_once_by_the_agent(
@@ -378,24 +387,13 @@ async def test_a_flood_without_a_signature_is_closed_at_once_by_the_agent(
     system = flood_system
     agent = system.agents[CLUSTER]
     port = system.clusters[CLUSTER].api_port
-    rss_before = _tree_rss(agent.pid)
-    async with Watchdog(system, get_client, _token(issuer)) as watchdog:
-        flood = await _flood("127.0.0.1", port, [])
-        rss_during = _tree_rss(agent.pid)
-        result = await _closed(*flood, within=REQUEST_TIMEOUT + CLOSE_MARGIN)
-    await _close_all(*flood)
-    figures = {
-        **result,
-        **watchdog.check(),
-        "rss_before_mib": round(rss_before / 2**20, 1),
-        "rss_during_mib": round(rss_during / 2**20, 1),
-    }
-    measurements.record("flood_agent_without_signature", figures)
+    result = await _measured_flood(system, agent.pid, port, [], get_client, issuer)
+    measurements.record("flood_agent_without_signature", result)
     assert result["still_open_h1"] == 0
     assert result["still_open_h2"] == 0
     assert result["statuses_h1"] == [401]
     assert result["h2_status_or_reset"] == ["16"]
-    assert rss_during - rss_before < RSS_BOUND
+    assert result["rss_during_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
 
 
 def test_management_routes_are_not_on_the_api_port(flood_system: System) -> None:
