@@ -2,7 +2,10 @@
 
 A :class:`ProcessSet` names the processes of one system: the hub and the chisel server it
 supervises, the agent and its chisel client, kube-apiserver and etcd, and the benchmark client
-itself. CPU is user + system seconds of each process alone (not its children). Peak RSS of a
+itself. A service that runs inside Envoy is the Envoy process (Envoy and the service's Python
+both run there); its command (``otterscale server``, the launcher) is named ``<service>-launcher``.
+CPU is user + system seconds of each process alone (not its children); :meth:`ProcessSet.threads`
+splits an Envoy process by thread (the Python event loop, Envoy's worker, pyqwest's runtime). Peak RSS of a
 phase comes from the kernel's high-water mark (``VmHWM``), which is reset at the start of the
 phase by writing ``5`` to ``/proc/<pid>/clear_refs``; where that is not allowed, a sampler
 thread's maximum is used instead (:class:`RSSSampler` runs either way and gives a timeline).
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
@@ -39,8 +43,9 @@ class CPUSnapshot:
 class ProcessSet:
     """Named processes; dead ones read as zero so a phase never fails on a metric."""
 
-    def __init__(self, pids: Mapping[str, int]) -> None:
-        self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    def __init__(self, pids: Mapping[str, int | None]) -> None:
+        # A name without a process (None: a service without a launcher) reads as zero.
+        self._procs = {name: psutil.Process(pid) if pid else None for name, pid in pids.items()}
         self._hwm_reset_works = True
 
     @property
@@ -48,11 +53,50 @@ class ProcessSet:
         return list(self._procs)
 
     def pid(self, name: str) -> int:
-        return int(self._procs[name].pid)
+        proc = self._procs[name]
+        if proc is None:
+            raise KeyError(f"no process {name}")
+        return int(proc.pid)
+
+    def threads(self, name: str) -> dict[str, float]:
+        """CPU seconds of process ``name`` by kind of thread: ``python`` (pyvoy's event loop and
+        anything else Envoy's first thread started, named ``envoy``), ``envoy-main``, ``envoy-worker``
+        (``wrk:*``), ``pyqwest`` (``tokio-rt-*``), ``other``."""
+        proc = self._procs.get(name)
+        out: dict[str, float] = {}
+        if proc is None:
+            return out
+        ticks = os.sysconf("SC_CLK_TCK")
+        try:
+            tasks = list(Path(f"/proc/{proc.pid}/task").iterdir())
+        except OSError:
+            return out
+        for task in tasks:
+            try:
+                comm = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / ticks
+            if int(task.name) == proc.pid:
+                kind = "envoy-main" if comm == "envoy" else "main"
+            elif comm == "envoy":
+                kind = "python"
+            elif comm.startswith("wrk:"):
+                kind = "envoy-worker"
+            elif comm.startswith("tokio-rt"):
+                kind = "pyqwest"
+            else:
+                kind = "other"
+            out[kind] = out.get(kind, 0.0) + seconds
+        return out
 
     def cpu(self) -> CPUSnapshot:
         seconds: dict[str, float] = {}
         for name, proc in self._procs.items():
+            if proc is None:
+                seconds[name] = 0.0
+                continue
             try:
                 times = proc.cpu_times()
                 seconds[name] = times.user + times.system
@@ -69,8 +113,9 @@ class ProcessSet:
         """Resident memory in MiB now."""
         out: dict[str, float] = {}
         for name in names or self._procs:
+            proc = self._procs.get(name)
             try:
-                out[name] = self._procs[name].memory_info().rss / MIB
+                out[name] = proc.memory_info().rss / MIB if proc is not None else 0.0
             except psutil.Error:
                 out[name] = 0.0
         return out
@@ -78,8 +123,11 @@ class ProcessSet:
     def reset_peak(self, names: Iterable[str]) -> None:
         """Start a new peak-RSS window (``VmHWM`` := current RSS) for ``names``."""
         for name in names:
+            proc = self._procs.get(name)
+            if proc is None:
+                continue
             try:
-                with open(f"/proc/{self._procs[name].pid}/clear_refs", "w") as f:
+                with open(f"/proc/{proc.pid}/clear_refs", "w") as f:
                     f.write("5")
             except OSError as exc:
                 if self._hwm_reset_works:
@@ -91,8 +139,9 @@ class ProcessSet:
         out: dict[str, float] = {}
         for name in names:
             value = 0.0
-            if self._hwm_reset_works:
-                value = _vm_hwm(self._procs[name].pid)
+            proc = self._procs.get(name)
+            if self._hwm_reset_works and proc is not None:
+                value = _vm_hwm(proc.pid)
             if sampled is not None:
                 value = max(value, sampled.get(name, 0.0))
             out[name] = value
@@ -108,6 +157,17 @@ def _vm_hwm(pid: int) -> float:
     except (OSError, ValueError):
         pass
     return 0.0
+
+
+def envoy_of(pid: int) -> int | None:
+    """The Envoy process a service command (its launcher) runs its service in; None if it has
+    none (a service that serves itself)."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.Error):
+                if child.name() == "envoy":
+                    return int(child.pid)
+    return None
 
 
 def child_pid(parent: int, name: str, *, timeout: float = 10.0) -> int:

@@ -4,11 +4,16 @@ Order matters: the idle cost is measured first, on a fresh hub with ``idle_clust
 configured and ``idle_connected`` agents (all agents share the one control plane); then every
 agent but the first is stopped and the load scenarios run against that one (latency,
 throughput, lists, Watch last since 1,000 streams leave the most behind). Profiles (py-spy) are
-taken in extra runs after each measured one, never during it.
+taken in extra runs after each measured one, never during it. Once the hub and agents are
+stopped, ``kubeclient`` measures the agent's HTTP client alone against the same control plane
+(``_kubeclient``), and ``fanout`` starts its own fleets.
 
 Every process is started through ``otterscale.testing`` (``ManagedProcess``: own process group,
 parent-death signal, escalating stop) and stopped in ``finally``. The working directory (cluster
-data, every process's log) is deleted after a clean run and kept after a failure.
+data, every process's log) is deleted after a clean run and kept after a failure. The
+``kubeclient`` workers are the exception: they are spoken to over their stdin and stdout, run in
+their own process group, end when their stdin closes (so with the benchmark) and are killed
+with their group if they do not exit when asked.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from typing import Any
 from otterscale.common import Identity, OtterscaleConfig, derive_identity_key
 from otterscale.testing import ControlPlane, LocalIssuer, System, start_control_plane
 
-from . import _fanout, _report, _runtime, _scenarios
+from . import _fanout, _kubeclient, _report, _runtime, _scenarios
 from ._kube import KubeDirect
 from ._paths import Endpoints
-from ._procs import ProcessSet, child_pid
+from ._procs import ProcessSet, child_pid, envoy_of
 from ._scenarios import FULL, SMOKE, Bench, Sizes
 
 logger = logging.getLogger("otterscale_bench")
@@ -44,7 +49,9 @@ logger = logging.getLogger("otterscale_bench")
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "otterscale"
 BENCH_IDENTITY = Identity("otterscale-bench", ("otterscale-bench",))
-SCENARIOS = ("idle", "latency", "throughput", "lists", "watch", "fanout")
+SCENARIOS = ("startup", "idle", "latency", "throughput", "lists", "watch", "kubeclient", "fanout")
+#: Scenarios that measure the hub and agents (the others start what they need themselves).
+ON_SYSTEM = {"startup", "idle", "latency", "throughput", "lists", "watch"}
 #: Opt-in (``--only runtime``): needs the real test node (root, the node tools, the python image
 #: of ``nox -s images``) and starts its own node, hub and agent (see ``_runtime``).
 RUNTIME = "runtime"
@@ -67,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
         "node: needs root) runs only when named",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    parser.add_argument(
+        "--baseline",
+        metavar="OTTERSCALE",
+        type=Path,
+        help="the `otterscale` command of another tree (e.g. main's, installed in a venv of its own): "
+        "every scenario runs against it first, then against this tree, with the same control plane "
+        "and client (a before/after table; no profiles of the baseline)",
+    )
     parser.add_argument(
         "--service-log-level",
         choices=("debug", "info"),
@@ -195,11 +210,15 @@ WATCH_LIMIT_MARGIN = 100
 
 class _BenchSystem(System):
     """The test harness's system, with the hub's per-subject Watch limit raised: the Watch
-    scenario opens all its streams with one token (one subject)."""
+    scenario opens all its streams with one token (one subject). ``command`` runs another tree's
+    ``otterscale`` (a baseline, whose hub serves its metrics on its API address)."""
 
-    def __init__(self, *args: Any, max_watches: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_watches: int, command: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_watches = max_watches
+        if command is not None:
+            self.command = [str(command)]
+            self.separate_management = False
 
     def config(self) -> dict[str, Any]:
         document = super().config()
@@ -217,10 +236,13 @@ def _start_system(
     realm_url: str,
     log_level: str,
     max_watches: int,
+    command: Path | None = None,
 ) -> System:
     """``otterscale.testing.start_system`` with :class:`_BenchSystem`."""
     directory.mkdir(parents=True, exist_ok=True)
-    system = _BenchSystem(directory, realm_url, CLIENT_ID, None, log_level=log_level, max_watches=max_watches)
+    system = _BenchSystem(
+        directory, realm_url, CLIENT_ID, None, log_level=log_level, max_watches=max_watches, command=command
+    )
     for name, cp in clusters.items():
         system.add_cluster(name, cp)
     try:
@@ -238,15 +260,19 @@ def _process_set(system: System, cp: ControlPlane, cluster: str) -> ProcessSet:
     assert system.hub is not None
     hub = system.hub.pid
     agent = system.agents[cluster].pid
+    # Inside Envoy, the service is the Envoy process and the command that started it its launcher.
+    hub_envoy, agent_envoy = envoy_of(hub), envoy_of(agent)
 
     def of(suffix: str) -> int:
         return next(p.pid for p in cp.processes if p.name.endswith(suffix))
 
     return ProcessSet(
         {
-            "hub": hub,
+            "hub": hub_envoy or hub,
+            "hub-launcher": hub if hub_envoy else None,
             "chisel-server": child_pid(hub, "chisel"),
-            "agent": agent,
+            "agent": agent_envoy or agent,
+            "agent-launcher": agent if agent_envoy else None,
             "chisel-client": child_pid(agent, "chisel"),
             "kube-apiserver": of("/kube-apiserver"),
             "etcd": of("/etcd"),
@@ -281,6 +307,8 @@ async def _run_scenarios(
     profiles: list[dict[str, Any]] = []
     results["profiles"] = profiles
     try:
+        if "startup" in only:
+            results["startup"] = await _scenarios.startup(b, sizes.startup_repeats)
         if "idle" in only:
             logger.info(
                 "idle: %d clusters configured, %d connected", sizes.idle_clusters, sizes.idle_connected
@@ -332,22 +360,48 @@ def _run_shared(
     configured = sizes.idle_clusters if "idle" in only else 1
     connected = sizes.idle_connected if "idle" in only else 1
     clusters = {f"c{i:02d}": (cp if i < connected else None) for i in range(configured)}
-    t = time.monotonic()
-    logger.info("starting the hub and %d agents (%d clusters configured)", connected, configured)
-    system = _start_system(
-        work / "system",
-        clusters,
-        realm_url=issuer.url,
-        log_level=args.service_log_level,
-        max_watches=sizes.watch_streams + WATCH_LIMIT_MARGIN,
-    )
-    stoppers.append(system)
-    results["timings"]["system_start"] = round(time.monotonic() - t, 2)
-    failures = asyncio.run(_run_scenarios(system, cp, issuer, sizes, out, only, results))
+    runs: list[tuple[str, Path | None, dict[str, Any]]] = []
+    if args.baseline is not None:
+        baseline: dict[str, Any] = {"label": str(args.baseline), "timings": {}}
+        results["baseline"] = baseline
+        runs.append(("baseline", args.baseline, baseline))
+    runs.append(("this tree", None, results))
+    failures: list[str] = []
+    for label, command, target in runs if only & ON_SYSTEM else ():
+        t = time.monotonic()
+        logger.info(
+            "%s: starting the hub and %d agents (%d clusters configured)", label, connected, configured
+        )
+        system = _start_system(
+            work / ("system-baseline" if command else "system"),
+            clusters,
+            realm_url=issuer.url,
+            log_level=args.service_log_level,
+            max_watches=sizes.watch_streams + WATCH_LIMIT_MARGIN,
+            command=command,
+        )
+        stoppers.append(system)
+        target.setdefault("timings", {})["system_start"] = round(time.monotonic() - t, 2)
+        run_sizes = dataclasses.replace(sizes, profile=False) if command else sizes
+        try:
+            failures += asyncio.run(_run_scenarios(system, cp, issuer, run_sizes, out, only, target))
+        finally:
+            # Each tree's system is done before the next starts (and before fan-out's fleets).
+            stoppers.remove(system)
+            system.stop()
+    if "baseline" in results:
+        results["baseline"]["targets"] = _report.targets(results["baseline"])
+    if "kubeclient" in only:
+        # The agent's HTTP client alone against kube-apiserver (no hub, no agent running).
+        t = time.monotonic()
+        kubeclient_sizes = _kubeclient.SMOKE if args.smoke else _kubeclient.FULL
+        logger.info("kubeclient: %s", kubeclient_sizes)
+        results["kubeclient"] = asyncio.run(
+            _kubeclient.run(work / "kubeclient", cp, BENCH_IDENTITY, kubeclient_sizes, failures)
+        )
+        results["timings"]["kubeclient"] = round(time.monotonic() - t, 1)
     if "fanout" in only:
-        # Its own fleets (and hubs): the single-cluster system is done, stop it first.
-        stoppers.remove(system)
-        system.stop()
+        # Its own fleets (and hubs).
         t = time.monotonic()
         fanout_sizes = _fanout.FANOUT_SMOKE if args.smoke else _fanout.FANOUT_FULL
         logger.info("fanout: %s", fanout_sizes)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.testing import ControlPlane, System
 
 from . import _profile
-from ._kube import KubeError
+from ._kube import KubeDirect, KubeError
 from ._paths import WATCH_METHOD, Call, Endpoints, RawList, Variant, make_get, rpc_client, timed
 from ._procs import CPUSnapshot, ProcessSet, RSSSampler
 from ._stats import median, summary
@@ -31,8 +32,10 @@ from ._stats import median, summary
 logger = logging.getLogger(__name__)
 
 #: Processes whose cost is reported, in the order of the request path.
-HUB_SIDE = ("hub", "chisel-server")
-AGENT_SIDE = ("agent", "chisel-client")
+#: A service inside Envoy is ``hub``/``agent`` (the Envoy process) plus its launcher (the command);
+#: a service that serves itself has no launcher (it reads as zero).
+HUB_SIDE = ("hub", "hub-launcher", "chisel-server")
+AGENT_SIDE = ("agent", "agent-launcher", "chisel-client")
 CLUSTER_SIDE = ("kube-apiserver", "etcd")
 CLIENT = "bench-client"
 
@@ -64,6 +67,7 @@ class Sizes:
     idle_seconds: float
     profile: bool
     profile_seconds: float
+    startup_repeats: int
 
 
 FULL = Sizes(
@@ -86,6 +90,7 @@ FULL = Sizes(
     idle_seconds=30.0,
     profile=True,
     profile_seconds=10.0,
+    startup_repeats=7,
 )
 
 SMOKE = Sizes(
@@ -108,6 +113,7 @@ SMOKE = Sizes(
     idle_seconds=3.0,
     profile=False,
     profile_seconds=2.0,
+    startup_repeats=1,
 )
 
 
@@ -150,7 +156,15 @@ def cpu_report(procs: ProcessSet, before: CPUSnapshot, after: CPUSnapshot) -> di
 
 async def prepare(b: Bench) -> None:
     """RBAC for the benchmark user, the namespaces and the small object every Get reads."""
-    b.cp.apply(
+    await prepare_cluster(b.cp, b.ep.kube, b.ep.identity.subject, b.ep.impersonation())
+
+
+async def prepare_cluster(
+    cp: ControlPlane, kube: KubeDirect, subject: str, impersonation: list[tuple[str, str]]
+) -> None:
+    """:func:`prepare` on a control plane alone: cluster-admin for ``subject``, the namespace and
+    the small object, and wait until a read with the ``impersonation`` headers works."""
+    cp.apply(
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
@@ -160,12 +174,9 @@ async def prepare(b: Bench) -> None:
                 "kind": "ClusterRole",
                 "name": "cluster-admin",
             },
-            "subjects": [
-                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": b.ep.identity.subject}
-            ],
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": subject}],
         }
     )
-    kube = b.ep.kube
     await kube.ensure_namespace(NAMESPACE)
     await kube.create_configmaps(NAMESPACE, [SMALL_OBJECT], lambda _: {"greeting": "hello"})
     # The binding is in effect once an impersonated read works (RBAC is cached for a moment).
@@ -173,7 +184,7 @@ async def prepare(b: Bench) -> None:
     path = f"/api/v1/namespaces/{NAMESPACE}/configmaps/{SMALL_OBJECT}"
     while True:
         try:
-            await kube.request("GET", path, headers=b.ep.impersonation())
+            await kube.request("GET", path, headers=impersonation)
             break
         except KubeError:
             if time.monotonic() > deadline:
@@ -207,8 +218,10 @@ async def idle(b: Bench, configured: int, connected: int) -> dict[str, Any]:
         "seconds": wall,
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
         "cpu_percent_of_core": percent,
-        "hub_tree_rss_mib": round(rss["hub"] + rss["chisel-server"], 1),
-        "hub_tree_cpu_percent": round(percent["hub"] + percent["chisel-server"], 3),
+        "hub_tree_rss_mib": round(sum(rss[name] for name in HUB_SIDE), 1),
+        "hub_tree_cpu_percent": round(sum(percent[name] for name in HUB_SIDE), 3),
+        "agent_tree_rss_mib": round(sum(rss[name] for name in AGENT_SIDE), 1),
+        "agent_tree_cpu_percent": round(sum(percent[name] for name in AGENT_SIDE), 3),
         "other_cores": cpu["other_cores"],
     }
 
@@ -320,6 +333,7 @@ async def _load(
     tasks = [asyncio.create_task(worker(), name=f"bench-load-{i}") for i in range(concurrency)]
     try:
         await asyncio.sleep(warmup)
+        threads_before = _threads(procs)
         before = procs.cpu() if procs is not None else None
         measuring = True
         started = time.monotonic()
@@ -327,6 +341,7 @@ async def _load(
         measuring = False
         elapsed = time.monotonic() - started
         after = procs.cpu() if procs is not None else None
+        threads_after = _threads(procs)
         count = done
     finally:
         stop = True
@@ -349,7 +364,22 @@ async def _load(
             for name, value in cpu["cpu_seconds"].items()
             if name != "(machine)"
         }
+        # Inside an Envoy process: the service's Python, Envoy's own threads, pyqwest's runtime.
+        result["thread_cpu_seconds_per_1000"] = {
+            service: {
+                kind: round(1000.0 * (seconds - threads_before[service].get(kind, 0.0)) / count, 4)
+                for kind, seconds in kinds.items()
+            }
+            for service, kinds in threads_after.items()
+            if count and kinds
+        }
     return result
+
+
+def _threads(procs: ProcessSet | None) -> dict[str, dict[str, float]]:
+    if procs is None:
+        return {}
+    return {service: procs.threads(service) for service in ("hub", "agent")}
 
 
 async def throughput(b: Bench) -> list[dict[str, Any]]:
@@ -427,17 +457,20 @@ def list_namespace(size: int) -> str:
 
 async def prepare_lists(b: Bench) -> dict[str, float]:
     """Create the ConfigMaps of every list size (once; a rerun on the same cluster reuses them)."""
-    seconds = {}
-    for size in b.sizes.list_sizes:
-        started = time.monotonic()
-        namespace = list_namespace(size)
-        await b.ep.kube.ensure_namespace(namespace)
-        await b.ep.kube.create_configmaps(namespace, [f"cm-{i:05d}" for i in range(size)], kib_payload)
-        count = await b.ep.kube.count(f"/api/v1/namespaces/{namespace}/configmaps")
-        if count != size:
-            raise RuntimeError(f"namespace {namespace} has {count} ConfigMaps, expected {size}")
-        seconds[str(size)] = round(time.monotonic() - started, 2)
-        logger.info("created %d ConfigMaps in %.1fs", size, seconds[str(size)])
+    return {str(size): await ensure_list_objects(b.ep.kube, size) for size in b.sizes.list_sizes}
+
+
+async def ensure_list_objects(kube: KubeDirect, size: int) -> float:
+    """The ``size`` ConfigMaps of :func:`list_namespace` (existing ones are kept); seconds taken."""
+    started = time.monotonic()
+    namespace = list_namespace(size)
+    await kube.ensure_namespace(namespace)
+    await kube.create_configmaps(namespace, [f"cm-{i:05d}" for i in range(size)], kib_payload)
+    count = await kube.count(f"/api/v1/namespaces/{namespace}/configmaps")
+    if count != size:
+        raise RuntimeError(f"namespace {namespace} has {count} ConfigMaps, expected {size}")
+    seconds = round(time.monotonic() - started, 2)
+    logger.info("created %d ConfigMaps in %.1fs", size, seconds)
     return seconds
 
 
@@ -511,6 +544,69 @@ async def profile_list(b: Bench) -> list[dict[str, Any]]:
 # Watch
 
 
+def watch_object(index: int) -> str:
+    """The name of the ConfigMap the ``index``-th Watch follows."""
+    return f"w-{index:04d}"
+
+
+async def ensure_watch_objects(kube: KubeDirect, n: int) -> list[str]:
+    """The ConfigMaps of ``n`` Watches in WATCH_NAMESPACE (existing ones are kept); their names."""
+    names = [watch_object(i) for i in range(n)]
+    await kube.ensure_namespace(WATCH_NAMESPACE)
+    await kube.create_configmaps(WATCH_NAMESPACE, names, lambda _: {"ts": "0"})
+    return names
+
+
+@dataclass
+class ChangeWriter:
+    """Changes the ConfigMaps of :func:`ensure_watch_objects` round-robin at a steady ``rate``,
+    each change stamped with its write time (``data.ts``, ns since the epoch) so a Watch client
+    on this machine can tell how long it took to arrive."""
+
+    kube: KubeDirect
+    objects: int
+    rate: float
+    writes: list[tuple[int, float]] = field(default_factory=list)  # (ts ns, ack ms)
+    errors: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    async def _write(self, index: int) -> None:
+        stamp = time.time_ns()
+        try:
+            await self.kube.request(
+                "PATCH",
+                f"/api/v1/namespaces/{WATCH_NAMESPACE}/configmaps/{watch_object(index % self.objects)}",
+                {"data": {"ts": str(stamp)}},
+                content_type="application/merge-patch+json",
+            )
+        except Exception as exc:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        self.writes.append((stamp, (time.time_ns() - stamp) / 1e6))
+
+    async def run(self, seconds: float) -> None:
+        """Write for ``seconds``, then wait (bounded) for the writes still in flight."""
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+        start = loop.time()
+        for k in range(int(seconds * self.rate)):
+            delay = start + k / self.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(pending) >= 256:  # kube-apiserver cannot keep up: count, do not queue forever
+                self.skipped += 1
+                continue
+            task = asyncio.create_task(self._write(k), name=f"bench-change-{k}")
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending, timeout=30)
+
+    def stamps(self, since_ns: int, until_ns: int) -> set[int]:
+        """The stamps of the acknowledged writes made in [since_ns, until_ns]."""
+        return {ts for ts, _ in self.writes if since_ns <= ts <= until_ns}
+
+
 @dataclass
 class _WatchState:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -533,8 +629,7 @@ async def watch(b: Bench) -> dict[str, Any]:
     sizes = b.sizes
     n = sizes.watch_streams
     kube = b.ep.kube
-    await kube.ensure_namespace(WATCH_NAMESPACE)
-    await kube.create_configmaps(WATCH_NAMESPACE, [f"w-{i:04d}" for i in range(n)], lambda _: {"ts": "0"})
+    await ensure_watch_objects(kube, n)
     watched = [*HUB_SIDE, *AGENT_SIDE, *CLUSTER_SIDE]
     # The hub serves up to 1,000 streams per HTTP/2 connection; the agent gets them over the hub's
     # own few stream connections whatever the clients do.
@@ -557,7 +652,7 @@ async def watch(b: Bench) -> dict[str, Any]:
             version="v1",
             resource="configmaps",
             namespace=WATCH_NAMESPACE,
-            field_selector=f"metadata.name=w-{i:04d}",
+            field_selector=f"metadata.name={watch_object(i)}",
         )
         counted = False
         try:
@@ -591,42 +686,7 @@ async def watch(b: Bench) -> dict[str, Any]:
             if not counted:
                 state.mark_ready()  # a failed stream must not hold the ramp up
 
-    writes: list[tuple[int, float]] = []  # (ts ns, ack ms)
-    write_errors: list[str] = []
-    skipped = 0
-
-    async def write(index: int) -> None:
-        stamp = time.time_ns()
-        try:
-            await kube.request(
-                "PATCH",
-                f"/api/v1/namespaces/{WATCH_NAMESPACE}/configmaps/w-{index % n:04d}",
-                {"data": {"ts": str(stamp)}},
-                content_type="application/merge-patch+json",
-            )
-        except Exception as exc:
-            write_errors.append(f"{type(exc).__name__}: {exc}")
-            return
-        writes.append((stamp, (time.time_ns() - stamp) / 1e6))
-
-    async def writer(seconds: float) -> None:
-        nonlocal skipped
-        loop = asyncio.get_running_loop()
-        pending: set[asyncio.Task[None]] = set()
-        start = loop.time()
-        total = int(seconds * sizes.watch_rate)
-        for k in range(total):
-            delay = start + k / sizes.watch_rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if len(pending) >= 256:  # kube-apiserver cannot keep up: count, do not queue forever
-                skipped += 1
-                continue
-            task = asyncio.create_task(write(k))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        if pending:
-            await asyncio.wait(pending, timeout=30)
+    writer = ChangeWriter(kube, n, sizes.watch_rate)
 
     sampler = RSSSampler(b.procs, watched, interval=0.5)
     try:
@@ -670,7 +730,7 @@ async def watch(b: Bench) -> dict[str, Any]:
         window_start_ns = time.time_ns()
         cpu_before = b.procs.cpu()
         marks["writes_start"] = time.monotonic() - t0
-        await writer(sizes.watch_seconds)
+        await writer.run(sizes.watch_seconds)
         cpu_after = b.procs.cpu()
         marks["writes_end"] = time.monotonic() - t0
         window_end_ns = time.time_ns()
@@ -678,10 +738,12 @@ async def watch(b: Bench) -> dict[str, Any]:
 
         if sizes.profile:
             # Keep the same write rate while py-spy samples; these events are not counted.
-            result["profiles"] = await _profiled(b, f"watch-{n}", lambda: writer(sizes.profile_seconds + 1))
+            result["profiles"] = await _profiled(
+                b, f"watch-{n}", lambda: writer.run(sizes.profile_seconds + 1)
+            )
 
         # Let the tail of the window's events arrive (bounded).
-        expected = {ts for ts, _ in writes if window_start_ns <= ts <= window_end_ns}
+        expected = writer.stamps(window_start_ns, window_end_ns)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             got = sum(1 for ts, _ in state.received if ts in expected)
@@ -702,7 +764,7 @@ async def watch(b: Bench) -> dict[str, Any]:
     delivered = [(recv - ts) / 1e6 for ts, recv in state.received if ts in expected]
     # The same events measured from the moment kube-apiserver acknowledged the write: this takes
     # the API server's own write latency (which grows when the machine is saturated) out.
-    acked = dict(writes)
+    acked = dict(writer.writes)
     after_ack = [(recv - ts) / 1e6 - acked[ts] for ts, recv in state.received if ts in expected]
     missing = len(expected) - len(delivered)
     cpu = cpu_report(b.procs, cpu_before, cpu_after)
@@ -713,10 +775,10 @@ async def watch(b: Bench) -> dict[str, Any]:
             "window_seconds": wall,
             "writes": len(expected),
             "writes_per_second": round(len(expected) / wall, 1) if wall else math.nan,
-            "writes_skipped": skipped,
-            "write_errors": len(write_errors),
+            "writes_skipped": writer.skipped,
+            "write_errors": len(writer.errors),
             "write_ack_ms": {
-                k: round(v, 3) for k, v in summary([ms for ts, ms in writes if ts in expected]).items()
+                k: round(v, 3) for k, v in summary([ms for ts, ms in writer.writes if ts in expected]).items()
             },
             "delivered": len(delivered),
             "missing": missing,
@@ -727,7 +789,7 @@ async def watch(b: Bench) -> dict[str, Any]:
             "rss_mib_open": {k: round(v, 1) for k, v in rss_open.items()},
             "rss_mib_steady": {k: round(v, 1) for k, v in rss_steady.items()},
             "peak_rss_mib": {k: round(v, 1) for k, v in peak.items()},
-            "hub_tree_peak_rss_mib": round(peak["hub"] + peak["chisel-server"], 1),
+            "hub_tree_peak_rss_mib": round(sum(peak[name] for name in HUB_SIDE), 1),
             "cpu_percent_of_core": {k: round(100.0 * v / wall, 2) for k, v in cpu["cpu_seconds"].items()},
             "other_cores": cpu["other_cores"],
             "stream_failures": len(state.failures),
@@ -738,8 +800,8 @@ async def watch(b: Bench) -> dict[str, Any]:
             "marks": {k: round(v, 2) for k, v in marks.items()},
         }
     )
-    if write_errors:
-        b.fail("watch writes", f"{len(write_errors)} failed, first: {write_errors[0]}")
+    if writer.errors:
+        b.fail("watch writes", f"{len(writer.errors)} failed, first: {writer.errors[0]}")
     if state.failures:
         b.fail("watch streams", f"{len(state.failures)} failed, first: {state.failures[0]}")
     if missing > max(0, len(expected) // 100):
@@ -760,3 +822,111 @@ def cdf_points(values: Sequence[float]) -> list[float]:
     if not ordered:
         return []
     return [ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)] for q in range(1, 101)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Start-up
+
+
+def _spawn_until(
+    argv: list[str], url: str, expected: tuple[int, ...], log: Path
+) -> tuple[float, dict[str, Any]]:
+    """Start ``argv``; seconds until ``url`` answers one of ``expected``, and the start-up
+    breakdown the service logged with its ready line (if it does); then stop it (SIGTERM)."""
+    import json
+    import signal
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    with log.open("wb") as out:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{argv[1]} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 - loopback
+                        status = answer.status
+                except urllib.error.HTTPError as exc:
+                    status = exc.code
+                except OSError:
+                    status = 0
+                if status in expected:
+                    elapsed = time.monotonic() - started
+                    break
+                if time.monotonic() - started > 120:
+                    raise RuntimeError(f"{argv[1]} not ready after 120s: {log.read_text()[-2000:]}")
+                time.sleep(0.005)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    breakdown: dict[str, Any] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if "ready at" in line and line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                breakdown = dict(json.loads(line).get("startup_ms") or {})
+    return elapsed, breakdown
+
+
+async def startup(b: Bench, repeats: int) -> dict[str, Any]:
+    """Process spawn -> ready: a hub (``/readyz`` 200, its tunnel server up) and an agent without a
+    tunnel (``/ping`` 204), ``repeats`` times each, with the breakdown each reports."""
+    import yaml
+
+    from otterscale.testing import free_port
+
+    system = b.system
+    folder = b.out / "work" / "startup"
+    folder.mkdir(parents=True, exist_ok=True)
+    document = system.config()
+    document["tunnel"]["server"]["port"] = free_port()  # beside the running hub
+    config = folder / "otterscale.yaml"
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        yaml.safe_dump(document, out)
+    cluster = next(name for name, entry in system.clusters.items() if entry.control_plane is not None)
+    kubeconfig = system.clusters[cluster].control_plane.kubeconfig  # type: ignore[union-attr]
+    rows: dict[str, Any] = {}
+    for service in ("hub", "agent"):
+        times: list[float] = []
+        breakdowns: list[dict[str, Any]] = []
+        for attempt in range(repeats):
+            port = free_port()
+            if service == "hub":
+                argv = [*system.command, "server", f"--address=127.0.0.1:{port}", f"--config={config}"]
+                argv += [f"--chisel={system.chisel}", "--log-format=json", "--log-level=info"]
+                if system.separate_management:
+                    argv.append(f"--management-address=127.0.0.1:{free_port()}")
+                url, expected = f"http://127.0.0.1:{port}/readyz", (200,)
+            else:
+                argv = [*system.command, "agent", f"--cluster={cluster}", f"--address=127.0.0.1:{port}"]
+                argv += [
+                    f"--config={config}",
+                    f"--kubeconfig={kubeconfig}",
+                    "--no-tunnel",
+                    "--log-format=json",
+                ]
+                url, expected = f"http://127.0.0.1:{port}/ping", (200, 204)
+            log = folder / f"{service}-{attempt}.log"
+            try:
+                seconds, breakdown = await asyncio.to_thread(_spawn_until, argv, url, expected, log)
+            except Exception as exc:
+                b.fail(f"startup {service}", exc)
+                break
+            times.append(seconds)
+            breakdowns.append(breakdown)
+        if times:
+            rows[service] = {
+                "seconds": [round(t, 3) for t in times],
+                "median_s": round(median(times), 3),
+                "breakdown_ms": breakdowns[len(breakdowns) // 2] if breakdowns else {},
+            }
+            logger.info("startup %s: median %.3fs of %s", service, median(times), rows[service]["seconds"])
+    return rows

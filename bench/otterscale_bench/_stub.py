@@ -33,7 +33,6 @@ from typing import Any
 
 from connectrpc.request import RequestContext
 
-from otterscale.common import serve
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceService, ResourceServiceASGIApplication
 
@@ -99,7 +98,23 @@ async def _main(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     sock = socket.create_server(("127.0.0.1", args.port), backlog=4096)
     logger.info("stub agent serving %d recorded items on 127.0.0.1:%d", len(recorded.items), args.port)
-    await serve(app, sock, stop, graceful_timeout=1.0)  # type: ignore[arg-type]
+    # A load generator, not the system under test: plain hypercorn (otterscale-testing's
+    # dependency, as for its doubles), not Envoy.
+    from hypercorn.asyncio.run import worker_serve
+    from hypercorn.config import Config, Sockets
+    from hypercorn.utils import wrap_app
+
+    config = Config()
+    config.keep_alive_max_requests = 2**31 - 1  # hypercorn's default closes after 1000
+    config.h2_max_concurrent_streams = 4096  # one hub connection carries every cluster's legs
+    config.graceful_timeout = 1.0
+    config.accesslog = None
+    await worker_serve(
+        wrap_app(app, config.wsgi_max_body_size, "asgi"),
+        config,
+        sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
+        shutdown_trigger=stop.wait,
+    )
 
 
 def main() -> None:

@@ -455,6 +455,30 @@ def test_leader_election_follows_replicas(helm_cli: Any) -> None:
     assert tunnel["spec"]["selector"]["otterscale.io/leader"] == "true"
 
 
+def test_management_address_stays_on_loopback_unless_exposed(helm_cli: Any) -> None:
+    """/metrics and the per-cluster health name every cluster: on the Pod IP (and a Service) only
+    with management.expose or a ServiceMonitor, never on the API Service."""
+    values = ROOT / "charts" / "otterscale-hub" / "ci" / "default-values.yaml"
+
+    def render(*sets: str) -> tuple[list[str], list[str], list[str]]:
+        docs = helm_cli.template("otterscale-hub", values=values, sets=sets)
+        deployment = _by_kind(docs, "Deployment")
+        assert deployment is not None
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        services = [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
+        return container["args"], [p["name"] for p in container["ports"]], services
+
+    args, ports, services = render()
+    assert not any(a.startswith("--management-address") for a in args)  # the hub's loopback default
+    assert "management" not in ports
+    assert not any(name.endswith("-management") for name in services)
+    for sets in (("management.expose=true",), ("serviceMonitor.enabled=true",)):
+        args, ports, services = render(*sets)
+        assert "--management-address=:8298" in args, sets
+        assert "management" in ports, sets
+        assert any(name.endswith("-management") for name in services), sets
+
+
 @pytest.mark.parametrize("case", VALUE_SETS, ids=lambda c: c.id)
 def test_pods_are_locked_down(helm_cli: Any, case: ValueSet) -> None:
     deployment = _by_kind(helm_cli.template(case.chart, values=case.values), "Deployment")

@@ -703,8 +703,9 @@ async def test_calls_go_on_while_the_identity_provider_is_down(hub: Hub, measure
 
 
 def child_pids(parent: int, needle: str) -> list[int]:
-    """Pids of ``parent``'s direct children whose command line contains ``needle``."""
-    found = []
+    """Pids of ``parent``'s descendants whose command line contains ``needle`` (a service's
+    chisel is a child of Envoy, which is a child of the service's command)."""
+    processes: dict[int, tuple[int, str]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -713,10 +714,18 @@ def child_pids(parent: int, needle: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == parent and needle in cmdline:
-            found.append(int(entry.name))
-    return found
+        processes[int(entry.name)] = (int(stat[stat.rindex(")") + 2 :].split()[1]), cmdline)
+
+    def descends(pid: int) -> bool:
+        while pid in processes and pid != parent:
+            pid = processes[pid][0]
+        return pid == parent
+
+    return [
+        pid
+        for pid, (_, cmdline) in processes.items()
+        if pid != parent and needle in cmdline and descends(pid)
+    ]
 
 
 @pytest.mark.parametrize("whose", ["hub", "agent"])

@@ -23,7 +23,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ControlPlane, KubeAPIError, System
+from otterscale.testing import ControlPlane, KubeAPIError, System, child_pids
 
 from .conftest import Hub, Measurements, unique
 from .test_faults import (
@@ -59,10 +59,19 @@ WORK_BEFORE_KILL = 0.25
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) process ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    # After the command: state is field 3 of stat(5); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) process ``pid`` and the processes below it but chisel have used so
+    far (the agent's app runs inside Envoy, the command's child)."""
+    total = 0.0
+    for member in [pid, *child_pids(pid)]:
+        try:
+            if Path(f"/proc/{member}/comm").read_text().strip() == "chisel":
+                continue
+            fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        # After the command: state is field 3 of stat(5); utime and stime are fields 14 and 15.
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def create_many(cp: ControlPlane, namespace: str, count: int, size: int) -> None:

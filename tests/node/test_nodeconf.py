@@ -115,4 +115,4 @@ def test_the_base_image_key_follows_its_recipe(monkeypatch: pytest.MonkeyPatch) 
     assert images.base_key() != key
     monkeypatch.setattr(images, "BASE_PACKAGES", images.BASE_PACKAGES[:-1])
     assert images.base_key() == key
-    assert {"python3", "python3-venv", "tini"} <= set(images.BASE_PACKAGES)
+    assert {"python3", "python3-venv", "libpython3.11", "tini"} <= set(images.BASE_PACKAGES)

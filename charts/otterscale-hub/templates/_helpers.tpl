@@ -94,3 +94,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
+
+{{/* "true" when the management address (/metrics, per-cluster health) listens on the Pod IP
+(management.expose, or implied by serviceMonitor.enabled); empty while it stays on loopback. */}}
+{{- define "otterscale-hub.managementExposed" -}}
+{{- if or .Values.management.expose .Values.serviceMonitor.enabled }}true{{ end }}
+{{- end }}

@@ -24,7 +24,7 @@ from otterscale.agent import build_parser
 from otterscale.agent._cli import main, settings_from_args
 from otterscale.common import ConfigError, UsageError, derive_identity_key
 from otterscale.resource.v1 import resource_pb2 as pb
-from otterscale.testing import ControlPlane, free_port, tool_path
+from otterscale.testing import ControlPlane, free_port, modules_loaded_by, tool_path
 
 from .conftest import AGENT_PASSWORD, CLUSTER, ClientFactory
 
@@ -156,6 +156,17 @@ def test_cluster_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args([])
     assert info.value.code == 2
     assert "--cluster" in capsys.readouterr().err
+
+
+def test_launcher_loads_no_agent_module() -> None:
+    # `otterscale agent` only starts Envoy, where the agent runs and imports its modules itself:
+    # loading them in the launcher too cost about a second of every start (and of --help).
+    loaded = modules_loaded_by(
+        "from otterscale.agent._cli import build_parser\nbuild_parser().parse_args(['--cluster', 'x'])"
+    )
+    heavy = {"otterscale.agent._agent", "kubernetes", "aiohttp", "pydantic", "connectrpc", "cryptography"}
+    assert not heavy & loaded
+    assert "otterscale.agent._cli" in loaded
 
 
 def test_main_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,12 +15,10 @@ def test_exported_names() -> None:
             "AgentSettings",
             "KubeConfigError",
             "KubeConnection",
-            "RootTask",
             "TunnelSettings",
             "build_parser",
             "load_connection",
             "main",
-            "run_agent",
         ]
     )
     for name in agent.__all__:

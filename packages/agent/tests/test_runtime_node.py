@@ -506,6 +506,19 @@ async def test_per_subject_limit_and_its_release(tight_agent: AgentProcess, clus
         assert set(codes) <= {Code.RESOURCE_EXHAUSTED}
         await third.cancel()
         await second.cancel()
+        # The next test on this agent needs both slots again.
+        await sessions_released(tight_agent)
+
+
+async def sessions_released(agent: AgentProcess) -> None:
+    """Wait until the agent holds no exec session. Inside Envoy the agent learns that a client
+    cancelled its stream a little later than the cancel returns (pyvoy's disconnect poll, or the
+    next heartbeat failing), so a test that needs the slots back waits for the gauge."""
+
+    async def none_open() -> bool:
+        return not (await agent.ametrics()).value("otterscale_agent_runtime_sessions_active", kind="exec")
+
+    await eventually(none_open, WAIT, "the release of the cancelled exec sessions")
 
 
 async def test_idle_timeout_and_heartbeats(tight_agent: AgentProcess, cluster: dict[str, str]) -> None:

@@ -7,16 +7,7 @@ from typing import Any
 
 from otterscale.agent._kube import _socket_factory, impersonation_headers
 from otterscale.agent._server import make_asgi_app
-from otterscale.common import Identity, create_listener
-
-
-def test_listener_sets_nodelay() -> None:
-    sock = create_listener("127.0.0.1", 0)
-    try:
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        assert sock.getsockname()[1] != 0
-    finally:
-        sock.close()
+from otterscale.common import Identity
 
 
 def test_kube_sockets_set_nodelay_and_keepalive() -> None:

@@ -238,7 +238,7 @@ async def test_client_cancel_ends_cleanly(
     """A client that cancels its Watch: the agent ends its upstream watch (kube-apiserver stops
     serving it) and keeps serving."""
     rpc = make_client(transport="connect-h1")
-    before = await asyncio.to_thread(control_plane.open_watches, "configmaps")
+    before = await asyncio.to_thread(control_plane.settled_open_watches, "configmaps")
 
     async def upstream(count: float) -> None:
         deadline = time.monotonic() + 30

@@ -11,9 +11,23 @@ import otterscale.common
 EXPECTED = {
     "ASGIApp",
     "drain_request",
+    # serving inside Envoy: the launcher (stdlib only) and the hosted application
     "serve",
-    "server_config",
-    "tune_hypercorn",
+    "Launch",
+    "Address",
+    "ListenerLimits",
+    "LIMIT_BOUNDS",
+    "configured_limits",
+    "configured_value",
+    "listener_limits",
+    "host",
+    "Hosted",
+    "ServeSettings",
+    "ClientGone",
+    "streaming_methods",
+    "refusal",
+    "lazy_exports",
+    "LogThrottle",
     # configuration
     "OtterscaleConfig",
     "HubLimitsConfig",
@@ -68,7 +82,6 @@ EXPECTED = {
     "SIGNATURE_HEADER",
     # logging
     "configure_logging",
-    "create_listener",
     "echo",
     "LogFormat",
     "RedactingFilter",

@@ -22,7 +22,7 @@ from pyqwest import Client, HTTPTransport
 from otterscale.common import ChiselBinary
 from otterscale.resource.v1 import resource_pb2 as pb
 from otterscale.resource.v1.resource_connect import ResourceServiceClient
-from otterscale.testing import free_port
+from otterscale.testing import free_port, modules_loaded_by
 
 from .conftest import FakeAgent, Issuer, make_specs, wait_for, write_config
 
@@ -49,6 +49,17 @@ def test_help() -> None:
     assert code == 0
     assert "server" in out
     assert "otterscale-hub" in out
+
+
+def test_launcher_and_hub_load_only_what_start_up_uses() -> None:
+    # `otterscale server` only starts Envoy, where the hub runs: it loads none of the hub's modules.
+    launcher = modules_loaded_by("from otterscale.hub._cli import build_parser\nbuild_parser()")
+    assert not {"otterscale.hub._hub", "connectrpc", "pydantic", "kubernetes", "aiohttp"} & launcher
+    # Inside Envoy, without --leader-elect: no Kubernetes client; aiohttp comes with the first
+    # token to verify (it fetches the issuer's keys).
+    hub = modules_loaded_by("import otterscale.hub._hosted")
+    assert "otterscale.hub._hub" in hub
+    assert not {"kubernetes", "aiohttp"} & hub
 
 
 def test_missing_config(tmp_path: Path) -> None:
@@ -247,8 +258,9 @@ async def test_hub_process_serves_logs_json_and_shuts_down_gracefully(
     hub_process: tuple[HubProcess, dict[str, object], FakeAgent], issuer: Issuer
 ) -> None:
     hub, info, _ = hub_process
-    # Start-up: well under two seconds (chisel included).
-    assert hub.started_in < 5, hub.started_in
+    # Start-up (chisel and Envoy included) is measured by the benchmark (nox -s bench, spawn ->
+    # ready); here only bounded, generously: a loaded 2-core CI box took 7 s.
+    assert hub.started_in < 30, hub.started_in
     lines = hub.lines()
     assert lines, "container mode logs JSON"
     tunnel_line = next(line for line in lines if "fingerprint" in line)

@@ -660,6 +660,42 @@ async def test_watches_per_subject_are_limited_and_freed_on_cancel(limited_hub: 
         await quota_free(limited, subject, 2)
 
 
+PEER_LIMIT_3 = (
+    "this address has 3 calls in progress on this hub already "
+    "(limits.max_requests_per_peer in otterscale.yaml); end some first"
+)
+
+
+@pytest.mark.integration
+@pytest.mark.security
+async def test_calls_in_progress_per_address_are_limited_before_authentication(limited_hub: Start) -> None:
+    """One address holds at most ``max_requests_per_peer`` calls, whoever the callers are: the next
+    call, even without a token, is refused at once and never reaches authentication; a call that
+    ends frees its place."""
+    limited = await limited_hub({"max_requests_per_peer": 3})
+    watches = [*await open_watches(limited, 2, "alice"), *await open_watches(limited, 1, "bob")]
+    client = limited.env.client("connect-h2c")
+    request = pb.GetRequest(cluster=CLUSTER, version="v1", resource="namespaces", name=limited.namespace)
+    for headers in (limited.env.auth(), {}):  # with a token, and without one
+        with pytest.raises(ConnectError) as caught:
+            await client.get(request, headers=headers)
+        assert caught.value.code is Code.RESOURCE_EXHAUSTED
+        assert caught.value.message == PEER_LIMIT_3
+    for protocol in ("grpc-h2c", "grpcweb-h1"):
+        with pytest.raises(ConnectError) as caught:
+            await limited.env.client(protocol).get(request, headers=limited.env.auth())
+        assert caught.value.code is Code.RESOURCE_EXHAUSTED, protocol
+    assert limited.refusals("peer_requests") == 4
+    assert not [w.error for w in watches if w.ended.is_set()]  # the calls it holds go on
+    await watches[0].cancel()
+    await watches_closed(limited, 2)
+    answer = await client.get(request, headers=limited.env.auth())
+    assert answer.object
+    for watch in watches[1:]:
+        await watch.cancel()
+    await watches_closed(limited)
+
+
 @pytest.mark.integration
 async def test_watch_slots_are_freed_when_the_agent_ends_the_stream(limited_hub: Start) -> None:
     limited = await limited_hub({"max_watches_per_subject": 2})
@@ -729,7 +765,7 @@ async def test_watch_client_that_stops_reading_is_dropped(limited_hub: Start) ->
     timeout = SEND_TIMEOUT
     limited = await limited_hub({"watch_send_timeout_seconds": timeout, "max_watches_per_subject": 1})
     churn = Churn(limited)
-    upstream = await asyncio.to_thread(limited.cp.open_watches, "configmaps")
+    upstream = await asyncio.to_thread(limited.cp.settled_open_watches, "configmaps")
     async with RawH2(limited.hub.port, limited.env.issuer.token, window=KIB) as conn:
         watch = conn.request(f"{RESOURCE_SERVICE}/Watch", "application/connect+proto")
         message = watch_request(limited.namespace).SerializeToString()
@@ -776,7 +812,7 @@ async def test_http1_watch_client_that_stops_reading_is_dropped(limited_hub: Sta
     limited = await limited_hub({"watch_send_timeout_seconds": timeout, "max_watches_per_subject": 1})
     port = limited.hub.port
     churn = Churn(limited)
-    upstream = await asyncio.to_thread(limited.cp.open_watches, "configmaps")
+    upstream = await asyncio.to_thread(limited.cp.settled_open_watches, "configmaps")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)  # before connect: a small window
     sock.setblocking(False)
@@ -988,6 +1024,7 @@ def test_limits_come_from_the_config_with_defaults(tmp_path: Path) -> None:
         max_response_bytes=64 * MIB,
         max_watches_per_subject=1000,
         watch_send_timeout=30.0,
+        max_requests_per_peer=2000,
     )
     document["limits"] = {"max_watches_per_subject": 5, "watch_send_timeout_seconds": 2.5}
     limits = HubLimits.from_config(parse_config(yaml.safe_dump(document), "x").limits)
@@ -1013,9 +1050,12 @@ def test_limits_come_from_the_config_with_defaults(tmp_path: Path) -> None:
             {"max_watch": 3},
             [
                 "limits.max_watch: unknown key; allowed keys: max_request_bytes, max_response_bytes, "
-                "max_watches_per_subject, watch_send_timeout_seconds"
+                "max_watches_per_subject, watch_send_timeout_seconds, request_timeout_seconds, "
+                "max_connections, max_streams_per_connection, peer_requests_per_second, "
+                "max_requests_per_peer"
             ],
         ),
+        ({"max_requests_per_peer": -1}, ["limits.max_requests_per_peer: must be greater than or equal to 0"]),
         ([1], ["limits: must be a mapping"]),
     ],
 )

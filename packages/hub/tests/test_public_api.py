@@ -7,7 +7,7 @@ import pathlib
 
 import otterscale.hub
 
-EXPECTED = {"ElectionSettings", "Hub", "HubSettings", "hub_version", "main", "run_hub"}
+EXPECTED = {"ElectionSettings", "Hub", "HubSettings", "hub_version", "main"}
 
 
 def test_all_is_exactly_the_public_api() -> None:

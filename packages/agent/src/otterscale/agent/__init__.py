@@ -1,23 +1,42 @@
 """otterscale-agent: executes ResourceService calls in one Kubernetes cluster as the calling user.
 
-Run it with ``otterscale agent --cluster NAME`` (see ``--help``). Embedding (tests, tools)::
-
-    async with Agent(settings) as agent:
-        ...  # agent.url serves ResourceService, GET /ping and GET /readyz (no tunnel)
-
-    status = await run_agent(settings, stop)  # the whole agent: with settings.tunnel, its
-                                              # chisel client too, until `stop` is set
+Run it with ``otterscale agent --cluster NAME`` (see ``--help``): a small launcher that starts
+Envoy with the agent inside (:class:`Agent`, served by pyvoy as ``otterscale.agent._hosted:app``).
 
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
-from ._agent import Agent, AgentSettings, RootTask, run_agent
-from ._cli import build_parser, main
-from ._discovery import DEFAULT_TTL as DISCOVERY_TTL
-from ._errors import AgentError
-from ._kubeconfig import KubeConfigError, KubeConnection, load_connection
-from ._service import DEFAULT_FIELD_MANAGER
-from ._tunnel import TunnelSettings
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from otterscale.common import lazy_exports
+
+if TYPE_CHECKING:
+    from ._agent import Agent, AgentSettings
+    from ._cli import build_parser, main
+    from ._defaults import DISCOVERY_TTL
+    from ._errors import AgentError
+    from ._kubeconfig import KubeConfigError, KubeConnection, load_connection
+    from ._service import DEFAULT_FIELD_MANAGER
+    from ._tunnel import TunnelSettings
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "Agent": "._agent",
+        "AgentSettings": "._agent",
+        "build_parser": "._cli",
+        "main": "._cli",
+        "DISCOVERY_TTL": "._defaults",
+        "AgentError": "._errors",
+        "KubeConfigError": "._kubeconfig",
+        "KubeConnection": "._kubeconfig",
+        "load_connection": "._kubeconfig",
+        "DEFAULT_FIELD_MANAGER": "._service",
+        "TunnelSettings": "._tunnel",
+    },
+)
 
 __all__ = [
     "DEFAULT_FIELD_MANAGER",
@@ -27,10 +46,8 @@ __all__ = [
     "AgentSettings",
     "KubeConfigError",
     "KubeConnection",
-    "RootTask",
     "TunnelSettings",
     "build_parser",
     "load_connection",
     "main",
-    "run_agent",
 ]

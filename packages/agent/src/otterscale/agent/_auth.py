@@ -21,13 +21,13 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import Headers, RequestContext
 
-from otterscale.common import Identity, IdentityHeaderError, verify_identity
+from otterscale.common import Identity, IdentityHeaderError, LogThrottle, verify_identity
 
 from ._errors import UnauthenticatedError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IdentityInterceptor", "current_identity", "procedure"]
+__all__ = ["EarlyIdentityInterceptor", "IdentityInterceptor", "current_identity", "procedure"]
 
 _IDENTITY: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
     "otterscale_identity", default=None
@@ -73,11 +73,8 @@ class IdentityInterceptor:
     """Verifies the hub's signature on every call (connectrpc interceptor of every call shape:
     connectrpc skips an interceptor for a shape it does not implement, so each is here).
 
-    Why not a metadata interceptor, which connectrpc would run before reading the body: answering
-    an HTTP/2 request before its body has arrived makes hypercorn 0.18 fail on the DATA frames
-    that follow (``KeyError`` in ``H2Protocol._handle_events``), which tears down the whole
-    connection and every other call multiplexed on it. So the body (at most 4 MiB, connectrpc's
-    limit) is read and decoded first; the handler still never runs without a valid signature.
+    This variant runs after connectrpc has read the body; the agent serves with its subclass
+    :class:`EarlyIdentityInterceptor`, which refuses an unsigned call before its body is read.
     """
 
     def __init__(self, *, cluster: str, key: bytes, max_skew_seconds: float = 30.0) -> None:
@@ -95,7 +92,14 @@ class IdentityInterceptor:
                 max_skew_seconds=self._max_skew,
             )
         except IdentityHeaderError as exc:
-            logger.info("rejected %s from %s: %s", procedure(ctx), ctx.client_address or "?", exc)
+            if _REJECTIONS.allow():
+                logger.info(
+                    "rejected %s from %s: %s%s",
+                    procedure(ctx),
+                    ctx.client_address or "?",
+                    exc,
+                    _REJECTIONS.held_back(),
+                )
             raise ConnectError(Code.UNAUTHENTICATED, f"hub identity rejected: {exc}") from exc
 
     async def intercept_unary(
@@ -148,3 +152,25 @@ class IdentityInterceptor:
     ) -> AsyncIterator[Any]:
         async for message in self.intercept_server_stream(call_next, request, ctx):
             yield message
+
+
+class EarlyIdentityInterceptor(IdentityInterceptor):
+    """:class:`IdentityInterceptor` as a metadata interceptor: connectrpc runs it before reading the
+    request body, so a call without a valid signature never has its body read (inside Envoy)."""
+
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> contextvars.Token[Identity | None]:
+        """Verify the signature; the identity holds for the rest of the call."""
+        return _IDENTITY.set(self._verify(ctx))
+
+    async def on_end(
+        self,
+        token: contextvars.Token[Identity | None],
+        ctx: RequestContext[Any, Any],
+        error: Exception | None,
+    ) -> None:
+        """The call is over: forget its identity."""
+        _IDENTITY.reset(token)
+
+
+#: Rejected calls are logged at most once every ten seconds (a flood must not flood the log).
+_REJECTIONS = LogThrottle(10.0)

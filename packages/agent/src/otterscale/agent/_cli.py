@@ -1,52 +1,56 @@
-"""``otterscale agent`` (also installed as ``otterscale-agent``): flags, config, signals, exit status.
+"""``otterscale agent`` (also installed as ``otterscale-agent``): flags, config, exit status.
+
+The agent runs inside Envoy (:func:`otterscale.common.serve`): :func:`main` parses the flags,
+reads the port and the request deadline from the configuration, and starts Envoy with the agent
+inside (``otterscale.agent._hosted``), which checks everything :func:`settings_from_args` checks
+before it serves: a misconfigured agent exits at once with a message (status 1) instead of
+serving a tunnel that can never come up (the cluster's fingerprint, the tunnel server URL, the
+chisel binary and its version), printed here as before.
 
 The only module of the agent that reads the process environment (``OTTERSCALE_CONTAINER`` through
 common's ``resolve_defaults``, ``PATH`` to find chisel, ``KUBECONFIG`` and the in-cluster service
-variables), which it passes down explicitly. Signal handlers only set the stop event; a second
-signal aborts the graceful shutdown.
+variables), which it passes down explicitly. The first SIGTERM or SIGINT stops gracefully (open
+Watch streams end with unavailable, calls in flight finish); a second one stops at once.
 
-Everything that can be checked before serving is checked here, so that a misconfigured agent
-exits at once with a message (status 1) instead of serving a tunnel that can never come up: the
-cluster's fingerprint, the tunnel server URL, and the chisel binary and its version.
+The launcher imports only what :func:`main` needs (the flags and the few values Envoy is started
+with), as the hub's does: the agent's own modules (the Kubernetes client, the configuration model,
+the services) are imported inside Envoy, once, by :func:`settings_from_args` and ``_hosted``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import asyncio.sslproto
 import dataclasses
-import gc
 import logging
 import os
-import signal
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from otterscale.common import (
     CONTAINER_CONFIG,
     CONTAINER_ENV,
     DEFAULT_ADDRESS,
     MIN_CHISEL_VERSION,
+    Address,
     ChiselBinary,
-    ClusterConfig,
     ConfigError,
-    OtterscaleConfig,
+    Launch,
     TunnelError,
     UsageError,
     add_common_arguments,
     check_chisel,
     configure_logging,
-    derive_identity_key,
-    load_config,
+    configured_limits,
+    configured_value,
     resolve_defaults,
+    serve,
 )
 
-from ._agent import AgentSettings, run_agent
-from ._discovery import DEFAULT_TTL
-from ._kubeconfig import KubeConfigError
+from ._defaults import DISCOVERY_TTL
 from ._tunnel import (
     DEFAULT_KEEPALIVE,
     DEFAULT_MAX_RETRY_INTERVAL,
@@ -55,9 +59,21 @@ from ._tunnel import (
     default_server_url,
 )
 
+if TYPE_CHECKING:
+    from otterscale.common import ClusterConfig, OtterscaleConfig
+
+    from ._agent import AgentSettings
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_parser", "main"]
+
+#: The agent inside Envoy.
+APP = "otterscale.agent._hosted:app"
+#: Seconds calls in flight may take to finish once a stop starts (Watches end at once).
+GRACEFUL_TIMEOUT = 5.0
+#: Seconds the agent's own shutdown may take once calls in flight are done (chisel, client).
+STOP_TIMEOUT = 10.0
 
 _MIN_CHISEL = ".".join(str(part) for part in MIN_CHISEL_VERSION)
 # Stands in for the binary while the other tunnel settings are checked (before chisel is run).
@@ -105,7 +121,7 @@ Security:
 Container mode ({CONTAINER_ENV}=true): --address defaults to {DEFAULT_ADDRESS} and --config to
 {CONTAINER_CONFIG}.
 
-Discovery and the OpenAPI index are cached for --discovery-ttl seconds (default {DEFAULT_TTL:g}): a new
+Discovery and the OpenAPI index are cached for --discovery-ttl seconds (default {DISCOVERY_TTL:g}): a new
 CRD shows up in Discovery within that.
 SIGTERM or SIGINT stops gracefully (open Watch streams end with unavailable); a second one aborts.
 """
@@ -136,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--discovery-ttl",
         metavar="SECONDS",
         type=_positive_seconds,
-        default=DEFAULT_TTL,
-        help=f"how long Discovery and the OpenAPI index are cached (default {DEFAULT_TTL:g})",
+        default=DISCOVERY_TTL,
+        help=f"how long Discovery and the OpenAPI index are cached (default {DISCOVERY_TTL:g})",
     )
     tunnel = parser.add_argument_group("tunnel")
     tunnel.add_argument(
@@ -175,8 +191,13 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
     """Parse flags and the configuration into settings; also returns log level and format.
 
     Raises UsageError, ConfigError or TunnelError (chisel missing or too old, bad tunnel
-    settings) with a message for the operator.
+    settings) with a message for the operator. Called inside Envoy (``_hosted``), where the agent
+    runs: the configuration model and the agent's modules are imported here, not by the launcher.
     """
+    from otterscale.common import derive_identity_key, load_config  # pydantic, cryptography
+
+    from ._agent import AgentSettings  # the whole agent: the Kubernetes client, the services
+
     args = build_parser().parse_args(list(argv))
     options = resolve_defaults(args, environ)
     config = load_config(options.config, require_tunnel_key=False)
@@ -190,15 +211,8 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
     password = cluster.agent.auth.password.get_secret_value()
     port = options.port or cluster.agent.api_port
     tunnel: TunnelSettings | None = None
-    if args.no_tunnel:
-        given = [
-            flag
-            for flag, value in (("--chisel", args.chisel), ("--tunnel-server-url", args.tunnel_server_url))
-            if value
-        ]
-        if given:
-            raise UsageError(f"--no-tunnel runs the agent without a tunnel; drop {' and '.join(given)}")
-    else:
+    check_flags(args)
+    if not args.no_tunnel:
         tunnel = _tunnel_settings(args, options.config, config, cluster, port, environ)
     settings = AgentSettings(
         cluster=args.cluster,
@@ -209,10 +223,28 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
         environ=dict(environ),
         discovery_ttl=args.discovery_ttl,
         tunnel=tunnel,
+        request_timeout=config.limits.request_timeout_seconds,
         runtime=config.runtime,
         audit=config.audit,
     )
     return settings, options.log_level, options.log_format
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """What the flags alone can get wrong (UsageError): checked before anything starts."""
+    if args.no_tunnel:
+        given = [
+            flag
+            for flag, value in (("--chisel", args.chisel), ("--tunnel-server-url", args.tunnel_server_url))
+            if value
+        ]
+        if given:
+            raise UsageError(f"--no-tunnel runs the agent without a tunnel; drop {' and '.join(given)}")
+        return
+    if args.tunnel_server_url is not None and not args.tunnel_server_url.strip():
+        raise UsageError("--tunnel-server-url must not be empty")
+    if args.chisel is not None and not str(args.chisel).strip():
+        raise UsageError("--chisel must not be empty")
 
 
 def _tunnel_settings(
@@ -242,12 +274,8 @@ def _tunnel_settings(
         )
     if args.tunnel_server_url is not None:
         url = args.tunnel_server_url.strip()
-        if not url:
-            raise UsageError("--tunnel-server-url must not be empty")
     else:
         url = default_server_url(config.tunnel.server.host, config.tunnel.server.port)
-    if args.chisel is not None and not str(args.chisel).strip():
-        raise UsageError("--chisel must not be empty")
     placeholder = TunnelSettings(
         chisel=_UNCHECKED_CHISEL,
         server_url=url,
@@ -266,48 +294,47 @@ def _tunnel_settings(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``otterscale agent`` and of the ``otterscale-agent`` script."""
-    environ = dict(os.environ)
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings, level, fmt = settings_from_args(sys.argv[1:] if argv is None else argv, environ)
-    except ConfigError as exc:
-        sys.stderr.write(f"otterscale agent: {exc}\n")
-        return 1
+        args = build_parser().parse_args(arguments)
+        options = resolve_defaults(args, os.environ)
+        check_flags(args)
     except UsageError as exc:
         sys.stderr.write(f"otterscale agent: error: {exc}\n")
         return 2
-    except TunnelError as exc:
-        sys.stderr.write(f"otterscale agent: {exc}\n")
-        return 1
-    configure_logging(level, fmt)
+    log_format = options.log_format
+    configure_logging(options.log_level, log_format)
+    # Port 0 means the cluster's api_port: read it now (the agent checks the whole file inside).
+    port = options.port or configured_value(options.config, "clusters", args.cluster, "agent", "api_port")
+    launch = Launch(
+        name="agent",
+        command="otterscale agent",
+        app=APP,
+        api=Address(options.host, port if isinstance(port, int) and 0 < port < 65536 else 0),
+        limits=configured_limits(options.config, hub=False),
+        settings={"argv": arguments},
+        drain_timeout=GRACEFUL_TIMEOUT,
+        stop_timeout=STOP_TIMEOUT,
+        log_level=options.log_level,
+        log_format=log_format,
+        loop=LOOP,
+    )
     try:
-        _tune_gc()
-        _tune_tls_reads()
-        with asyncio.Runner() as runner:
-            return runner.run(_serve(settings))
-    except KubeConfigError as exc:
-        logger.error("%s", exc)
-        return 1
+        return serve(launch)
     except KeyboardInterrupt:
         return 130
 
 
-def _tune_gc() -> None:
-    """Keep what start-up imported out of the cyclic collector's passes (``gc.freeze()``).
-
-    A larger first-generation threshold was measured too (5,000-ConfigMap List pipeline, CPU,
-    median of 7: 79 ms default, 71 ms with 50,000) and withdrawn: cyclic garbage then outlives
-    busy periods, and with it whatever it holds (buffers, the socket of a request cancelled
-    mid-connect), which is not worth ~10 % of a big List.
-    """
-    gc.freeze()
-
+#: The agent's event loop inside Envoy (pyvoy's ``loop``; why not uvloop: :func:`tune_tls_reads`).
+LOOP = "asyncio"
 
 #: asyncio's TLS read buffer per connection (CPython's default is 256 KiB).
 TLS_READ_BUFFER = 64 * 1024
 
 
-def _tune_tls_reads() -> None:
-    """asyncio's event loop, with a 64 KiB TLS read buffer per connection instead of 256 KiB.
+def tune_tls_reads() -> None:
+    """asyncio's TLS read buffer: 64 KiB per connection instead of 256 KiB (the agent runs on
+    asyncio's event loop inside Envoy: ``LOOP``).
 
     Every Watch and every exec, port-forward or log stream holds its own TLS connection to
     kube-apiserver, and asyncio's SSL transport preallocates its read buffer per connection
@@ -325,30 +352,3 @@ def _tune_tls_reads() -> None:
     """
     if hasattr(asyncio.sslproto.SSLProtocol, "max_size"):
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
-
-
-async def _serve(settings: AgentSettings) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            logger.warning("second %s: aborting the graceful shutdown", signal.Signals(signum).name)
-            if main_task is not None:
-                main_task.cancel()
-            return
-        logger.info("%s received: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        if settings.tunnel is None:
-            logger.warning("--no-tunnel: the hub cannot reach this agent (/readyz answers 200 regardless)")
-        return await run_agent(settings, stop)
-    except asyncio.CancelledError:
-        return 130
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)

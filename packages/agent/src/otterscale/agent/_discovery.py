@@ -36,6 +36,7 @@ from typing import Any
 
 from otterscale.common import echo
 
+from ._defaults import DISCOVERY_TTL as DEFAULT_TTL
 from ._errors import AgentError, KubernetesUnavailableError, UnknownResourceError
 from ._kube import KubeClient
 
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TTL", "APIResourceInfo", "DiscoveryCache", "group_version_path"]
 
-DEFAULT_TTL = 10.0
 MISS_REFRESH_INTERVAL = 1.0
 _PARALLEL_FETCHES = 8
 

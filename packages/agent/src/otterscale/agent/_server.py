@@ -1,4 +1,4 @@
-"""The agent's HTTP server: hypercorn (asyncio) serving the Connect services and the probes.
+"""The agent's HTTP application: the Connect services and the probes, served inside Envoy.
 
 Probes (no signature needed, GET or HEAD): ``/ping`` answers 204 while the process serves
 (liveness); ``/readyz`` answers 200 when the agent can be reached by the hub (its tunnel is up)
@@ -6,8 +6,8 @@ and 503 with a one-line reason otherwise (readiness). ``/metrics`` (GET, no sign
 Prometheus exposition of the agent's metrics: counts and durations only, no names of users,
 pods or sessions.
 
-Served by :func:`otterscale.common.serve` (hypercorn, HTTP/1.1 and h2c on one port, tuned for
-the hub's long-lived, multiplexed connection; O(1) HTTP/2 scheduling for many Watches).
+Served by :func:`otterscale.common.serve`: Envoy (pyvoy) terminates HTTP/1.1 and h2c on one
+port and hosts this ASGI application in its process (``otterscale.common._launch``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ from ._metrics import CONTENT_TYPE, AgentMetrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRACEFUL_TIMEOUT", "Readiness", "make_asgi_app", "mount"]
+__all__ = ["Readiness", "make_asgi_app", "mount"]
 
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
-
-#: How long open requests may take to finish after shutdown starts (Watches end at once).
-GRACEFUL_TIMEOUT = 5.0
 
 
 def mount(default: Any, *others: Any) -> ASGIApp:

@@ -65,6 +65,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from ._envoy import LIMIT_BOUNDS, ListenerLimits
 from ._errors import ConfigError
 from ._identity import identity_name_problem
 from ._labels import LabelSelector, LabelSyntaxError, label_key_problem, label_value_problem
@@ -438,6 +439,18 @@ class HubLimitsConfig(_Model):
     ``watch_send_timeout_seconds`` (default 30): a Watch whose client has not accepted an event for
     this long (it stopped reading; HTTP/2 flow control holds the rest) is ended and its upstream
     stream, slot and gauge released.
+
+    Enforced by Envoy, in front of the hub (and, for the first key, the agent too; the agent takes
+    the others' defaults): ``request_timeout_seconds`` (default 10): a request's headers and its
+    whole unary body must have arrived within this many seconds; ``max_connections`` (default
+    4096) open connections at most; ``max_streams_per_connection`` (default 1000) concurrent
+    HTTP/2 streams; ``peer_requests_per_second`` (default 0, no limit) new requests per second per
+    peer address, bursts of twice that.
+
+    Enforced by the hub in front of authentication: ``max_requests_per_peer`` (default 2000, 0 for
+    no limit) calls one caller address may have in progress on the hub at once, unary calls and
+    open streams alike (Envoy has no per-address bound; this bounds what one address can make the
+    hub hold).
     """
 
     # Strict: YAML's true/false or 1.5 must not quietly become a byte count.
@@ -445,6 +458,46 @@ class HubLimitsConfig(_Model):
     max_response_bytes: int = Field(default=64 * _MIB, ge=64 * 1024, le=4096 * _MIB, strict=True)
     max_watches_per_subject: int = Field(default=1000, ge=1, le=1_000_000, strict=True)
     watch_send_timeout_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    request_timeout_seconds: float = Field(
+        default=10.0,
+        ge=LIMIT_BOUNDS["request_timeout_seconds"][0],
+        le=LIMIT_BOUNDS["request_timeout_seconds"][1],
+        strict=True,
+    )
+    max_connections: int = Field(
+        default=4096,
+        ge=LIMIT_BOUNDS["max_connections"][0],
+        le=LIMIT_BOUNDS["max_connections"][1],
+        strict=True,
+    )
+    max_streams_per_connection: int = Field(
+        default=1000,
+        ge=LIMIT_BOUNDS["max_streams_per_connection"][0],
+        le=LIMIT_BOUNDS["max_streams_per_connection"][1],
+        strict=True,
+    )
+    peer_requests_per_second: int = Field(
+        default=0,
+        ge=LIMIT_BOUNDS["peer_requests_per_second"][0],
+        le=LIMIT_BOUNDS["peer_requests_per_second"][1],
+        strict=True,
+    )
+    max_requests_per_peer: int = Field(default=2000, ge=0, le=1_000_000, strict=True)
+
+
+def listener_limits(limits: HubLimitsConfig, *, hub: bool) -> ListenerLimits:
+    """What Envoy enforces for the hub (``hub``) or an agent, from the validated ``limits``.
+
+    The agent's one client is the hub (through chisel): it takes only the request deadline.
+    """
+    if not hub:
+        return ListenerLimits(request_timeout=limits.request_timeout_seconds)
+    return ListenerLimits(
+        request_timeout=limits.request_timeout_seconds,
+        max_connections=limits.max_connections,
+        max_streams_per_connection=limits.max_streams_per_connection,
+        peer_requests_per_second=limits.peer_requests_per_second,
+    )
 
 
 class RuntimeConfig(_Model):

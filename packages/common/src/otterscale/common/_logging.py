@@ -16,6 +16,8 @@ import json
 import logging
 import re
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
@@ -140,6 +142,22 @@ def _text_value(value: object) -> str:
 FRAME_LOGGERS = ("h2", "hpack", "hyperframe", "hypercorn.access", "priority")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record (not the one at set-up):
+    a command run inside a test process must not keep writing to a capture that was closed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def configure_logging(
     level: str | int = "info", fmt: LogFormat | str = "text", *, stream: IO[str] | None = None
 ) -> None:
@@ -157,7 +175,7 @@ def configure_logging(
     if fmt not in LOG_FORMATS:
         raise ValueError(f"unknown log format {fmt!r}; use one of {', '.join(LOG_FORMATS)}")
 
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())
     setattr(handler, _HANDLER_MARK, True)
@@ -172,3 +190,31 @@ def configure_logging(
     # tripling the CPU per call); our own debug output stays readable without them.
     for name in FRAME_LOGGERS:
         logging.getLogger(name).setLevel(max(numeric, logging.INFO))
+
+
+class LogThrottle:
+    """Lets one log line through per ``interval`` seconds and counts the ones it held back.
+
+    For lines a client can cause at will (a rejected call, a refused request): a flood of them
+    must not flood the log.
+    """
+
+    def __init__(self, interval: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._held = 0
+
+    def allow(self) -> bool:
+        """Whether a line may go out now (else it is counted as held back)."""
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            self._held += 1
+            return False
+        self._last = now
+        return True
+
+    def held_back(self) -> str:
+        """`` (N more like it in the last S s)`` for the line that goes out, or ``""``; resets."""
+        held, self._held = self._held, 0
+        return f" ({held} more like it held back)" if held else ""

@@ -39,7 +39,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
@@ -47,6 +46,7 @@ from ._errors import AuthenticationError, IdentityProviderUnavailableError
 from ._identity import MAX_GROUPS, Identity, identity_name_problem
 
 if TYPE_CHECKING:
+    import aiohttp
     from jwt.types import Options
 
     from ._config import KeycloakConfig
@@ -76,7 +76,7 @@ UNAVAILABLE_RETRY_SECONDS = 1.0
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*")
 _EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 
-SessionFactory = Callable[[], aiohttp.ClientSession]
+SessionFactory = Callable[[], "aiohttp.ClientSession"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +453,10 @@ class OIDCVerifier:
         return keys
 
     def _get_session(self) -> aiohttp.ClientSession:
+        # aiohttp is loaded with the first session (the first token to verify), not at start-up:
+        # a hub that is not asked anything has no use for it, and it is a quarter of its imports.
+        import aiohttp
+
         if self._session is None:
             if self._session_factory is not None:
                 self._session = self._session_factory()
@@ -461,6 +465,8 @@ class OIDCVerifier:
         return self._session
 
     async def _get_json(self, session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+        import aiohttp  # loaded already: see _get_session
+
         shown = _safe_url(url)
         try:
             async with asyncio.timeout(self._timeout):

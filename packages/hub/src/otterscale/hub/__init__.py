@@ -8,16 +8,32 @@ and reflection, and Prometheus metrics at ``/metrics``. Several replicas elect a
 Kubernetes Lease (:class:`ElectionSettings`, ``--leader-elect``): the leader runs the tunnel
 server, the others forward every call to it.
 
-Run it with ``otterscale server`` (or ``otterscale-hub``); embed it with :class:`Hub`::
-
-    async with Hub(HubSettings(config=load_config("otterscale.yaml"), port=0)) as hub:
-        ...  # hub.url serves the API; hub.fingerprint is the tunnel fingerprint
+Run it with ``otterscale server`` (or ``otterscale-hub``): a small launcher that starts Envoy
+with the hub inside (:class:`Hub`, served by pyvoy as ``otterscale.hub._hosted:app``).
 
 Only the names in ``__all__`` are public; the underscore modules may change at any time.
 """
 
-from ._cli import main
-from ._election import ElectionSettings
-from ._hub import Hub, HubSettings, hub_version, run_hub
+from __future__ import annotations
 
-__all__ = ["ElectionSettings", "Hub", "HubSettings", "hub_version", "main", "run_hub"]
+from typing import TYPE_CHECKING
+
+from otterscale.common import lazy_exports
+
+if TYPE_CHECKING:
+    from ._cli import hub_version, main
+    from ._hub import Hub, HubSettings
+    from ._lease import ElectionSettings
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "ElectionSettings": "._lease",
+        "Hub": "._hub",
+        "HubSettings": "._hub",
+        "hub_version": "._cli",
+        "main": "._cli",
+    },
+)
+
+__all__ = ["ElectionSettings", "Hub", "HubSettings", "hub_version", "main"]

@@ -19,10 +19,15 @@
   ``/readyz``, all answered by this replica itself (:class:`~._server.Router`).
 - in front of everything, the CORS layer for browser pages of other origins (:mod:`._cors`),
   then the guard that keeps the forwarding headers only when another replica signed them
-  (:mod:`._replicas`), before anything reads a header.
+  (:mod:`._replicas`), before anything reads a header, then the bound on calls in progress per
+  caller address (:class:`~._limits.PeerLimit`).
 
-Authentication happens in the handlers (the proxy, the forwarder's leader, the hub-served
-services), after routing by path but before anything is passed on.
+Authentication: :class:`~._auth.AuthInterceptor` verifies the caller of every API service from
+the headers before the request body is read, on followers too (after the audit trail's metadata
+interceptor, so a refused call is still audited); the handlers take that identity.
+
+The management router (``/metrics``, per-cluster health) is its own application, served on the
+management address only.
 """
 
 from __future__ import annotations
@@ -30,21 +35,21 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from connectrpc.interceptor import Interceptor
+from connectrpc.interceptor import Interceptor, MetadataInterceptor
 from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
 
-from otterscale.common import ASGIApp, AuditLog, OIDCVerifier, OtterscaleConfig
+from otterscale.common import ASGIApp, AuditLog, OIDCVerifier, OtterscaleConfig, streaming_methods
 
 from ._access import AccessPolicy
 from ._audit import AuditTrail, audited_methods
-from ._auth import Authenticator
+from ._auth import Authenticator, AuthInterceptor
 from ._cors import with_cors
 from ._errors import HubError
 from ._forward import LeaderForwarder
-from ._health import HealthASGIApplication, HealthService, health_file
-from ._leader import Leadership
-from ._limits import BoundedGzipCompression, ClientLimits, HubLimits
+from ._health import HEALTH_SERVICE, HealthASGIApplication, HealthService, health_file
+from ._limits import BoundedGzipCompression, ClientLimits, HubLimits, PeerLimit
 from ._metrics import HubMetrics
 from ._observe import ObservingInterceptor
 from ._passthrough import PassThroughApplication, Relay
@@ -56,6 +61,10 @@ from ._server import Router, Switch
 from ._services import READ_METHODS, HubService, ServiceContext
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
+
+if TYPE_CHECKING:
+    # Types only: the Kubernetes client it uses is loaded only for --leader-elect (start-up time).
+    from ._leader import Leadership
 
 logger = logging.getLogger(__name__)
 
@@ -118,21 +127,38 @@ class Api:
             on_unreachable=on_unreachable,
             access=self.access,
         )
-        self.health = HealthService(
-            tunnels,
-            serving=ready,
-            resources_serving=serves_tunnels,
-            routed=names[: len(routed)],
-            served=names[len(routed) :],
-        )
+
+        def health(clusters: bool) -> HealthService:
+            return HealthService(
+                tunnels,
+                serving=ready,
+                resources_serving=serves_tunnels,
+                routed=names[: len(routed)],
+                served=names[len(routed) :],
+                clusters=clusters,
+            )
+
+        #: The API's health: the hub and its services, not the clusters.
+        self.health = health(clusters=False)
+        #: The management address's health, per cluster too.
+        self.management_health = health(clusters=True)
         self.forwarder = (
             LeaderForwarder(leadership, metrics, self.replicas) if leadership is not None else None
         )
         observing = ObservingInterceptor(metrics)
-        #: Every application's interceptors (the forwarder's, health, reflection).
+        #: Health's and reflection's interceptors (anyone may call them).
         self._interceptors: tuple[Interceptor, ...] = (observing,)
+        # The caller is authenticated before the body is read: a metadata interceptor among the
+        # leading ones, which connectrpc runs before reading the body.
+        auth: tuple[Interceptor, ...] = (AuthInterceptor(self.authenticator),)
+        #: The forwarder's (a follower authenticates too, the leader audits what it forwards; the
+        #: follower audits what it refuses itself).
+        self._forwarding: tuple[Interceptor, ...] = (observing, self.audit.refusals(), *auth)
+        audit = self.audit.interceptors()
+        first = tuple(i for i in audit if isinstance(i, MetadataInterceptor))
+        then = tuple(i for i in audit if not isinstance(i, MetadataInterceptor))
         #: Those of the applications that serve a call on this replica: the audit trail's too.
-        self._serving: tuple[Interceptor, ...] = (observing, *self.audit.interceptors())
+        self._serving: tuple[Interceptor, ...] = (observing, *first, *auth, *then)
         # gzip only when the caller asks for it, at the fastest level: responses can be large
         # (a List of thousands of objects) and the hub should stay close to a plain relay. A
         # compressed request is inflated up to the request limit only.
@@ -160,6 +186,11 @@ class Api:
             self._add(services, service.descriptor, service.application(context), routes)
         health_app = HealthASGIApplication(self.health, interceptors=self._interceptors)
         services[_service_name(health_app.path)] = health_app  # type: ignore[assignment]
+        management_services: dict[str, ASGIApp] = {
+            HEALTH_SERVICE: HealthASGIApplication(  # type: ignore[dict-item]
+                self.management_health, interceptors=self._interceptors
+            )
+        }
         described = [
             *(descriptor for descriptor, _ in routed),
             *(service.descriptor for service, _ in served),
@@ -167,15 +198,33 @@ class Api:
         ]
         for app in reflection_apps(described, interceptors=self._interceptors):
             services[_service_name(app.path)] = app  # type: ignore[assignment]
-        router = Router(services, metrics=metrics.render, ready=ready, on_startup=on_started)
+        router = Router(
+            services,
+            metrics=None,
+            ready=ready,
+            on_startup=on_started,
+            read_body=False,
+        )
         #: The hub's ASGI application. CORS outermost: preflights before auth, on followers too;
         #: then the forwarding headers are trusted only when another replica signed them, before
         #: anything reads them.
-        self.router: ASGIApp = with_cors(ReplicaHeaderGuard(router, self.replicas), config.cors)
+        #: Then the per-address bound (after the guard: it counts a forwarded call for its caller).
+        self.router: ASGIApp = with_cors(
+            ReplicaHeaderGuard(
+                PeerLimit(router, self._limits.max_requests_per_peer, on_refused=self._refused),
+                self.replicas,
+            ),
+            config.cors,
+        )
+        #: ``/metrics``, readiness and the per-cluster health (the management address).
+        self.management: ASGIApp = Router(
+            management_services, metrics=metrics.render, ready=ready, read_body=False
+        )
 
     def drain(self) -> None:
         """Shutdown begins: health says NOT_SERVING; new streams are refused, open ones end."""
         self.health.close()
+        self.management_health.close()
         self.proxy.drain()
         for owner in self._stream_owners:
             owner.drain()
@@ -231,13 +280,34 @@ class Api:
         if self.forwarder is not None:
             # Followers forward every service to the leader (pass-through codecs, nothing decoded);
             # the leader audits the call, the follower does not.
-            forward = self._pass_through(descriptor, routes, self.forwarder, self._interceptors)
+            forward = self._pass_through(descriptor, routes, self.forwarder, self._forwarding)
             app = Switch(local, forward, self._leading)
         # Request size and slow stream clients are bounded for leader and follower alike.
         services[descriptor.full_name] = ClientLimits(
-            app, self._limits, on_refused=self._refused, routes=routes_by_procedure(routes)
+            app,
+            self._limits,
+            on_refused=self._refused,
+            routes=routes_by_procedure(routes),
         )
 
 
 def _service_name(path: str) -> str:
     return path.strip("/")
+
+
+#: The streaming methods of the services every hub serves besides the registered ones.
+_OWN_STREAMING = (
+    f"/{HEALTH_SERVICE}/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+)
+_OWN_REQUEST_STREAMING = _OWN_STREAMING[1:]
+
+
+def streaming_procedures(
+    routed: Iterable[ServiceDescriptor], hub_services: Iterable[HubService]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The procedures whose answers stream and those whose requests stream, of every service a hub
+    with ``routed`` and ``hub_services`` serves (from their descriptors)."""
+    answers, requests = streaming_methods([*routed, *(service.descriptor for service in hub_services)])
+    return answers | set(_OWN_STREAMING), requests | set(_OWN_REQUEST_STREAMING)

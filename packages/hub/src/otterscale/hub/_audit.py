@@ -160,6 +160,11 @@ class AuditTrail:
         :func:`._observe.current_call`)."""
         return (AuditInterceptor(self), AuditFields(self))
 
+    def refusals(self) -> Interceptor:
+        """A follower's: the event of a call it refuses itself (unauthenticated, from the headers,
+        before forwarding), which the leader never sees; what it forwards, the leader audits."""
+        return AuditInterceptor(self, refusals_only=True)
+
     def close(self) -> None:
         """Flush and close the sink (idempotent)."""
         self.log.close()
@@ -168,8 +173,9 @@ class AuditTrail:
 class AuditInterceptor:
     """Writes the one audit event of each audited call when it ends (a metadata interceptor)."""
 
-    def __init__(self, trail: AuditTrail) -> None:
+    def __init__(self, trail: AuditTrail, *, refusals_only: bool = False) -> None:
         self._trail = trail
+        self._refusals_only = refusals_only
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> tuple[bool, float, float]:
         """Decide whether this call is audited; note when it started."""
@@ -181,6 +187,9 @@ class AuditInterceptor:
         """Write the event with the call's final code."""
         audited, wall, started = token
         if not audited:
+            return
+        code = code_of(error)
+        if self._refusals_only and code != "unauthenticated":
             return
         call = current_call()
         target = (call.target if call is not None else None) or AuditTarget()
@@ -197,7 +206,7 @@ class AuditInterceptor:
                 service=ctx.method.service_name,
                 verb=ctx.method.name,
                 target=target,
-                code=code_of(error),
+                code=code,
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 source=(call.source if call is not None else "") or ctx.client_address or "",
                 forwarded_by=call.forwarded_by if call is not None else "",

@@ -1,14 +1,22 @@
 """``otterscale server`` (and ``otterscale-hub``): run the hub until SIGTERM or SIGINT.
 
     otterscale server --address=:8299 --config=otterscale.yaml [--chisel PATH]
+                      [--management-address=127.0.0.1:8298]
     otterscale server --config=otterscale.yaml --print-fingerprint
     otterscale server --config=otterscale.yaml --leader-elect      # several replicas (in Kubernetes)
 
+The hub runs inside Envoy (:func:`otterscale.common.serve`): this command only parses its flags,
+reads the few limits Envoy enforces itself, and starts Envoy with the hub inside
+(``otterscale.hub._hosted``), which reads and checks ``otterscale.yaml``; a problem there is
+printed here as before. It imports nothing heavy, so the hub starts fast.
+
 With ``OTTERSCALE_CONTAINER=true`` the address defaults to ``:8299``, the configuration to
-``/etc/app/otterscale.yaml`` and the log format to JSON. The first SIGTERM or SIGINT starts a
-graceful shutdown (stop accepting, end Watches, finish calls in flight within --drain-timeout,
-stop chisel, release the Lease); a second one cancels what is left of it (chisel is still
-stopped).
+``/etc/app/otterscale.yaml`` and the log format to JSON. ``/metrics`` and the per-cluster health
+are served on the management address only (default ``127.0.0.1:8298``; in a Pod, set it to
+``:8298`` and keep that port out of the Service), the API's address serves the API and the overall
+health. The first SIGTERM or SIGINT starts a graceful shutdown (stop being ready, end Watches,
+finish calls in flight within --drain-timeout, stop chisel, release the Lease); a second one
+stops at once (chisel is still stopped); a third kills Envoy.
 
 Leader election is configured by flags and the Pod's environment only, not by
 ``otterscale.yaml``: that file is shared with every agent and describes the system, while
@@ -26,43 +34,56 @@ command-line input.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
+import importlib.metadata
 import logging
 import os
 import secrets
-import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
 
-from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
-
 from otterscale.common import (
+    Address,
     ConfigError,
+    Launch,
     OtterscaleError,
     UsageError,
     add_common_arguments,
     configure_logging,
-    load_config,
+    configured_limits,
+    parse_address,
     resolve_defaults,
+    serve,
 )
 
-from ._election import (
+from ._lease import (
     DEFAULT_LEADER_LABEL,
     DEFAULT_LEASE_DURATION,
     DEFAULT_LEASE_NAME,
     DEFAULT_RENEW_DEADLINE,
     DEFAULT_RETRY_PERIOD,
     ElectionSettings,
+    service_account_namespace,
 )
-from ._hub import HubSettings, hub_version, run_hub
-from ._kube import service_account_namespace
-from ._services import HUB_SERVICES, ROUTED_SERVICES, HubService
-from ._tunnel_server import tunnel_fingerprint
 
 logger = logging.getLogger(__name__)
 
 PROG = "otterscale server"
+#: Where ``/metrics`` and the per-cluster health are served unless ``--management-address`` says.
+DEFAULT_MANAGEMENT_ADDRESS = "127.0.0.1:8298"
+#: The hub inside Envoy.
+APP = "otterscale.hub._hosted:app"
+#: Seconds the hub's own shutdown may take once calls in flight are done (chisel, Lease).
+STOP_TIMEOUT = 15.0
+
+
+def hub_version() -> str:
+    """The installed otterscale-hub version."""
+    try:
+        return importlib.metadata.version("otterscale-hub")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=None,
         help="the chisel binary (>= 1.11.5; default: chisel on PATH)",
+    )
+    parser.add_argument(
+        "--management-address",
+        metavar="[HOST]:PORT",
+        default=DEFAULT_MANAGEMENT_ADDRESS,
+        help="where /metrics, /readyz and the per-cluster health are served (default "
+        f"{DEFAULT_MANAGEMENT_ADDRESS}; :8298 for every interface, e.g. in a Pod)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -204,77 +232,86 @@ def _positive_float(text: str) -> float:
 def main(
     argv: Sequence[str] | None = None,
     *,
-    extra_routed_services: Sequence[ServiceDescriptor] = (),
-    extra_hub_services: Sequence[HubService] = (),
+    extra_routed_services: Sequence[str] = (),
+    extra_hub_services: Sequence[str] = (),
 ) -> int:
     """Entry point of ``otterscale server`` and ``otterscale-hub``; returns the exit status.
 
-    ``extra_routed_services`` (forwarded to the agents by cluster) and ``extra_hub_services``
-    (answered by the hub) are served besides the registry's (``_services``): how tests run a hub
-    process that knows a test-only service (``otterscale.testing``'s launcher), exactly as a
-    build of the hub with more services would.
+    ``extra_routed_services`` (``MODULE:SERVICE``, forwarded to the agents by cluster) and
+    ``extra_hub_services`` (``MODULE:SERVICE=MODULE:FACTORY``, answered by the hub) are served
+    besides the registry's (``_services``): how tests run a hub process that knows a test-only
+    service (``otterscale.testing``'s launcher), exactly as a build of the hub with more services
+    would. They travel to the hub inside Envoy by name (:func:`._services.routed_service`,
+    :func:`._services.hub_service` resolve them there).
     """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         options = resolve_defaults(args)
         log_format = args.log_format or ("json" if options.container else "text")
-        configure_logging(options.log_level, log_format)
-        config = load_config(options.config)
         if args.print_fingerprint:
-            print(asyncio.run(tunnel_fingerprint(config, chisel=args.chisel)))
-            return 0
+            return _print_fingerprint(options.config, args.chisel, options.log_level, log_format)
         election = election_settings(args, os.environ)
         if election is not None and options.port == 0:
             raise UsageError(
                 "--leader-elect needs a fixed --address port (followers forward to the leader's)"
             )
-        settings = HubSettings(
-            config=config,
-            host=options.host,
-            port=options.port,
-            chisel=args.chisel,
+        management = Address(*parse_address(args.management_address))
+        configure_logging(options.log_level, log_format)
+        launch = Launch(
+            name="hub",
+            command=PROG,
+            app=APP,
+            api=Address(options.host, options.port),
+            management=management,
+            limits=configured_limits(options.config, hub=True),
+            settings={
+                "config": str(options.config),
+                "chisel": args.chisel,
+                "election": _election_json(election),
+                "routed_services": list(extra_routed_services),
+                "hub_services": list(extra_hub_services),
+            },
             drain_timeout=args.drain_timeout,
-            election=election,
-            routed_services=(*ROUTED_SERVICES, *extra_routed_services),
-            hub_services=(*HUB_SERVICES, *extra_hub_services),
+            stop_timeout=STOP_TIMEOUT,
+            log_level=options.log_level,
+            log_format=log_format,
         )
-        return asyncio.run(_serve(settings))
+        return serve(launch)
     except UsageError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
-    except ConfigError as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
-        return 1
-    except OtterscaleError as exc:
-        logger.error("cannot start the hub: %s", exc)
-        sys.stderr.write(f"{PROG}: {exc}\n")
-        return 1
     except KeyboardInterrupt:
         return 130
 
 
-async def _serve(settings: HubSettings) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    main_task = asyncio.current_task()
+def _election_json(election: ElectionSettings | None) -> dict[str, object] | None:
+    """The election settings as the hub inside Envoy gets them (it has the same environment)."""
+    if election is None:
+        return None
+    fields = dataclasses.asdict(election)
+    fields.pop("environ")
+    return fields
 
-    def on_signal(signum: int) -> None:
-        if not stop.is_set():
-            logger.info("received %s: shutting down", signal.Signals(signum).name)
-            stop.set()
-        elif main_task is not None:
-            logger.warning("received %s again: cutting the shutdown short", signal.Signals(signum).name)
-            main_task.cancel()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+def _print_fingerprint(config_path: os.PathLike[str], chisel: str | None, level: str, fmt: str) -> int:
+    """``--print-fingerprint``: load the configuration and ask chisel (no Envoy, no serving)."""
+    import asyncio
+
+    from otterscale.common import load_config
+
+    from ._tunnel_server import tunnel_fingerprint
+
     try:
-        return await run_hub(settings, stop)
-    except asyncio.CancelledError:
+        configure_logging(level, fmt)
+        config = load_config(config_path)
+        print(asyncio.run(tunnel_fingerprint(config, chisel=chisel)))
+    except ConfigError as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
         return 1
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+    except OtterscaleError as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return 1
+    return 0
 
 
 def console_main() -> None:

@@ -20,7 +20,6 @@ from otterscale.common import OtterscaleError
 from ._access import AccessPolicy
 from ._auth import Authenticator
 from ._errors import to_connect_error
-from ._observe import current_call
 from ._tunnels import ClusterStatus, Tunnels
 
 logger = logging.getLogger(__name__)
@@ -41,12 +40,9 @@ class ClusterServiceImpl:
     ) -> ListClustersResponse:
         """Every configured cluster the caller may use, sorted by name (authenticated)."""
         try:
-            identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
+            identity = await self._auth.caller(ctx)
         except OtterscaleError as exc:
             raise to_connect_error(exc) from None
-        call = current_call()
-        if call is not None:
-            call.subject = identity.subject
         statuses = self._tunnels.snapshot()
         if self._access is not None:
             allowed = self._access.allowed(identity)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connectrpc.client import ConnectClient
 from connectrpc.code import Code
@@ -49,7 +49,6 @@ from otterscale.common import AuthenticationError, OtterscaleError
 
 from ._codec import CODEC_JSON, CODEC_PROTO, PassthroughCodec, RawMessage
 from ._errors import LeaderUnavailableError, NotLeaderError, ShuttingDownError, to_connect_error
-from ._leader import LeaderInfo, Leadership
 from ._metrics import HubMetrics
 from ._observe import FORWARDED_BY_HEADER
 from ._passthrough import (
@@ -65,6 +64,10 @@ from ._passthrough import (
 from ._replicas import ReplicaSigner
 from ._routes import Route
 from ._upstream import MAX_RESPONSE_BYTES, STREAM_TRANSPORTS
+
+if TYPE_CHECKING:
+    # Types only: the Kubernetes client it uses is loaded only for --leader-elect (start-up time).
+    from ._leader import LeaderInfo, Leadership
 
 logger = logging.getLogger(__name__)
 

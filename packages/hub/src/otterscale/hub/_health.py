@@ -17,7 +17,9 @@ Services and their status:
   and the reflection services: SERVING while the hub runs and is not shutting down;
 - ``otterscale.cluster.v1.Cluster/<name>``: SERVING while cluster ``<name>``'s agent is connected
   to this replica; with leader election only the leader's answer means anything (followers have
-  no tunnels; ClusterService, which they forward, answers the same everywhere);
+  no tunnels; ClusterService, which they forward, answers the same everywhere). Only on the
+  management address (``clusters=True``): on the API's address, where anyone may ask without a
+  token, it is not_found like any unknown service, so the cluster names cannot be enumerated;
 - anything else: ``Check`` answers not_found, ``Watch`` streams SERVICE_UNKNOWN (as the spec says).
 
 ``Watch`` sends the current status, then every change, and ends when the hub shuts down (after
@@ -128,12 +130,14 @@ class HealthService:
         resources_serving: Callable[[], bool] | None = None,
         routed: Iterable[str] = (RESOURCE_SERVICE,),
         served: Iterable[str] = ("otterscale.cluster.v1.ClusterService",),
+        clusters: bool = True,
     ) -> None:
         self._tunnels = tunnels
         self._serving = serving
         self._resources_serving = resources_serving
         self._routed = frozenset(("", *routed))
         self._served = frozenset((*_OWN_SERVICES, *served))
+        self._clusters = clusters
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -146,7 +150,7 @@ class HealthService:
             return SERVING if up and self._tunnels.server_up else NOT_SERVING
         if service in self._served:
             return SERVING if up else NOT_SERVING
-        if service.startswith(CLUSTER_PREFIX):
+        if service.startswith(CLUSTER_PREFIX) and self._clusters:
             cluster = self._tunnels.get(service[len(CLUSTER_PREFIX) :])
             if cluster is None:
                 return SERVICE_UNKNOWN

@@ -29,12 +29,11 @@ audit trail.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor  # type: ignore[import-untyped]  # no stubs
 
@@ -42,36 +41,29 @@ from otterscale.common import (
     ChiselServer,
     OtterscaleConfig,
     check_chisel,
-    create_listener,
     derive_identity_key,
-    serve,
 )
 
-from ._api import Api
+from ._api import Api, streaming_procedures
 from ._auth import Authenticator
-from ._election import ElectionSettings
+from ._cli import hub_version
 from ._errors import HubError
-from ._leader import KubernetesLeadership, Leadership
+from ._lease import ElectionSettings
 from ._limits import HubLimits
 from ._metrics import HubMetrics
 from ._prober import Prober
 from ._proxy import ClusterProxy
 from ._role import Role
 from ._services import HUB_SERVICES, ROUTED_SERVICES, HubService
-from ._tasks import cancel_and_wait, spawn
 from ._tunnel_server import TunnelServer
 from ._tunnels import Tunnels
 from ._upstream import AgentClients
 
+if TYPE_CHECKING:
+    # Types only: the Kubernetes client it uses is loaded only for --leader-elect (start-up time).
+    from ._leader import Leadership
+
 logger = logging.getLogger(__name__)
-
-
-def hub_version() -> str:
-    """The installed otterscale-hub version."""
-    try:
-        return importlib.metadata.version("otterscale-hub")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
-        return "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +98,16 @@ class HubSettings:
 class Hub:
     """One running hub (see the module docstring). Use ``async with`` or start()/stop().
 
-    ``leadership`` replaces the Kubernetes leader election of ``settings.election`` (tests).
+    ``leadership`` replaces the Kubernetes leader election of ``settings.election``. The hub
+    runs inside Envoy (``otterscale server``, :mod:`._hosted`), which serves :attr:`api_app` and
+    :attr:`management_app`.
     """
 
     def __init__(self, settings: HubSettings, *, leadership: Leadership | None = None) -> None:
         self.settings = settings
         if leadership is None and settings.election is not None:
+            from ._leader import KubernetesLeadership  # Kubernetes' client only when it is used
+
             leadership = KubernetesLeadership(settings.election, port=settings.port)
         self.leadership = leadership
         self._elected = leadership is not None
@@ -132,9 +128,7 @@ class Hub:
         self._api: Api | None = None
         self._auth: Authenticator | None = None
         self._proxy: ClusterProxy | None = None
-        self._shutdown = asyncio.Event()
         self._serving = asyncio.Event()
-        self._server_task: asyncio.Task[None] | None = None
         self._stopper: asyncio.Task[None] | None = None
         self._draining = False
         self.port: int | None = None
@@ -178,20 +172,43 @@ class Hub:
 
     @property
     def root_tasks(self) -> list[asyncio.Task[Any]]:
-        """Tasks that must run as long as the hub (the server, leadership); one ending is a failure."""
+        """Tasks that must run as long as the hub (leadership); one ending is a failure."""
         tasks: list[asyncio.Task[Any]] = []
-        if self._server_task is not None:
-            tasks.append(self._server_task)
         if self._role is not None:
             tasks.extend(self._role.tasks())
         return tasks
 
-    @property
-    def server_task(self) -> asyncio.Task[None]:
-        """The task serving HTTP; it ends when the server stops (or fails)."""
-        if self._server_task is None:
+    def refused(self, reason: str) -> None:
+        """Count a call refused by a limit enforced outside the hub's own code (the serving layer)."""
+        if self.metrics is not None:
+            self.metrics.limit_refusals.labels(reason=reason).inc()
+
+    def streaming(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The procedures whose answers stream, and those whose requests stream."""
+        return streaming_procedures(self.settings.routed_services, self.settings.hub_services)
+
+    async def api_app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The API (an ASGI application; serves once the hub has started)."""
+        if self._api is None:
             raise RuntimeError("the hub was not started")
-        return self._server_task
+        await self._api.router(scope, receive, send)
+
+    async def management_app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """``/metrics``, readiness and the per-cluster health (an ASGI application)."""
+        if self._api is None:
+            raise RuntimeError("the hub was not started")
+        await self._api.management(scope, receive, send)
+
+    async def failed(self) -> str:
+        """Return (a reason) once a root task has ended: the hub can no longer serve."""
+        while True:
+            tasks = self.root_tasks
+            if tasks:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                ended = next((task.get_name() for task in tasks if task.done()), None)
+                if ended is not None and not self._draining:
+                    return f"{ended} stopped unexpectedly"
+            await asyncio.sleep(1.0)
 
     def ready(self) -> bool:
         """Serving, not shutting down, and the tunnel server up unless a follower (``/readyz``)."""
@@ -227,12 +244,8 @@ class Hub:
             await self.stop()
             raise
         self.started_in = time.perf_counter() - started
-        logger.info(
-            "hub ready at %s (started in %.0f ms)",
-            self.url,
-            self.started_in * 1000,
-            extra={"address": self.url, "clusters": len(self._clusters)},
-        )
+        # The launcher says when Envoy serves it (the ready line).
+        logger.debug("hub started in %.0f ms", self.started_in * 1000)
 
     async def _start(self) -> None:
         settings = self.settings
@@ -301,28 +314,9 @@ class Hub:
                 extra={"fingerprint": fingerprint},
             )
 
-        try:
-            sock = create_listener(settings.host, settings.port)
-        except OSError as exc:
-            raise HubError(
-                f"cannot listen on {settings.host or '*'}:{settings.port}: {exc.strerror or exc}"
-            ) from exc
-        self.port = sock.getsockname()[1]
-        self._server_task = spawn(
-            serve(api.router, sock, self._shutdown, graceful_timeout=settings.drain_timeout),
-            name="hub-server",
-        )
-        serving = asyncio.ensure_future(self._serving.wait())
-        try:
-            await asyncio.wait(
-                {serving, self._server_task}, timeout=15.0, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            serving.cancel()
-        if not self._serving.is_set():
-            if self._server_task.done() and self._server_task.exception() is not None:
-                raise RuntimeError("the HTTP server failed to start") from self._server_task.exception()
-            raise RuntimeError("the HTTP server did not start within 15s")
+        # Envoy serves the API once start-up is over; it listens only after that.
+        self.port = settings.port
+        self._serving.set()
         if not self._elected:
             role.serving()
             return
@@ -339,10 +333,13 @@ class Hub:
             self._stopper = asyncio.create_task(self._stop(), name="hub-stop")
         await asyncio.shield(self._stopper)
 
-    async def _stop(self) -> None:
-        was_serving = self._serving.is_set()
+    def drain(self) -> None:
+        """A stop begins: not ready (health NOT_SERVING), new streams refused, open ones ended
+        with unavailable, no new probes or roles. Idempotent; :meth:`stop` does the rest."""
+        if self._draining:
+            return
         self._draining = True
-        if was_serving:
+        if self._serving.is_set():
             logger.info("hub shutting down: draining (at most %gs)", self.settings.drain_timeout)
         if self._tunnel_server is not None:
             self._tunnel_server.quiet()
@@ -352,15 +349,10 @@ class Hub:
             self._role.closing()
         if self._api is not None:
             self._api.drain()
-        self._shutdown.set()
-        if self._server_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._server_task), self.settings.drain_timeout + 5.0)
-            except TimeoutError:
-                logger.warning("the HTTP server did not stop in time; cancelling it")
-                await cancel_and_wait([self._server_task])
-            except Exception:  # the task's done callback logged it
-                logger.debug("the HTTP server ended with an error")
+
+    async def _stop(self) -> None:
+        was_serving = self._serving.is_set()
+        self.drain()
         if self._role is not None:
             await self._role.stop()
         if self._agents is not None:
@@ -369,23 +361,3 @@ class Hub:
             await self._api.aclose()
         if was_serving:
             logger.info("hub stopped")
-
-
-async def run_hub(settings: HubSettings, stop: asyncio.Event) -> int:
-    """Run a hub until ``stop`` is set (0) or a root task fails (1); always shuts down cleanly."""
-    hub = Hub(settings)
-    await hub.start()
-    status = 0
-    try:
-        waiter = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({waiter, *hub.root_tasks}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if not stop.is_set():
-            ended = next((task.get_name() for task in hub.root_tasks if task.done()), "?")
-            logger.error("%s stopped unexpectedly; shutting down", ended)
-            status = 1
-    finally:
-        await hub.stop()
-    return status

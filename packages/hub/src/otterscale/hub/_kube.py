@@ -43,7 +43,6 @@ from ._errors import HubError
 logger = logging.getLogger(__name__)
 
 #: The namespace file of the in-cluster service account.
-SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 #: Bound on every single (non-watch) API call of the hub.
 CALL_TIMEOUT = 5.0
 
@@ -93,14 +92,6 @@ async def open_api_client(kubeconfig: str | None, environ: Mapping[str, str]) ->
             ) from exc
         source = "in-cluster service account"
     return ApiClient(configuration), source
-
-
-def service_account_namespace(path: str = SERVICE_ACCOUNT_NAMESPACE_FILE) -> str | None:
-    """The namespace of the in-cluster service account, or None outside a Pod."""
-    try:
-        return Path(path).read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
 
 
 def status_text(exc: BaseException) -> str:

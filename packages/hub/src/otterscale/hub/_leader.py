@@ -34,8 +34,9 @@ import aiohttp
 from kubernetes.aio import client
 from kubernetes.aio.client import ApiClient, ApiException
 
-from ._election import ElectionSettings, LeaderElector
+from ._election import LeaderElector
 from ._kube import CALL_TIMEOUT, follow_object, open_api_client, status_text
+from ._lease import ElectionSettings
 from ._tasks import cancel_and_wait, spawn
 
 logger = logging.getLogger(__name__)

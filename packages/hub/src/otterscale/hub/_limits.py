@@ -19,6 +19,11 @@ Each refusal is a Connect ``resource_exhausted`` whose message names the limit a
     The next stream (a Watch, or any other server, client or bidirectional stream: each holds a
     connection open) of that authenticated subject is refused; a stream that ends for any reason
     (client cancel, agent error, hub drain, slow client) frees its slot.
+``max_requests_per_peer`` (default 2000, reason ``peer_requests``)
+    Calls and open streams in progress from one caller address (the client's own address; for a
+    call another replica forwarded, the caller address that replica signed): the next one is
+    refused before it is authenticated or its body read (:class:`PeerLimit`). Envoy bounds
+    connections overall and streams per connection but has no per-address bound.
 ``watch_send_timeout_seconds`` (default 30, reason ``slow_watch_client``)
     A stream (Watch or other) whose client has not accepted a message for that long is ended.
     No status can reach a client that does not read, so the stream is reset (RST_STREAM on
@@ -27,10 +32,9 @@ Each refusal is a Connect ``resource_exhausted`` whose message names the limit a
 Memory: a refused request costs at most ``max_request_bytes`` plus one read chunk (the rest of
 its body is read and dropped, not kept); a unary answer at most about twice ``max_response_bytes``
 while it is collected and handed over (one growing buffer, one copy); a Watch whose client stops
-reading at most hypercorn's per-stream send buffer (32 KiB) plus an event or two in the hub, with
+reading at most Envoy's per-connection buffer (64 KiB) plus an event or two in the hub, with
 HTTP/2 flow control holding the rest back in the agent and kube-apiserver, and only for
-``watch_send_timeout_seconds`` (this needs the backpressure fix of ``_server``: hypercorn 0.18
-alone buffers every event of such a stream).
+``watch_send_timeout_seconds``.
 
 Nothing here logs or echoes a header value: no token.
 """
@@ -49,6 +53,8 @@ from connectrpc.compression.gzip import GzipCompression
 from connectrpc.errors import ConnectError
 from pyqwest import Request, Response, Transport
 
+from otterscale.common import refusal
+
 from ._errors import (
     RequestTooLargeError,
     ResponseTooLargeError,
@@ -56,6 +62,7 @@ from ._errors import (
     WatchLimitError,
     to_connect_error,
 )
+from ._observe import FORWARDED_FOR_HEADER
 from ._routes import Route, cluster_routes, routes_by_procedure
 from ._services import ROUTED_SERVICES
 
@@ -69,17 +76,15 @@ DEFAULT_WATCH_SEND_TIMEOUT = 30.0
 
 #: The 5-byte prefix (flags and length) of each message in the gRPC and Connect streaming bodies.
 ENVELOPE_PREFIX = 5
-#: After refusing a request, how much more of its body is read and dropped so the rest of it does
-#: not arrive for a stream hypercorn 0.18 already forgot (it would drop the whole HTTP/2
-#: connection, with the caller's other calls on it), and for how long at most.
-DISCARD_BYTES = 16 * MIB
-DISCARD_SECONDS = 5.0
 
 #: ``reason`` labels of ``otterscale_hub_limit_refusals_total``.
 REQUEST_TOO_LARGE = "request_too_large"
 RESPONSE_TOO_LARGE = "response_too_large"
 WATCH_LIMIT = "watch_limit"
 SLOW_WATCH_CLIENT = "slow_watch_client"
+PEER_REQUESTS = "peer_requests"
+_FORWARDED_FOR = FORWARDED_FOR_HEADER.encode("ascii")
+DEFAULT_MAX_REQUESTS_PER_PEER = 2000
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -95,6 +100,7 @@ class HubLimits:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_watches_per_subject: int = DEFAULT_MAX_WATCHES_PER_SUBJECT
     watch_send_timeout: float = DEFAULT_WATCH_SEND_TIMEOUT
+    max_requests_per_peer: int = DEFAULT_MAX_REQUESTS_PER_PEER
 
     @classmethod
     def from_config(cls, limits: Any) -> HubLimits:
@@ -104,6 +110,7 @@ class HubLimits:
             max_response_bytes=limits.max_response_bytes,
             max_watches_per_subject=limits.max_watches_per_subject,
             watch_send_timeout=limits.watch_send_timeout_seconds,
+            max_requests_per_peer=limits.max_requests_per_peer,
         )
 
 
@@ -188,6 +195,57 @@ class WatchSlots:
 # Requests and slow stream clients: ASGI middleware in front of every API service
 
 
+class PeerLimit:
+    """ASGI middleware: at most ``limit`` calls in progress per caller address (0: no limit).
+
+    Runs behind :class:`~._replicas.ReplicaHeaderGuard`, so a forwarding header that is still
+    there was signed by a replica: a call a follower forwards counts for the caller it names,
+    not for the follower. The refusal is answered in the caller's protocol before anything else
+    looks at the request.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, *, on_refused: Callable[[str], None]) -> None:
+        self._app = app
+        self._limit = limit
+        self._on_refused = on_refused
+        self._held: dict[str, int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._limit:
+            await self._app(scope, receive, send)
+            return
+        peer = caller_address(scope)
+        held = self._held.get(peer, 0)
+        if held >= self._limit:
+            self._on_refused(PEER_REQUESTS)
+            message = (
+                f"this address has {self._limit} calls in progress on this hub already "
+                "(limits.max_requests_per_peer in otterscale.yaml); end some first"
+            )
+            for response in refusal(scope, "resource_exhausted", message):
+                await send(response)
+            return
+        self._held[peer] = held + 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            left = self._held[peer] - 1
+            if left:
+                self._held[peer] = left
+            else:
+                del self._held[peer]
+
+
+def caller_address(scope: Scope) -> str:
+    """The address a call comes from: the signed forwarded-for of a replica's call, else the peer's
+    own (an IPv4 peer of a dual-stack listener arrives IPv4-mapped: one key for both forms)."""
+    for name, value in scope.get("headers", ()):
+        if name == _FORWARDED_FOR:
+            return bytes(value).decode("latin-1").removeprefix("::ffff:")
+    client = scope.get("client")
+    return str(client[0]).removeprefix("::ffff:") if client else "?"
+
+
 class ClientLimits:
     """ASGI middleware: the request size limit for every call, the send timeout for streams.
 
@@ -201,17 +259,12 @@ class ClientLimits:
     an envelope's length prefix) pass the limit, so nothing larger is ever buffered. A request
     stream's messages are bounded one by one, on each envelope's length prefix.
 
-    That answer is held back while the rest of the refused body is read and dropped (at most
-    :data:`DISCARD_BYTES`, for at most :data:`DISCARD_SECONDS`): hypercorn 0.18 forgets a stream
-    as soon as its response is complete, and a DATA frame for a forgotten stream makes it drop the
-    whole HTTP/2 connection (every other call of that client with it); over HTTP/1.1 it closes
-    the connection, and a client still sending may then lose the answer to a TCP reset. A client
-    that sends a finite body gets the answer once it is sent; one that sends without end gets it
-    after those bounds, and loses the connection.
+    The answer goes out at once: Envoy drops the rest of a refused body (its other streams are
+    unaffected).
 
     Streamed responses: each ``send`` of the response may take at most ``watch_send_timeout``;
-    hypercorn's send blocks only when the client's HTTP/2 window and the stream's small buffer
-    are full, that is when the client has not accepted data for that long. The call then ends
+    a send blocks only when the client's HTTP/2 window and Envoy's small buffer are full, that is
+    when the client has not accepted data for that long. The call then ends
     (the handler's generator is closed, which closes the agent stream and frees the slot) and
     every later send fails at once, so nothing else waits on that client.
     """
@@ -236,43 +289,21 @@ class ClientLimits:
         route = self._routes.get(scope["path"])
         per_message = route is not None and route.streams_requests
         body = _BodyLimit(scope, receive, self._limits.max_request_bytes, self._on_refused, per_message)
-        held = _HeldSend(send, body)
+        await self._serve(scope, body, send, route)
+
+    async def _serve(self, scope: Scope, body: _BodyLimit, send: Send, route: Route | None) -> None:
         if route is None or not route.streams_responses:
-            await self._app(scope, body, held)
-        else:
-            sender = _StreamSender(held, self._limits.watch_send_timeout, self._on_refused, route)
-            try:
-                await self._app(scope, body, sender)
-            except ConnectError as exc:
-                if exc is not sender.stalled:
-                    raise
-                # The stream cannot be ended in-band (the client reads nothing): returning without
-                # completing the response makes the server reset it.
-                return
-        if body.refused:
-            await body.discard()
-        await held.release()
-
-
-class _HeldSend:
-    """The response's ``send``, holding the answer to a refused request until :meth:`release`."""
-
-    def __init__(self, send: Send, body: _BodyLimit) -> None:
-        self._send = send
-        self._body = body
-        self._held: list[dict[str, Any]] = []
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        if self._body.refused:
-            self._held.append(message)  # a small error response, never a stream of events
-        else:
-            await self._send(message)
-
-    async def release(self) -> None:
-        """Send what was held, in order."""
-        held, self._held = self._held, []
-        for message in held:
-            await self._send(message)
+            await self._app(scope, body, send)
+            return
+        sender = _StreamSender(send, self._limits.watch_send_timeout, self._on_refused, route)
+        try:
+            await self._app(scope, body, sender)
+        except ConnectError as exc:
+            if exc is not sender.stalled:
+                raise
+            # The stream cannot be ended in-band (the client reads nothing): returning without
+            # completing the response makes the server reset it (Envoy: its idle timeout on the
+            # route, a moment later).
 
 
 class _BodyLimit:
@@ -358,19 +389,6 @@ class _BodyLimit:
             self.refused = True
             self._on_refused(REQUEST_TOO_LARGE)
         raise to_connect_error(request_too_large(self._limit))
-
-    async def discard(self) -> None:
-        """Read and drop what is left of a refused body, within bounds (see ``DISCARD_BYTES``)."""
-        dropped = 0
-        try:
-            async with asyncio.timeout(DISCARD_SECONDS):
-                while not self._done and dropped < DISCARD_BYTES:
-                    message = await self._receive()
-                    if message["type"] != "http.request" or not message.get("more_body", False):
-                        self._done = True
-                    dropped += len(message.get("body", b""))
-        except TimeoutError:
-            logger.debug("stopped discarding a refused request body after %.0fs", DISCARD_SECONDS)
 
 
 class _StreamSender:

@@ -24,7 +24,8 @@ always a configured cluster name (a request for an unknown cluster is counted wi
                                                 ``method`` and ``code`` (the code the caller got)
 ``otterscale_hub_limit_refusals_total``         calls refused or ended by a limit of ``_limits``, by
                                                 ``reason`` (``request_too_large``, ``response_too_large``,
-                                                ``watch_limit``, ``slow_watch_client``)
+                                                ``watch_limit``, ``slow_watch_client``, ``request_timeout``,
+                                                ``peer_requests``)
 =============================================== ==========================================================
 """
 
@@ -45,7 +46,14 @@ from prometheus_client import (
 logger = logging.getLogger(__name__)
 
 #: The ``reason`` labels of ``otterscale_hub_limit_refusals_total`` (see ``_limits``).
-LIMIT_REASONS = ("request_too_large", "response_too_large", "watch_limit", "slow_watch_client")
+LIMIT_REASONS = (
+    "request_too_large",
+    "response_too_large",
+    "watch_limit",
+    "slow_watch_client",
+    "request_timeout",
+    "peer_requests",
+)
 
 _RPC_BUCKETS = (
     0.0005,

@@ -32,6 +32,8 @@ from connectrpc.errors import ConnectError
 from connectrpc.method import StreamType
 from connectrpc.request import RequestContext
 
+from otterscale.common import Identity
+
 from ._metrics import HubMetrics
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ class CallInfo:
     #: The caller's address: the TCP peer, or for a forwarded call the one the follower saw.
     source: str = ""
     target: AuditTarget | None = None
+    #: The verified caller, once authenticated (before the request body is read, see ``_auth``).
+    identity: Identity | None = None
     #: Per cluster, how a call that reaches many (fan-out) ended there; set by its handler.
     clusters: Mapping[str, AuditClusterOutcome] | None = None
 

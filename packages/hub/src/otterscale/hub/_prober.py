@@ -7,6 +7,10 @@ reports them disconnected) every fourth round, and asks an agent for its version
 its agent unreachable, probes that cluster at once (:meth:`Prober.probe_soon`). Results go to
 :class:`~._tunnels.Tunnels`, which ClusterService, health and the proxy read.
 
+A probe that timed out only because the hub itself was too busy to notice the answer (its event
+loop ran the timeout late: a flood of requests being refused or cancelled) proves nothing about
+the agent and is not counted: a healthy cluster must not be marked down because the hub was busy.
+
 Every probe is a named task owned here; :meth:`Prober.stop` ends them all.
 """
 
@@ -20,6 +24,9 @@ from ._tunnels import Tunnels
 from ._upstream import AgentClients
 
 logger = logging.getLogger(__name__)
+
+#: A timed-out probe whose timeout fired this fraction of the timeout late (or later) is not counted.
+BUSY_SLACK = 0.25
 
 
 class Prober:
@@ -72,9 +79,19 @@ class Prober:
 
     async def _probe(self, cluster: str, *, with_info: bool = False) -> None:
         tunnels = self._tunnels
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             round_trip = await self._agents.ping(cluster, within=self._timeout)
         except ConnectionError as exc:
+            late = loop.time() - started - self._timeout
+            if late > BUSY_SLACK * self._timeout:
+                logger.info(
+                    "cluster %s: probe inconclusive: the hub was busy (its timeout ran %.1fs late)",
+                    cluster,
+                    late,
+                )
+                return
             tunnels.probe_failed(cluster, str(exc))
             return
         tunnels.probe_ok(cluster, round_trip)

@@ -247,11 +247,7 @@ class ClusterProxy:
     # ----------------------------------------------------------------------------------------------
 
     async def _authenticate(self, ctx: Context) -> Identity:
-        identity: Identity = await self._auth.authenticate(ctx.request_headers.getall("authorization"))
-        call = current_call()
-        if call is not None:
-            call.subject = identity.subject
-        return identity
+        return await self._auth.caller(ctx)
 
     def _prepare(
         self, route: Route, request: RawMessage, identity: Identity, ctx: Context, *, stream: bool

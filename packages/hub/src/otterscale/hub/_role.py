@@ -25,16 +25,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otterscale.common import OtterscaleError
 
-from ._leader import Leadership
 from ._metrics import HubMetrics
 from ._prober import Prober
 from ._tasks import cancel_and_wait, spawn
 from ._tunnel_server import TunnelServer
 from ._tunnels import Tunnels
+
+if TYPE_CHECKING:
+    # Types only: the Kubernetes client it uses is loaded only for --leader-elect (start-up time).
+    from ._leader import Leadership
 
 logger = logging.getLogger(__name__)
 

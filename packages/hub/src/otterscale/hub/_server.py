@@ -1,13 +1,15 @@
-"""The hub's HTTP front: one ASGI application on hypercorn, HTTP/1.1 and h2c on one port.
+"""The hub's HTTP front: its ASGI applications, by path.
 
-Routes: every Connect service under ``/<package>.<Service>/`` (ResourceService, ClusterService,
-gRPC health, gRPC reflection v1 and v1alpha), ``GET /metrics`` (Prometheus), ``GET /healthz``
-(the process is up) and ``GET /readyz`` (the hub serves: started, not draining, and its tunnel
-server up unless it is a follower, which has none). Anything else is 404. With leader election
-the two API services are a :class:`Switch` between serving and forwarding to the leader.
+The API's router: every Connect service under ``/<package>.<Service>/`` (ResourceService,
+ClusterService, gRPC health without the per-cluster entries, gRPC reflection v1 and v1alpha),
+``GET /healthz`` and ``/livez`` (the process is up) and ``GET /readyz`` (the hub serves: started,
+not draining, and its tunnel server up unless it is a follower, which has none). The management
+router: ``GET /metrics`` (Prometheus), the full gRPC health (per cluster too), ``/healthz``,
+``/livez`` and ``/readyz``. Anything else is 404. With leader election the API services are a
+:class:`Switch` between serving and forwarding to the leader.
 
-Served by :func:`otterscale.common.serve` (hypercorn, HTTP/1.1 and h2c on one port, tuned for
-long-lived multiplexed connections; the hub's ``--drain-timeout`` is its graceful timeout).
+Served by Envoy (:func:`otterscale.common.serve`): the API on ``--address``, the management
+router on ``--management-address``.
 """
 
 from __future__ import annotations
@@ -48,14 +50,17 @@ class Router:
         self,
         services: Mapping[str, ASGIApp],
         *,
-        metrics: Callable[[], tuple[bytes, str]],
+        metrics: Callable[[], tuple[bytes, str]] | None,
         ready: Callable[[], bool],
         on_startup: Callable[[], None] | None = None,
+        read_body: bool = True,
     ) -> None:
         self._services = dict(services)
         self._metrics = metrics
         self._ready = ready
         self._on_startup = on_startup
+        # Whether to read a request's body before answering it (Envoy drops the rest itself).
+        self._read_body = read_body
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -71,19 +76,25 @@ class Router:
             await app(scope, receive, send)
             return
         method = scope["method"]
-        if path == "/metrics":
+        pending = receive if self._read_body else None
+        if path == "/metrics" and self._metrics is not None:
             if method not in ("GET", "HEAD"):
-                await _respond(receive, send, 405, b"", headers=[(b"allow", b"GET, HEAD")])
+                await _respond(pending, send, 405, b"", headers=[(b"allow", b"GET, HEAD")])
                 return
             body, content_type = self._metrics()
-            await _respond(receive, send, 200, body if method == "GET" else b"", content_type=content_type)
+            await _respond(pending, send, 200, body if method == "GET" else b"", content_type=content_type)
         elif path in ("/healthz", "/livez"):
-            await _respond(receive, send, 200, b"ok\n")
+            await _respond(pending, send, 200, b"ok\n")
         elif path == "/readyz":
             ready = self._ready()
-            await _respond(receive, send, 200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+            await _respond(
+                receive if self._read_body else None,
+                send,
+                200 if ready else 503,
+                b"ready\n" if ready else b"not ready\n",
+            )
         else:
-            await _respond(receive, send, 404, b"not found\n")
+            await _respond(pending, send, 404, b"not found\n")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -98,7 +109,7 @@ class Router:
 
 
 async def _respond(
-    receive: Receive,
+    receive: Receive | None,
     send: Send,
     status: int,
     body: bytes,
@@ -106,9 +117,8 @@ async def _respond(
     content_type: str = "text/plain; charset=utf-8",
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    # Read the whole request first: answering an HTTP/2 request before its body has arrived makes
-    # hypercorn 0.18 fail on the DATA frames that follow and drop the whole connection.
-    while True:
+    # With ``receive``, read the whole request first (Envoy drops the rest of a body itself).
+    while receive is not None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return

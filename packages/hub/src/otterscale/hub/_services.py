@@ -28,6 +28,7 @@ a read here: no audit code per RPC.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,3 +171,28 @@ HUB_SERVICES: tuple[HubService, ...] = (
     HubService(cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"], _cluster_service),
     HubService(multicluster_pb2.DESCRIPTOR.services_by_name["MultiClusterService"], _multicluster_service),
 )
+
+
+def routed_service(spec: str) -> ServiceDescriptor:
+    """The descriptor ``MODULE:SERVICE`` names (a generated ``_pb2`` module and a service in it):
+    a cluster-routed service added by name (tests; see :func:`otterscale.hub.main`)."""
+    module_name, _, service = spec.partition(":")
+    if not module_name or not service:
+        raise ValueError(f"{spec!r}: expected MODULE:SERVICE")
+    module = importlib.import_module(module_name)
+    try:
+        return module.DESCRIPTOR.services_by_name[service]
+    except KeyError:
+        raise ValueError(f"{spec!r}: {module_name} has no service {service}") from None
+
+
+def hub_service(spec: str) -> HubService:
+    """The hub-served service ``MODULE:SERVICE=MODULE:FACTORY`` names (see :func:`routed_service`)."""
+    service, _, factory = spec.partition("=")
+    module_name, _, name = factory.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"{spec!r}: expected MODULE:SERVICE=MODULE:FACTORY")
+    application = getattr(importlib.import_module(module_name), name, None)
+    if not callable(application):
+        raise ValueError(f"{spec!r}: {module_name} has no factory {name}")
+    return HubService(routed_service(service), application)

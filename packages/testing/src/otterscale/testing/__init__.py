@@ -36,7 +36,8 @@ from ._keycloak import (
     start_keycloak,
 )
 from ._node import Node, NodeError, NodeUnavailableError, start_node
-from ._process import ManagedProcess, child_pids, free_port, holds_socket
+from ._process import ManagedProcess, child_pids, free_port, holds_socket, modules_loaded_by
+from ._rawhttp import RawH1, RawH2, StreamState
 from ._relay import BlackHoleRelay
 from ._service import (
     AgentProcess,
@@ -82,8 +83,11 @@ __all__ = [
     "NodeError",
     "NodeUnavailableError",
     "Outbox",
+    "RawH1",
+    "RawH2",
     "ServiceProcess",
     "StagedLease",
+    "StreamState",
     "System",
     "Timings",
     "TokenRequestError",
@@ -101,6 +105,7 @@ __all__ = [
     "http_get",
     "http_ok",
     "keycloak_home",
+    "modules_loaded_by",
     "object_path",
     "otterscale_command",
     "replica_env",

@@ -130,6 +130,16 @@ class ControlPlane:
             "apiserver_longrunning_requests", resource=resource, group=group, scope=scope, verb="WATCH"
         )
 
+    def settled_open_watches(self, resource: str, *, within: float = 30.0, **labels: str) -> float:
+        """:meth:`open_watches` once the watches of earlier tests have ended (or, after ``within``
+        seconds, what is left): the count a test adds its own watch to. A service ends its
+        upstream watch a moment after its client went (later on a loaded machine); one ending
+        while the test's own opens would leave the count unchanged and hide the new one."""
+        deadline = time.monotonic() + within
+        while (count := self.open_watches(resource, **labels)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return count
+
     def apply(self, obj: dict[str, Any], field_manager: str = "otterscale-tests") -> Any:
         """Server-side apply an object as admin (creates or updates)."""
         return self.request(

@@ -201,6 +201,7 @@ class HubReplicas:
     directory: Path
     replicas: int
     port: int
+    management_port: int
     tunnel_port: int
     configs: list[Path]
     kubeconfig: Path
@@ -216,6 +217,10 @@ class HubReplicas:
     def url(self, index: int) -> str:
         return f"http://{replica_ip(index)}:{self.port}"
 
+    def management_url(self, index: int) -> str:
+        """Replica ``index``'s management address (``/metrics``)."""
+        return f"http://{replica_ip(index)}:{self.management_port}"
+
     def start_hub(self, index: int, *, log_level: str = "info") -> HubProcess:
         """Spawn replica ``index`` (does not wait; see :meth:`ready`)."""
         self.starts += 1
@@ -225,6 +230,7 @@ class HubReplicas:
             name=f"hub-{index}",
             host=replica_ip(index),
             port=self.port,
+            management_port=self.management_port,
             chisel=self.chisel,
             drain_timeout=3,
             log_level=log_level,
@@ -676,7 +682,7 @@ async def start_hub_replicas(
         verbs=verbs,
     )
     chisel = str(tool_path("chisel"))
-    port, tunnel_port = free_port(), free_port()
+    port, management_port, tunnel_port = free_port(), free_port(), free_port()
     kubeconfigs = dict(clusters) if clusters is not None else {"alpha": cp.kubeconfig}
     agents = {
         name: AgentCluster(
@@ -728,6 +734,7 @@ async def start_hub_replicas(
         directory=directory,
         replicas=replicas,
         port=port,
+        management_port=management_port,
         tunnel_port=tunnel_port,
         configs=configs,
         kubeconfig=hub_kubeconfig,

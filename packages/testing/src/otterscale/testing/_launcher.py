@@ -16,24 +16,10 @@ it routes or serves a service it has no code for. :class:`~otterscale.testing.Hu
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-__all__ = ["main", "service_descriptor"]
-
-
-def service_descriptor(spec: str) -> Any:
-    """The descriptor of ``MODULE:SERVICE`` (a generated ``_pb2`` module and a service in it)."""
-    module_name, _, service = spec.partition(":")
-    if not module_name or not service:
-        raise SystemExit(f"--route {spec!r}: expected MODULE:SERVICE")
-    module = importlib.import_module(module_name)
-    try:
-        return module.DESCRIPTOR.services_by_name[service]
-    except KeyError:
-        raise SystemExit(f"--route {spec!r}: {module_name} has no service {service}") from None
+__all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,21 +37,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args[split + 1 :]
     if not command or command[0] != "server":
         raise SystemExit("the command after -- must be `server ...`")
-    # The hub is this tool's subject, not a dependency of otterscale-testing.
+    # The hub is this tool's subject, not a dependency of otterscale-testing. The services are
+    # checked here (a typo fails at once) and handed over by name: the hub runs inside Envoy.
     from otterscale.hub import main as hub_main
-    from otterscale.hub._services import HubService
+    from otterscale.hub._services import hub_service, routed_service
 
-    routed = tuple(service_descriptor(spec) for spec in options.route)
-    served = []
-    for spec in options.serve:
-        service, _, factory = spec.partition("=")
-        module_name, _, name = factory.partition(":")
-        if not module_name or not name:
-            raise SystemExit(f"--serve {spec!r}: expected MODULE:SERVICE=MODULE:FACTORY")
-        served.append(
-            HubService(service_descriptor(service), getattr(importlib.import_module(module_name), name))
-        )
-    return hub_main(command[1:], extra_routed_services=routed, extra_hub_services=tuple(served))
+    try:
+        for spec in options.route:
+            routed_service(spec)
+        for spec in options.serve:
+            hub_service(spec)
+    except (ValueError, ImportError) as exc:
+        raise SystemExit(f"otterscale.testing._launcher: {exc}") from None
+    return hub_main(command[1:], extra_routed_services=options.route, extra_hub_services=options.serve)
 
 
 if __name__ == "__main__":

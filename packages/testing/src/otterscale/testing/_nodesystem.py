@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "otterscale"
 HUB_RELEASE = "otterscale-hub"
+#: The hub's management address on its Pod IP (/metrics, per-cluster health).
+MANAGEMENT_PORT = 8298
 AGENT_RELEASE = "otterscale-agent"
 #: The hub Service's NodePort (deploy/node/hub-values.yaml).
 HUB_NODE_PORT = 30299
@@ -436,13 +438,18 @@ class Installation:
         )
 
     def metrics_url(self) -> str:
-        """The hub's view of the tunnels: the leader's own /metrics where there are replicas."""
+        """The hub's view of the tunnels: the leader's own /metrics (or the one replica's), on its
+        management address (``management.expose`` in deploy/node/hub-values.yaml)."""
         if self.replicas > 1:
-            leader = self.leader()
-            if leader is None or not leader["status"].get("podIP"):
+            hub = self.leader()
+            if hub is None or not hub["status"].get("podIP"):
                 raise OSError("no hub Pod is the leader right now")
-            return f"http://{leader['status']['podIP']}:8299/metrics"
-        return self.hub_url + "/metrics"
+        else:
+            running = [p for p in self.hub_pods() if p["status"].get("podIP")]
+            if len(running) != 1:
+                raise OSError(f"{len(running)} hub Pods have an address right now, not 1")
+            hub = running[0]
+        return f"http://{hub['status']['podIP']}:{MANAGEMENT_PORT}/metrics"
 
     def system(self) -> NodeSystem:
         return NodeSystem(self)

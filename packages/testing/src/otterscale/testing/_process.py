@@ -92,11 +92,12 @@ def _bindable(host: str, port: int) -> bool:
 
 
 def holds_socket(*, local_port: int, remote_port: int, pid: int | None = None) -> bool:
-    """Whether process ``pid`` (default: this one) has a file descriptor open on the TCP socket
-    between the two ports.
+    """Whether process ``pid`` (default: this one) or a process below it has a file descriptor
+    open on the TCP socket between the two ports.
 
-    For tests of a server process (a hub, an agent): a socket the server closed is gone from its
-    fds even while the kernel still lingers over it (FIN_WAIT, TIME_WAIT).
+    For tests of a server process (a hub, an agent, which run inside Envoy, the command's
+    child): a socket the server closed is gone from its fds even while the kernel still lingers
+    over it (FIN_WAIT, TIME_WAIT).
     """
     proc = Path("/proc") / (str(pid) if pid is not None else "self")
     inodes = set()
@@ -110,18 +111,21 @@ def holds_socket(*, local_port: int, remote_port: int, pid: int | None = None) -
                     inodes.add(f"socket:[{fields[9]}]")
     if not inodes:
         return False
-    with contextlib.suppress(FileNotFoundError):  # the process has exited: it holds nothing
-        for fd in (proc / "fd").iterdir():
-            with contextlib.suppress(OSError):  # an fd closed while iterating
-                if os.readlink(fd) in inodes:
-                    return True
+    members = [proc] if pid is None else [proc, *(Path("/proc") / str(p) for p in child_pids(pid))]
+    for member in members:
+        with contextlib.suppress(FileNotFoundError):  # the process has exited: it holds nothing
+            for fd in (member / "fd").iterdir():
+                with contextlib.suppress(OSError):  # an fd closed while iterating
+                    if os.readlink(fd) in inodes:
+                        return True
     return False
 
 
 def child_pids(pid: int, command: str | None = None) -> list[int]:
-    """The live (not zombie) children of process ``pid``, optionally only those whose command
-    name (``/proc/<pid>/comm``, e.g. ``chisel``) is ``command``; sorted."""
-    found = []
+    """The live (not zombie) processes below ``pid`` (children and their children: ``otterscale
+    server`` runs the hub inside Envoy, its child, and chisel is Envoy's child), optionally only
+    those whose command name (``/proc/<pid>/comm``, e.g. ``chisel``) is ``command``; sorted."""
+    table: dict[int, tuple[int, str, str]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -131,9 +135,35 @@ def child_pids(pid: int, command: str | None = None) -> list[int]:
             continue
         comm = text[text.index("(") + 1 : text.rindex(")")]
         state, parent = text[text.rindex(")") + 2 :].split()[:2]
-        if int(parent) == pid and state != "Z" and (command is None or comm == command):
-            found.append(int(entry.name))
-    return sorted(found)
+        table[int(entry.name)] = (int(parent), state, comm)
+
+    def below(candidate: int) -> bool:
+        seen = 0
+        while candidate in table and seen < 64:
+            candidate = table[candidate][0]
+            if candidate == pid:
+                return True
+            seen += 1
+        return False
+
+    return sorted(
+        found
+        for found, (_, state, comm) in table.items()
+        if state != "Z" and (command is None or comm == command) and below(found)
+    )
+
+
+def modules_loaded_by(code: str) -> frozenset[str]:
+    """The modules a fresh interpreter (this one's, with the installed packages) has loaded once it
+    has run ``code``: how a test checks what a command's start-up imports, without timing it."""
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
+    # Generous: an interpreter loading a service on a loaded 2-core machine takes seconds.
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"{code!r} failed: {result.stderr[-2000:]}")
+    return frozenset(result.stdout.split())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -238,11 +268,20 @@ class ManagedProcess:
             delay = min(delay * 1.5, 0.5)
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the process group."""
+        """Send ``sig`` to the process group; SIGKILL also to every process below it.
+
+        A service keeps Envoy (with the service inside) in a process group of its own, so that a
+        group SIGTERM drains instead of reaching Envoy: a SIGKILL must still take the whole tree
+        at once, as a container's end does, not leave Envoy to a graceful parent-death stop.
+        """
         if sig == signal.SIGTERM:
             self._terminated = True
+        below = child_pids(self.popen.pid) if sig == signal.SIGKILL else []
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the process group (unless :meth:`signal` did already: a second SIGTERM cuts a

@@ -223,11 +223,19 @@ class ServiceProcess(ManagedProcess):
         return await asyncio.to_thread(self.metrics)
 
     def rss(self) -> int:
-        """The process's resident set size, in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no VmRSS for {self.name}")
+        """Resident memory of the service, in bytes: this process and every process below it but
+        chisel (``otterscale server`` runs the hub inside Envoy, its child)."""
+        total = 0
+        for pid in [self.pid, *(p for p in child_pids(self.pid) if _comm(p) != "chisel")]:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:  # gone meanwhile
+                continue
+        if not total:
+            raise RuntimeError(f"no VmRSS for {self.name}")
+        return total
 
     async def until(
         self, check: Callable[[], bool | Awaitable[bool]], within: float, what: str, *, every: float = 0.05
@@ -283,9 +291,21 @@ class HubProcess(ServiceProcess):
         routed_services: Sequence[str] = (),
         hub_services: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        management_port: int | None = None,
+        separate_management: bool = True,
+        command: Sequence[str] | None = None,
     ) -> None:
         port = port if port is not None else free_port(host)
-        if routed_services or hub_services:
+        #: Where ``/metrics`` and the per-cluster health are (a free port of its own unless
+        #: ``separate_management`` is off: a hub that predates the management address).
+        self.management_port = (
+            (management_port if management_port is not None else free_port(host))
+            if separate_management
+            else None
+        )
+        if command is not None:
+            command = list(command)
+        elif routed_services or hub_services:
             command = [sys.executable, "-m", "otterscale.testing._launcher"]
             for service in routed_services:
                 command += ["--route", service]
@@ -302,12 +322,27 @@ class HubProcess(ServiceProcess):
             "--log-format=json",
             f"--log-level={log_level}",
         ]
+        if self.management_port is not None:
+            argv.append(f"--management-address={host}:{self.management_port}")
         if chisel is not None:
             argv.append(f"--chisel={chisel}")
         if drain_timeout is not None:
             argv.append(f"--drain-timeout={drain_timeout:g}")
         self._fingerprint: str | None = None
         super().__init__(name, [*argv, *args], log_file, host=host, port=port, env=env)
+
+    @property
+    def management_url(self) -> str:
+        """The management address (``/metrics``, per-cluster health); the API's without one."""
+        if self.management_port is None:
+            return self.url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.management_port}"
+
+    def metrics(self) -> Metrics:
+        """Scrape ``/metrics`` on the management address."""
+        with urllib.request.urlopen(self.management_url + "/metrics", timeout=5) as resp:  # noqa: S310
+            return Metrics(resp.read().decode())
 
     def wait_ready(self, timeout: float = SERVICE_START_TIMEOUT) -> HubProcess:
         """Block until ``/readyz`` answers 200 (a follower is ready without a tunnel server)."""
@@ -376,10 +411,11 @@ class AgentProcess(ServiceProcess):
         log_level: str = "debug",
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         port = port if port is not None else free_port(host)
         argv = [
-            *otterscale_command(),
+            *(otterscale_command() if command is None else command),
             "agent",
             f"--cluster={cluster}",
             f"--address={host}:{port}",
@@ -410,6 +446,13 @@ class AgentProcess(ServiceProcess):
     def chisel_pids(self) -> list[int]:
         """The agent's chisel client (its child process)."""
         return self.children("chisel")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def fingerprint_from_log(log: Path) -> str | None:

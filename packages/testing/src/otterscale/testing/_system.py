@@ -8,8 +8,8 @@ the harness reads it from the hub's JSON log and writes it into the agents' part
 configuration before any agent starts, as an operator would.
 
 Readiness is observed, never slept for: the hub's ``/readyz``, the agent's ``/ping``, and the
-hub's own view of each cluster (the ``otterscale_hub_tunnel_up`` gauge of its unauthenticated
-``/metrics``), so "connected" means what a user of the hub sees. Every wait has a deadline and
+hub's own view of each cluster (the ``otterscale_hub_tunnel_up`` gauge of ``/metrics`` on its
+management address), so "connected" means what a user of the hub sees. Every wait has a deadline and
 fails with the tail of the process's log. Timings of every start are kept in
 :attr:`System.timings` (the e2e tests report them).
 
@@ -38,7 +38,7 @@ import yaml
 
 from ._controlplane import ControlPlane
 from ._process import free_port
-from ._service import AgentProcess, HubProcess, http_ok
+from ._service import AgentProcess, HubProcess, http_ok, otterscale_command
 from .tools import tool_path
 
 logger = logging.getLogger(__name__)
@@ -109,16 +109,29 @@ class System:
         self.key_seed = secrets.token_urlsafe(32)  # 43 characters: the services refuse fewer than 32
         self.tunnel_port = free_port()
         self.hub_port = free_port()
+        self.management_port = free_port()
         self.clusters: dict[str, ClusterEntry] = {}
         self.fingerprint: str | None = None
         self.hub: HubProcess | None = None
         self.agents: dict[str, AgentProcess] = {}
         self.chisel = str(tool_path("chisel"))
         self.timings = Timings()
+        #: The ``otterscale`` command the hub and agents run (another tree's, to compare with).
+        self.command = otterscale_command()
+        #: Whether the hub serves ``/metrics`` on a management address of its own (hubs that predate
+        #: it serve them on the API's address).
+        self.separate_management = True
 
     @property
     def hub_url(self) -> str:
         return f"http://127.0.0.1:{self.hub_port}"
+
+    @property
+    def management_url(self) -> str:
+        """The hub's management address (``/metrics``, per-cluster health)."""
+        if not self.separate_management:
+            return self.hub_url
+        return f"http://127.0.0.1:{self.management_port}"
 
     @property
     def tunnel_url(self) -> str:
@@ -195,6 +208,9 @@ class System:
             port=self.hub_port,
             chisel=self.chisel,
             log_level=self.log_level,
+            management_port=self.management_port,
+            separate_management=self.separate_management,
+            command=self.command,
         )
         self.hub = hub
         hub.wait_ready(timeout)
@@ -214,7 +230,7 @@ class System:
             self.hub = None
 
     def hub_metrics(self) -> str:
-        """The hub's ``/metrics`` text (unauthenticated)."""
+        """The hub's ``/metrics`` text (its management address)."""
         if self.hub is None:
             raise RuntimeError("the hub is not running")
         return self.hub.metrics().text
@@ -271,6 +287,7 @@ class System:
             chisel=self.chisel,
             tunnel_server_url=tunnel_server_url or self.tunnel_url,
             log_level=self.log_level,
+            command=self.command,
         )
         self.agents[name] = agent
         agent.wait_serving(timeout)

@@ -11,8 +11,9 @@ Steps, each reported as it goes and each skipped when its result is already ther
    ``golang:1.26-bookworm``) are used as they are. Where it does not:
 
    - Python: a Debian bookworm root filesystem made with ``debootstrap`` (python3 3.11,
-     python3-venv, tini, ca-certificates), imported as ``local/otterscale-python:<key>``. ``<key>``
-     is a hash of the recipe (suite, variant, packages, mirror, this module's recipe version), so
+     python3-venv, libpython3.11 for Envoy's embedded interpreter, tini, ca-certificates),
+     imported as ``local/otterscale-python:<key>``. ``<key>`` is a hash of the recipe (suite,
+     variant, packages, mirror, this module's recipe version), so
      the image is rebuilt exactly when what goes into it changes; the root filesystem is kept as a
      tarball in ``<cache>/images/base/<key>.tar`` with its package list, and a warm run only
      imports it (seconds) or finds the image already there.
@@ -79,7 +80,9 @@ REGISTRY_PYTHON_IMAGE = "python:3.11-slim-bookworm"
 BASE_RECIPE_VERSION = "1"
 BASE_SUITE = "bookworm"
 BASE_VARIANT = "minbase"
-BASE_PACKAGES = ("python3", "python3-venv", "tini", "ca-certificates")
+#: libpython3.11: the services run inside Envoy, whose embedded interpreter (pyvoy) loads the
+#: shared libpython (Debian's python3 executable is linked statically; the official images ship it).
+BASE_PACKAGES = ("python3", "python3-venv", "libpython3.11", "tini", "ca-certificates")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 BASE_REPOSITORY = "local/otterscale-python"
 CHISEL_REPOSITORY = "local/otterscale-chisel"
