@@ -75,7 +75,7 @@ from typing import Any, NoReturn, Protocol
 from ._asgi import ASGIApp, Receive, Send, with_content_length
 from ._envoy import STREAM_RESET_MARGIN, ListenerLimits, route_config, write_json
 from ._errors import OtterscaleError
-from ._launch import SETTINGS_ENV, STARTUP_FAILED, listener_addresses, process_age
+from ._launch import SETTINGS_ENV, STARTUP_FAILED, _admin, listener_addresses, process_age
 from ._logging import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,11 @@ if _START_UP_WITHOUT_COLLECTOR:
 REQUEST_TIMEOUT = "request_timeout"
 #: At most one summary line of refused requests per this many seconds.
 SUMMARY_SECONDS = 60.0
+#: How long a drain waits at least, once the application has no call left, for Envoy to finish
+#: writing the last answers, and how long it then lingers while clients still hold connections
+#: (see ``_Host._envoy_done``).
+ENVOY_FLUSH_SECONDS = 1.0
+ENVOY_LINGER_SECONDS = 0.5
 #: How often pyvoy is asked whether the client of a request whose body has arrived is gone.
 DISCONNECT_POLL_SECONDS = 0.5
 
@@ -394,8 +399,45 @@ class _Host:
             logger.warning(
                 "%d calls still in flight after %gs; stopping anyway", self._in_flight, settings.drain_timeout
             )
+        else:
+            left = settings.drain_timeout - (time.monotonic() - started)
+            await self._envoy_done(settings.admin_socket, max(left, ENVOY_FLUSH_SECONDS))
         logger.debug("drained in %.3fs", time.monotonic() - started)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    @staticmethod
+    async def _envoy_done(admin_socket: Path, within: float) -> None:
+        """Wait (at most ``within`` seconds) until Envoy has finished every request, then up to
+        ``ENVOY_LINGER_SECONDS`` more while clients still hold connections.
+
+        A call is done for the application once its last message is handed to pyvoy, but Envoy
+        writes it a moment later, on its own thread; and a socket closed while the client's
+        last frames (window updates) are unread is reset, which makes the client's kernel drop
+        what it had not read yet. Stopping Envoy at once cut streams that had just been ended
+        with unavailable: the client saw the reset (connectrpc: "Request was cancelled").
+        """
+        linger_until: float | None = None
+        with contextlib.suppress(TimeoutError, OSError, ValueError):
+            async with asyncio.timeout(within):
+                while True:
+                    # HTTP/1.1 (http.client): Envoy's admin answers HTTP/1.0 with 426.
+                    status, body = await asyncio.to_thread(
+                        _admin, admin_socket, "/stats?filter=downstream_(rq|cx)_active$"
+                    )
+                    if status != 200:
+                        return
+                    active = {"rq": 0, "cx": 0}
+                    for line in body.decode().splitlines():
+                        name, _, value = line.partition(":")
+                        # The admin interface's own counters include this very request.
+                        if not name.startswith(("http.admin.", "listener.admin.")):
+                            active[name[-9:-7]] = active.get(name[-9:-7], 0) + int(value)
+                    if not active["rq"]:
+                        now = time.monotonic()
+                        linger_until = linger_until or now + ENVOY_LINGER_SECONDS
+                        if not active["cx"] or now >= linger_until:
+                            return
+                    await asyncio.sleep(0.02)
 
     # ----------------------------------------------------------------------------------------------
     # Requests
