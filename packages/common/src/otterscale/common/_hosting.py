@@ -18,7 +18,8 @@ pyvoy imports ``otterscale.hub._hosted:app`` (or the agent's) inside Envoy; that
   5,000-object List, but cyclic garbage then outlives busy periods with whatever it holds.);
 - **drain** (``drain`` on the control pipe, end of file on it, or a root task of the service
   ending): the service stops being ready and ends its streams, Envoy's listener drains (HTTP/1.1
-  ``connection: close``, HTTP/2 GOAWAY), calls in flight get up to the drain timeout, then the
+  ``connection: close``, HTTP/2 GOAWAY), calls in flight get up to the drain timeout, Envoy
+  finishes writing their answers (and clients get up to half a second to read them), then the
   process sends itself SIGTERM: Envoy closes what is left and runs the lifespan shutdown;
 - **shutdown**: the service's ``stop()``, bounded by the stop budget; a watchdog thread ends the
   process if even that hangs (neither pyvoy nor Envoy bounds a lifespan shutdown).
