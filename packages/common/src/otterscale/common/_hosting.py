@@ -432,7 +432,8 @@ class _Host:
                         name, _, value = line.partition(":")
                         # The admin interface's own counters include this very request.
                         if not name.startswith(("http.admin.", "listener.admin.")):
-                            active[name[-9:-7]] = active.get(name[-9:-7], 0) + int(value)
+                            kind = "rq" if name.endswith("downstream_rq_active") else "cx"
+                            active[kind] += int(value)
                     if not active["rq"]:
                         now = time.monotonic()
                         linger_until = linger_until or now + ENVOY_LINGER_SECONDS
