@@ -70,12 +70,14 @@ def _compile_bytecode(session: nox.Session) -> None:
     PYTHONDONTWRITEBYTECODE is set), which doubles a service's start-up. Up-to-date files are
     skipped, so a warm venv pays nothing; a source changed later is still recompiled in memory.
     """
-    purelib = session.run(
+    # run_install: an install step, so it also runs under ``nox --install-only``.
+    purelib = session.run_install(
         "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
     )
-    assert isinstance(purelib, str)
+    if not isinstance(purelib, str):
+        return  # ``--no-install`` (``-R``): nothing was installed, so nothing new to compile
     sources = [str(ROOT / "packages" / name / "src") for name in (*PACKAGES, "testing")]
-    session.run("python", "-m", "compileall", "-q", "-j", "0", purelib.strip(), *sources, silent=True)
+    session.run_install("python", "-m", "compileall", "-q", "-j", "0", purelib.strip(), *sources, silent=True)
 
 
 def _tools_env() -> dict[str, str]:

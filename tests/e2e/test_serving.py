@@ -500,6 +500,53 @@ def _error_lines(system: System) -> list[str]:
     return found
 
 
+def _watch_ends(system: System, code: str) -> float:
+    return _metric(
+        system,
+        "otterscale_hub_rpc_handled_total"
+        f'{{code="{code}",method="Watch",service="otterscale.resource.v1.ResourceService"}}',
+    )
+
+
+async def test_a_watch_whose_client_leaves_mid_stream_ends_as_canceled(
+    flood_system: System, issuer: LocalIssuer, control_plane: ControlPlane
+) -> None:
+    """A client that resets its Watch while events are flowing: the service learns it at its next
+    send, often before the disconnect poll does. Either way the call ends ``canceled`` (counted,
+    logged and audited so), never ``unknown`` with an "rpc failed" warning."""
+    system = flood_system
+    auth = [("authorization", f"Bearer {_token(issuer)}")]
+    watch_request = {"cluster": CLUSTER, "version": "v1", "resource": "configmaps", "namespace": "floods"}
+    canceled, unknown = _watch_ends(system, "canceled"), _watch_ends(system, "unknown")
+    log_offset = len(system.hub_log.read_text())
+    watches = 3
+    writing = asyncio.Event()
+
+    async def write_continuously() -> None:
+        while writing.is_set():
+            await asyncio.to_thread(_create_configmap, control_plane, f"leaving-{time.monotonic_ns()}")
+
+    for _ in range(watches):
+        async with RawH2("127.0.0.1", system.hub_port) as connection:
+            body = _envelope(watch_request)
+            watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=body)
+            writing.set()
+            writer = asyncio.create_task(write_continuously())
+            try:
+                await _wait_for(lambda w=watch: b"leaving-" in w.data, 30, "streaming events")
+                connection.cancel(watch)  # events keep coming: the next send finds the client gone
+                await asyncio.sleep(0.3)
+            finally:
+                writing.clear()
+                await writer
+    await _wait_for(
+        lambda: _watch_ends(system, "canceled") >= canceled + watches, 30, f"{watches} Watches ended canceled"
+    )
+    assert _watch_ends(system, "unknown") == unknown
+    failed = [line for line in system.hub_log.read_text()[log_offset:].splitlines() if "rpc failed" in line]
+    assert not failed, failed[:3]
+
+
 # --------------------------------------------------------------------------------------------------
 # Drain (runs last in this module: it stops the hub, then starts it again)
 

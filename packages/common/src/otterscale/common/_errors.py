@@ -2,8 +2,9 @@
 
 Every error this package raises on purpose derives from :class:`OtterscaleError`, so a service can
 translate them at its boundary in one place. Each class names the Connect code it stands for in
-``connect_code`` (a lower-case Connect code name such as ``"unauthenticated"``): common does not
-depend on connectrpc, so the services turn that name into their ``Code`` value.
+``connect_code`` (a lower-case Connect code name such as ``"unauthenticated"``), which the services
+turn into their ``Code`` value at their boundary: these errors are raised far from any request
+(only the request plumbing, :mod:`._hosting`, raises a ``ConnectError`` itself).
 
 ::
 

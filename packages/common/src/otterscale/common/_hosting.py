@@ -29,8 +29,8 @@ and what both services want:
 
 - pyvoy raises one shared ``ClientDisconnectedError`` instance when the client is gone, whose
   traceback grows with every raise and keeps every frame it passed alive (3 to 7 KB per cut
-  stream, for good): the wrapper drops that traceback and raises a fresh :class:`ClientGone`,
-  which ends the request quietly at the top;
+  stream, for good): the wrapper drops that traceback and raises a fresh :class:`ClientGone` (a
+  ``canceled`` Connect error), which ends the request quietly at the top;
 - pyvoy resolves futures the application has already cancelled, and asyncio logs each such
   ``InvalidStateError`` at error level (about one per cancelled call): a loop exception handler
   counts them instead;
@@ -73,6 +73,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
 from ._asgi import ASGIApp, Receive, Send, with_content_length
 from ._envoy import STREAM_RESET_MARGIN, ListenerLimits, route_config, write_json
 from ._errors import OtterscaleError
@@ -103,8 +106,18 @@ ENVOY_LINGER_SECONDS = 0.5
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-class ClientGone(Exception):
-    """The client went away while the service was answering (a fresh instance every time)."""
+class ClientGone(ConnectError):
+    """The client went away while the service was answering (a fresh instance every time).
+
+    A ``canceled`` Connect error, because that is what it is to everything between the send that
+    failed and the top of the request: connectrpc hands it to the interceptors' ``on_end``, so the
+    call is counted, logged and audited as ``canceled``, like a client that left while the
+    service was waiting (an ``Exception`` of its own was counted ``unknown`` and logged as a
+    failure whenever the client left between a disconnect poll and the next message).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(Code.CANCELED, "the client went away")
 
 
 @dataclass(frozen=True, slots=True)
