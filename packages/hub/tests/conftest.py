@@ -70,6 +70,7 @@ from otterscale.resource.v1.resource_connect import ResourceServiceASGIApplicati
 from otterscale.testing import (
     AgentDouble,
     ControlPlane,
+    FrameFeeder,
     HubProcess,
     KubeAPIError,
     LeaderRelay,
@@ -763,11 +764,12 @@ class RawH2:
 
     async def _read(self) -> None:
         assert self._reader is not None
+        frames = FrameFeeder(self.conn)  # streams go on after a draining hub's GOAWAY
         while True:
             data = await self._reader.read(65536)
             if not data:
                 return
-            for event in self.conn.receive_data(data):
+            for event in frames.feed(data):
                 if isinstance(event, h2.events.PingAckReceived):
                     self.pings_acked += 1
                     continue

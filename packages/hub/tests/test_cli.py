@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -185,9 +186,16 @@ class HubProcess:
 
 
 async def start_hub(
-    config: Path, binary: ChiselBinary, log: Path, *extra: str, env: dict[str, str] | None = None
+    config: Path,
+    binary: ChiselBinary,
+    log: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> HubProcess:
-    port = free_port()
+    """Start ``otterscale server`` on ``port`` (a free one by default; 0: the kernel picks it, and
+    the URL comes from the hub's "ready at" log line); return once ``/readyz`` answers 200."""
+    port = free_port() if port is None else port
     started = time.perf_counter()
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
@@ -207,17 +215,22 @@ async def start_hub(
             else {"PATH": os.environ.get("PATH", ""), "OTTERSCALE_CONTAINER": "true"},
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}" if port else ""
     transport = HTTPTransport()
+    ready = False
     try:
         client = Client(transport)
         deadline = time.monotonic() + 30
         while True:
             if proc.returncode is not None:
                 raise AssertionError(f"hub exited with {proc.returncode}:\n{log.read_text()}")
+            if not url:
+                announced = re.search(r"ready at (http://127\.0\.0\.1:[1-9][0-9]*)", log.read_text())
+                url = announced.group(1) if announced else ""
             try:
-                response = await client.get(url + "/readyz")
-                if response.status == 200:
+                response = await asyncio.wait_for(client.get(url + "/readyz"), 2) if url else None
+                if response is not None and response.status == 200:
+                    ready = True
                     break
             except Exception:  # noqa: S110 - not listening yet
                 pass
@@ -226,6 +239,10 @@ async def start_hub(
             await asyncio.sleep(0.01)
     finally:
         await transport.aclose()
+        if not ready:  # a hub that never got ready must not outlive the test (it holds ports)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
     return HubProcess(proc=proc, url=url, log=log, started_in=time.perf_counter() - started)
 
 
@@ -335,6 +352,21 @@ async def test_hub_starts_while_the_identity_provider_is_down(
         assert "127.0.0.1:9" in caught.value.message
     finally:
         await transport.aclose()
+        hub.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(hub.proc.wait(), 15) == 0
+
+
+@pytest.mark.integration
+async def test_a_hub_on_port_0_learns_the_port_the_kernel_picked(
+    config_file: Path, chisel_binary: ChiselBinary, tmp_path: Path
+) -> None:
+    """``--address 127.0.0.1:0``: the launcher announces the port Envoy was given, and the hub
+    inside Envoy learns it from Envoy's admin interface before it answers anything (it used to
+    wait forever: its admin request spoke HTTP/1.0, which Envoy's admin refuses with 426)."""
+    hub = await start_hub(config_file, chisel_binary, tmp_path / "hub.log", port=0)
+    try:
+        assert not hub.url.endswith(":0")
+    finally:
         hub.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(hub.proc.wait(), 15) == 0
 

@@ -79,7 +79,7 @@ from connectrpc.errors import ConnectError
 from ._asgi import ASGIApp, Receive, Send, with_content_length
 from ._envoy import STREAM_RESET_MARGIN, ListenerLimits, route_config, write_json
 from ._errors import OtterscaleError
-from ._launch import SETTINGS_ENV, STARTUP_FAILED, _admin, listener_addresses, process_age
+from ._launch import SETTINGS_ENV, STARTUP_FAILED, admin_request, listener_addresses, process_age
 from ._logging import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -400,10 +400,20 @@ class _Host:
         started = time.monotonic()
         logger.info("%s draining (%s; at most %gs)", self._name, reason, settings.drain_timeout)
         hosted.service.drain()
+        # Envoy's graceful drain: from now on every answer on an HTTP/1.1 connection says
+        # "connection: close" and every HTTP/2 connection gets GOAWAY, so clients take their next
+        # calls elsewhere; the listener stops accepting after --drain-time-s (the drain timeout).
+        problem = ""
         try:
-            await admin_request(settings.admin_socket, "POST", "/drain_listeners?graceful")
+            status, _ = await asyncio.to_thread(
+                admin_request, settings.admin_socket, "/drain_listeners?graceful", method="POST"
+            )
+            if status != 200:
+                problem = f"its admin interface answered {status}"
         except OSError as exc:
-            logger.warning("cannot drain Envoy's listener: %s", exc)
+            problem = str(exc)
+        if problem:
+            logger.warning("cannot drain Envoy's listeners: %s", problem)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(settings.drain_timeout):
                 while self._in_flight:
@@ -434,9 +444,8 @@ class _Host:
         with contextlib.suppress(TimeoutError, OSError, ValueError):
             async with asyncio.timeout(within):
                 while True:
-                    # HTTP/1.1 (http.client): Envoy's admin answers HTTP/1.0 with 426.
                     status, body = await asyncio.to_thread(
-                        _admin, admin_socket, "/stats?filter=downstream_(rq|cx)_active$"
+                        admin_request, admin_socket, "/stats?filter=downstream_(rq|cx)_active$"
                     )
                     if status != 200:
                         return
@@ -471,7 +480,8 @@ class _Host:
         assert settings is not None
         while True:
             try:
-                _, body = await admin_request(settings.admin_socket, "GET", "/listeners?format=json")
+                listeners = "/listeners?format=json"
+                _, body = await asyncio.to_thread(admin_request, settings.admin_socket, listeners)
                 api, management = listener_addresses(json.loads(body))
             except (OSError, ValueError, KeyError, IndexError):
                 await asyncio.sleep(0.01)
@@ -562,27 +572,6 @@ class _Summary:
         self._peers.clear()
         self._since = now
         return text
-
-
-async def admin_request(socket_path: Path, method: str, target: str) -> tuple[int, bytes]:
-    """One HTTP/1.0 request to Envoy's admin interface on its Unix socket (from the event loop;
-    at most five seconds)."""
-    async with asyncio.timeout(5.0):
-        reader, writer = await asyncio.open_unix_connection(str(socket_path))
-        try:
-            writer.write(f"{method} {target} HTTP/1.0\r\nHost: admin\r\nContent-Length: 0\r\n\r\n".encode())
-            await writer.drain()
-            data = await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    try:
-        status = int(head.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        raise OSError(f"Envoy's admin interface answered {head[:40]!r}") from None
-    return status, body
 
 
 # --------------------------------------------------------------------------------------------------

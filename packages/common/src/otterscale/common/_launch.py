@@ -319,10 +319,10 @@ class _Run:
     def _announce(self) -> bool:
         """Once Envoy serves: log the ready line with the bound addresses. False: not yet."""
         try:
-            status, _ = _admin(self.admin_socket, "/ready")
+            status, _ = admin_request(self.admin_socket, "/ready")
             if status != 200:
                 return False
-            _, body = _admin(self.admin_socket, "/listeners?format=json")
+            _, body = admin_request(self.admin_socket, "/listeners?format=json")
         except OSError:
             return False
         api, management = listener_addresses(json.loads(body))
@@ -403,8 +403,9 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _admin(path: Path, target: str, *, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
-    """One request to Envoy's admin interface on its Unix socket."""
+def admin_request(path: Path, target: str, *, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
+    """One HTTP/1.1 request to Envoy's admin interface on its Unix socket (blocking: the
+    application calls it through a thread). Envoy's admin answers HTTP/1.0 with 426."""
     connection = _UnixConnection(path, timeout)
     try:
         connection.request(method, target)

@@ -37,7 +37,7 @@ from ._keycloak import (
 )
 from ._node import Node, NodeError, NodeUnavailableError, start_node
 from ._process import ManagedProcess, child_pids, free_port, holds_socket, modules_loaded_by
-from ._rawhttp import RawH1, RawH2, StreamState
+from ._rawhttp import FrameFeeder, RawH1, RawH2, StreamState
 from ._relay import BlackHoleRelay
 from ._service import (
     AgentProcess,
@@ -69,6 +69,7 @@ __all__ = [
     "EchoAgent",
     "EchoEvent",
     "EchoService",
+    "FrameFeeder",
     "HubProcess",
     "HubReplicas",
     "Keycloak",

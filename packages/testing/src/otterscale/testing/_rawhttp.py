@@ -24,6 +24,38 @@ import h2.settings
 logger = logging.getLogger(__name__)
 
 Headers = Iterable[tuple[str, str]]
+#: An HTTP/2 frame's header: 24-bit length, type, flags, stream id.
+FRAME_HEADER = 9
+
+
+class FrameFeeder:
+    """Hands what a server sends to an ``h2`` client connection one frame at a time, and keeps the
+    connection open after a graceful GOAWAY (error code 0).
+
+    ``h2`` closes its state machine on any GOAWAY (python-hyper/h2#1181) and then refuses every
+    further frame, losing the events of the frames it had already read in the same chunk; but a
+    draining server (Envoy) sends GOAWAY with its answer's first frames and lets the streams it
+    names finish (RFC 9113, 6.8). A test must not open new streams after it, as clients do not.
+    """
+
+    def __init__(self, conn: h2.connection.H2Connection) -> None:
+        self._conn = conn
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[h2.events.Event]:
+        """The events of every whole frame received so far (``h2``'s ProtocolError passes)."""
+        self._pending += data
+        events: list[h2.events.Event] = []
+        while len(self._pending) >= FRAME_HEADER:
+            size = FRAME_HEADER + int.from_bytes(self._pending[:3], "big")
+            if len(self._pending) < size:
+                break
+            frame, self._pending = self._pending[:size], self._pending[size:]
+            for event in self._conn.receive_data(frame):
+                events.append(event)
+                if isinstance(event, h2.events.ConnectionTerminated) and event.error_code == 0:
+                    self._conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        return events
 
 
 @dataclass
@@ -63,7 +95,9 @@ class RawH2:
         self.host = host
         self.port = port
         self.streams: dict[int, StreamState] = {}
+        #: Error code and last stream id of the server's latest GOAWAY (None: none received).
         self.goaway: int | None = None
+        self.goaway_last_stream: int | None = None
         self.closed_at: float | None = None
         self.max_concurrent_streams: int | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -153,12 +187,13 @@ class RawH2:
     async def _read(self) -> None:
         assert self._reader is not None
         try:
+            frames = FrameFeeder(self._conn)
             while True:
                 chunk = await self._reader.read(65536)
                 if not chunk:
                     break
                 try:
-                    events = self._conn.receive_data(chunk)
+                    events = frames.feed(chunk)
                 except h2.exceptions.ProtocolError as exc:
                     logger.debug("raw h2: protocol error from the server: %s", exc)
                     break
@@ -182,6 +217,7 @@ class RawH2:
             return
         if isinstance(event, h2.events.ConnectionTerminated):
             self.goaway = event.error_code
+            self.goaway_last_stream = event.last_stream_id
             return
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
         if stream is None:
