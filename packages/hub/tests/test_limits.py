@@ -723,9 +723,29 @@ async def test_open_watches_end_with_unavailable_on_hub_drain(limited_hub: Start
     # which this suite's warnings-as-errors then blames on whichever test runs next.
     await asyncio.to_thread(limited.create_configmaps, 1, 10, prefix="live")
     await wait_for(lambda: all(watch.events for watch in watches), 10, "both watches streaming")
-    os.kill(limited.hub.pid, signal.SIGTERM)
+    # Events keep coming while the hub drains, so the drain often finds a stream delivering one:
+    # it must still end with the answer, not be cut mid-send (the client saw "Request was
+    # cancelled" then).
+    writing = threading.Event()
+    writing.set()
+
+    def write_while_draining() -> None:
+        written = 0
+        while writing.is_set():
+            limited.create_configmaps(1, 32 * 1024, prefix=f"draining-{written}")
+            written += 1
+
+    writer = asyncio.create_task(asyncio.to_thread(write_while_draining))
+    try:
+        seen = len(watches[0].events)
+        await wait_for(lambda: len(watches[0].events) >= seen + 3, 10, "events flowing")
+        os.kill(limited.hub.pid, signal.SIGTERM)
+        for watch in watches:
+            await asyncio.wait_for(watch.ended.wait(), 30)
+    finally:
+        writing.clear()
+        await writer
     for watch in watches:
-        await asyncio.wait_for(watch.ended.wait(), 30)
         assert isinstance(watch.error, ConnectError)
         assert watch.error.code is Code.UNAVAILABLE
         assert (

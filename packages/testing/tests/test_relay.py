@@ -1,4 +1,5 @@
-"""BlackHoleRelay: relays both ways; frozen links carry nothing and stay open; new links pass."""
+"""BlackHoleRelay: relays both ways; frozen links carry nothing and stay open; new links pass
+(unless later ones are frozen too)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,22 @@ def test_a_frozen_link_carries_nothing_stays_open_and_new_links_pass(echo_server
             old.settimeout(5)
             assert old.recv(16) == b"lost?"  # held back, not dropped: the stream stays intact
         assert relay.accepted == 2
+
+
+def test_freezing_later_links_too_holds_new_connections_until_thawed(echo_server: tuple[str, int]) -> None:
+    with BlackHoleRelay(echo_server) as relay, socket.create_connection(("127.0.0.1", relay.port)) as old:
+        assert roundtrip(old, b"before") == b"before"
+        assert relay.freeze(later=True) == 1
+        with socket.create_connection(("127.0.0.1", relay.port)) as new:
+            new.settimeout(0.3)
+            new.sendall(b"held")
+            with pytest.raises(TimeoutError):  # accepted, never answered
+                new.recv(16)
+            relay.thaw()
+            new.settimeout(5)
+            assert new.recv(16) == b"held"
+        with socket.create_connection(("127.0.0.1", relay.port)) as after:
+            assert roundtrip(after, b"thawed") == b"thawed"
 
 
 def test_close_ends_every_link(echo_server: tuple[str, int]) -> None:

@@ -53,6 +53,7 @@ from ._metrics import HubMetrics
 from ._observe import FORWARDED_BY_HEADER
 from ._passthrough import (
     Context,
+    EndableStream,
     RequestPipe,
     Requests,
     caller_failure,
@@ -94,7 +95,8 @@ class LeaderForwarder:
         self._transports = [_transport() for _ in range(1 + STREAM_TRANSPORTS)]
         self._http = [Client(transport) for transport in self._transports]
         self._clients: dict[tuple[str, str, int], ConnectClient] = {}
-        self._calls: dict[asyncio.Task[Any], tuple[str, bool]] = {}  # task -> (leader URL, stream)
+        #: task -> (leader URL, the stream: None for a unary call)
+        self._calls: dict[asyncio.Task[Any], tuple[str, EndableStream | None]] = {}
         self._open_streams = [0] * STREAM_TRANSPORTS
         self._draining = False
 
@@ -110,16 +112,20 @@ class LeaderForwarder:
         """End the calls open to a replica that no longer leads (with unavailable)."""
         info = self._leadership.leader()
         current = info.url if info is not None else None
-        for task, (url, _stream) in list(self._calls.items()):
-            if url != current:
+        for task, (url, stream) in list(self._calls.items()):
+            if url == current:
+                continue
+            if stream is None:
                 task.cancel(_LEADER_CHANGED)
+            else:
+                stream.end(_LEADER_CHANGED)
 
     def drain(self) -> None:
         """Refuse new streams; end the open ones with unavailable (this replica shuts down)."""
         self._draining = True
-        for task, (_url, stream) in list(self._calls.items()):
-            if stream:
-                task.cancel(_SHUTDOWN)
+        for _url, stream in list(self._calls.values()):
+            if stream is not None:
+                stream.end(_SHUTDOWN)
 
     async def aclose(self) -> None:
         """Close every connection to the leader (idempotent)."""
@@ -137,7 +143,7 @@ class LeaderForwarder:
         try:
             leader, headers, timeout_ms = self._prepare(route, ctx, stream=False)
             client = self._client(leader, request.codec, 0)
-            self._calls[task] = (client_url(leader), False)
+            self._calls[task] = (client_url(leader), None)
             try:
                 response: RawMessage = await client.execute_unary(
                     request=request, method=ctx.method, headers=headers, timeout_ms=timeout_ms
@@ -172,7 +178,8 @@ class LeaderForwarder:
             leader, headers, timeout_ms = self._prepare(route, ctx, stream=True)
             index = min(range(STREAM_TRANSPORTS), key=self._open_streams.__getitem__)
             self._open_streams[index] += 1
-            self._calls[task] = (client_url(leader), True)
+            endable = EndableStream(task)
+            self._calls[task] = (client_url(leader), endable)
             try:
                 if isinstance(requests, RawMessage):
                     client = self._client(leader, requests.codec, 1 + index)
@@ -183,7 +190,7 @@ class LeaderForwarder:
                     client = self._client(leader, _codec(ctx), 1 + index)
                     upstream = pass_on(client, pipe, ctx, headers, timeout_ms)
                 try:
-                    async for message in upstream:
+                    async for message in endable.relay(upstream):
                         yield message
                 finally:
                     await close_upstream(upstream)

@@ -20,7 +20,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from connectrpc.client import ConnectClient
 from connectrpc.code import Code
@@ -40,6 +40,8 @@ from ._routes import Route
 from ._tasks import cancel_and_wait, spawn
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Context = RequestContext[Any, Any]
 #: What a relay streams from: the one request of a server stream, or the caller's request stream.
@@ -237,6 +239,56 @@ def with_request_id(headers: dict[str, str]) -> dict[str, str]:
     if call is not None:
         headers[REQUEST_ID_HEADER] = call.request_id
     return headers
+
+
+#: How long an early end waits for a message being delivered to be taken, before it cuts the
+#: stream anyway (a caller that stopped reading).
+DELIVERY_GRACE_SECONDS = 1.0
+
+
+class EndableStream:
+    """A relayed stream that its relay may end early with an answer of its own (unavailable, when
+    the hub shuts down or stops leading), by cancelling the call's task with a reason it then
+    translates.
+
+    The task is cancelled only while it waits for the next hop. While it delivers a message to the
+    caller (connectrpc's send, the relay suspended at its ``yield``), a cancellation would cut the
+    response where it stands: the caller would see a broken stream ("Request was cancelled")
+    instead of the answer. The end then waits until that message is out (:meth:`relay` raises the
+    cancellation itself), or :data:`DELIVERY_GRACE_SECONDS` for a caller that does not read.
+    """
+
+    __slots__ = ("_delivering", "_reason", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self._reason: str | None = None
+        self._delivering = False
+
+    def end(self, reason: str) -> None:
+        """End the stream with ``reason`` (the first reason given wins)."""
+        if self._reason is not None:
+            return
+        self._reason = reason
+        if self._delivering:
+            asyncio.get_running_loop().call_later(DELIVERY_GRACE_SECONDS, self._cut)
+        else:
+            self.task.cancel(reason)
+
+    def _cut(self) -> None:
+        if self._delivering and not self.task.done():
+            self.task.cancel(self._reason)
+
+    async def relay(self, upstream: AsyncIterator[T]) -> AsyncIterator[T]:
+        """``upstream``'s messages, until :meth:`end` (then ``CancelledError(reason)``)."""
+        async for message in upstream:
+            self._delivering = True
+            try:
+                yield message
+            finally:
+                self._delivering = False
+            if self._reason is not None:
+                raise asyncio.CancelledError(self._reason)
 
 
 async def close_upstream(upstream: AsyncIterator[Any]) -> None:

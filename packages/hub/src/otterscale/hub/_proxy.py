@@ -70,6 +70,7 @@ from ._metrics import HubMetrics
 from ._observe import current_call
 from ._passthrough import (
     Context,
+    EndableStream,
     RequestPipe,
     Requests,
     caller_failure,
@@ -130,7 +131,7 @@ class ClusterProxy:
         self._keys = dict(keys)
         self._metrics = metrics
         self._on_unreachable = on_unreachable
-        self._streams: set[asyncio.Task[Any]] = set()
+        self._streams: dict[asyncio.Task[Any], EndableStream] = {}
         self._draining = False
 
     # ----------------------------------------------------------------------------------------------
@@ -144,13 +145,13 @@ class ClusterProxy:
     def drain(self) -> None:
         """Refuse new streams and end the open ones with unavailable."""
         self._draining = True
-        for task in list(self._streams):
-            task.cancel(SHUTDOWN)
+        for stream in list(self._streams.values()):
+            stream.end(SHUTDOWN)
 
     def end_streams(self) -> None:
         """End the open streams with unavailable: this replica stopped leading (the tunnels go)."""
-        for task in list(self._streams):
-            task.cancel(LEADERSHIP_LOST)
+        for stream in list(self._streams.values()):
+            stream.end(LEADERSHIP_LOST)
 
     # ----------------------------------------------------------------------------------------------
     # Relay
@@ -198,7 +199,7 @@ class ClusterProxy:
             raise to_connect_error(exc) from None
         task = asyncio.current_task()
         assert task is not None
-        self._streams.add(task)
+        endable = self._streams[task] = EndableStream(task)
         pipe: RequestPipe | None = None
         gauge: Gauge | None = None
         try:
@@ -220,7 +221,7 @@ class ClusterProxy:
                     upstream = pass_on(client, passed, ctx, forward.headers, forward.timeout_ms)
                     try:
                         answered = False
-                        async for message in upstream:
+                        async for message in endable.relay(upstream):
                             if not answered:
                                 self._tunnels.seen(cluster)
                                 answered = True
@@ -237,7 +238,7 @@ class ClusterProxy:
                 raise self._shutdown_error(route, exc) from None
             raise
         finally:
-            self._streams.discard(task)
+            self._streams.pop(task, None)
             self.watch_slots.release(subject)
             if gauge is not None:
                 gauge.dec()

@@ -47,7 +47,13 @@ class _Link:
     """One relayed connection: the accepted socket, the one to the target, two copying threads."""
 
     def __init__(
-        self, number: int, downstream: socket.socket, upstream: socket.socket, latency: float = 0.0
+        self,
+        number: int,
+        downstream: socket.socket,
+        upstream: socket.socket,
+        latency: float = 0.0,
+        *,
+        frozen: bool = False,
     ) -> None:
         self.number = number
         self.downstream = downstream
@@ -55,7 +61,8 @@ class _Link:
         self.latency = latency
         #: Set while bytes may flow; cleared by a freeze.
         self.flowing = threading.Event()
-        self.flowing.set()
+        if not frozen:
+            self.flowing.set()
         self.closed = threading.Event()
         self._open_directions = 2
         self._lock = threading.Lock()
@@ -171,6 +178,8 @@ class BlackHoleRelay:
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._closing = threading.Event()
+        #: New connections start frozen (``freeze(later=True)``, until :meth:`thaw`).
+        self._freeze_later = False
 
     @property
     def url(self) -> str:
@@ -209,7 +218,9 @@ class BlackHoleRelay:
             with self._lock:
                 self.accepted += 1
                 self._links = [link for link in self._links if not link.closed.is_set()]
-                self._links.append(_Link(self.accepted, downstream, upstream, self.latency))
+                self._links.append(
+                    _Link(self.accepted, downstream, upstream, self.latency, frozen=self._freeze_later)
+                )
 
     @property
     def open_connections(self) -> int:
@@ -223,12 +234,15 @@ class BlackHoleRelay:
         with self._lock:
             return sum(not link.closed.is_set() and not link.flowing.is_set() for link in self._links)
 
-    def freeze(self) -> int:
+    def freeze(self, *, later: bool = False) -> int:
         """Stop copying on every connection open now (both ways; sockets stay open).
 
-        Later connections are not affected. Returns how many connections were frozen.
+        Later connections are not affected, unless ``later``: then they are accepted and frozen
+        too (a server that stops answering, not one whose old connections broke). Returns how
+        many open connections were frozen.
         """
         with self._lock:
+            self._freeze_later = later
             links = [link for link in self._links if not link.closed.is_set()]
             for link in links:
                 link.flowing.clear()
@@ -238,6 +252,7 @@ class BlackHoleRelay:
     def thaw(self) -> None:
         """Let every frozen connection flow again (held-back bytes are delivered in order)."""
         with self._lock:
+            self._freeze_later = False
             for link in self._links:
                 link.flowing.set()
 
