@@ -48,6 +48,7 @@ import pytest_asyncio
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
+from google.protobuf import json_format
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
 from otterscale.resource.v1 import resource_pb2 as pb
@@ -76,9 +77,7 @@ REFUSED = 'otterscale_hub_limit_refusals_total{reason="request_timeout"}'
 TARGET = pb.GetRequest(
     cluster=CLUSTER, version="v1", resource="configmaps", namespace="floods", name="target"
 )
-TARGET_JSON = json.dumps(
-    {"cluster": CLUSTER, "version": "v1", "resource": "configmaps", "namespace": "floods", "name": "target"}
-).encode()
+TARGET_JSON = json_format.MessageToJson(TARGET).encode()
 AUDIENCE = "otterscale"
 #: The request deadline of these tests' configuration (seconds).
 REQUEST_TIMEOUT = 3.0
@@ -188,9 +187,7 @@ class Watchdog:
         self._stop = asyncio.Event()
 
     async def __aenter__(self) -> Watchdog:
-        self.transitions = _metric(
-            self.system, f'otterscale_hub_tunnel_transitions_total{{cluster="{CLUSTER}"}}'
-        )
+        self.transitions = _metric(self.system, TRANSITIONS)
         self._task = asyncio.create_task(self._run(), name="flood-watchdog")
         return self
 
@@ -203,19 +200,14 @@ class Watchdog:
         self.transitions_after = _metric(self.system, TRANSITIONS)
 
     async def _run(self) -> None:
-        request = pb.GetRequest(
-            cluster=CLUSTER, version="v1", resource="configmaps", namespace="floods", name="target"
-        )
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                await self.client.get(request, headers={"authorization": f"Bearer {self.token}"})
+                await self.client.get(TARGET, headers={"authorization": f"Bearer {self.token}"})
             except ConnectError as exc:
                 self.errors.append(f"{exc.code.value}: {exc.message}")
             self.latencies.append(time.monotonic() - started)
-            up = await asyncio.to_thread(
-                _metric, self.system, f'otterscale_hub_tunnel_up{{cluster="{CLUSTER}"}}'
-            )
+            up = await asyncio.to_thread(_metric, self.system, TUNNEL_UP)
             if up != 1.0:
                 self.tunnel_down += 1
             with contextlib.suppress(TimeoutError):
@@ -326,6 +318,13 @@ async def _measured_flood(
     }
 
 
+def _check_flood(result: dict[str, Any]) -> None:
+    """What every flood must show: nothing left open, the process tree's growth within RSS_BOUND."""
+    assert result["still_open_h1"] == 0
+    assert result["still_open_h2"] == 0
+    assert result["rss_during_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
+
+
 async def test_a_flood_without_a_token_is_closed_at_once_and_the_hub_keeps_serving(
     flood_system: System,
     issuer: LocalIssuer,
@@ -341,12 +340,10 @@ async def test_a_flood_without_a_token_is_closed_at_once_and_the_hub_keeps_servi
     rss_after = _tree_rss(system.hub.pid)
     result["rss_after_mib"] = round(rss_after / 2**20, 1)
     measurements.record("flood_hub_without_token", result)
-    assert result["still_open_h1"] == 0
-    assert result["still_open_h2"] == 0
+    _check_flood(result)
     # Unfinished bodies without a token: unauthenticated, from the headers alone.
     assert result["statuses_h1"] == [401]
     assert result["h2_status_or_reset"] == ["16"]
-    assert result["rss_during_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
     assert result["rss_after_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
 
 
@@ -363,13 +360,10 @@ async def test_an_unfinished_body_with_a_token_is_refused_at_the_deadline(
     log_lines_before = system.hub_log.read_text().count("did not arrive")
     headers = [("authorization", f"Bearer {token}")]
     result = await _measured_flood(system, system.hub.pid, system.hub_port, headers, get_client, issuer)
-    refused = (
-        _metric(system, 'otterscale_hub_limit_refusals_total{reason="request_timeout"}') - refused_before
-    )
+    refused = _metric(system, REFUSED) - refused_before
     result["refused_request_timeout"] = refused
     measurements.record("flood_hub_with_token", result)
-    assert result["still_open_h1"] == 0
-    assert result["still_open_h2"] == 0
+    _check_flood(result)
     # Nothing closed before the deadline (the requests are valid so far), all soon after it.
     assert result["close_p50_s"] >= REQUEST_TIMEOUT * 0.9
     # Refused in the caller's protocol: Connect unary 429, gRPC resource_exhausted (8).
@@ -379,7 +373,6 @@ async def test_an_unfinished_body_with_a_token_is_refused_at_the_deadline(
     assert refused >= H1_CONNECTIONS + H2_CONNECTIONS * H2_STREAMS
     # A summary at most, never a line per request.
     assert system.hub_log.read_text().count("did not arrive") - log_lines_before <= 2
-    assert result["rss_during_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
 
 
 async def test_a_flood_without_a_signature_is_closed_at_once_by_the_agent(
@@ -393,11 +386,9 @@ async def test_a_flood_without_a_signature_is_closed_at_once_by_the_agent(
     port = system.clusters[CLUSTER].api_port
     result = await _measured_flood(system, agent.pid, port, [], get_client, issuer)
     measurements.record("flood_agent_without_signature", result)
-    assert result["still_open_h1"] == 0
-    assert result["still_open_h2"] == 0
+    _check_flood(result)
     assert result["statuses_h1"] == [401]
     assert result["h2_status_or_reset"] == ["16"]
-    assert result["rss_during_mib"] - result["rss_before_mib"] < RSS_BOUND / 2**20
 
 
 def test_management_routes_are_not_on_the_api_port(flood_system: System) -> None:
@@ -426,6 +417,10 @@ def _envelope(message: dict[str, Any]) -> bytes:
     return b"\x00" + len(body).to_bytes(4, "big") + body
 
 
+#: A Watch of the ConfigMaps in the tests' namespace, as a Connect streaming request body.
+WATCH = _envelope({"cluster": CLUSTER, "version": "v1", "resource": "configmaps", "namespace": "floods"})
+
+
 async def _wait_for(check: Any, within: float, what: str, *, fail: bool = True) -> None:
     deadline = time.monotonic() + within
     while not check():
@@ -448,9 +443,8 @@ async def test_an_unknown_method_with_an_open_body_leaves_the_watch_beside_it_st
 ) -> None:
     system = flood_system
     auth = [("authorization", f"Bearer {_token(issuer)}")]
-    watch_request = {"cluster": CLUSTER, "version": "v1", "resource": "configmaps", "namespace": "floods"}
     async with RawH2("127.0.0.1", system.hub_port) as connection:
-        watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=_envelope(watch_request))
+        watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=WATCH)
         # The Watch streams changes from now on: write until one arrives (it is established then).
         deadline = time.monotonic() + 60
         while not (watch.status == 200 and b"before-unknown-" in watch.data):
@@ -521,7 +515,6 @@ async def test_a_watch_whose_client_leaves_mid_stream_ends_as_canceled(
     logged and audited so), never ``unknown`` with an "rpc failed" warning."""
     system = flood_system
     auth = [("authorization", f"Bearer {_token(issuer)}")]
-    watch_request = {"cluster": CLUSTER, "version": "v1", "resource": "configmaps", "namespace": "floods"}
     canceled, unknown = _watch_ends(system, "canceled"), _watch_ends(system, "unknown")
     log_offset = len(system.hub_log.read_text())
     watches = 3
@@ -533,8 +526,7 @@ async def test_a_watch_whose_client_leaves_mid_stream_ends_as_canceled(
 
     for _ in range(watches):
         async with RawH2("127.0.0.1", system.hub_port) as connection:
-            body = _envelope(watch_request)
-            watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=body)
+            watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=WATCH)
             writing.set()
             writer = asyncio.create_task(write_continuously())
             try:
@@ -606,7 +598,6 @@ async def test_a_watch_opened_while_the_hub_drains_is_refused_with_unavailable(
 
     holder = asyncio.create_task(hold_the_drain(), name="hold-the-drain")
     auth = [("authorization", f"Bearer {token}")]
-    watch_request = {"cluster": CLUSTER, "version": "v1", "resource": "configmaps", "namespace": "floods"}
     # Connections the clients already have when the drain starts: Envoy drains them (the next
     # answer on each says so: GOAWAY on HTTP/2, "connection: close" on HTTP/1.1), so clients take
     # their next calls elsewhere; the call itself is still answered.
@@ -628,7 +619,7 @@ async def test_a_watch_opened_while_the_hub_drains_is_refused_with_unavailable(
         # now is refused at once.
         connection = RawH2("127.0.0.1", system.hub_port)
         await connection.connect()
-        watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=_envelope(watch_request))
+        watch = connection.request(WATCH_PATH, [*CONNECT_STREAM_JSON, *auth], body=WATCH)
         assert await connection.wait(watch, 30), f"the Watch got no answer: {watch}"
         assert watch.status == 200, watch
         # The Connect end-of-stream message: unavailable, telling the caller to resume elsewhere.

@@ -437,8 +437,10 @@ class _Host:
         A call is done for the application once its last message is handed to pyvoy, but Envoy
         writes it a moment later, on its own thread; and a socket closed while the client's
         last frames (window updates) are unread is reset, which makes the client's kernel drop
-        what it had not read yet. Stopping Envoy at once cut streams that had just been ended
-        with unavailable: the client saw the reset (connectrpc: "Request was cancelled").
+        what it had not read yet. Stopping Envoy at once could therefore cut answers just given
+        (streams ended with unavailable). The Watches that a drain was seen to cut had another
+        cause, a cancellation mid-send in the hub's relays (``hub._passthrough.EndableStream``);
+        this wait covers the hand-off to Envoy, which no test has caught failing on its own.
         """
         linger_until: float | None = None
         with contextlib.suppress(TimeoutError, OSError, ValueError):

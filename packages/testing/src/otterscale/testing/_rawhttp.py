@@ -44,17 +44,19 @@ class FrameFeeder:
 
     def feed(self, data: bytes) -> list[h2.events.Event]:
         """The events of every whole frame received so far (``h2``'s ProtocolError passes)."""
-        self._pending += data
+        pending = self._pending + data
         events: list[h2.events.Event] = []
-        while len(self._pending) >= FRAME_HEADER:
-            size = FRAME_HEADER + int.from_bytes(self._pending[:3], "big")
-            if len(self._pending) < size:
+        start = 0
+        while len(pending) - start >= FRAME_HEADER:
+            end = start + FRAME_HEADER + int.from_bytes(pending[start : start + 3], "big")
+            if len(pending) < end:
                 break
-            frame, self._pending = self._pending[:size], self._pending[size:]
-            for event in self._conn.receive_data(frame):
+            for event in self._conn.receive_data(pending[start:end]):
                 events.append(event)
                 if isinstance(event, h2.events.ConnectionTerminated) and event.error_code == 0:
                     self._conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+            start = end
+        self._pending = pending[start:]
         return events
 
 
@@ -95,9 +97,8 @@ class RawH2:
         self.host = host
         self.port = port
         self.streams: dict[int, StreamState] = {}
-        #: Error code and last stream id of the server's latest GOAWAY (None: none received).
+        #: Error code of the server's latest GOAWAY (None: none received).
         self.goaway: int | None = None
-        self.goaway_last_stream: int | None = None
         self.closed_at: float | None = None
         self.max_concurrent_streams: int | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -217,7 +218,6 @@ class RawH2:
             return
         if isinstance(event, h2.events.ConnectionTerminated):
             self.goaway = event.error_code
-            self.goaway_last_stream = event.last_stream_id
             return
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
         if stream is None:
